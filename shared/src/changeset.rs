@@ -1,0 +1,355 @@
+//! The change set a plan writes and the per-row outcomes that come back for it: the manifest,
+//! chunk rows, result rows, and the fold of outcomes into the next state.
+
+use crate::config::Mode;
+use crate::fields::Object;
+use crate::layout;
+use crate::state::{StateError, StateHeader, StateReader, StateWriter, FLAG_ABSENT, FLAG_FAILED};
+use crate::store::ObjectStore;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, Read};
+
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// What a chunk asks of Zendesk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Create,
+    Update,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Update => "update",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Records read from the export (malformed ones included).
+    pub rows_read: u64,
+    pub invalid: u64,
+    pub create: u64,
+    pub update: u64,
+    pub unchanged: u64,
+    /// Existing keys an insert-mode sync leaves alone although they changed.
+    pub skipped: u64,
+    /// Keys in the last state that this export no longer has.
+    pub removed: u64,
+    /// Rows resent because their write failed last run (included in create/update).
+    pub retried: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartInfo {
+    pub key: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkInfo {
+    pub key: String,
+    pub op: Op,
+    pub rows: u64,
+}
+
+/// `runs/<sync>/<run>/manifest.json`: everything later steps need, and nothing row-sized.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    pub run_id: String,
+    pub sync: String,
+    pub object: Object,
+    pub mode: Mode,
+    pub created_at: String,
+    pub mapping_hash: String,
+    pub location: String,
+    pub parts: Vec<PartInfo>,
+    pub counts: Counts,
+    pub chunks: Vec<ChunkInfo>,
+    pub invalid_key: Option<String>,
+    pub removed_key: Option<String>,
+    /// The state the diff was computed against (its producing run), if any.
+    pub base_state_run: Option<String>,
+}
+
+/// One row of a chunk, as write-batch reads it (the payload is kept as parsed JSON).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ChunkRow {
+    /// Key hash, hex.
+    pub h: String,
+    /// Position in the chunk; results refer to rows by it.
+    pub i: u32,
+    pub pk: String,
+    /// Payload fingerprint, hex.
+    pub fp: String,
+    /// Zendesk id from the state, for updates.
+    #[serde(default)]
+    pub id: Option<u64>,
+    /// `file:line` of the source row.
+    pub src: String,
+    pub payload: serde_json::Value,
+}
+
+/// Outcome of one chunk row, as write-batch records it in `results/<chunk>.jsonl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultRow {
+    pub i: u32,
+    pub pk: String,
+    pub status: RowStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RowStatus {
+    Confirmed,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedRow {
+    pub h: String,
+    pub pk: String,
+    #[serde(default)]
+    pub id: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeSetError {
+    #[error("{key}: {source}")]
+    Io { key: String, source: io::Error },
+    #[error("{key} line {line}: {reason}")]
+    Bad { key: String, line: usize, reason: String },
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+pub fn hex(v: u64) -> String {
+    format!("{v:016x}")
+}
+
+pub fn parse_hex(s: &str) -> Option<u64> {
+    u64::from_str_radix(s, 16).ok()
+}
+
+fn open_lines(store: &dyn ObjectStore, key: &str, zstd: bool) -> Result<Box<dyn BufRead>, ChangeSetError> {
+    let raw = store.open(key).map_err(|source| ChangeSetError::Io {
+        key: key.to_string(),
+        source,
+    })?;
+    let r: Box<dyn Read> = if zstd {
+        Box::new(zstd::stream::read::Decoder::new(raw).map_err(|source| ChangeSetError::Io {
+            key: key.to_string(),
+            source,
+        })?)
+    } else {
+        Box::new(raw)
+    };
+    Ok(Box::new(BufReader::with_capacity(1 << 17, r)))
+}
+
+/// Read every JSON line of an object (`.zst` objects are decompressed).
+pub fn read_jsonl<T: for<'de> Deserialize<'de>>(store: &dyn ObjectStore, key: &str) -> Result<Vec<T>, ChangeSetError> {
+    let input = open_lines(store, key, key.ends_with(".zst"))?;
+    let mut out = Vec::new();
+    for (n, line) in input.lines().enumerate() {
+        let line = line.map_err(|source| ChangeSetError::Io {
+            key: key.to_string(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(serde_json::from_str(&line).map_err(|e| ChangeSetError::Bad {
+            key: key.to_string(),
+            line: n + 1,
+            reason: e.to_string(),
+        })?);
+    }
+    Ok(out)
+}
+
+pub fn read_manifest(store: &dyn ObjectStore, key: &str) -> Result<Manifest, ChangeSetError> {
+    let mut text = String::new();
+    store
+        .open(key)
+        .and_then(|mut r| r.read_to_string(&mut text))
+        .map_err(|source| ChangeSetError::Io {
+            key: key.to_string(),
+            source,
+        })?;
+    serde_json::from_str(&text).map_err(|e| ChangeSetError::Bad {
+        key: key.to_string(),
+        line: e.line(),
+        reason: e.to_string(),
+    })
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FoldSummary {
+    pub confirmed: u64,
+    pub failed: u64,
+    /// Rows of chunks with no recorded outcome (never sent, or the writer died): resent next run.
+    pub unknown: u64,
+    pub removed: u64,
+    pub state_entries: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Confirmed,
+    Failed,
+    Removed,
+}
+
+struct Change {
+    h: u64,
+    fp: u64,
+    id: u64,
+    kind: Kind,
+    key_start: u32,
+    key_len: u32,
+}
+
+/// Fold a run's outcomes into the sync's next state: confirmed rows advance to their new
+/// fingerprint and Zendesk id; failed rows (and rows with no outcome) keep their previous
+/// state and are flagged to go again; removed keys are flagged absent.
+pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary, ChangeSetError> {
+    let mut summary = FoldSummary::default();
+    let mut changes: Vec<Change> = Vec::new();
+    let mut keys: Vec<u8> = Vec::new();
+    let mut push = |changes: &mut Vec<Change>, h: u64, fp: u64, id: u64, kind: Kind, key: &str| {
+        changes.push(Change {
+            h,
+            fp,
+            id,
+            kind,
+            key_start: keys.len() as u32,
+            key_len: key.len() as u32,
+        });
+        keys.extend_from_slice(key.as_bytes());
+    };
+    let bad = |key: &str, reason: String| ChangeSetError::Bad {
+        key: key.to_string(),
+        line: 0,
+        reason,
+    };
+
+    for chunk in &manifest.chunks {
+        let name = layout::chunk_name(&chunk.key);
+        let results_key = layout::results_key(&manifest.sync, &manifest.run_id, name);
+        let mut outcomes: HashMap<u32, ResultRow> = HashMap::new();
+        if store
+            .head(&results_key)
+            .map_err(|source| ChangeSetError::Io {
+                key: results_key.clone(),
+                source,
+            })?
+            .is_some()
+        {
+            for r in read_jsonl::<ResultRow>(store, &results_key)? {
+                outcomes.insert(r.i, r);
+            }
+        }
+        for row in read_jsonl::<ChunkRowHead>(store, &chunk.key)? {
+            let h = parse_hex(&row.h).ok_or_else(|| bad(&chunk.key, format!("bad key hash {:?}", row.h)))?;
+            let fp = parse_hex(&row.fp).ok_or_else(|| bad(&chunk.key, format!("bad fingerprint {:?}", row.fp)))?;
+            match outcomes.get(&row.i) {
+                Some(r) if r.status == RowStatus::Confirmed => {
+                    summary.confirmed += 1;
+                    let id = r.id.or(row.id).unwrap_or(0);
+                    push(&mut changes, h, fp, id, Kind::Confirmed, &row.pk);
+                }
+                Some(_) => {
+                    summary.failed += 1;
+                    push(&mut changes, h, 0, row.id.unwrap_or(0), Kind::Failed, &row.pk);
+                }
+                None => {
+                    summary.unknown += 1;
+                    push(&mut changes, h, 0, row.id.unwrap_or(0), Kind::Failed, &row.pk);
+                }
+            }
+        }
+    }
+    if let Some(key) = &manifest.removed_key {
+        for r in read_jsonl::<RemovedRow>(store, key)? {
+            let h = parse_hex(&r.h).ok_or_else(|| bad(key, format!("bad key hash {:?}", r.h)))?;
+            summary.removed += 1;
+            push(&mut changes, h, 0, r.id.unwrap_or(0), Kind::Removed, &r.pk);
+        }
+    }
+    changes.sort_unstable_by_key(|c| c.h);
+    let key_of = |c: &Change| -> &str {
+        std::str::from_utf8(&keys[c.key_start as usize..(c.key_start + c.key_len) as usize]).unwrap_or_default()
+    };
+
+    let state_key = layout::state_key(&manifest.sync);
+    let mut old = StateReader::open(store, &state_key)?;
+    let header = StateHeader {
+        version: 1,
+        sync: manifest.sync.clone(),
+        object: manifest.object.as_str().to_string(),
+        mapping_hash: manifest.mapping_hash.clone(),
+        count_hint: old.as_ref().map_or(0, |o| o.header.count_hint) + changes.len() as u64,
+        written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        run_id: Some(manifest.run_id.clone()),
+    };
+    let mut out = StateWriter::create(store, &state_key, &header)?;
+    let mut next_old = match old.as_mut() {
+        Some(r) => r.next_entry()?,
+        None => None,
+    };
+    let mut ci = 0;
+    loop {
+        let c = changes.get(ci);
+        match (next_old.as_ref(), c) {
+            (None, None) => break,
+            (Some(o), c) if c.is_none_or(|c| o.key_hash < c.h) => {
+                out.push(o.key_hash, o.fingerprint, o.zendesk_id, o.flags, &o.key)?;
+                next_old = old.as_mut().map_or(Ok(None), |r| r.next_entry())?;
+            }
+            (o, Some(c)) => {
+                let same = o.filter(|o| o.key_hash == c.h);
+                match (c.kind, same) {
+                    (Kind::Confirmed, _) => out.push(c.h, c.fp, c.id, 0, key_of(c))?,
+                    (Kind::Failed, Some(o)) => {
+                        let id = if o.zendesk_id != 0 { o.zendesk_id } else { c.id };
+                        out.push(o.key_hash, o.fingerprint, id, o.flags | FLAG_FAILED, &o.key)?
+                    }
+                    (Kind::Failed, None) => out.push(c.h, 0, c.id, FLAG_FAILED, key_of(c))?,
+                    (Kind::Removed, Some(o)) => {
+                        out.push(o.key_hash, o.fingerprint, o.zendesk_id, o.flags | FLAG_ABSENT, &o.key)?
+                    }
+                    (Kind::Removed, None) => {}
+                }
+                if same.is_some() {
+                    next_old = old.as_mut().map_or(Ok(None), |r| r.next_entry())?;
+                }
+                ci += 1;
+            }
+            (Some(_), None) => unreachable!("handled by the first arm"),
+        }
+    }
+    summary.state_entries = out.finish()?;
+    Ok(summary)
+}
+
+/// A chunk row without its payload (the fold needs only the identity).
+#[derive(Deserialize)]
+struct ChunkRowHead {
+    h: String,
+    i: u32,
+    pk: String,
+    fp: String,
+    #[serde(default)]
+    id: Option<u64>,
+}

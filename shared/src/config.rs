@@ -1,0 +1,591 @@
+//! Sync configuration: one TOML file per sync (see the README for the full reference).
+//!
+//! Every problem is reported with the key and the line it sits on, and a hint at the fix;
+//! a bad config fails the run before anything is read or written.
+
+use crate::export::{Compression, Escape, Format, ReadOptions};
+use crate::fields::{self, FieldType, Object};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// How rows are written to Zendesk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Create new records and update existing ones.
+    Upsert,
+    /// Create new records only; existing keys are left alone.
+    Insert,
+    /// Update existing records only; keys Zendesk does not know fail.
+    Update,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Upsert => "upsert",
+            Mode::Insert => "insert",
+            Mode::Update => "update",
+        }
+    }
+}
+
+/// What a NULL cell does to the mapped field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Nulls {
+    /// Send `null`, clearing the value in Zendesk.
+    #[default]
+    Clear,
+    /// Leave the field out, keeping whatever Zendesk has.
+    Skip,
+}
+
+/// How a string column is split into tags or list items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    /// Commas and whitespace both separate items.
+    #[default]
+    CommaOrSpace,
+    Comma,
+    Space,
+}
+
+/// Where the field of one mapping comes from and how it is typed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldMapping {
+    /// The mapping key as written (`email`, `user_fields.plan`, `custom_fields.360001`).
+    pub field: String,
+    /// The export column (CSV/Parquet column name or JSON dotted path).
+    pub column: String,
+    pub target: Target,
+    pub ty: FieldType,
+    pub split: Split,
+    /// 1-based line in the config file, for messages.
+    pub line: usize,
+}
+
+/// Where a mapped value goes in the Zendesk payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Standard(&'static fields::StandardField),
+    /// `user_fields` / `organization_fields` keyed by field key.
+    FieldKey(String),
+    /// Ticket `custom_fields` by field id.
+    TicketField(u64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    pub location: String,
+    pub read: ReadOptions,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zendesk {
+    pub subdomain: String,
+    /// A reference to where the credential lives (`env`, `file:<path>`, a secret ARN); never the
+    /// credential itself.
+    pub credentials: String,
+    pub base_url: Option<String>,
+    pub rate_limit_rpm: Option<u32>,
+}
+
+/// A validated sync definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncConfig {
+    pub name: String,
+    pub object: Object,
+    pub mode: Mode,
+    pub primary_key: String,
+    pub chunk_rows: usize,
+    pub nulls: Nulls,
+    pub source: Source,
+    pub zendesk: Zendesk,
+    pub mapping: Vec<FieldMapping>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read sync config `{path}`: {reason}")]
+    Read { path: String, reason: String },
+    #[error("sync config `{file}`: {message}")]
+    Invalid { file: String, message: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    name: toml::Spanned<String>,
+    object: Object,
+    mode: Mode,
+    primary_key: String,
+    #[serde(default)]
+    chunk_rows: Option<toml::Spanned<usize>>,
+    #[serde(default)]
+    nulls: Nulls,
+    source: RawSource,
+    zendesk: RawZendesk,
+    mapping: toml::Spanned<OrderedMapping>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    location: String,
+    #[serde(default)]
+    format: Format,
+    #[serde(default)]
+    compression: Compression,
+    #[serde(default)]
+    delimiter: Option<toml::Spanned<String>>,
+    #[serde(default)]
+    escape: Escape,
+    #[serde(default)]
+    empty_as_null: Option<bool>,
+    #[serde(default)]
+    null_values: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawZendesk {
+    subdomain: toml::Spanned<String>,
+    #[serde(default = "default_credentials")]
+    credentials: String,
+    #[serde(default)]
+    base_url: Option<String>,
+    #[serde(default)]
+    rate_limit_rpm: Option<u32>,
+}
+
+/// The `[mapping]` table in file order (summaries and payloads follow the order users wrote).
+struct OrderedMapping(Vec<(String, toml::Spanned<toml::Value>)>);
+
+impl<'de> Deserialize<'de> for OrderedMapping {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = OrderedMapping;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a table of `field = \"column\"` entries")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<OrderedMapping, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, toml::Spanned<toml::Value>>()? {
+                    out.push((k, v));
+                }
+                Ok(OrderedMapping(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+fn default_credentials() -> String {
+    "env".to_string()
+}
+
+pub const DEFAULT_CHUNK_ROWS: usize = 1000;
+
+impl SyncConfig {
+    /// Read and validate a sync config file.
+    pub fn load(path: &Path) -> Result<SyncConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parse and validate config text; `file` names it in messages.
+    pub fn parse(text: &str, file: &str) -> Result<SyncConfig, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            message,
+        };
+        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let mut message = e.message().to_string();
+            if let Some(span) = e.span() {
+                message = format!("line {}: {message}", line_of(span.start));
+            }
+            invalid(message)
+        })?;
+
+        let name = raw.name.get_ref().trim().to_string();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(invalid(format!(
+                "line {}: `name` = {:?} must be letters, digits, `_` or `-` (it names folders in the bucket)",
+                line_of(raw.name.span().start),
+                raw.name.get_ref()
+            )));
+        }
+        if raw.primary_key.trim().is_empty() {
+            return Err(invalid("`primary_key` must name the export column holding each row's unique key".into()));
+        }
+        let chunk_rows = match &raw.chunk_rows {
+            None => DEFAULT_CHUNK_ROWS,
+            Some(s) if (100..=100_000).contains(s.get_ref()) => *s.get_ref(),
+            Some(s) => {
+                return Err(invalid(format!(
+                    "line {}: `chunk_rows` = {} must be between 100 and 100000",
+                    line_of(s.span().start),
+                    s.get_ref()
+                )))
+            }
+        };
+
+        let delimiter = match &raw.source.delimiter {
+            None => b',',
+            Some(d) => match d.get_ref().as_bytes() {
+                [b] if *b != b'\n' && *b != b'\r' && *b != b'"' => *b,
+                b"\\t" => b'\t',
+                _ => {
+                    return Err(invalid(format!(
+                        "line {}: `source.delimiter` = {:?} must be one single-byte character such as \",\", \"|\" or \"\\t\"",
+                        line_of(d.span().start),
+                        d.get_ref()
+                    )))
+                }
+            },
+        };
+        let location = raw.source.location.trim().to_string();
+        if location.is_empty() {
+            return Err(invalid(
+                "`source.location` is empty: give the export's key, prefix or manifest, e.g. \"exports/users/\"".into(),
+            ));
+        }
+        let read = ReadOptions {
+            format: raw.source.format,
+            compression: raw.source.compression,
+            delimiter,
+            escape: raw.source.escape,
+            empty_as_null: raw.source.empty_as_null.unwrap_or(true),
+            null_values: raw.source.null_values,
+            ..ReadOptions::default()
+        };
+
+        let subdomain = validate_subdomain(raw.zendesk.subdomain.get_ref()).map_err(|hint| {
+            invalid(format!(
+                "line {}: `zendesk.subdomain` = {:?} {hint}",
+                line_of(raw.zendesk.subdomain.span().start),
+                raw.zendesk.subdomain.get_ref()
+            ))
+        })?;
+
+        let object = raw.object;
+        let mut mapping = Vec::new();
+        for (key, value) in &raw.mapping.get_ref().0 {
+            let line = line_of(value.span().start);
+            let m = parse_mapping(object, key, value.get_ref(), line).map_err(&invalid)?;
+            mapping.push(m);
+        }
+        let primary_key = raw.primary_key.trim().to_string();
+        if let Some(m) = mapping.iter().find(|m| m.field == "external_id") {
+            return Err(invalid(format!(
+                "line {}: `mapping.external_id` is set by zdsync from `primary_key` (\"{primary_key}\"); remove it",
+                m.line
+            )));
+        }
+        if raw.mode != Mode::Update {
+            let missing: Vec<_> = object
+                .required_fields()
+                .iter()
+                .filter(|r| !mapping.iter().any(|m| m.field == **r))
+                .collect();
+            if !missing.is_empty() {
+                return Err(invalid(format!(
+                    "line {}: {object} need {} mapped to create records; add {} under [mapping]",
+                    line_of(raw.mapping.span().start),
+                    object
+                        .required_fields()
+                        .iter()
+                        .map(|r| format!("`{r}`"))
+                        .collect::<Vec<_>>()
+                        .join(" and "),
+                    missing
+                        .iter()
+                        .map(|r| format!("`{r} = \"<column>\"`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+
+        Ok(SyncConfig {
+            name,
+            object,
+            mode: raw.mode,
+            primary_key,
+            chunk_rows,
+            nulls: raw.nulls,
+            source: Source { location, read },
+            zendesk: Zendesk {
+                subdomain,
+                credentials: raw.zendesk.credentials,
+                base_url: raw.zendesk.base_url,
+                rate_limit_rpm: raw.zendesk.rate_limit_rpm,
+            },
+            mapping,
+        })
+    }
+
+    /// The export columns to read: the primary key first, then each mapped column once.
+    pub fn columns(&self) -> Vec<String> {
+        let mut cols = vec![self.primary_key.clone()];
+        for m in &self.mapping {
+            if !cols.iter().any(|c| c.eq_ignore_ascii_case(&m.column)) {
+                cols.push(m.column.clone());
+            }
+        }
+        cols
+    }
+}
+
+/// Accepts `mycompany`; explains what to enter for `https://mycompany.zendesk.com`.
+fn validate_subdomain(raw: &str) -> Result<String, String> {
+    let s = raw.trim();
+    let bare = s
+        .trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    if let Some(sub) = bare.strip_suffix(".zendesk.com") {
+        return Err(format!(
+            "must be the subdomain only: for https://{sub}.zendesk.com enter \"{sub}\""
+        ));
+    }
+    if s.is_empty()
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        || s.starts_with('-')
+    {
+        return Err("must be your Zendesk subdomain (lower-case letters, digits and `-`): for https://mycompany.zendesk.com enter \"mycompany\"".into());
+    }
+    Ok(s.to_string())
+}
+
+fn parse_mapping(
+    object: Object,
+    key: &str,
+    value: &toml::Value,
+    line: usize,
+) -> Result<FieldMapping, String> {
+    let (column, ty_name, split) = match value {
+        toml::Value::String(c) => (c.clone(), None, None),
+        toml::Value::Table(t) => {
+            let mut column = None;
+            let mut ty = None;
+            let mut split = None;
+            for (k, v) in t {
+                match (k.as_str(), v) {
+                    ("column", toml::Value::String(s)) => column = Some(s.clone()),
+                    ("type", toml::Value::String(s)) => ty = Some(s.clone()),
+                    ("split", toml::Value::String(s)) => split = Some(s.clone()),
+                    ("column" | "type" | "split", _) => {
+                        return Err(format!("line {line}: `mapping.{key}.{k}` must be a string"))
+                    }
+                    _ => {
+                        return Err(format!(
+                            "line {line}: unknown key `{k}` in `mapping.{key}` (expected `column`, `type` or `split`)"
+                        ))
+                    }
+                }
+            }
+            let column = column.ok_or_else(|| {
+                format!("line {line}: `mapping.{key}` needs `column = \"<export column>\"`")
+            })?;
+            (column, ty, split)
+        }
+        _ => {
+            return Err(format!(
+                "line {line}: `mapping.{key}` must be a column name (\"col\") or a table {{ column = \"col\", type = \"...\" }}"
+            ))
+        }
+    };
+    if column.trim().is_empty() {
+        return Err(format!("line {line}: `mapping.{key}` names an empty column"));
+    }
+    let split = match split.as_deref() {
+        None => Split::default(),
+        Some("comma") => Split::Comma,
+        Some("space") => Split::Space,
+        Some("comma_or_space") => Split::CommaOrSpace,
+        Some(other) => {
+            return Err(format!(
+                "line {line}: `mapping.{key}.split` = {other:?} must be \"comma\", \"space\" or \"comma_or_space\""
+            ))
+        }
+    };
+
+    let prefix = object.custom_prefix();
+    let (target, ty) = if let Some(rest) = key.strip_prefix(prefix).and_then(|r| r.strip_prefix('.')) {
+        let ty = match ty_name.as_deref() {
+            None => FieldType::Text,
+            Some(t) => FieldType::parse_custom(t).ok_or_else(|| {
+                format!(
+                    "line {line}: `mapping.\"{key}\".type` = {t:?} is not a Zendesk field type ({})",
+                    FieldType::CUSTOM_NAMES
+                )
+            })?,
+        };
+        let target = match object {
+            Object::Tickets => Target::TicketField(rest.parse::<u64>().map_err(|_| {
+                format!(
+                    "line {line}: `mapping.\"{key}\"`: ticket custom fields are keyed by their numeric id, e.g. \"custom_fields.360001234567\""
+                )
+            })?),
+            _ => {
+                if rest.is_empty()
+                    || !rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    || rest.chars().all(|c| c.is_ascii_digit())
+                {
+                    return Err(format!(
+                        "line {line}: `mapping.\"{key}\"`: {prefix} are keyed by the field key (letters, digits, `_`), e.g. \"{prefix}.plan_tier\""
+                    ));
+                }
+                Target::FieldKey(rest.to_string())
+            }
+        };
+        (target, ty)
+    } else if let Some(std) = fields::standard_field(object, key) {
+        if let Some(t) = ty_name {
+            return Err(format!(
+                "line {line}: `mapping.{key}.type` = {t:?}: `{key}` is a standard {object} field with a fixed type ({}); remove `type`",
+                std.ty.name()
+            ));
+        }
+        (Target::Standard(std), std.ty)
+    } else {
+        let known: Vec<_> = fields::standard_fields(object).iter().map(|f| f.key).collect();
+        let other_prefix = [Object::Users, Object::Organizations, Object::Tickets]
+            .into_iter()
+            .find(|o| *o != object && key.starts_with(o.custom_prefix()));
+        let hint = match other_prefix {
+            Some(o) => format!(
+                "custom fields of {object} are written `{prefix}.<key>`, not `{}.…` (that is for {o})",
+                o.custom_prefix()
+            ),
+            None => format!(
+                "{object} fields are: {}, or `{prefix}.<key>` for a custom field",
+                known.join(", ")
+            ),
+        };
+        return Err(format!(
+            "line {line}: `mapping.{key}`: {object} have no field `{key}`; {hint}"
+        ));
+    };
+    if split != Split::default() && !ty.is_list() {
+        return Err(format!(
+            "line {line}: `mapping.{key}.split` only applies to tags, lists and multiselect fields"
+        ));
+    }
+    Ok(FieldMapping {
+        field: key.to_string(),
+        column: column.trim().to_string(),
+        target,
+        ty,
+        split,
+        line,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "crm_users"
+object = "users"
+mode = "upsert"
+primary_key = "user_id"
+
+[source]
+location = "exports/crm_users/"
+delimiter = "|"
+escape = "backslash"
+
+[zendesk]
+subdomain = "mycompany"
+
+[mapping]
+name = "full_name"
+email = "EMAIL"
+tags = { column = "segments", split = "comma" }
+"user_fields.plan" = { column = "plan", type = "dropdown" }
+"#;
+
+    fn err(text: &str) -> String {
+        SyncConfig::parse(text, "sync.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = SyncConfig::parse(GOOD, "sync.toml").unwrap();
+        assert_eq!(c.name, "crm_users");
+        assert_eq!(c.object, Object::Users);
+        assert_eq!(c.source.read.delimiter, b'|');
+        assert_eq!(c.source.read.escape, Escape::Backslash);
+        assert_eq!(c.mapping.len(), 4);
+        let plan = c.mapping.iter().find(|m| m.field == "user_fields.plan").unwrap();
+        assert_eq!(plan.target, Target::FieldKey("plan".into()));
+        assert_eq!(plan.ty, FieldType::Dropdown);
+        assert_eq!(plan.line, 19);
+        assert_eq!(c.columns(), ["user_id", "EMAIL", "full_name", "segments", "plan"]);
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_line() {
+        let e = err(&GOOD.replace("primary_key = \"user_id\"", "primary_key = \"user_id\"\nbatch = 5"));
+        assert!(e.contains("line 6") && e.contains("unknown field `batch`"), "{e}");
+        let e = err(&GOOD.replace("escape = \"backslash\"", "escape = \"backslash\"\nquoting = 1"));
+        assert!(e.contains("line 11") && e.contains("`quoting`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_object_and_mode_are_refused_with_their_line() {
+        let e = err(&GOOD.replace("object = \"users\"", "object = \"contacts\""));
+        assert!(e.contains("line 3") && e.contains("contacts"), "{e}");
+        let e = err(&GOOD.replace("mode = \"upsert\"", "mode = \"mirror\""));
+        assert!(e.contains("line 4") && e.contains("mirror"), "{e}");
+    }
+
+    #[test]
+    fn a_field_the_object_lacks_is_refused() {
+        let e = err(&GOOD.replace("name = \"full_name\"", "subject = \"full_name\"\nname = \"n\""));
+        assert!(e.contains("line 16") && e.contains("no field `subject`"), "{e}");
+        let e = err(&GOOD.replace("\"user_fields.plan\"", "\"organization_fields.plan\""));
+        assert!(e.contains("line 19") && e.contains("user_fields.<key>"), "{e}");
+        let tickets = GOOD
+            .replace("object = \"users\"", "object = \"tickets\"")
+            .replace("name = \"full_name\"\nemail = \"EMAIL\"", "subject = \"s\"\ndescription = \"d\"")
+            .replace("\"user_fields.plan\"", "\"custom_fields.plan\"");
+        let e = err(&tickets);
+        assert!(e.contains("numeric id"), "{e}");
+    }
+
+    #[test]
+    fn required_fields_and_subdomain_are_checked() {
+        let e = err(&GOOD.replace("email = \"EMAIL\"\n", ""));
+        assert!(e.contains("`email = \"<column>\"`"), "{e}");
+        let e = err(&GOOD.replace("subdomain = \"mycompany\"", "subdomain = \"https://acme.zendesk.com\""));
+        assert!(e.contains("enter \"acme\""), "{e}");
+        // Update mode does not create, so required create fields may be absent.
+        let update = GOOD.replace("mode = \"upsert\"", "mode = \"update\"").replace("email = \"EMAIL\"\n", "");
+        assert!(SyncConfig::parse(&update, "x").is_ok());
+    }
+
+    #[test]
+    fn bad_custom_type_and_explicit_external_id_are_refused() {
+        let e = err(&GOOD.replace("type = \"dropdown\"", "type = \"float\""));
+        assert!(e.contains("line 19") && e.contains("not a Zendesk field type"), "{e}");
+        let e = err(&GOOD.replace("name = \"full_name\"", "name = \"full_name\"\nexternal_id = \"id\""));
+        assert!(e.contains("primary_key"), "{e}");
+    }
+}

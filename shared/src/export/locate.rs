@@ -1,0 +1,191 @@
+//! Resolve an export location to its part files: a Redshift UNLOAD manifest, one object, or a
+//! prefix of parts.
+
+use super::ExportError;
+use crate::store::{ObjectMeta, ObjectStore};
+use serde::Deserialize;
+use std::io::{self, Read};
+
+/// Manifests are small (one entry per slice); refuse to load anything absurd.
+const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
+/// How much of an unnamed JSON object is looked at before reading it as a manifest.
+const PEEK_BYTES: u64 = 64 * 1024;
+
+#[derive(Deserialize)]
+struct Manifest {
+    entries: Option<Vec<Entry>>,
+}
+
+#[derive(Deserialize)]
+struct Entry {
+    url: Option<String>,
+    #[serde(default)]
+    mandatory: bool,
+}
+
+/// The part files of the export at `location`, in reading order.
+pub fn resolve(store: &dyn ObjectStore, location: &str) -> Result<Vec<ObjectMeta>, ExportError> {
+    let io_error = |e: io::Error| ExportError::Unreadable {
+        file: location.to_string(),
+        reason: e.to_string(),
+    };
+    if !location.is_empty() && !location.ends_with('/') {
+        if let Some(meta) = store.head(location).map_err(io_error)? {
+            if is_manifest_name(&meta.key) {
+                let bytes = read_limited(store, &meta.key, MAX_MANIFEST_BYTES)?;
+                return from_manifest(store, &meta.key, &bytes);
+            }
+            if let Some(bytes) = looks_like_manifest(store, &meta)? {
+                // Only an object that parses as a manifest is one; anything else is data.
+                if let Ok(parts) = from_manifest(store, &meta.key, &bytes) {
+                    return Ok(parts);
+                }
+            }
+            return Ok(vec![meta]);
+        }
+    }
+    // A folder-like location (`exports/users`) means its contents, not siblings that share the
+    // stem (`exports/users_old/`); a stem (`exports/users/part_`) still works as a prefix.
+    let mut listed = Vec::new();
+    if !location.is_empty() && !location.ends_with('/') {
+        listed = parts(store.list(&format!("{location}/")).map_err(io_error)?);
+    }
+    if listed.is_empty() {
+        listed = parts(store.list(location).map_err(io_error)?);
+    }
+    if listed.is_empty() {
+        let hint = if location.contains("://") {
+            "locations are keys relative to the store root, not URLs (drop the `s3://bucket/` part)"
+        } else if store
+            .list(location)
+            .map_err(io_error)?
+            .is_empty()
+        {
+            "no object or prefix matches; keys are relative to the store root"
+        } else {
+            "only empty objects, markers (`_SUCCESS`, `.crc`) or manifests match the prefix"
+        };
+        return Err(ExportError::NotFound {
+            location: location.to_string(),
+            hint: hint.to_string(),
+        });
+    }
+    Ok(listed)
+}
+
+/// Data parts of a listing: no empty objects, markers, checksums or manifests.
+fn parts(mut listed: Vec<ObjectMeta>) -> Vec<ObjectMeta> {
+    listed.retain(|o| {
+        let name = o.key.rsplit('/').next().unwrap_or(&o.key);
+        o.size > 0
+            && !name.starts_with('_')
+            && !name.starts_with('.')
+            && !name.ends_with(".crc")
+            && !is_manifest_name(name)
+    });
+    listed.sort_by(|a, b| a.key.cmp(&b.key));
+    listed
+}
+
+fn is_manifest_name(key: &str) -> bool {
+    let name = key.rsplit('/').next().unwrap_or(key).to_ascii_lowercase();
+    name.ends_with("manifest") || name.ends_with("manifest.json")
+}
+
+fn read_limited(store: &dyn ObjectStore, key: &str, limit: u64) -> Result<Vec<u8>, ExportError> {
+    let mut bytes = Vec::new();
+    store
+        .open(key)
+        .and_then(|r| r.take(limit).read_to_end(&mut bytes))
+        .map_err(|e| ExportError::Unreadable {
+            file: key.to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok(bytes)
+}
+
+/// The whole object when it starts like a manifest (`{` and an `"entries"` key early on).
+fn looks_like_manifest(
+    store: &dyn ObjectStore,
+    meta: &ObjectMeta,
+) -> Result<Option<Vec<u8>>, ExportError> {
+    if meta.size > MAX_MANIFEST_BYTES {
+        return Ok(None);
+    }
+    let head = read_limited(store, &meta.key, PEEK_BYTES)?;
+    let first = head.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') || memchr::memmem::find(&head, b"\"entries\"").is_none() {
+        return Ok(None);
+    }
+    if meta.size <= PEEK_BYTES {
+        return Ok(Some(head));
+    }
+    read_limited(store, &meta.key, MAX_MANIFEST_BYTES).map(Some)
+}
+
+fn from_manifest(
+    store: &dyn ObjectStore,
+    manifest: &str,
+    bytes: &[u8],
+) -> Result<Vec<ObjectMeta>, ExportError> {
+    let bad = |reason: String| ExportError::BadManifest {
+        file: manifest.to_string(),
+        reason,
+    };
+    let parsed: Manifest =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("not valid manifest JSON: {e}")))?;
+    let entries = parsed
+        .entries
+        .ok_or_else(|| bad("it has no `entries` array".into()))?;
+    if entries.is_empty() {
+        return Err(bad("its `entries` array is empty".into()));
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        let url = entry
+            .url
+            .as_deref()
+            .ok_or_else(|| bad(format!("entry {} has no `url`", i + 1)))?;
+        let key = url_to_key(url);
+        let found = store.head(key).map_err(|e| ExportError::Unreadable {
+            file: key.to_string(),
+            reason: e.to_string(),
+        })?;
+        match found {
+            Some(meta) => out.push(meta),
+            None if entry.mandatory => {
+                return Err(ExportError::NotFound {
+                    location: url.to_string(),
+                    hint: format!(
+                        "manifest `{manifest}` lists it as mandatory, but key `{key}` does not exist"
+                    ),
+                })
+            }
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+/// `s3://bucket/unload/part_0000.gz` is the key `unload/part_0000.gz`; a bare key stays as is.
+fn url_to_key(url: &str) -> &str {
+    match url.split_once("://") {
+        Some((_, rest)) => rest.split_once('/').map_or("", |(_, key)| key),
+        None => url,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_names() {
+        assert_eq!(url_to_key("s3://bucket/unload/part_0000.gz"), "unload/part_0000.gz");
+        assert_eq!(url_to_key("unload/part_0000.gz"), "unload/part_0000.gz");
+        assert!(is_manifest_name("unload/manifest"));
+        assert!(is_manifest_name("unload/users.manifest"));
+        assert!(is_manifest_name("unload/users_manifest.json"));
+        assert!(!is_manifest_name("unload/part_0000.gz"));
+    }
+}

@@ -1,0 +1,14 @@
+//! zdsync: keeps Zendesk Support users, organizations and tickets in step with warehouse exports.
+//!
+//! The whole pipeline as plain code over ports, shared by the `zdsync` CLI and the Lambdas:
+//! [`export`] readers → [`mapping`] and validation → [`state`] and diff → change set ([`plan`]).
+
+pub mod changeset;
+pub mod config;
+pub mod export;
+pub mod fields;
+pub mod layout;
+pub mod mapping;
+pub mod plan;
+pub mod state;
+pub mod store;

@@ -1,0 +1,805 @@
+//! Mapping and validation: an export record becomes a Zendesk-shaped payload, or a refusal with
+//! a reason.
+//!
+//! Each mapped value is coerced to its field's type and encoded once, as a JSON fragment, into a
+//! reused buffer. The fingerprint hashes those fragments (seeded with the mapping, so a mapping
+//! change forces a full resend); the payload JSON is assembled from the same fragments only for
+//! rows that are actually sent.
+
+use crate::config::{FieldMapping, Nulls, Split, SyncConfig, Target};
+use crate::export::{Record, Value};
+use crate::fields::{FieldType, Object};
+use serde::Serialize;
+use std::fmt::Write as _;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+/// Bumped when the encoding of fragments changes, so old fingerprints never match new ones.
+const FINGERPRINT_VERSION: u32 = 1;
+/// Separates fields in the fingerprinted buffer; never produced by JSON encoding.
+const FIELD_SEP: u8 = 0x1e;
+
+/// Why a row was refused before sending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Malformed,
+    MissingPrimaryKey,
+    DuplicatePrimaryKey,
+    MissingRequired,
+    InvalidEmail,
+    InvalidValue,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Malformed => "malformed_record",
+            Reason::MissingPrimaryKey => "missing_primary_key",
+            Reason::DuplicatePrimaryKey => "duplicate_primary_key",
+            Reason::MissingRequired => "missing_required",
+            Reason::InvalidEmail => "invalid_email",
+            Reason::InvalidValue => "invalid_value",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: Reason,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+/// One mapped row; reused from row to row.
+#[derive(Debug, Default)]
+pub struct MappedRow {
+    /// The primary key as exported (trimmed).
+    pub pk: String,
+    /// Hash of the normalised key (case-folded where Zendesk matches case-insensitively).
+    pub pk_hash: u64,
+    pub fingerprint: u64,
+    buf: Vec<u8>,
+    /// Per compiled field: the fragment's byte range in `buf`, or `None` when omitted.
+    frags: Vec<Option<(u32, u32)>>,
+    pk_frag: (u32, u32),
+    items: Vec<String>,
+    scratch: String,
+}
+
+struct Compiled {
+    field: String,
+    column_name: String,
+    column: usize,
+    target: Target,
+    ty: FieldType,
+    split: Split,
+    required: bool,
+    create_only: bool,
+}
+
+/// Payload layout computed once: which fragments go under which JSON keys.
+enum Group {
+    /// `"key": <fragment>`
+    Field { key: String, field: usize },
+    /// `"outer": {"inner": <fragment>, ...}`
+    Object {
+        key: String,
+        members: Vec<(String, usize)>,
+    },
+    /// `"custom_fields": [{"id": N, "value": <fragment>}, ...]`
+    TicketFields { members: Vec<(u64, usize)> },
+}
+
+/// Compiled mapping of one sync.
+pub struct Mapper {
+    object: Object,
+    nulls: Nulls,
+    fields: Vec<Compiled>,
+    groups: Vec<Group>,
+    seed: u64,
+    columns: Vec<String>,
+}
+
+impl Mapper {
+    pub fn new(config: &SyncConfig) -> Mapper {
+        let columns = config.columns();
+        let col_of = |name: &str| {
+            columns
+                .iter()
+                .position(|c| c.eq_ignore_ascii_case(name))
+                .expect("columns() lists every mapped column")
+        };
+        let creating = config.mode != crate::config::Mode::Update;
+        let fields: Vec<Compiled> = config
+            .mapping
+            .iter()
+            .map(|m: &FieldMapping| Compiled {
+                field: m.field.clone(),
+                column_name: m.column.clone(),
+                column: col_of(&m.column),
+                target: m.target.clone(),
+                ty: m.ty,
+                split: m.split,
+                required: creating && config.object.required_fields().contains(&m.field.as_str()),
+                create_only: matches!(m.target, Target::Standard(s) if s.create_only),
+            })
+            .collect();
+
+        let mut groups: Vec<Group> = Vec::new();
+        for (i, f) in fields.iter().enumerate() {
+            match &f.target {
+                Target::Standard(s) if s.path.len() == 1 => groups.push(Group::Field {
+                    key: s.path[0].to_string(),
+                    field: i,
+                }),
+                Target::Standard(s) => push_member(&mut groups, s.path[0], s.path[1], i),
+                Target::FieldKey(k) => push_member(&mut groups, config.object.custom_prefix(), k, i),
+                Target::TicketField(id) => {
+                    match groups.iter_mut().find(|g| matches!(g, Group::TicketFields { .. })) {
+                        Some(Group::TicketFields { members }) => members.push((*id, i)),
+                        _ => groups.push(Group::TicketFields {
+                            members: vec![(*id, i)],
+                        }),
+                    }
+                }
+            }
+        }
+
+        // The seed covers everything that shapes the payload: a mapping change forces a resend.
+        let mut desc = format!(
+            "v{FINGERPRINT_VERSION}|{}|{:?}|{}",
+            config.object,
+            config.nulls,
+            config.primary_key.to_ascii_lowercase()
+        );
+        for f in &fields {
+            let _ = write!(
+                desc,
+                "|{}={}:{}:{:?}",
+                f.field,
+                f.column_name.to_ascii_lowercase(),
+                f.ty.name(),
+                f.split
+            );
+        }
+        Mapper {
+            object: config.object,
+            nulls: config.nulls,
+            fields,
+            groups,
+            seed: xxh3_64(desc.as_bytes()),
+            columns,
+        }
+    }
+
+    /// The columns to read from the export, in the order `map` expects them.
+    pub fn columns(&self) -> &[String] {
+        &self.columns
+    }
+
+    /// Identifies the mapping; stored with the state so a changed mapping is visible.
+    pub fn mapping_hash(&self) -> u64 {
+        self.seed
+    }
+
+    /// Hash of a primary key as the state stores it.
+    pub fn key_hash(&self, pk: &str) -> u64 {
+        key_hash(self.object, pk)
+    }
+
+    /// Map, coerce and validate one record into `out`.
+    pub fn map(&self, record: &Record, out: &mut MappedRow) -> Result<(), Refusal> {
+        out.buf.clear();
+        out.frags.clear();
+        match record.values.first() {
+            Some(Value::Text(t)) if !t.trim().is_empty() => {
+                out.pk.clear();
+                out.pk.push_str(t.trim());
+            }
+            Some(Value::List(_)) => {
+                return Err(Refusal {
+                    reason: Reason::MissingPrimaryKey,
+                    field: None,
+                    message: "the primary key is a list, not a single value".into(),
+                })
+            }
+            _ => {
+                return Err(Refusal {
+                    reason: Reason::MissingPrimaryKey,
+                    field: None,
+                    message: "the primary key is empty".into(),
+                })
+            }
+        }
+        out.pk_hash = key_hash(self.object, &out.pk);
+        json_str(&mut out.buf, &out.pk);
+        out.pk_frag = (0, out.buf.len() as u32);
+        out.buf.push(FIELD_SEP);
+
+        for f in &self.fields {
+            let value = &record.values[f.column];
+            let start = out.buf.len() as u32;
+            let present = coerce(f, value, self.nulls, out)?;
+            let end = out.buf.len() as u32;
+            out.frags.push(present.then_some((start, end)));
+            out.buf.push(FIELD_SEP);
+        }
+        out.fingerprint = xxh3_64_with_seed(&out.buf, self.seed);
+        Ok(())
+    }
+
+    /// Append the Zendesk payload of `row` as one JSON object. `create` includes create-only
+    /// fields (a ticket's first comment); updates leave them out.
+    pub fn write_payload(&self, row: &MappedRow, create: bool, out: &mut Vec<u8>) {
+        let frag = |i: usize| -> Option<&[u8]> {
+            if !create && self.fields[i].create_only {
+                return None;
+            }
+            row.frags[i].map(|(s, e)| &row.buf[s as usize..e as usize])
+        };
+        out.extend_from_slice(b"{\"external_id\":");
+        out.extend_from_slice(&row.buf[row.pk_frag.0 as usize..row.pk_frag.1 as usize]);
+        for g in &self.groups {
+            match g {
+                Group::Field { key, field } => {
+                    if let Some(v) = frag(*field) {
+                        out.push(b',');
+                        json_str(out, key);
+                        out.push(b':');
+                        out.extend_from_slice(v);
+                    }
+                }
+                Group::Object { key, members } => {
+                    let mut first = true;
+                    for (name, i) in members {
+                        if let Some(v) = frag(*i) {
+                            out.extend_from_slice(if first { b"," } else { b"" });
+                            if first {
+                                json_str(out, key);
+                                out.extend_from_slice(b":{");
+                            } else {
+                                out.push(b',');
+                            }
+                            first = false;
+                            json_str(out, name);
+                            out.push(b':');
+                            out.extend_from_slice(v);
+                        }
+                    }
+                    if !first {
+                        out.push(b'}');
+                    }
+                }
+                Group::TicketFields { members } => {
+                    let mut first = true;
+                    for (id, i) in members {
+                        if let Some(v) = frag(*i) {
+                            out.extend_from_slice(if first { b",\"custom_fields\":[" } else { b"," });
+                            first = false;
+                            let _ = write!(VecWriter(out), "{{\"id\":{id},\"value\":");
+                            out.extend_from_slice(v);
+                            out.push(b'}');
+                        }
+                    }
+                    if !first {
+                        out.push(b']');
+                    }
+                }
+            }
+        }
+        out.push(b'}');
+    }
+}
+
+fn push_member(groups: &mut Vec<Group>, outer: &str, inner: &str, field: usize) {
+    for g in groups.iter_mut() {
+        if let Group::Object { key, members } = g {
+            if key == outer {
+                members.push((inner.to_string(), field));
+                return;
+            }
+        }
+    }
+    groups.push(Group::Object {
+        key: outer.to_string(),
+        members: vec![(inner.to_string(), field)],
+    });
+}
+
+/// Hash of a primary key: case-folded for objects whose external ids Zendesk matches
+/// case-insensitively.
+pub fn key_hash(object: Object, pk: &str) -> u64 {
+    if object.case_insensitive_keys() && pk.bytes().any(|b| b.is_ascii_uppercase() || b >= 0x80) {
+        xxh3_64(pk.to_lowercase().as_bytes())
+    } else {
+        xxh3_64(pk.as_bytes())
+    }
+}
+
+struct VecWriter<'a>(&'a mut Vec<u8>);
+impl std::fmt::Write for VecWriter<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    // Fast path: nothing to escape.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
+    }
+}
+
+fn shown(s: &str) -> String {
+    const MAX: usize = 60;
+    if s.chars().count() <= MAX {
+        format!("{s:?}")
+    } else {
+        let cut: String = s.chars().take(MAX).collect();
+        format!("{cut:?}…")
+    }
+}
+
+fn refuse(f: &Compiled, reason: Reason, what: String) -> Refusal {
+    Refusal {
+        reason,
+        field: Some(f.field.clone()),
+        message: format!("field `{}` (column `{}`): {what}", f.field, f.column_name),
+    }
+}
+
+/// Coerce one value into its JSON fragment. `Ok(false)` means the field is left out.
+fn coerce(f: &Compiled, value: &Value, nulls: Nulls, out: &mut MappedRow) -> Result<bool, Refusal> {
+    let text = match value {
+        Value::Null => None,
+        Value::Text(t) if t.trim().is_empty() && !matches!(f.ty, FieldType::Text | FieldType::Textarea) => None,
+        Value::Text(t) if t.is_empty() => None,
+        Value::Text(t) => Some(t.as_str()),
+        Value::List(items) => {
+            if f.ty.is_list() {
+                out.items.clear();
+                out.items.extend(items.iter().cloned());
+                return encode_list(f, out).map(|_| true);
+            }
+            return Err(refuse(
+                f,
+                Reason::InvalidValue,
+                format!("expected one {} value, got a list of {}", f.ty.name(), items.len()),
+            ));
+        }
+    };
+    let Some(text) = text else {
+        if f.required {
+            return Err(refuse(f, Reason::MissingRequired, "is required but empty".into()));
+        }
+        return match nulls {
+            Nulls::Skip => Ok(false),
+            Nulls::Clear if f.ty.is_list() => {
+                out.buf.extend_from_slice(b"[]");
+                Ok(true)
+            }
+            Nulls::Clear => {
+                out.buf.extend_from_slice(b"null");
+                Ok(true)
+            }
+        };
+    };
+    let buf = &mut out.buf;
+    match f.ty {
+        FieldType::Text | FieldType::Textarea | FieldType::Regexp => {
+            if f.required && text.trim().is_empty() {
+                return Err(refuse(f, Reason::MissingRequired, "is required but blank".into()));
+            }
+            json_str(buf, text);
+        }
+        FieldType::Dropdown => json_str(buf, text.trim()),
+        FieldType::Email => {
+            let t = text.trim();
+            if !is_email(t) {
+                return Err(refuse(f, Reason::InvalidEmail, format!("{} is not an email address", shown(t))));
+            }
+            if t.bytes().any(|b| b.is_ascii_uppercase()) {
+                out.scratch.clear();
+                out.scratch.push_str(t);
+                out.scratch.make_ascii_lowercase();
+                json_str(buf, &out.scratch);
+            } else {
+                json_str(buf, t);
+            }
+        }
+        FieldType::Integer | FieldType::Lookup => match parse_integer(text.trim()) {
+            Some(n) => {
+                let _ = write!(VecWriter(buf), "{n}");
+            }
+            None => {
+                return Err(refuse(f, Reason::InvalidValue, format!("{} is not a whole number", shown(text))))
+            }
+        },
+        FieldType::Decimal => match normalize_decimal(text.trim(), &mut out.scratch) {
+            true => buf.extend_from_slice(out.scratch.as_bytes()),
+            false => {
+                return Err(refuse(f, Reason::InvalidValue, format!("{} is not a decimal number", shown(text))))
+            }
+        },
+        FieldType::Checkbox => match parse_bool(text.trim()) {
+            Some(true) => buf.extend_from_slice(b"true"),
+            Some(false) => buf.extend_from_slice(b"false"),
+            None => {
+                return Err(refuse(
+                    f,
+                    Reason::InvalidValue,
+                    format!("{} is not a boolean (use true/false, 1/0 or yes/no)", shown(text)),
+                ))
+            }
+        },
+        FieldType::Date => match parse_date(text.trim()) {
+            Some(d) => json_str(buf, &d),
+            None => {
+                return Err(refuse(
+                    f,
+                    Reason::InvalidValue,
+                    format!("{} is not a date (expected YYYY-MM-DD)", shown(text)),
+                ))
+            }
+        },
+        FieldType::Datetime => match parse_datetime(text.trim()) {
+            Some(d) => json_str(buf, &d),
+            None => {
+                return Err(refuse(
+                    f,
+                    Reason::InvalidValue,
+                    format!("{} is not a date-time (expected RFC 3339, e.g. 2024-05-01T12:00:00Z)", shown(text)),
+                ))
+            }
+        },
+        FieldType::Choice(allowed) => {
+            let t = text.trim().to_ascii_lowercase();
+            let hit = allowed
+                .iter()
+                .find(|a| **a == t || **a == t.replace(['_', ' '], "-"));
+            match hit {
+                Some(a) => json_str(buf, a),
+                None => {
+                    return Err(refuse(
+                        f,
+                        Reason::InvalidValue,
+                        format!("{} is not one of {}", shown(text), allowed.join(", ")),
+                    ))
+                }
+            }
+        }
+        FieldType::Tags | FieldType::List | FieldType::Multiselect => {
+            out.items.clear();
+            let items = &mut out.items;
+            let parts: Box<dyn Iterator<Item = &str>> = match f.split {
+                Split::Comma => Box::new(text.split(',')),
+                Split::Space => Box::new(text.split(char::is_whitespace)),
+                Split::CommaOrSpace => Box::new(text.split(|c: char| c == ',' || c.is_whitespace())),
+            };
+            items.extend(parts.map(str::to_string));
+            encode_list(f, out)?;
+        }
+    }
+    Ok(true)
+}
+
+/// Normalise the collected list items of a tags / list / multiselect field and encode them.
+fn encode_list(f: &Compiled, out: &mut MappedRow) -> Result<(), Refusal> {
+    let items = &mut out.items;
+    for item in items.iter_mut() {
+        let t = item.trim();
+        let mut norm = match f.ty {
+            // Zendesk tags are lower case and cannot hold spaces.
+            FieldType::Tags | FieldType::List => t.to_lowercase(),
+            _ => t.to_string(),
+        };
+        if f.ty == FieldType::Tags {
+            norm = norm.split_whitespace().collect::<Vec<_>>().join("_");
+        }
+        *item = norm;
+    }
+    items.retain(|s| !s.is_empty());
+    items.sort_unstable();
+    items.dedup();
+    if f.ty == FieldType::List {
+        if let Some(bad) = items.iter().find(|d| d.contains(char::is_whitespace) || !d.contains('.')) {
+            return Err(refuse(f, Reason::InvalidValue, format!("{} is not a domain name", shown(bad))));
+        }
+    }
+    out.buf.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.buf.push(b',');
+        }
+        json_str(&mut out.buf, item);
+    }
+    out.buf.push(b']');
+    Ok(())
+}
+
+/// A practical email shape check: one `@`, a non-empty local part, a dotted domain of
+/// letters, digits and hyphens, no spaces.
+pub fn is_email(s: &str) -> bool {
+    let Some((local, domain)) = s.split_once('@') else {
+        return false;
+    };
+    if local.is_empty() || local.len() > 64 || domain.len() > 253 || domain.contains('@') {
+        return false;
+    }
+    if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
+        return false;
+    }
+    if !local.bytes().all(|b| b.is_ascii_graphic() && !b"()<>[]\\,;:\"".contains(&b)) && local.is_ascii() {
+        return false;
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    labels.len() >= 2
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_alphanumeric() || c == '-')
+        })
+        && labels.last().is_some_and(|tld| tld.len() >= 2 && !tld.chars().all(|c| c.is_ascii_digit()))
+}
+
+fn parse_integer(s: &str) -> Option<i64> {
+    let s = s.strip_prefix('+').unwrap_or(s);
+    if let Ok(n) = s.parse::<i64>() {
+        return Some(n);
+    }
+    // Warehouses sometimes write whole numbers as `42.0` or `42.000`.
+    let (int, frac) = s.split_once('.')?;
+    if !frac.is_empty() && frac.bytes().all(|b| b == b'0') {
+        return int.parse::<i64>().ok();
+    }
+    None
+}
+
+/// Exact decimal normalisation without a float round trip: strips a `+`, leading zeros and
+/// trailing fractional zeros (`+0012.5000` → `12.5`).
+fn normalize_decimal(s: &str, out: &mut String) -> bool {
+    out.clear();
+    let (neg, body) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let (mantissa, exp) = match body.find(['e', 'E']) {
+        Some(i) => (&body[..i], Some(&body[i + 1..])),
+        None => (body, None),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if (int.is_empty() && frac.is_empty())
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        return false;
+    }
+    if let Some(e) = exp {
+        let digits = e.strip_prefix(['+', '-']).unwrap_or(e);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return false;
+        }
+    }
+    let int = int.trim_start_matches('0');
+    let frac = frac.trim_end_matches('0');
+    let zero = int.is_empty() && frac.is_empty();
+    if neg && !zero {
+        out.push('-');
+    }
+    out.push_str(if int.is_empty() { "0" } else { int });
+    if !frac.is_empty() {
+        out.push('.');
+        out.push_str(frac);
+    }
+    if let Some(e) = exp {
+        if !zero {
+            out.push('e');
+            out.push_str(e);
+        }
+    }
+    true
+}
+
+fn parse_bool(s: &str) -> Option<bool> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "t" | "1" | "yes" | "y" | "on" => Some(true),
+        "false" | "f" | "0" | "no" | "n" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// `YYYY-MM-DD` (or `YYYY/MM/DD`), optionally followed by a time, which is dropped: the date is
+/// taken as written, without converting time zones.
+fn parse_date(s: &str) -> Option<String> {
+    let date = s.get(..10)?;
+    let rest = &s[10..];
+    if !(rest.is_empty() || rest.starts_with('T') || rest.starts_with(' ')) {
+        return None;
+    }
+    let normalized = date.replace('/', "-");
+    let d = chrono::NaiveDate::parse_from_str(&normalized, "%Y-%m-%d").ok()?;
+    Some(d.format("%Y-%m-%d").to_string())
+}
+
+/// RFC 3339 (converted to UTC), a naive date-time (taken as UTC), or a date (midnight UTC).
+fn parse_datetime(s: &str) -> Option<String> {
+    const OUT: &str = "%Y-%m-%dT%H:%M:%SZ";
+    if let Ok(dt) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Some(dt.with_timezone(&chrono::Utc).format(OUT).to_string());
+    }
+    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f%:z"] {
+        if let Ok(dt) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
+            return Some(dt.format(OUT).to_string());
+        }
+    }
+    if let Ok(dt) = chrono::DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%#z") {
+        return Some(dt.with_timezone(&chrono::Utc).format(OUT).to_string());
+    }
+    let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
+    Some(d.and_hms_opt(0, 0, 0)?.format(OUT).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(object: &str, mapping: &str) -> SyncConfig {
+        let text = format!(
+            "name = \"t\"\nobject = \"{object}\"\nmode = \"upsert\"\nprimary_key = \"id\"\n[source]\nlocation = \"x\"\n[zendesk]\nsubdomain = \"acme\"\n[mapping]\n{mapping}"
+        );
+        SyncConfig::parse(&text, "t.toml").unwrap()
+    }
+
+    fn record(values: &[Option<&str>]) -> Record {
+        Record {
+            values: values
+                .iter()
+                .map(|v| v.map_or(Value::Null, |s| Value::Text(s.to_string())))
+                .collect(),
+            line: 2,
+        }
+    }
+
+    fn payload(m: &Mapper, row: &MappedRow, create: bool) -> serde_json::Value {
+        let mut out = Vec::new();
+        m.write_payload(row, create, &mut out);
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    const USERS: &str = "name = \"name\"\nemail = \"email\"\nverified = \"ok\"\n\"user_fields.since\" = { column = \"since\", type = \"date\" }\n\"user_fields.ltv\" = { column = \"ltv\", type = \"decimal\" }\ntags = \"tags\"\n";
+
+    #[test]
+    fn users_map_to_zendesk_shape_with_coerced_values() {
+        let m = Mapper::new(&config("users", USERS));
+        assert_eq!(m.columns(), ["id", "name", "email", "ok", "since", "ltv", "tags"]);
+        let mut row = MappedRow::default();
+        m.map(
+            &record(&[Some(" U1 "), Some("Ada"), Some("Ada@Example.COM"), Some("yes"), Some("2024-03-01T10:00:00Z"), Some("0012.50"), Some("VIP, gold  vip")]),
+            &mut row,
+        )
+        .unwrap();
+        assert_eq!(row.pk, "U1");
+        assert_eq!(row.pk_hash, key_hash(Object::Users, "u1"));
+        assert_eq!(
+            payload(&m, &row, true),
+            serde_json::json!({"external_id":"U1","name":"Ada","email":"ada@example.com","verified":true,
+                "user_fields":{"since":"2024-03-01","ltv":12.5},"tags":["gold","vip"]})
+        );
+    }
+
+    #[test]
+    fn validation_reasons_name_the_field() {
+        let m = Mapper::new(&config("users", USERS));
+        let mut row = MappedRow::default();
+        let cases = [
+            (record(&[None, Some("A"), Some("a@b.co"), None, None, None, None]), Reason::MissingPrimaryKey, None),
+            (record(&[Some("1"), None, Some("a@b.co"), None, None, None, None]), Reason::MissingRequired, Some("name")),
+            (record(&[Some("1"), Some("A"), Some("a@b"), None, None, None, None]), Reason::InvalidEmail, Some("email")),
+            (record(&[Some("1"), Some("A"), Some("a b@c.com"), None, None, None, None]), Reason::InvalidEmail, Some("email")),
+            (record(&[Some("1"), Some("A"), Some("a@b.co"), Some("maybe"), None, None, None]), Reason::InvalidValue, Some("verified")),
+            (record(&[Some("1"), Some("A"), Some("a@b.co"), None, Some("03/01/2024"), None, None]), Reason::InvalidValue, Some("user_fields.since")),
+            (record(&[Some("1"), Some("A"), Some("a@b.co"), None, Some("2024-02-30"), None, None]), Reason::InvalidValue, Some("user_fields.since")),
+            (record(&[Some("1"), Some("A"), Some("a@b.co"), None, None, Some("12,5"), None]), Reason::InvalidValue, Some("user_fields.ltv")),
+        ];
+        for (rec, reason, field) in cases {
+            let e = m.map(&rec, &mut row).unwrap_err();
+            assert_eq!((e.reason, e.field.as_deref()), (reason, field), "{e:?}");
+            if let Some(f) = field {
+                assert!(e.message.contains(&format!("`{f}`")), "{}", e.message);
+            }
+        }
+    }
+
+    #[test]
+    fn booleans_decimals_and_dates_coerce_exactly() {
+        for (t, b) in [("true", true), ("FALSE", false), ("1", true), ("0", false), ("Yes", true), ("no", false)] {
+            assert_eq!(parse_bool(t), Some(b));
+        }
+        let mut s = String::new();
+        for (input, want) in [("12.50", "12.5"), ("-0.0", "0"), ("+001", "1"), ("123456789012345678901234.000001", "123456789012345678901234.000001"), (".5", "0.5"), ("1e3", "1e3")] {
+            assert!(normalize_decimal(input, &mut s), "{input}");
+            assert_eq!(s, want);
+        }
+        for bad in ["", "1.2.3", "abc", "1e", "--1"] {
+            assert!(!normalize_decimal(bad, &mut s), "{bad}");
+        }
+        assert_eq!(parse_date("2024/03/01").as_deref(), Some("2024-03-01"));
+        assert_eq!(parse_date("2024-03-01 23:59:59").as_deref(), Some("2024-03-01"));
+        assert_eq!(parse_datetime("2024-03-01T10:00:00+02:00").as_deref(), Some("2024-03-01T08:00:00Z"));
+        assert_eq!(parse_datetime("2024-03-01").as_deref(), Some("2024-03-01T00:00:00Z"));
+        assert_eq!(parse_integer("42.000"), Some(42));
+        assert_eq!(parse_integer("42.5"), None);
+    }
+
+    #[test]
+    fn tickets_put_description_in_the_first_comment_only_on_create() {
+        let m = Mapper::new(&config(
+            "tickets",
+            "subject = \"s\"\ndescription = \"d\"\npriority = \"p\"\nrequester_email = \"e\"\n\"custom_fields.360001\" = { column = \"n\", type = \"integer\" }\n",
+        ));
+        let mut row = MappedRow::default();
+        m.map(&record(&[Some("T-1"), Some("Help"), Some("It broke"), Some("HIGH"), Some("x@y.org"), Some("7")]), &mut row)
+            .unwrap();
+        // Ticket external ids are case-sensitive.
+        assert_eq!(row.pk_hash, key_hash(Object::Tickets, "T-1"));
+        assert_ne!(row.pk_hash, key_hash(Object::Tickets, "t-1"));
+        assert_eq!(
+            payload(&m, &row, true),
+            serde_json::json!({"external_id":"T-1","subject":"Help","comment":{"body":"It broke"},"priority":"high",
+                "requester":{"email":"x@y.org"},"custom_fields":[{"id":360001,"value":7}]})
+        );
+        assert_eq!(
+            payload(&m, &row, false),
+            serde_json::json!({"external_id":"T-1","subject":"Help","priority":"high",
+                "requester":{"email":"x@y.org"},"custom_fields":[{"id":360001,"value":7}]})
+        );
+    }
+
+    #[test]
+    fn fingerprint_follows_values_and_mapping() {
+        let m = Mapper::new(&config("organizations", "name = \"n\"\ndomain_names = \"d\"\n"));
+        let mut row = MappedRow::default();
+        m.map(&record(&[Some("o1"), Some("Acme"), Some("b.com a.com")]), &mut row).unwrap();
+        let fp = row.fingerprint;
+        m.map(&record(&[Some("o1"), Some("Acme"), Some("a.com,b.com")]), &mut row).unwrap();
+        assert_eq!(row.fingerprint, fp, "list order and separators do not matter");
+        m.map(&record(&[Some("o1"), Some("Acme Inc"), Some("a.com,b.com")]), &mut row).unwrap();
+        assert_ne!(row.fingerprint, fp);
+        let m2 = Mapper::new(&config("organizations", "name = \"n\"\ndomain_names = \"d\"\nnotes = \"x\"\n"));
+        assert_ne!(m2.mapping_hash(), m.mapping_hash());
+        let mut rec = record(&[Some("o1"), Some("Acme"), Some("a.com,b.com"), None]);
+        rec.values.truncate(4);
+        m2.map(&rec, &mut row).unwrap();
+        assert_ne!(row.fingerprint, fp);
+    }
+
+    #[test]
+    fn nulls_clear_or_skip() {
+        let mut c = config("users", "name = \"n\"\nemail = \"e\"\nnotes = \"x\"\n");
+        let m = Mapper::new(&c);
+        let mut row = MappedRow::default();
+        m.map(&record(&[Some("1"), Some("A"), Some("a@b.co"), None]), &mut row).unwrap();
+        assert_eq!(payload(&m, &row, true)["notes"], serde_json::Value::Null);
+        c.nulls = Nulls::Skip;
+        let m = Mapper::new(&c);
+        m.map(&record(&[Some("1"), Some("A"), Some("a@b.co"), None]), &mut row).unwrap();
+        assert!(payload(&m, &row, true).get("notes").is_none());
+    }
+
+    #[test]
+    fn email_shapes() {
+        for ok in ["a@b.co", "first.last+tag@sub.example.org", "ü@exämple.de"] {
+            assert!(is_email(ok), "{ok}");
+        }
+        for bad in ["", "a", "a@", "@b.co", "a@b", "a@@b.co", "a b@c.co", "a@b..co", "a@-b.co", ".a@b.co", "a@b.c0m.123"] {
+            assert!(!is_email(bad), "{bad}");
+        }
+    }
+}

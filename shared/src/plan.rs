@@ -1,0 +1,646 @@
+//! plan: export → mapped, validated rows → diff against the last confirmed state → change set
+//! (chunk files + manifest), invalid rows with reasons, and a summary.
+//!
+//! One pass over the export. Memory is bounded by the number of keys, not the data: the state
+//! index keeps 25 bytes a key, and each key seen costs 8 more (16 for keys new to the state).
+//! Chunks are compressed and written on a separate thread while reading goes on.
+
+use crate::changeset::{hex, ChunkInfo, Counts, Manifest, Op, PartInfo, MANIFEST_VERSION};
+use crate::config::{Mode, SyncConfig};
+use crate::export::{self, ExportError, Next, Record};
+use crate::layout;
+use crate::mapping::{MappedRow, Mapper, Reason, Refusal};
+use crate::state::{StateError, StateIndex, StateReader, FLAG_ABSENT, FLAG_FAILED};
+use crate::store::ObjectStore;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io::{self, Write};
+use std::sync::mpsc;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    pub run_id: String,
+    /// Compute everything, write nothing.
+    pub dry_run: bool,
+    /// Invalid-row samples kept per reason for the summary.
+    pub samples_per_reason: usize,
+}
+
+impl PlanOptions {
+    pub fn new(run_id: impl Into<String>) -> Self {
+        Self {
+            run_id: run_id.into(),
+            dry_run: false,
+            samples_per_reason: 3,
+        }
+    }
+}
+
+/// A row refused before sending.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InvalidRow {
+    pub file: String,
+    /// Line (CSV/JSONL) or row (Parquet) where the record starts.
+    pub line: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pk: Option<String>,
+    pub reason: Reason,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReasonSummary {
+    pub count: u64,
+    pub samples: Vec<InvalidRow>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanReport {
+    pub manifest: Manifest,
+    /// `None` for a dry run.
+    pub manifest_key: Option<String>,
+    pub invalid_by_reason: BTreeMap<&'static str, ReasonSummary>,
+    pub state_rows: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("writing the change set to `{key}` failed: {source}")]
+    Write { key: String, source: io::Error },
+}
+
+/// Identity hasher for keys that are already uniform 64-bit hashes.
+#[derive(Default)]
+struct KeyHasher(u64);
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u64 keys are hashed")
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
+
+/// Where the first copy of a key went: a chunk index, or one of these markers.
+const SLOT_UNCHANGED: u32 = u32::MAX;
+const SLOT_INVALID: u32 = u32::MAX - 1;
+const SLOT_SKIPPED: u32 = u32::MAX - 2;
+
+struct Dup {
+    pk: String,
+    first_ord: u32,
+    first_slot: u32,
+    /// Later copies: (ordinal, line); their refusal is written once all copies are known.
+    others: Vec<(u32, u64)>,
+    first_line: Option<u64>,
+}
+
+/// Per-op chunk being filled.
+struct OpenChunk {
+    slot: u32,
+    rows: u64,
+    buf: Vec<u8>,
+}
+
+struct Planner<'a> {
+    store: &'a dyn ObjectStore,
+    cfg: &'a SyncConfig,
+    opts: &'a PlanOptions,
+    mapper: Mapper,
+    state: Option<StateIndex>,
+    seen_ord: Vec<u32>,
+    seen_slot: Vec<u32>,
+    fresh: KeyMap<(u32, u32)>,
+    dups: KeyMap<Dup>,
+    counts: Counts,
+    chunks: Vec<ChunkInfo>,
+    open: [Option<OpenChunk>; 2],
+    op_index: [usize; 2],
+    sink: Option<mpsc::SyncSender<(String, Vec<u8>)>>,
+    invalid: BTreeMap<&'static str, ReasonSummary>,
+    invalid_out: Option<Box<dyn crate::store::ObjectWriter>>,
+    parts: Vec<PartInfo>,
+    /// First ordinal of each part, to turn ordinals back into files.
+    part_start: Vec<u32>,
+    line_of_first: KeyMap<u64>,
+}
+
+/// Plan one run of a sync. Nothing is written on a dry run; otherwise the change set lands
+/// under `runs/<sync>/<run>/` and the manifest is written last.
+pub fn plan(store: &dyn ObjectStore, cfg: &SyncConfig, opts: &PlanOptions) -> Result<PlanReport, PlanError> {
+    let started = Instant::now();
+    let parts = export::resolve(store, &cfg.source.location)?;
+    let mapper = Mapper::new(cfg);
+    let state = StateIndex::load(store, &layout::state_key(&cfg.name))?;
+    let n = state.as_ref().map_or(0, |s| s.len());
+    let run_prefix = layout::run_prefix(&cfg.name, &opts.run_id);
+    let mut p = Planner {
+        store,
+        cfg,
+        opts,
+        mapper,
+        state,
+        seen_ord: vec![0; n],
+        seen_slot: vec![0; n],
+        fresh: KeyMap::default(),
+        dups: KeyMap::default(),
+        counts: Counts::default(),
+        chunks: Vec::new(),
+        open: [None, None],
+        op_index: [0, 0],
+        sink: None,
+        invalid: BTreeMap::new(),
+        invalid_out: None,
+        parts: parts
+            .iter()
+            .map(|o| PartInfo {
+                key: o.key.clone(),
+                size: o.size,
+            })
+            .collect(),
+        part_start: Vec::new(),
+        line_of_first: KeyMap::default(),
+    };
+
+    let result = std::thread::scope(|scope| -> Result<(), PlanError> {
+        let writer = if opts.dry_run {
+            None
+        } else {
+            let (tx, rx) = mpsc::sync_channel::<(String, Vec<u8>)>(4);
+            p.sink = Some(tx);
+            Some(scope.spawn(move || write_chunks(store, rx)))
+        };
+        let read = p.read_all();
+        let flushed = read.and_then(|_| p.flush_all());
+        p.sink = None; // closes the channel so the writer ends
+        let written = match writer {
+            Some(w) => w.join().expect("chunk writer panicked"),
+            None => Ok(()),
+        };
+        flushed?;
+        written
+    });
+    if let Err(e) = result.and_then(|_| p.finish()) {
+        if !opts.dry_run {
+            // Leave no half change set behind: without a manifest nothing would use it anyway.
+            let _ = store.delete_prefix(&run_prefix);
+        }
+        return Err(e);
+    }
+
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        run_id: opts.run_id.clone(),
+        sync: cfg.name.clone(),
+        object: cfg.object,
+        mode: cfg.mode,
+        created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        mapping_hash: hex(p.mapper.mapping_hash()),
+        location: cfg.source.location.clone(),
+        parts: p.parts.clone(),
+        counts: p.counts.clone(),
+        chunks: p.chunks.clone(),
+        invalid_key: (p.counts.invalid > 0 && !opts.dry_run).then(|| layout::invalid_key(&cfg.name, &opts.run_id)),
+        removed_key: (p.counts.removed > 0 && !opts.dry_run).then(|| layout::removed_key(&cfg.name, &opts.run_id)),
+        base_state_run: p.state.as_ref().and_then(|s| s.header.run_id.clone()),
+    };
+    let manifest_key = if opts.dry_run {
+        None
+    } else {
+        let key = layout::manifest_key(&cfg.name, &opts.run_id);
+        let body = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
+        store.put(&key, &body).map_err(|source| PlanError::Write { key: key.clone(), source })?;
+        Some(key)
+    };
+    Ok(PlanReport {
+        manifest,
+        manifest_key,
+        invalid_by_reason: p.invalid,
+        state_rows: n as u64,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Compress and store chunks as they are handed over.
+fn write_chunks(store: &dyn ObjectStore, rx: mpsc::Receiver<(String, Vec<u8>)>) -> Result<(), PlanError> {
+    let mut z = zstd::bulk::Compressor::new(1).map_err(|source| PlanError::Write {
+        key: "chunks".into(),
+        source,
+    })?;
+    for (key, body) in rx {
+        let packed = z.compress(&body).map_err(|source| PlanError::Write { key: key.clone(), source })?;
+        store.put(&key, &packed).map_err(|source| PlanError::Write { key, source })?;
+    }
+    Ok(())
+}
+
+fn op_slot(op: Op) -> usize {
+    match op {
+        Op::Create => 0,
+        Op::Update => 1,
+    }
+}
+
+impl Planner<'_> {
+    fn read_all(&mut self) -> Result<(), PlanError> {
+        let columns = self.mapper.columns().to_vec();
+        let mut record = Record::default();
+        let mut row = MappedRow::default();
+        let mut ordinal: u32 = 0;
+        let mut payload = Vec::with_capacity(1024);
+        for part_idx in 0..self.parts.len() {
+            self.part_start.push(ordinal + 1);
+            let key = self.parts[part_idx].key.clone();
+            let mut reader = export::open_reader(self.store, &key, &columns, &self.cfg.source.read)?;
+            loop {
+                match reader.next(&mut record)? {
+                    Next::End => break,
+                    Next::Malformed { line, reason } => {
+                        ordinal += 1;
+                        self.counts.rows_read += 1;
+                        self.refuse(InvalidRow {
+                            file: key.clone(),
+                            line,
+                            pk: None,
+                            reason: Reason::Malformed,
+                            field: None,
+                            message: reason,
+                        })?;
+                    }
+                    Next::Record => {
+                        ordinal += 1;
+                        self.counts.rows_read += 1;
+                        match self.mapper.map(&record, &mut row) {
+                            Ok(()) => self.accept(&row, ordinal, record.line, &key, &mut payload)?,
+                            Err(refusal) => self.refuse_mapped(refusal, &row, ordinal, record.line, &key)?,
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Record that the first copy of `h` went to `slot`; returns the earlier copy if any.
+    fn register(&mut self, h: u64, ordinal: u32, slot: u32) -> Option<(Option<usize>, u32, u32)> {
+        if let Some(i) = self.state.as_ref().and_then(|s| s.find(h)) {
+            if self.seen_ord[i] != 0 {
+                return Some((Some(i), self.seen_ord[i], self.seen_slot[i]));
+            }
+            self.seen_ord[i] = ordinal;
+            self.seen_slot[i] = slot;
+            return None;
+        }
+        match self.fresh.entry(h) {
+            std::collections::hash_map::Entry::Occupied(e) => Some((None, e.get().0, e.get().1)),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert((ordinal, slot));
+                None
+            }
+        }
+    }
+
+    fn set_slot(&mut self, h: u64, state_pos: Option<usize>, slot: u32) {
+        match state_pos {
+            Some(i) => self.seen_slot[i] = slot,
+            None => {
+                if let Some(v) = self.fresh.get_mut(&h) {
+                    v.1 = slot;
+                }
+            }
+        }
+    }
+
+    fn note_dup(&mut self, row_pk: &str, h: u64, ordinal: u32, line: u64, first: (u32, u32)) {
+        self.dups
+            .entry(h)
+            .or_insert_with(|| Dup {
+                pk: row_pk.to_string(),
+                first_ord: first.0,
+                first_slot: first.1,
+                others: Vec::new(),
+                first_line: None,
+            })
+            .others
+            .push((ordinal, line));
+    }
+
+    fn accept(&mut self, row: &MappedRow, ordinal: u32, line: u64, file: &str, payload: &mut Vec<u8>) -> Result<(), PlanError> {
+        let h = row.pk_hash;
+        let state_pos = self.state.as_ref().and_then(|s| s.find(h));
+        // Decide before registering so the slot is known; registering may reveal a duplicate.
+        if let Some((_, first_ord, first_slot)) = self.register(h, ordinal, SLOT_UNCHANGED) {
+            self.note_dup(&row.pk, h, ordinal, line, (first_ord, first_slot));
+            return Ok(());
+        }
+        let (op, id) = match state_pos {
+            Some(i) => {
+                let st = self.state.as_ref().expect("position implies a state");
+                let (fp, id, flags) = (st.fingerprint(i), st.zendesk_id(i), st.flags(i));
+                let failed = flags & FLAG_FAILED != 0;
+                let same = fp == row.fingerprint && flags & (FLAG_FAILED | FLAG_ABSENT) == 0;
+                if failed {
+                    self.counts.retried += 1;
+                }
+                match self.cfg.mode {
+                    _ if same => (None, 0),
+                    // A create that failed: Zendesk never got the record.
+                    Mode::Upsert | Mode::Insert if failed && id == 0 => (Some(Op::Create), 0),
+                    Mode::Insert => {
+                        self.counts.skipped += 1;
+                        self.set_slot(h, Some(i), SLOT_SKIPPED);
+                        return Ok(());
+                    }
+                    Mode::Upsert | Mode::Update => (Some(Op::Update), id),
+                }
+            }
+            None => match self.cfg.mode {
+                Mode::Upsert | Mode::Insert => (Some(Op::Create), 0),
+                // Keys zdsync never confirmed are updated by external_id; unknown ones fail.
+                Mode::Update => (Some(Op::Update), 0),
+            },
+        };
+        let Some(op) = op else {
+            self.counts.unchanged += 1;
+            return Ok(());
+        };
+        match op {
+            Op::Create => self.counts.create += 1,
+            Op::Update => self.counts.update += 1,
+        }
+        if self.opts.dry_run {
+            self.set_slot(h, state_pos, 0);
+            return Ok(());
+        }
+        let slot = self.chunk_slot(op)?;
+        self.set_slot(h, state_pos, slot);
+        payload.clear();
+        self.mapper.write_payload(row, op == Op::Create, payload);
+        let chunk = self.open[op_slot(op)].as_mut().expect("chunk_slot opened it");
+        let buf = &mut chunk.buf;
+        buf.extend_from_slice(b"{\"h\":\"");
+        buf.extend_from_slice(hex(h).as_bytes());
+        let _ = write!(buf, "\",\"i\":{},\"pk\":", chunk.rows);
+        serde_json::to_writer(&mut *buf, &row.pk).expect("vec write");
+        let _ = write!(buf, ",\"fp\":\"{:016x}\"", row.fingerprint);
+        if id != 0 {
+            let _ = write!(buf, ",\"id\":{id}");
+        }
+        buf.extend_from_slice(b",\"src\":");
+        serde_json::to_writer(&mut *buf, &format!("{file}:{line}")).expect("vec write");
+        buf.extend_from_slice(b",\"payload\":");
+        buf.extend_from_slice(payload);
+        buf.extend_from_slice(b"}\n");
+        chunk.rows += 1;
+        if chunk.rows as usize >= self.cfg.chunk_rows {
+            self.flush(op)?;
+        }
+        Ok(())
+    }
+
+    /// The manifest index of the chunk `op` rows currently go to, opening one if needed.
+    fn chunk_slot(&mut self, op: Op) -> Result<u32, PlanError> {
+        let k = op_slot(op);
+        if self.open[k].is_none() {
+            let key = layout::chunk_key(&self.cfg.name, &self.opts.run_id, op.as_str(), self.op_index[k]);
+            self.op_index[k] += 1;
+            self.chunks.push(ChunkInfo { key, op, rows: 0 });
+            self.open[k] = Some(OpenChunk {
+                slot: (self.chunks.len() - 1) as u32,
+                rows: 0,
+                buf: Vec::with_capacity(self.cfg.chunk_rows * 200),
+            });
+        }
+        Ok(self.open[k].as_ref().map(|c| c.slot).expect("opened above"))
+    }
+
+    fn flush(&mut self, op: Op) -> Result<(), PlanError> {
+        if let Some(chunk) = self.open[op_slot(op)].take() {
+            let info = &mut self.chunks[chunk.slot as usize];
+            info.rows = chunk.rows;
+            let key = info.key.clone();
+            if let Some(tx) = &self.sink {
+                if tx.send((key.clone(), chunk.buf)).is_err() {
+                    // The writer stopped on an error; it reports it when joined.
+                    return Err(PlanError::Write {
+                        key,
+                        source: io::Error::other("chunk writer stopped"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_all(&mut self) -> Result<(), PlanError> {
+        self.flush(Op::Create)?;
+        self.flush(Op::Update)
+    }
+
+    fn refuse_mapped(&mut self, refusal: Refusal, row: &MappedRow, ordinal: u32, line: u64, file: &str) -> Result<(), PlanError> {
+        let pk = (refusal.reason != Reason::MissingPrimaryKey).then(|| row.pk.clone());
+        if pk.is_some() {
+            // A refused row still claims its key, so another copy of it is a duplicate too.
+            if let Some(first) = self.register(row.pk_hash, ordinal, SLOT_INVALID).map(|(_, o, s)| (o, s)) {
+                self.note_dup(&row.pk, row.pk_hash, ordinal, line, first);
+                // This copy is refused for its own reason as well; count it once, as a duplicate.
+                let d = self.dups.get_mut(&row.pk_hash).expect("just noted");
+                d.others.last_mut().expect("just pushed").1 = line;
+                return Ok(());
+            }
+            self.line_of_first.insert(row.pk_hash, line);
+        }
+        self.refuse(InvalidRow {
+            file: file.to_string(),
+            line,
+            pk,
+            reason: refusal.reason,
+            field: refusal.field,
+            message: refusal.message,
+        })
+    }
+
+    fn refuse(&mut self, row: InvalidRow) -> Result<(), PlanError> {
+        self.counts.invalid += 1;
+        let entry = self.invalid.entry(row.reason.as_str()).or_default();
+        entry.count += 1;
+        if entry.samples.len() < self.opts.samples_per_reason {
+            entry.samples.push(row.clone());
+        }
+        if self.opts.dry_run {
+            return Ok(());
+        }
+        let key = layout::invalid_key(&self.cfg.name, &self.opts.run_id);
+        if self.invalid_out.is_none() {
+            self.invalid_out = Some(self.store.create(&key).map_err(|source| PlanError::Write { key: key.clone(), source })?);
+        }
+        let out = self.invalid_out.as_mut().expect("created above");
+        serde_json::to_writer(&mut *out, &row)
+            .map_err(io::Error::from)
+            .and_then(|_| out.write_all(b"\n"))
+            .map_err(|source| PlanError::Write { key, source })
+    }
+
+    fn file_of(&self, ordinal: u32) -> String {
+        let part = self.part_start.partition_point(|&s| s <= ordinal).saturating_sub(1);
+        self.parts[part].key.clone()
+    }
+
+    /// Refuse every copy of duplicated keys, take first copies back out of their chunks,
+    /// list removed keys, and close the invalid-rows file.
+    fn finish(&mut self) -> Result<(), PlanError> {
+        let dups = std::mem::take(&mut self.dups);
+        let mut rewrite: BTreeMap<u32, HashSet<u64>> = BTreeMap::new();
+        let mut dup_list: Vec<(u64, Dup)> = dups.into_iter().collect();
+        dup_list.sort_by_key(|(_, d)| d.first_ord);
+        for (h, mut d) in dup_list {
+            d.first_line = self.line_of_first.get(&h).copied();
+            match d.first_slot {
+                SLOT_UNCHANGED => self.counts.unchanged -= 1,
+                SLOT_SKIPPED => self.counts.skipped -= 1,
+                SLOT_INVALID => {}
+                chunk => {
+                    let op = if self.opts.dry_run {
+                        None
+                    } else {
+                        Some(self.chunks[chunk as usize].op)
+                    };
+                    match op {
+                        Some(Op::Create) => self.counts.create -= 1,
+                        Some(Op::Update) => self.counts.update -= 1,
+                        None => {}
+                    }
+                    if !self.opts.dry_run {
+                        rewrite.entry(chunk).or_default().insert(h);
+                    }
+                }
+            }
+            if self.opts.dry_run && d.first_slot != SLOT_UNCHANGED && d.first_slot != SLOT_SKIPPED && d.first_slot != SLOT_INVALID {
+                // Dry runs do not track the op per row: recompute from the state.
+                let pos = self.state.as_ref().and_then(|s| s.find(h));
+                if pos.is_some() && self.cfg.mode != Mode::Insert || self.cfg.mode == Mode::Update {
+                    self.counts.update -= 1;
+                } else {
+                    self.counts.create -= 1;
+                }
+            }
+            let mut where_: Vec<String> = Vec::new();
+            let first_file = self.file_of(d.first_ord);
+            where_.push(match d.first_line {
+                Some(l) => format!("{first_file}:{l}"),
+                None => format!("{first_file} (record #{})", d.first_ord),
+            });
+            for (ord, line) in &d.others {
+                where_.push(format!("{}:{line}", self.file_of(*ord)));
+            }
+            let message = format!(
+                "primary key {:?} appears {} times ({}); every copy is refused — keep one row per key",
+                d.pk,
+                d.others.len() + 1,
+                where_.join(", ")
+            );
+            if d.first_slot != SLOT_INVALID {
+                self.refuse(InvalidRow {
+                    file: first_file.clone(),
+                    line: d.first_line.unwrap_or(0),
+                    pk: Some(d.pk.clone()),
+                    reason: Reason::DuplicatePrimaryKey,
+                    field: None,
+                    message: message.clone(),
+                })?;
+            }
+            for (ord, line) in &d.others {
+                self.refuse(InvalidRow {
+                    file: self.file_of(*ord),
+                    line: *line,
+                    pk: Some(d.pk.clone()),
+                    reason: Reason::DuplicatePrimaryKey,
+                    field: None,
+                    message: message.clone(),
+                })?;
+            }
+        }
+        for (chunk, hashes) in rewrite {
+            self.drop_rows(chunk as usize, &hashes)?;
+        }
+        self.chunks.retain(|c| c.rows > 0);
+
+        self.write_removed()?;
+        if let Some(out) = self.invalid_out.take() {
+            let key = layout::invalid_key(&self.cfg.name, &self.opts.run_id);
+            out.commit().map_err(|source| PlanError::Write { key, source })?;
+        }
+        Ok(())
+    }
+
+    /// Rewrite one chunk without the rows of the given keys.
+    fn drop_rows(&mut self, chunk: usize, hashes: &HashSet<u64>) -> Result<(), PlanError> {
+        let key = self.chunks[chunk].key.clone();
+        let werr = |source: io::Error| PlanError::Write { key: key.clone(), source };
+        let mut packed = Vec::new();
+        std::io::Read::read_to_end(&mut self.store.open(&key).map_err(werr)?, &mut packed).map_err(werr)?;
+        let plain = zstd::decode_all(&packed[..]).map_err(werr)?;
+        let mut kept = Vec::with_capacity(plain.len());
+        let mut rows = 0;
+        for line in plain.split_inclusive(|b| *b == b'\n') {
+            // Lines start with {"h":"<16 hex digits>"
+            let h = line.get(6..22).and_then(|s| std::str::from_utf8(s).ok()).and_then(crate::changeset::parse_hex);
+            if h.is_some_and(|h| hashes.contains(&h)) {
+                continue;
+            }
+            kept.extend_from_slice(line);
+            rows += 1;
+        }
+        self.chunks[chunk].rows = rows;
+        if rows == 0 {
+            return self.store.delete_prefix(&key).map_err(werr);
+        }
+        let packed = zstd::bulk::compress(&kept, 1).map_err(werr)?;
+        self.store.put(&key, &packed).map_err(werr)
+    }
+
+    fn write_removed(&mut self) -> Result<(), PlanError> {
+        let Some(state) = &self.state else { return Ok(()) };
+        let mut removed = 0u64;
+        for i in 0..state.len() {
+            if self.seen_ord[i] == 0 && state.flags(i) & FLAG_ABSENT == 0 {
+                removed += 1;
+            }
+        }
+        self.counts.removed = removed;
+        if removed == 0 || self.opts.dry_run {
+            return Ok(());
+        }
+        let key = layout::removed_key(&self.cfg.name, &self.opts.run_id);
+        let werr = |source: io::Error| PlanError::Write { key: key.clone(), source };
+        let mut reader = StateReader::open(self.store, &layout::state_key(&self.cfg.name))?.ok_or_else(|| {
+            werr(io::Error::new(io::ErrorKind::NotFound, "the state disappeared while planning"))
+        })?;
+        let raw = self.store.create(&key).map_err(werr)?;
+        let mut enc = zstd::stream::write::Encoder::new(raw, 1).map_err(werr)?;
+        let mut i = 0usize;
+        while let Some(e) = reader.next_entry()? {
+            debug_assert_eq!(e.key_hash, state.hash(i));
+            if self.seen_ord[i] == 0 && e.flags & FLAG_ABSENT == 0 {
+                let line = serde_json::json!({"h": hex(e.key_hash), "pk": e.key, "id": (e.zendesk_id != 0).then_some(e.zendesk_id)});
+                serde_json::to_writer(&mut enc, &line).map_err(io::Error::from).map_err(werr)?;
+                enc.write_all(b"\n").map_err(werr)?;
+            }
+            i += 1;
+        }
+        enc.finish().map_err(werr)?.commit().map_err(werr)
+    }
+}

@@ -1,0 +1,317 @@
+//! The object-store port: the bucket layout of ARCHITECTURE.md on a local folder (here) or S3.
+//!
+//! The port is blocking on purpose: plan streams and parses exports on a CPU-bound thread, so a
+//! `Read`/`Write` pair is the natural shape; async adapters bridge into it.
+
+use std::fs;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// One object in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+}
+
+/// Where exports are read from and change sets, state and run records are written to.
+pub trait ObjectStore: Send + Sync {
+    /// A streaming reader over one object.
+    fn open(&self, key: &str) -> io::Result<Box<dyn Read + Send>>;
+    /// A local file path holding the object, for formats that need random access (Parquet).
+    /// Adapters for remote stores download to a temporary file first.
+    fn local_path(&self, key: &str) -> io::Result<LocalObject>;
+    /// Objects whose key starts with `prefix`, sorted by key.
+    fn list(&self, prefix: &str) -> io::Result<Vec<ObjectMeta>>;
+    /// Size of one object, or `None` when it does not exist.
+    fn head(&self, key: &str) -> io::Result<Option<ObjectMeta>>;
+    /// Write a whole object atomically (readers never see a partial object).
+    fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()>;
+    /// Stream a large object; it becomes visible when the writer is committed.
+    fn create(&self, key: &str) -> io::Result<Box<dyn ObjectWriter>>;
+    /// Remove every object under `prefix` (used to clear a half-written change set).
+    fn delete_prefix(&self, prefix: &str) -> io::Result<()>;
+}
+
+/// A streamed object upload that becomes visible only on `commit`.
+pub trait ObjectWriter: Write + Send {
+    fn commit(self: Box<Self>) -> io::Result<()>;
+}
+
+/// A path to a readable local copy of an object; a temporary copy is removed on drop.
+pub struct LocalObject {
+    path: PathBuf,
+    _temp: Option<Box<dyn Send + Sync>>,
+}
+
+impl LocalObject {
+    pub fn borrowed(path: PathBuf) -> Self {
+        Self { path, _temp: None }
+    }
+    pub fn owned(path: PathBuf, guard: Box<dyn Send + Sync>) -> Self {
+        Self {
+            path,
+            _temp: Some(guard),
+        }
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl ObjectStore for Box<dyn ObjectStore> {
+    fn open(&self, key: &str) -> io::Result<Box<dyn Read + Send>> {
+        (**self).open(key)
+    }
+    fn local_path(&self, key: &str) -> io::Result<LocalObject> {
+        (**self).local_path(key)
+    }
+    fn list(&self, prefix: &str) -> io::Result<Vec<ObjectMeta>> {
+        (**self).list(prefix)
+    }
+    fn head(&self, key: &str) -> io::Result<Option<ObjectMeta>> {
+        (**self).head(key)
+    }
+    fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
+        (**self).put(key, bytes)
+    }
+    fn create(&self, key: &str) -> io::Result<Box<dyn ObjectWriter>> {
+        (**self).create(key)
+    }
+    fn delete_prefix(&self, prefix: &str) -> io::Result<()> {
+        (**self).delete_prefix(prefix)
+    }
+}
+
+/// The bucket layout on a local folder: key `a/b/c` is the file `<root>/a/b/c`.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_of(&self, key: &str) -> io::Result<PathBuf> {
+        let rel = Path::new(key);
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("object key `{key}` must be relative to the store root and stay inside it"),
+            ));
+        }
+        Ok(self.root.join(rel))
+    }
+
+    fn temp_path(path: &Path) -> PathBuf {
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".tmp-{}", std::process::id()));
+        path.with_file_name(name)
+    }
+}
+
+impl ObjectStore for LocalStore {
+    fn open(&self, key: &str) -> io::Result<Box<dyn Read + Send>> {
+        let path = self.path_of(key)?;
+        let file = fs::File::open(&path).map_err(|e| with_path(e, &path))?;
+        Ok(Box::new(file))
+    }
+
+    fn local_path(&self, key: &str) -> io::Result<LocalObject> {
+        let path = self.path_of(key)?;
+        if !path.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{}: no such file", path.display()),
+            ));
+        }
+        Ok(LocalObject::borrowed(path))
+    }
+
+    fn list(&self, prefix: &str) -> io::Result<Vec<ObjectMeta>> {
+        // A prefix is either a folder (`exports/users/`) or a key stem (`exports/users/part_`).
+        let (dir_key, stem) = match prefix.rfind('/') {
+            Some(i) => (&prefix[..i], &prefix[i + 1..]),
+            None => ("", prefix),
+        };
+        let dir = if dir_key.is_empty() {
+            self.root.clone()
+        } else {
+            self.path_of(dir_key)?
+        };
+        let mut out = Vec::new();
+        if !dir.is_dir() {
+            return Ok(out);
+        }
+        let mut stack = vec![(dir, dir_key.to_string())];
+        while let Some((dir, key_base)) = stack.pop() {
+            for entry in fs::read_dir(&dir).map_err(|e| with_path(e, &dir))? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let key = if key_base.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{key_base}/{name}")
+                };
+                if !key.starts_with(prefix) && !prefix.starts_with(&format!("{key}/")) {
+                    continue;
+                }
+                let meta = entry.metadata()?;
+                if meta.is_dir() {
+                    stack.push((entry.path(), key));
+                } else if key.starts_with(prefix) && !name.contains(".tmp-") {
+                    out.push(ObjectMeta {
+                        key,
+                        size: meta.len(),
+                    });
+                }
+            }
+        }
+        let _ = stem;
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn head(&self, key: &str) -> io::Result<Option<ObjectMeta>> {
+        let path = self.path_of(key)?;
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
+                key: key.to_string(),
+                size: m.len(),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(with_path(e, &path)),
+        }
+    }
+
+    fn put(&self, key: &str, bytes: &[u8]) -> io::Result<()> {
+        let mut w = self.create(key)?;
+        w.write_all(bytes)?;
+        w.commit()
+    }
+
+    fn create(&self, key: &str) -> io::Result<Box<dyn ObjectWriter>> {
+        let path = self.path_of(key)?;
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(|e| with_path(e, parent))?;
+        }
+        let temp = Self::temp_path(&path);
+        let file = fs::File::create(&temp).map_err(|e| with_path(e, &temp))?;
+        Ok(Box::new(LocalWriter {
+            file: BufWriter::with_capacity(256 * 1024, file),
+            temp,
+            path,
+        }))
+    }
+
+    fn delete_prefix(&self, prefix: &str) -> io::Result<()> {
+        let trimmed = prefix.trim_end_matches('/');
+        let path = self.path_of(trimmed)?;
+        if prefix.ends_with('/') && path.is_dir() {
+            return fs::remove_dir_all(&path).map_err(|e| with_path(e, &path));
+        }
+        for obj in self.list(prefix)? {
+            let p = self.path_of(&obj.key)?;
+            fs::remove_file(&p).map_err(|e| with_path(e, &p))?;
+        }
+        Ok(())
+    }
+}
+
+struct LocalWriter {
+    file: BufWriter<fs::File>,
+    temp: PathBuf,
+    path: PathBuf,
+}
+
+impl Write for LocalWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl ObjectWriter for LocalWriter {
+    fn commit(mut self: Box<Self>) -> io::Result<()> {
+        self.file.flush()?;
+        fs::rename(&self.temp, &self.path).map_err(|e| with_path(e, &self.path))
+    }
+}
+
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        // An uncommitted writer leaves nothing behind; after commit the temp name is gone.
+        let _ = fs::remove_file(&self.temp);
+    }
+}
+
+fn with_path(e: io::Error, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_list_open_and_delete_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        store.put("exports/users/part-0001.csv", b"a\n1\n").unwrap();
+        store.put("exports/users/part-0000.csv", b"a\n0\n").unwrap();
+        store.put("exports/users_other/x.csv", b"a\n").unwrap();
+        let keys: Vec<_> = store
+            .list("exports/users/")
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(
+            keys,
+            ["exports/users/part-0000.csv", "exports/users/part-0001.csv"]
+        );
+        let stem: Vec<_> = store
+            .list("exports/users/part-0001")
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(stem, ["exports/users/part-0001.csv"]);
+        let mut s = String::new();
+        store
+            .open("exports/users/part-0001.csv")
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        assert_eq!(s, "a\n1\n");
+        store.delete_prefix("exports/users/").unwrap();
+        assert!(store.list("exports/users/").unwrap().is_empty());
+        assert_eq!(store.list("exports/").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn uncommitted_writer_leaves_nothing_and_keys_cannot_escape() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        {
+            let mut w = store.create("runs/a/b.json").unwrap();
+            w.write_all(b"{}").unwrap();
+        }
+        assert!(store.head("runs/a/b.json").unwrap().is_none());
+        assert!(store.list("runs/").unwrap().is_empty());
+        assert!(store.put("../escape", b"x").is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! Zendesk Support simulator (filled in by the simulator work).

@@ -1,0 +1,229 @@
+//! Small helpers shared by the simulator modules: time, query strings, JSON and globbing.
+
+use serde_json::{Map, Value};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// The simulator's clock: wall time that tests can move forward (token expiry, job retention,
+/// rate windows) without sleeping.
+#[derive(Debug)]
+pub struct SimClock {
+    start: Instant,
+    epoch_ms_at_start: i64,
+    offset_ms: AtomicI64,
+}
+
+impl Default for SimClock {
+    fn default() -> Self {
+        let epoch = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        Self {
+            start: Instant::now(),
+            epoch_ms_at_start: epoch,
+            offset_ms: AtomicI64::new(0),
+        }
+    }
+}
+
+impl SimClock {
+    /// Milliseconds since the Unix epoch, including any test offset.
+    pub fn now_ms(&self) -> i64 {
+        self.epoch_ms_at_start
+            + self.start.elapsed().as_millis() as i64
+            + self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    pub fn advance(&self, ms: i64) {
+        self.offset_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+}
+
+/// ISO 8601 UTC with second precision, as Zendesk writes timestamps (`2012-04-04T09:14:57Z`).
+pub fn iso(ms: i64) -> String {
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(t) => t.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        None => "1970-01-01T00:00:00Z".to_string(),
+    }
+}
+
+/// The job-status message format seen in the OAS examples (`Completed at 2018-03-08 10:07:04 +0000`).
+pub fn job_message_time(ms: i64) -> String {
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(t) => t.format("%Y-%m-%d %H:%M:%S +0000").to_string(),
+        None => String::new(),
+    }
+}
+
+/// Decoded query parameters in order of appearance.
+#[derive(Debug, Default, Clone)]
+pub struct Query(Vec<(String, String)>);
+
+impl Query {
+    pub fn parse(raw: Option<&str>) -> Self {
+        match raw {
+            Some(q) => Query(
+                form_urlencoded::parse(q.as_bytes())
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect(),
+            ),
+            None => Query(Vec::new()),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn flag(&self, key: &str) -> bool {
+        matches!(self.get(key), Some("true") | Some("1"))
+    }
+
+    /// A comma-separated list parameter (`ids=1,2,3`); empty entries are skipped.
+    pub fn list(&self, key: &str) -> Option<Vec<String>> {
+        self.get(key).map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+    }
+}
+
+/// Email shape check: one `@`, a non-empty local part, a dotted domain, no whitespace.
+pub fn email_is_valid(email: &str) -> bool {
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && !domain.contains('@')
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !email.chars().any(|c| c.is_whitespace() || c == ',' || c == ';')
+}
+
+/// Zendesk tags are lower case and cannot contain spaces: a value with spaces becomes several tags.
+pub fn normalize_tags(value: &Value) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut push = |s: &str| {
+        for t in s.split_whitespace() {
+            let t = t.to_lowercase();
+            if !out.contains(&t) {
+                out.push(t);
+            }
+        }
+    };
+    match value {
+        Value::Array(items) => {
+            for item in items {
+                match item {
+                    Value::String(s) => push(s),
+                    Value::Number(n) => push(&n.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        Value::String(s) => push(s),
+        _ => {}
+    }
+    out
+}
+
+pub fn add_tags(tags: &mut Vec<String>, add: &[String]) {
+    for t in add {
+        if !tags.contains(t) {
+            tags.push(t.clone());
+        }
+    }
+}
+
+pub fn remove_tags(tags: &mut Vec<String>, remove: &[String]) {
+    tags.retain(|t| !remove.contains(t));
+}
+
+/// Reads an id that may be sent as a JSON number or a numeric string.
+pub fn as_id(v: &Value) -> Option<u64> {
+    match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// A string value, or a number rendered as a string (Zendesk coerces scalars for text attributes).
+pub fn as_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+pub fn obj(v: &Value) -> Option<&Map<String, Value>> {
+    v.as_object()
+}
+
+/// Glob with `*` wildcards (matching any run of characters, including `/`).
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let mut rest = text;
+    for (i, part) in parts.iter().enumerate() {
+        if i == 0 {
+            match rest.strip_prefix(part) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(part);
+        } else {
+            match rest.find(part) {
+                Some(pos) => rest = &rest[pos + part.len()..],
+                None => return false,
+            }
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob() {
+        assert!(glob_match("/api/v2/users/*", "/api/v2/users/create_many"));
+        assert!(glob_match("*create_many", "/api/v2/tickets/create_many"));
+        assert!(glob_match("/api/*/tags", "/api/v2/users/5/tags"));
+        assert!(!glob_match("/api/v2/users", "/api/v2/users/1"));
+        assert!(glob_match("*", "/x"));
+    }
+
+    #[test]
+    fn emails() {
+        assert!(email_is_valid("a@b.co"));
+        assert!(!email_is_valid("a@b"));
+        assert!(!email_is_valid("not an email"));
+        assert!(!email_is_valid("@b.co"));
+    }
+
+    #[test]
+    fn tags() {
+        let t = normalize_tags(&serde_json::json!(["VIP", "a b", "vip"]));
+        assert_eq!(t, vec!["vip", "a", "b"]);
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(iso(0), "1970-01-01T00:00:00Z");
+        assert_eq!(job_message_time(1_000), "1970-01-01 00:00:01 +0000");
+    }
+}
