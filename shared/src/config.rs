@@ -283,16 +283,16 @@ impl SyncConfig {
         let mut mapping = Vec::new();
         for (key, value) in &raw.mapping.get_ref().0 {
             let line = line_of(value.span().start);
+            if key == "external_id" {
+                return Err(invalid(format!(
+                    "line {line}: `mapping.external_id` is set by zdsync from `primary_key` (\"{}\"); remove it",
+                    raw.primary_key.trim()
+                )));
+            }
             let m = parse_mapping(object, key, value.get_ref(), line).map_err(&invalid)?;
             mapping.push(m);
         }
         let primary_key = raw.primary_key.trim().to_string();
-        if let Some(m) = mapping.iter().find(|m| m.field == "external_id") {
-            return Err(invalid(format!(
-                "line {}: `mapping.external_id` is set by zdsync from `primary_key` (\"{primary_key}\"); remove it",
-                m.line
-            )));
-        }
         if raw.mode != Mode::Update {
             let missing: Vec<_> = object
                 .required_fields()
@@ -537,7 +537,7 @@ tags = { column = "segments", split = "comma" }
         assert_eq!(plan.target, Target::FieldKey("plan".into()));
         assert_eq!(plan.ty, FieldType::Dropdown);
         assert_eq!(plan.line, 19);
-        assert_eq!(c.columns(), ["user_id", "EMAIL", "full_name", "segments", "plan"]);
+        assert_eq!(c.columns(), ["user_id", "full_name", "EMAIL", "segments", "plan"]);
     }
 
     #[test]

@@ -22,6 +22,7 @@ const FIELD_SEP: u8 = 0x1e;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
+    #[serde(rename = "malformed_record")]
     Malformed,
     MissingPrimaryKey,
     DuplicatePrimaryKey,

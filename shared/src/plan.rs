@@ -105,7 +105,6 @@ struct Dup {
     first_slot: u32,
     /// Later copies: (ordinal, line); their refusal is written once all copies are known.
     others: Vec<(u32, u64)>,
-    first_line: Option<u64>,
 }
 
 /// Per-op chunk being filled.
@@ -332,7 +331,6 @@ impl Planner<'_> {
                 first_ord: first.0,
                 first_slot: first.1,
                 others: Vec::new(),
-                first_line: None,
             })
             .others
             .push((ordinal, line));
@@ -494,68 +492,72 @@ impl Planner<'_> {
             .map_err(|source| PlanError::Write { key, source })
     }
 
+    fn part_of(&self, ordinal: u32) -> usize {
+        self.part_start.partition_point(|&s| s <= ordinal).saturating_sub(1)
+    }
+
+    fn part_start_of(&self, ordinal: u32) -> u32 {
+        self.part_start[self.part_of(ordinal)]
+    }
+
     fn file_of(&self, ordinal: u32) -> String {
-        let part = self.part_start.partition_point(|&s| s <= ordinal).saturating_sub(1);
-        self.parts[part].key.clone()
+        self.parts[self.part_of(ordinal)].key.clone()
     }
 
     /// Refuse every copy of duplicated keys, take first copies back out of their chunks,
     /// list removed keys, and close the invalid-rows file.
     fn finish(&mut self) -> Result<(), PlanError> {
         let dups = std::mem::take(&mut self.dups);
-        let mut rewrite: BTreeMap<u32, HashSet<u64>> = BTreeMap::new();
         let mut dup_list: Vec<(u64, Dup)> = dups.into_iter().collect();
         dup_list.sort_by_key(|(_, d)| d.first_ord);
-        for (h, mut d) in dup_list {
-            d.first_line = self.line_of_first.get(&h).copied();
+        // Take first copies back out of their chunks (their lines come back with them).
+        let mut rewrite: BTreeMap<u32, HashSet<u64>> = BTreeMap::new();
+        let mut first_lines = std::mem::take(&mut self.line_of_first);
+        for (h, d) in &dup_list {
+            if !matches!(d.first_slot, SLOT_UNCHANGED | SLOT_SKIPPED | SLOT_INVALID) {
+                if self.opts.dry_run {
+                    // Dry runs write no chunks: recompute the op from the state.
+                    let known = self.state.as_ref().and_then(|s| s.find(*h)).is_some();
+                    if self.cfg.mode == Mode::Update || (known && self.cfg.mode == Mode::Upsert) {
+                        self.counts.update -= 1;
+                    } else {
+                        self.counts.create -= 1;
+                    }
+                } else {
+                    match self.chunks[d.first_slot as usize].op {
+                        Op::Create => self.counts.create -= 1,
+                        Op::Update => self.counts.update -= 1,
+                    }
+                    rewrite.entry(d.first_slot).or_default().insert(*h);
+                }
+            }
             match d.first_slot {
                 SLOT_UNCHANGED => self.counts.unchanged -= 1,
                 SLOT_SKIPPED => self.counts.skipped -= 1,
-                SLOT_INVALID => {}
-                chunk => {
-                    let op = if self.opts.dry_run {
-                        None
-                    } else {
-                        Some(self.chunks[chunk as usize].op)
-                    };
-                    match op {
-                        Some(Op::Create) => self.counts.create -= 1,
-                        Some(Op::Update) => self.counts.update -= 1,
-                        None => {}
-                    }
-                    if !self.opts.dry_run {
-                        rewrite.entry(chunk).or_default().insert(h);
-                    }
-                }
+                _ => {}
             }
-            if self.opts.dry_run && d.first_slot != SLOT_UNCHANGED && d.first_slot != SLOT_SKIPPED && d.first_slot != SLOT_INVALID {
-                // Dry runs do not track the op per row: recompute from the state.
-                let pos = self.state.as_ref().and_then(|s| s.find(h));
-                if pos.is_some() && self.cfg.mode != Mode::Insert || self.cfg.mode == Mode::Update {
-                    self.counts.update -= 1;
-                } else {
-                    self.counts.create -= 1;
-                }
-            }
-            let mut where_: Vec<String> = Vec::new();
+        }
+        for (chunk, hashes) in rewrite {
+            self.drop_rows(chunk as usize, &hashes, &mut first_lines)?;
+        }
+        for (h, d) in dup_list {
             let first_file = self.file_of(d.first_ord);
-            where_.push(match d.first_line {
+            let first_line = first_lines.get(&h).copied();
+            let mut copies: Vec<String> = vec![match first_line {
                 Some(l) => format!("{first_file}:{l}"),
-                None => format!("{first_file} (record #{})", d.first_ord),
-            });
-            for (ord, line) in &d.others {
-                where_.push(format!("{}:{line}", self.file_of(*ord)));
-            }
+                None => format!("{first_file} record {}", d.first_ord + 1 - self.part_start_of(d.first_ord)),
+            }];
+            copies.extend(d.others.iter().map(|(ord, line)| format!("{}:{line}", self.file_of(*ord))));
             let message = format!(
-                "primary key {:?} appears {} times ({}); every copy is refused — keep one row per key",
+                "primary key {:?} appears {} times ({}); every copy is refused: keep one row per key",
                 d.pk,
-                d.others.len() + 1,
-                where_.join(", ")
+                copies.len(),
+                copies.join(", ")
             );
             if d.first_slot != SLOT_INVALID {
                 self.refuse(InvalidRow {
                     file: first_file.clone(),
-                    line: d.first_line.unwrap_or(0),
+                    line: first_line.unwrap_or(0),
                     pk: Some(d.pk.clone()),
                     reason: Reason::DuplicatePrimaryKey,
                     field: None,
@@ -573,9 +575,6 @@ impl Planner<'_> {
                 })?;
             }
         }
-        for (chunk, hashes) in rewrite {
-            self.drop_rows(chunk as usize, &hashes)?;
-        }
         self.chunks.retain(|c| c.rows > 0);
 
         self.write_removed()?;
@@ -587,7 +586,7 @@ impl Planner<'_> {
     }
 
     /// Rewrite one chunk without the rows of the given keys.
-    fn drop_rows(&mut self, chunk: usize, hashes: &HashSet<u64>) -> Result<(), PlanError> {
+    fn drop_rows(&mut self, chunk: usize, hashes: &HashSet<u64>, lines: &mut KeyMap<u64>) -> Result<(), PlanError> {
         let key = self.chunks[chunk].key.clone();
         let werr = |source: io::Error| PlanError::Write { key: key.clone(), source };
         let mut packed = Vec::new();
@@ -598,7 +597,14 @@ impl Planner<'_> {
         for line in plain.split_inclusive(|b| *b == b'\n') {
             // Lines start with {"h":"<16 hex digits>"
             let h = line.get(6..22).and_then(|s| std::str::from_utf8(s).ok()).and_then(crate::changeset::parse_hex);
-            if h.is_some_and(|h| hashes.contains(&h)) {
+            if let Some(h) = h.filter(|h| hashes.contains(h)) {
+                // `"src":"<file>:<line>"` tells where the dropped first copy came from.
+                if let Ok(row) = serde_json::from_slice::<serde_json::Value>(line) {
+                    let src = row.get("src").and_then(|s| s.as_str()).unwrap_or_default();
+                    if let Some(l) = src.rsplit(':').next().and_then(|l| l.parse().ok()) {
+                        lines.insert(h, l);
+                    }
+                }
                 continue;
             }
             kept.extend_from_slice(line);

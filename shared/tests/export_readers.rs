@@ -105,8 +105,24 @@ fn snowflake_csv_with_bom_crlf_upper_case_headers_and_quoting() {
     assert_eq!(
         rows,
         [
-            R(2, vec![t("ada@example.com"), t("Lovelace, Ada"), t("said \"hi\""), t("1")]),
-            R(3, vec![t("grace@example.com"), t("Grace"), t("two\r\nlines\nthree"), t("2")]),
+            R(
+                2,
+                vec![
+                    t("ada@example.com"),
+                    t("Lovelace, Ada"),
+                    t("said \"hi\""),
+                    t("1")
+                ]
+            ),
+            R(
+                3,
+                vec![
+                    t("grace@example.com"),
+                    t("Grace"),
+                    t("two\r\nlines\nthree"),
+                    t("2")
+                ]
+            ),
             R(6, vec![t("linus@example.com"), t("Linus"), N, t("3")]),
             R(8, vec![N, N, t("plain"), t("4")]),
         ]
@@ -132,9 +148,7 @@ fn lf_lines_without_final_newline_and_literal_quotes_in_unquoted_fields() {
 #[test]
 fn empty_fields_and_null_markers() {
     let (_dir, store) = store();
-    store
-        .put("n.csv", b"a,b,c\n,\"\",\\N\nx,NULL,y\n")
-        .unwrap();
+    store.put("n.csv", b"a,b,c\n,\"\",\\N\nx,NULL,y\n").unwrap();
     let default = read_ok(&store, "n.csv", &["a", "b", "c"], &csv());
     assert_eq!(
         default,
@@ -185,7 +199,12 @@ fn redshift_pipe_delimited_with_backslash_escapes() {
         ..csv()
     };
     assert_eq!(
-        read_ok(&store, "unload/part_0000", &["id", "name", "note"], &options),
+        read_ok(
+            &store,
+            "unload/part_0000",
+            &["id", "name", "note"],
+            &options
+        ),
         [
             R(2, vec![t("1"), t("a|b"), t("back\\slash")]),
             R(3, vec![t("2"), t("line\none"), N]),
@@ -208,7 +227,10 @@ fn bad_quoting_is_malformed_and_the_next_row_is_read() {
     assert_eq!(
         read_ok(&store, "q.csv", &["id", "name"], &csv()),
         [
-            Bad(2, "field 2: unexpected character after closing quote".into()),
+            Bad(
+                2,
+                "field 2: unexpected character after closing quote".into()
+            ),
             R(3, vec![t("2"), t("Bob")]),
         ]
     );
@@ -218,7 +240,10 @@ fn bad_quoting_is_malformed_and_the_next_row_is_read() {
 fn invalid_utf8_only_matters_in_projected_fields() {
     let (_dir, store) = store();
     store
-        .put("u.csv", b"id,email,junk\n1,a@x.io,\xff\xfe\n2,b\xff@x.io,ok\n3,c@x.io,\"q\xff\"\n")
+        .put(
+            "u.csv",
+            b"id,email,junk\n1,a@x.io,\xff\xfe\n2,b\xff@x.io,ok\n3,c@x.io,\"q\xff\"\n",
+        )
         .unwrap();
     assert_eq!(
         read_ok(&store, "u.csv", &["id", "email"], &csv()),
@@ -304,7 +329,10 @@ fn missing_column_names_the_file_and_the_header() {
 fn empty_file_has_no_rows() {
     let (_dir, store) = store();
     store.put("e.csv.gz", &gzip(b"")).unwrap();
-    assert_eq!(read_ok(&store, "e.csv.gz", &["id"], &ReadOptions::default()), []);
+    assert_eq!(
+        read_ok(&store, "e.csv.gz", &["id"], &ReadOptions::default()),
+        []
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -329,7 +357,15 @@ fn jsonl_paths_exact_numbers_lists_and_bad_lines() {
     let rows = read_ok(
         &store,
         "events/part-0.jsonl",
-        &["id", "address.city", "address.geo.lat", "tags", "meta", "ok", "amount"],
+        &[
+            "id",
+            "address.city",
+            "address.geo.lat",
+            "tags",
+            "meta",
+            "ok",
+            "amount",
+        ],
         &ReadOptions::default(),
     );
     assert_eq!(
@@ -373,7 +409,10 @@ fn jsonl_invalid_utf8_is_malformed() {
         .put("x.ndjson", b"{\"a\":\"\xff\"}\n{\"a\":\"\\u00e9\"}\n")
         .unwrap();
     let rows = read_ok(&store, "x.ndjson", &["a"], &ReadOptions::default());
-    assert!(matches!(&rows[0], Bad(1, r) if r.contains("not valid UTF-8")), "{rows:?}");
+    assert!(
+        matches!(&rows[0], Bad(1, r) if r.contains("not valid UTF-8")),
+        "{rows:?}"
+    );
     assert_eq!(rows[1], R(2, vec![t("é")]));
 }
 
@@ -472,9 +511,22 @@ fn parquet_types_row_groups_and_projection() {
     let (_dir, store) = store();
     write_parquet(&store, "exports/users/part-0.parquet", 450);
     let cols = [
-        "AMOUNT", "id", "plan", "created_at", "local_at", "tags", "birthday", "score", "active",
+        "AMOUNT",
+        "id",
+        "plan",
+        "created_at",
+        "local_at",
+        "tags",
+        "birthday",
+        "score",
+        "active",
     ];
-    let rows = read_ok(&store, "exports/users/part-0.parquet", &cols, &ReadOptions::default());
+    let rows = read_ok(
+        &store,
+        "exports/users/part-0.parquet",
+        &cols,
+        &ReadOptions::default(),
+    );
     assert_eq!(rows.len(), 450);
     assert_eq!(
         rows[0],
@@ -532,26 +584,46 @@ fn parquet_types_row_groups_and_projection() {
 fn parquet_missing_column_and_unreadable_files() {
     let (_dir, store) = store();
     write_parquet(&store, "p.parquet", 10);
-    match read(&store, "p.parquet", &["id", "nope"], &ReadOptions::default()) {
-        Err(ExportError::MissingColumn { column, available, .. }) => {
+    match read(
+        &store,
+        "p.parquet",
+        &["id", "nope"],
+        &ReadOptions::default(),
+    ) {
+        Err(ExportError::MissingColumn {
+            column, available, ..
+        }) => {
             assert_eq!(column, "nope");
             assert!(available.starts_with("id,plan,amount"), "{available}");
         }
         other => panic!("expected MissingColumn, got {other:?}"),
     }
     let full = std::fs::read(store.root().join("p.parquet")).unwrap();
-    store.put("truncated.parquet", &full[..full.len() / 2]).unwrap();
+    store
+        .put("truncated.parquet", &full[..full.len() / 2])
+        .unwrap();
     let reason = unreadable_reason(
-        read(&store, "truncated.parquet", &["id"], &ReadOptions::default()),
+        read(
+            &store,
+            "truncated.parquet",
+            &["id"],
+            &ReadOptions::default(),
+        ),
         "truncated.parquet",
     );
-    assert!(reason.starts_with("not a Parquet file or truncated"), "{reason}");
+    assert!(
+        reason.starts_with("not a Parquet file or truncated"),
+        "{reason}"
+    );
     store.put("fake.parquet", b"id\n1\n").unwrap();
     let reason = unreadable_reason(
         read(&store, "fake.parquet", &["id"], &ReadOptions::default()),
         "fake.parquet",
     );
-    assert!(reason.starts_with("not a Parquet file or truncated"), "{reason}");
+    assert!(
+        reason.starts_with("not a Parquet file or truncated"),
+        "{reason}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -565,7 +637,9 @@ fn gzip_and_zstd_are_detected_or_forced() {
     store.put("u/users.csv.gz", &gzip(csv_data)).unwrap();
     store.put("u/users.csv.zst", &zstd(csv_data)).unwrap();
     store.put("u/events.jsonl.gz", &gzip(jsonl_data)).unwrap();
-    store.put("u/events.ndjson.zstd", &zstd(jsonl_data)).unwrap();
+    store
+        .put("u/events.ndjson.zstd", &zstd(jsonl_data))
+        .unwrap();
     // No telling extension: compression from the magic bytes, format from the first byte.
     store.put("u/blob1", &gzip(csv_data)).unwrap();
     store.put("u/blob2", &zstd(jsonl_data)).unwrap();
@@ -576,22 +650,36 @@ fn gzip_and_zstd_are_detected_or_forced() {
     let want_jsonl = [R(1, vec![t("1"), t("Ada")]), R(2, vec![t("2"), N])];
     let auto = ReadOptions::default();
     for key in ["u/users.csv.gz", "u/users.csv.zst", "u/blob1"] {
-        assert_eq!(read_ok(&store, key, &["id", "name"], &auto), want_csv, "{key}");
+        assert_eq!(
+            read_ok(&store, key, &["id", "name"], &auto),
+            want_csv,
+            "{key}"
+        );
     }
     for key in ["u/events.jsonl.gz", "u/events.ndjson.zstd", "u/blob2"] {
-        assert_eq!(read_ok(&store, key, &["id", "name"], &auto), want_jsonl, "{key}");
+        assert_eq!(
+            read_ok(&store, key, &["id", "name"], &auto),
+            want_jsonl,
+            "{key}"
+        );
     }
     let forced = ReadOptions {
         compression: Compression::Gzip,
         format: Format::Csv,
         ..ReadOptions::default()
     };
-    assert_eq!(read_ok(&store, "u/blob1", &["id", "name"], &forced), want_csv);
+    assert_eq!(
+        read_ok(&store, "u/blob1", &["id", "name"], &forced),
+        want_csv
+    );
     let forced = ReadOptions {
         compression: Compression::Zstd,
         ..ReadOptions::default()
     };
-    assert_eq!(read_ok(&store, "u/blob2", &["id", "name"], &forced), want_jsonl);
+    assert_eq!(
+        read_ok(&store, "u/blob2", &["id", "name"], &forced),
+        want_jsonl
+    );
     // Forcing gzip on zstd bytes is refused up front.
     let forced = ReadOptions {
         compression: Compression::Gzip,
@@ -614,11 +702,7 @@ fn concatenated_gzip_members_and_multi_frame_zstd_are_read_whole() {
     for key in ["cat.csv.gz", "cat.csv.zst"] {
         assert_eq!(
             read_ok(&store, key, &["name"], &ReadOptions::default()),
-            [
-                R(2, vec![t("a")]),
-                R(3, vec![t("b")]),
-                R(4, vec![t("c")])
-            ],
+            [R(2, vec![t("a")]), R(3, vec![t("b")]), R(4, vec![t("c")])],
             "{key}"
         );
     }
@@ -631,7 +715,12 @@ fn plain_text_named_gz_is_unreadable() {
         .put("exports/users.csv.gz", b"id,name\n1,Ada\n")
         .unwrap();
     let reason = unreadable_reason(
-        read(&store, "exports/users.csv.gz", &["id"], &ReadOptions::default()),
+        read(
+            &store,
+            "exports/users.csv.gz",
+            &["id"],
+            &ReadOptions::default(),
+        ),
         "exports/users.csv.gz",
     );
     assert_eq!(
@@ -652,7 +741,10 @@ fn plain_text_named_gz_is_unreadable() {
 fn big_csv(rows: usize) -> Vec<u8> {
     let mut data = String::from("id,email,name\n");
     for i in 0..rows {
-        data.push_str(&format!("{i},user{i}@example.com,Name {}\n", i * 7919 % 10007));
+        data.push_str(&format!(
+            "{i},user{i}@example.com,Name {}\n",
+            i * 7919 % 10007
+        ));
     }
     data.into_bytes()
 }
@@ -667,7 +759,10 @@ fn truncated_compressed_files_are_unreadable() {
     store.put("t.csv.zst", &zst[..zst.len() * 2 / 3]).unwrap();
     for (key, what) in [("t.csv.gz", "gzip"), ("t.csv.zst", "zstd")] {
         let reason = unreadable_reason(read(&store, key, &["id"], &ReadOptions::default()), key);
-        assert!(reason.starts_with("read failed after line "), "{key}: {reason}");
+        assert!(
+            reason.starts_with("read failed after line "),
+            "{key}: {reason}"
+        );
         assert!(
             reason.contains(&format!("{what} stream is truncated or corrupt")),
             "{key}: {reason}"
@@ -687,7 +782,10 @@ fn format_is_sniffed_from_magic_extension_and_first_byte() {
         read_ok(&store, "data.txt", &["{\"id\":1}"], &auto),
         Vec::<Row>::new()
     );
-    assert_eq!(read_ok(&store, "data", &["id"], &auto), [R(1, vec![t("1")])]);
+    assert_eq!(
+        read_ok(&store, "data", &["id"], &auto),
+        [R(1, vec![t("1")])]
+    );
     match read(&store, "absent.csv", &["id"], &auto) {
         Err(ExportError::NotFound { location, .. }) => assert_eq!(location, "absent.csv"),
         other => panic!("expected NotFound, got {other:?}"),
@@ -714,7 +812,9 @@ fn prefix_lists_data_parts_only() {
     store.put("exports/users/part_0003.csv.crc", b"x").unwrap();
     store.put("exports/users/part_0004.csv", b"").unwrap();
     store.put("exports/users/manifest", b"{}").unwrap();
-    store.put("exports/users_old/part_0000.csv", b"id\n").unwrap();
+    store
+        .put("exports/users_old/part_0000.csv", b"id\n")
+        .unwrap();
     let want = [
         "exports/users/part_0000.csv",
         "exports/users/part_0001.csv",
@@ -745,8 +845,12 @@ fn prefix_lists_data_parts_only() {
 #[test]
 fn redshift_manifest_lists_its_entries() {
     let (_dir, store) = store();
-    store.put("unload/users_0000_part_00.gz", &gzip(b"1|a\n")).unwrap();
-    store.put("unload/users_0001_part_00.gz", &gzip(b"2|b\n")).unwrap();
+    store
+        .put("unload/users_0000_part_00.gz", &gzip(b"1|a\n"))
+        .unwrap();
+    store
+        .put("unload/users_0001_part_00.gz", &gzip(b"2|b\n"))
+        .unwrap();
     let manifest = r#"{
       "entries": [
         {"url": "s3://bucket/unload/users_0001_part_00.gz", "mandatory": true, "meta": {"content_length": 24}},
@@ -755,15 +859,25 @@ fn redshift_manifest_lists_its_entries() {
       ],
       "schema": {"elements": [{"name": "id"}]}
     }"#;
-    store.put("unload/users_manifest", manifest.as_bytes()).unwrap();
+    store
+        .put("unload/users_manifest", manifest.as_bytes())
+        .unwrap();
     store.put("unload/users.json", manifest.as_bytes()).unwrap();
-    let want = ["unload/users_0001_part_00.gz", "unload/users_0000_part_00.gz"];
-    assert_eq!(keys(&resolve(&store, "unload/users_manifest").unwrap()), want);
+    let want = [
+        "unload/users_0001_part_00.gz",
+        "unload/users_0000_part_00.gz",
+    ];
+    assert_eq!(
+        keys(&resolve(&store, "unload/users_manifest").unwrap()),
+        want
+    );
     // Recognised by its content, whatever its name.
     assert_eq!(keys(&resolve(&store, "unload/users.json").unwrap()), want);
 
     let missing = manifest.replace("users_0000_part_00", "users_0009_part_00");
-    store.put("unload/missing.manifest", missing.as_bytes()).unwrap();
+    store
+        .put("unload/missing.manifest", missing.as_bytes())
+        .unwrap();
     match resolve(&store, "unload/missing.manifest") {
         Err(ExportError::NotFound { location, hint }) => {
             assert_eq!(location, "s3://bucket/unload/users_0009_part_00.gz");
@@ -771,12 +885,16 @@ fn redshift_manifest_lists_its_entries() {
         }
         other => panic!("expected NotFound, got {other:?}"),
     }
-    store.put("unload/bad.manifest", b"{\"entries\": [").unwrap();
+    store
+        .put("unload/bad.manifest", b"{\"entries\": [")
+        .unwrap();
     assert!(matches!(
         resolve(&store, "unload/bad.manifest"),
         Err(ExportError::BadManifest { file, .. }) if file == "unload/bad.manifest"
     ));
-    store.put("unload/empty.manifest", b"{\"other\": 1}").unwrap();
+    store
+        .put("unload/empty.manifest", b"{\"other\": 1}")
+        .unwrap();
     assert!(matches!(
         resolve(&store, "unload/empty.manifest"),
         Err(ExportError::BadManifest { .. })
@@ -804,8 +922,13 @@ fn many_rows_through_gzip_and_a_small_thread_pipeline() {
     assert_eq!(n, 100_000);
     assert_eq!(record.values.len(), 2);
     // Dropping a reader mid-file stops its decompression thread without hanging.
-    let mut reader = open_reader(&store, "big.csv.gz", &columns(&["id"]), &ReadOptions::default())
-        .unwrap();
+    let mut reader = open_reader(
+        &store,
+        "big.csv.gz",
+        &columns(&["id"]),
+        &ReadOptions::default(),
+    )
+    .unwrap();
     assert_eq!(reader.next(&mut record).unwrap(), Next::Record);
     drop(reader);
     let _ = store.head("big.csv.gz").unwrap();

@@ -50,7 +50,10 @@ pub struct OAuthClient {
     pub identifier: String,
     pub secret: Option<String>,
     pub kind: ClientKind,
+    // Display name and redirect URIs serve the authorization-code flow (not built yet).
+    #[allow(dead_code)]
     pub name: String,
+    #[allow(dead_code)]
     pub redirect_uris: Vec<String>,
     pub access_ttl_secs: Option<u64>,
     pub refresh_ttl_secs: u64,

@@ -97,14 +97,6 @@ impl Invalid {
         json!({"error": "RecordInvalid", "description": "Record validation errors", "details": details})
     }
 
-    /// The error code of a failed job item: the first detail's code.
-    pub fn code(&self) -> &str {
-        self.0
-            .first()
-            .and_then(|d| d.error.as_deref())
-            .unwrap_or("RecordInvalid")
-    }
-
     /// The `details` text of a failed job item.
     pub fn text(&self) -> String {
         self.0
@@ -753,13 +745,6 @@ impl Store {
             self.user_ext.remove(&e.to_lowercase());
         }
         Some(user)
-    }
-
-    pub fn set_user_tags(&mut self, id: u64, tags: Vec<String>, now: &str) -> Option<Vec<String>> {
-        let u = self.users.get_mut(&id)?;
-        u.tags = tags;
-        u.updated_at = now.to_string();
-        Some(u.tags.clone())
     }
 
     pub fn user_tags_mut(&mut self, id: u64) -> Option<(&mut Vec<String>, &mut String)> {

@@ -1,6 +1,6 @@
 //! Small helpers shared by the simulator modules: time, query strings, JSON and globbing.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -163,10 +163,6 @@ pub fn as_text(v: &Value) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
-}
-
-pub fn obj(v: &Value) -> Option<&Map<String, Value>> {
-    v.as_object()
 }
 
 /// Glob with `*` wildcards (matching any run of characters, including `/`).

@@ -97,10 +97,20 @@ pub(crate) fn open_decoded(
             }
         }
         Compression::Gzip if !is_gzip => {
-            return Err(mislabelled(key, "set as compression = \"gzip\"", "gzip", &head))
+            return Err(mislabelled(
+                key,
+                "set as compression = \"gzip\"",
+                "gzip",
+                &head,
+            ))
         }
         Compression::Zstd if !is_zstd => {
-            return Err(mislabelled(key, "set as compression = \"zstd\"", "zstd", &head))
+            return Err(mislabelled(
+                key,
+                "set as compression = \"zstd\"",
+                "zstd",
+                &head,
+            ))
         }
         c => c,
     };
@@ -111,8 +121,8 @@ pub(crate) fn open_decoded(
             what: "gzip",
         }),
         Compression::Zstd => {
-            let decoder = zstd::stream::read::Decoder::new(input)
-                .map_err(|e| read_error(key, e))?;
+            let decoder =
+                zstd::stream::read::Decoder::new(input).map_err(|e| read_error(key, e))?;
             Box::new(ErrorContext {
                 inner: decoder,
                 what: "zstd",

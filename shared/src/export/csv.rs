@@ -144,7 +144,9 @@ impl CsvReader {
         let line = match self.next_fields()? {
             Step::Fields { line } => line,
             Step::Malformed { line, reason } => {
-                return Err(self.unreadable(format!("the header row (line {line}) is malformed: {reason}")))
+                return Err(self.unreadable(format!(
+                    "the header row (line {line}) is malformed: {reason}"
+                )))
             }
             // An empty part (e.g. an empty slice of an unload) has no header and no rows.
             Step::End => {
@@ -167,14 +169,10 @@ impl CsvReader {
             .collect();
         for column in columns {
             let want = column.trim();
-            let found = self
-                .header
-                .iter()
-                .position(|h| h == want)
-                .or_else(|| {
-                    let lower = want.to_lowercase();
-                    self.header.iter().position(|h| h.to_lowercase() == lower)
-                });
+            let found = self.header.iter().position(|h| h == want).or_else(|| {
+                let lower = want.to_lowercase();
+                self.header.iter().position(|h| h.to_lowercase() == lower)
+            });
             match found {
                 Some(i) => self.projection.push(i),
                 None => {
@@ -727,9 +725,13 @@ mod tests {
 
     fn read_all(data: &[u8], columns: &[&str], options: &ReadOptions) -> Vec<String> {
         let columns: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
-        let mut reader =
-            CsvReader::new(Box::new(io::Cursor::new(data.to_vec())), "t.csv", &columns, options)
-                .unwrap();
+        let mut reader = CsvReader::new(
+            Box::new(io::Cursor::new(data.to_vec())),
+            "t.csv",
+            &columns,
+            options,
+        )
+        .unwrap();
         let mut record = Record::default();
         let mut out = Vec::new();
         loop {
@@ -754,7 +756,10 @@ mod tests {
                 data.push_str(&format!("{i},Name {i},u{i}@example.com,,{}.5\n", i % 100));
             }
         }
-        let columns: Vec<String> = ["email", "ID", "note"].iter().map(|c| c.to_string()).collect();
+        let columns: Vec<String> = ["email", "ID", "note"]
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
         let mut reader = CsvReader::new(
             Box::new(io::Cursor::new(data.into_bytes())),
             "t.csv",
@@ -768,13 +773,13 @@ mod tests {
         while let Next::Record = reader.next(&mut record).unwrap() {
             assert_eq!(record.line, line);
             assert_eq!(record.values[1], Value::Text(rows.to_string()));
-            if rows % 7 == 0 {
-                assert_eq!(record.values[2], Value::Text("say \"hi\"\nthere".into()));
-                line += 2;
-            } else {
-                assert_eq!(record.values[2], Value::Null);
-                line += 1;
-            }
+            // Every 7th row has a quoted note spanning two lines.
+            let (note, lines) = match rows % 7 {
+                0 => (Value::Text("say \"hi\"\nthere".into()), 2),
+                _ => (Value::Null, 1),
+            };
+            assert_eq!(record.values[2], note);
+            line += lines;
             rows += 1;
         }
         assert_eq!(rows, 100_000);
@@ -813,7 +818,10 @@ mod tests {
         // An unescaped newline inside quotes is not ADDQUOTES quoting: the quote is text.
         assert!(matches!(reader.next(&mut record).unwrap(), Next::Record));
         assert_eq!(record.values[1], Value::Text("\"two".into()));
-        assert!(matches!(reader.next(&mut record).unwrap(), Next::Malformed { line: 4, .. }));
+        assert!(matches!(
+            reader.next(&mut record).unwrap(),
+            Next::Malformed { line: 4, .. }
+        ));
         assert_eq!(reader.next(&mut record).unwrap(), Next::End);
 
         let got = read_all(

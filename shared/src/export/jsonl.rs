@@ -378,7 +378,9 @@ mod tests {
             one("[1]", &["a"]).unwrap_err(),
             "expected a JSON object, found an array"
         );
-        assert!(one("42", &["a"]).unwrap_err().starts_with("expected a JSON object"));
+        assert!(one("42", &["a"])
+            .unwrap_err()
+            .starts_with("expected a JSON object"));
         assert!(one("nope", &["a"]).unwrap_err().starts_with("invalid JSON"));
     }
 }

@@ -56,11 +56,7 @@ pub fn resolve(store: &dyn ObjectStore, location: &str) -> Result<Vec<ObjectMeta
     if listed.is_empty() {
         let hint = if location.contains("://") {
             "locations are keys relative to the store root, not URLs (drop the `s3://bucket/` part)"
-        } else if store
-            .list(location)
-            .map_err(io_error)?
-            .is_empty()
-        {
+        } else if store.list(location).map_err(io_error)?.is_empty() {
             "no object or prefix matches; keys are relative to the store root"
         } else {
             "only empty objects, markers (`_SUCCESS`, `.crc`) or manifests match the prefix"
@@ -153,14 +149,12 @@ fn from_manifest(
         })?;
         match found {
             Some(meta) => out.push(meta),
-            None if entry.mandatory => {
-                return Err(ExportError::NotFound {
-                    location: url.to_string(),
-                    hint: format!(
-                        "manifest `{manifest}` lists it as mandatory, but key `{key}` does not exist"
-                    ),
-                })
-            }
+            None if entry.mandatory => return Err(ExportError::NotFound {
+                location: url.to_string(),
+                hint: format!(
+                    "manifest `{manifest}` lists it as mandatory, but key `{key}` does not exist"
+                ),
+            }),
             None => {}
         }
     }
@@ -181,7 +175,10 @@ mod tests {
 
     #[test]
     fn urls_and_names() {
-        assert_eq!(url_to_key("s3://bucket/unload/part_0000.gz"), "unload/part_0000.gz");
+        assert_eq!(
+            url_to_key("s3://bucket/unload/part_0000.gz"),
+            "unload/part_0000.gz"
+        );
         assert_eq!(url_to_key("unload/part_0000.gz"), "unload/part_0000.gz");
         assert!(is_manifest_name("unload/manifest"));
         assert!(is_manifest_name("unload/users.manifest"));

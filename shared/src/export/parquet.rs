@@ -6,9 +6,9 @@ use super::{ExportError, Next, Record, RecordReader, Value};
 use crate::store::{LocalObject, ObjectStore};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
-    Date32Type, Date64Type, Float16Type, Float32Type, Float64Type, Int16Type, Int32Type,
-    Int64Type, Int8Type, TimestampMicrosecondType, TimestampMillisecondType,
-    TimestampNanosecondType, TimestampSecondType, UInt16Type, UInt32Type, UInt64Type, UInt8Type,
+    Date32Type, Date64Type, Float16Type, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type,
+    Int8Type, TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
+    TimestampSecondType, UInt16Type, UInt32Type, UInt64Type, UInt8Type,
 };
 use arrow_array::{
     Array, ArrayRef, ArrowPrimitiveType, BooleanArray, Decimal128Array, Decimal256Array,
@@ -58,13 +58,10 @@ impl ParquetReader {
         let mut indices = Vec::with_capacity(columns.len());
         for column in columns {
             let want = column.trim();
-            let found = fields
-                .iter()
-                .position(|f| f.name() == want)
-                .or_else(|| {
-                    let lower = want.to_lowercase();
-                    fields.iter().position(|f| f.name().to_lowercase() == lower)
-                });
+            let found = fields.iter().position(|f| f.name() == want).or_else(|| {
+                let lower = want.to_lowercase();
+                fields.iter().position(|f| f.name().to_lowercase() == lower)
+            });
             match found {
                 Some(i) => indices.push(i),
                 None => {
@@ -504,15 +501,12 @@ fn write_datetime(out: &mut String, dt: &NaiveDateTime, utc: bool) {
         dt.second()
     );
     let nanos = dt.nanosecond();
-    if nanos != 0 {
-        let _ = if nanos % 1_000_000 == 0 {
-            write!(out, ".{:03}", nanos / 1_000_000)
-        } else if nanos % 1_000 == 0 {
-            write!(out, ".{:06}", nanos / 1_000)
-        } else {
-            write!(out, ".{nanos:09}")
-        };
-    }
+    let _ = match (nanos % 1_000_000, nanos % 1_000) {
+        _ if nanos == 0 => Ok(()),
+        (0, _) => write!(out, ".{:03}", nanos / 1_000_000),
+        (_, 0) => write!(out, ".{:06}", nanos / 1_000),
+        _ => write!(out, ".{nanos:09}"),
+    };
     if utc {
         out.push('Z');
     }
