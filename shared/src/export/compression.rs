@@ -228,18 +228,19 @@ impl ThreadedReader {
     fn spawn(decoder: Box<dyn Read + Send>) -> Self {
         let (tx, rx) = mpsc::sync_channel(BLOCKS_IN_FLIGHT);
         let (spent_tx, spent_rx) = mpsc::channel();
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("zdsync-decompress".into())
-            .spawn(move || decompress(decoder, tx, spent_rx))
-            .map_or_else(
-                |e| {
-                    // No thread: report it as a read failure rather than panicking.
-                    let (tx, rx) = mpsc::sync_channel(1);
-                    let _ = tx.send(Block::Failed(e));
-                    Self::new(rx, spent_tx.clone())
-                },
-                |_| Self::new(rx, spent_tx.clone()),
-            )
+            .spawn(move || decompress(decoder, tx, spent_rx));
+        let blocks = match spawned {
+            Ok(_) => rx,
+            Err(e) => {
+                // No thread: the first read reports it instead of a panic here.
+                let (tx, rx) = mpsc::sync_channel(1);
+                let _ = tx.send(Block::Failed(e));
+                rx
+            }
+        };
+        Self::new(blocks, spent_tx)
     }
 
     fn new(blocks: Receiver<Block>, spent: Sender<Vec<u8>>) -> Self {

@@ -149,12 +149,15 @@ fn from_manifest(
         })?;
         match found {
             Some(meta) => out.push(meta),
-            None if entry.mandatory => return Err(ExportError::NotFound {
-                location: url.to_string(),
-                hint: format!(
-                    "manifest `{manifest}` lists it as mandatory, but key `{key}` does not exist"
-                ),
-            }),
+            None if entry.mandatory => {
+                return Err(ExportError::NotFound {
+                    location: url.to_string(),
+                    hint: format!(
+                        "manifest `{manifest}` lists it as mandatory, \
+                         but key `{key}` does not exist"
+                    ),
+                })
+            }
             None => {}
         }
     }
