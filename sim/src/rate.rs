@@ -29,7 +29,8 @@ fn ceil_secs(ms: i64) -> u64 {
 
 impl RateState {
     fn roll(&mut self, now: i64, window_ms: u64) {
-        if now - self.window_start >= window_ms as i64 || now < self.window_start {
+        // An empty window starts with the request that opens it.
+        if self.count == 0 || now - self.window_start >= window_ms as i64 || now < self.window_start {
             self.window_start = now;
             self.count = 0;
         }
