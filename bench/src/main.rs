@@ -1,1 +1,271 @@
-fn main() {}
+//! zdsync benchmarks. They print numbers; targets live in the README and the issue notes, never
+//! in tests (the machines are shared and noisy).
+//!
+//! `zdsync-bench plan --rows 10000000 --cores 1` generates a users export (CSV.gz), runs plan on
+//! it with everything to create, confirms the change set (as write-batch would), changes 1 % of
+//! the rows, plans again and checks that exactly the changed rows are in the change set. Each
+//! plan runs in a child process pinned to `--cores` CPUs so its peak RSS is its own.
+
+use clap::{Parser, Subcommand};
+use std::collections::HashSet;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+use zdsync::changeset::{self, ChunkRow, Op, ResultRow, RowStatus};
+use zdsync::config::SyncConfig;
+use zdsync::layout;
+use zdsync::plan::{plan, PlanOptions};
+use zdsync::store::{LocalStore, ObjectStore};
+
+#[derive(Parser)]
+#[command(name = "zdsync-bench", about = "zdsync benchmarks (they print figures)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Plan a generated users export twice: cold (all creates) and with 1 % changed.
+    Plan {
+        #[arg(long, default_value_t = 10_000_000)]
+        rows: u64,
+        /// CPUs the plan process may use (1 = Lambda-sized).
+        #[arg(long, default_value_t = 1)]
+        cores: usize,
+        /// Working folder (generated exports are kept and reused).
+        #[arg(long, default_value = "bench-data")]
+        dir: PathBuf,
+    },
+    /// Internal: one plan run in this process, printing JSON figures.
+    #[command(hide = true)]
+    PlanOnce {
+        dir: PathBuf,
+        run: String,
+        cores: usize,
+    },
+    /// Internal: gunzip the export only, for the decompression floor.
+    #[command(hide = true)]
+    GunzipOnce { file: PathBuf, cores: usize },
+}
+
+const CONFIG: &str = r#"
+name = "bench_users"
+object = "users"
+mode = "upsert"
+primary_key = "user_id"
+
+[source]
+location = "exports/bench_users/"
+
+[zendesk]
+subdomain = "bench"
+
+[mapping]
+name = "full_name"
+email = "email"
+phone = "phone"
+tags = { column = "segments", split = "comma" }
+"user_fields.plan" = { column = "plan", type = "dropdown" }
+"user_fields.customer_since" = { column = "customer_since", type = "date" }
+"user_fields.lifetime_value" = { column = "ltv", type = "decimal" }
+"#;
+
+fn main() {
+    match Cli::parse().command {
+        Cmd::Plan { rows, cores, dir } => bench_plan(rows, cores, &dir),
+        Cmd::PlanOnce { dir, run, cores } => plan_once(&dir, &run, cores),
+        Cmd::GunzipOnce { file, cores } => gunzip_once(&file, cores),
+    }
+}
+
+fn pin(cores: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for c in 0..cores.max(1) {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn peak_rss_mib() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    ru.ru_maxrss as f64 / 1024.0
+}
+
+/// One row of the generated export, about 120 bytes. `version` changes the score of the rows
+/// chosen by `changed`.
+fn write_row(out: &mut impl Write, i: u64, changed: bool) -> std::io::Result<()> {
+    const PLANS: [&str; 4] = ["starter", "pro", "enterprise", "trial"];
+    const SEGMENTS: [&str; 4] = ["\"vip,early_adopter\"", "newsletter", "\"trial,webinar\"", ""];
+    let ltv_cents = (i * 7919) % 10_000_000 + if changed { 1 } else { 0 };
+    writeln!(
+        out,
+        "u{i:010},Customer Number {i},customer.{i}@example-mail.com,+1-555-{:07},{},20{:02}-{:02}-{:02},{}.{:02},{}",
+        i % 10_000_000,
+        PLANS[(i % 4) as usize],
+        10 + i % 15,
+        1 + i % 12,
+        1 + i % 28,
+        ltv_cents / 100,
+        ltv_cents % 100,
+        SEGMENTS[(i % 4) as usize]
+    )
+}
+
+fn generate(path: &Path, rows: u64, changed_every: Option<u64>) {
+    if path.exists() {
+        return;
+    }
+    let t = Instant::now();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let tmp = path.with_extension("tmp");
+    let file = std::fs::File::create(&tmp).unwrap();
+    let gz = flate2::write::GzEncoder::new(BufWriter::with_capacity(1 << 20, file), flate2::Compression::fast());
+    let mut out = BufWriter::with_capacity(1 << 20, gz);
+    out.write_all(b"user_id,full_name,email,phone,plan,customer_since,ltv,segments\n").unwrap();
+    for i in 0..rows {
+        let changed = changed_every.is_some_and(|k| i % k == 0);
+        write_row(&mut out, i, changed).unwrap();
+    }
+    out.into_inner().ok().unwrap().finish().unwrap().into_inner().ok().unwrap().sync_all().unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+    eprintln!("generated {} in {:.1} s", path.display(), t.elapsed().as_secs_f64());
+}
+
+fn plan_once(dir: &Path, run: &str, cores: usize) {
+    pin(cores);
+    let store = LocalStore::new(dir);
+    let cfg = SyncConfig::parse(CONFIG, "bench.toml").unwrap();
+    let t = Instant::now();
+    let report = plan(&store, &cfg, &PlanOptions::new(run)).unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"seconds": secs, "rss_mib": peak_rss_mib(), "counts": report.manifest.counts, "chunks": report.manifest.chunks.len()})
+    );
+}
+
+fn gunzip_once(file: &Path, cores: usize) {
+    pin(cores);
+    let t = Instant::now();
+    let mut d = flate2::read::MultiGzDecoder::new(std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file).unwrap()));
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = d.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    println!("{}", serde_json::json!({"seconds": t.elapsed().as_secs_f64(), "bytes": total}));
+}
+
+fn child(args: &[&str]) -> serde_json::Value {
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new(exe).args(args).output().unwrap();
+    if !out.status.success() {
+        panic!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// What write-batch would record: every row of every chunk confirmed, with an id.
+fn confirm_all(store: &LocalStore, run: &str) {
+    let m = changeset::read_manifest(store, &layout::manifest_key("bench_users", run)).unwrap();
+    for c in &m.chunks {
+        let mut out = Vec::new();
+        for row in changeset::read_jsonl::<ChunkRow>(store, &c.key).unwrap() {
+            let id = 1 + row.pk.trim_start_matches('u').parse::<u64>().unwrap();
+            let r = ResultRow { i: row.i, pk: row.pk, status: RowStatus::Confirmed, id: Some(id), error: None };
+            serde_json::to_writer(&mut out, &r).unwrap();
+            out.push(b'\n');
+        }
+        store.put(&layout::results_key(&m.sync, run, layout::chunk_name(&c.key)), &out).unwrap();
+    }
+    changeset::fold(store, &m).unwrap();
+}
+
+fn bench_plan(rows: u64, cores: usize, dir: &Path) {
+    let data = dir.join(format!("rows-{rows}"));
+    let v1 = data.join("v1/exports/bench_users/users.csv.gz");
+    let v2 = data.join("v2/exports/bench_users/users.csv.gz");
+    generate(&v1, rows, None);
+    generate(&v2, rows, Some(100));
+    let size = std::fs::metadata(&v1).unwrap().len();
+
+    let floor = child(&["gunzip-once", v1.to_str().unwrap(), &cores.to_string()]);
+    let floor_s = floor["seconds"].as_f64().unwrap();
+    let raw_bytes = floor["bytes"].as_u64().unwrap();
+
+    // A fresh bucket whose export is swapped between the runs.
+    let bucket = data.join("bucket");
+    let _ = std::fs::remove_dir_all(&bucket);
+    std::fs::create_dir_all(bucket.join("exports/bench_users")).unwrap();
+    let export = bucket.join("exports/bench_users/users.csv.gz");
+    std::fs::hard_link(&v1, &export).unwrap();
+    let first = child(&["plan-once", bucket.to_str().unwrap(), "run-1", &cores.to_string()]);
+
+    let store = LocalStore::new(&bucket);
+    let t = Instant::now();
+    confirm_all(&store, "run-1");
+    let confirm_s = t.elapsed().as_secs_f64();
+
+    std::fs::remove_file(&export).unwrap();
+    std::fs::hard_link(&v2, &export).unwrap();
+    let second = child(&["plan-once", bucket.to_str().unwrap(), "run-2", &cores.to_string()]);
+
+    // Exactly the changed rows must be in the change set.
+    let m = changeset::read_manifest(&store, &layout::manifest_key("bench_users", "run-2")).unwrap();
+    let mut sent = HashSet::new();
+    for c in &m.chunks {
+        assert_eq!(c.op, Op::Update);
+        for row in changeset::read_jsonl::<ChunkRow>(&store, &c.key).unwrap() {
+            sent.insert(row.pk.trim_start_matches('u').parse::<u64>().unwrap());
+        }
+    }
+    let expected: HashSet<u64> = (0..rows).step_by(100).collect();
+    let exact = sent == expected;
+
+    let line = |name: &str, r: &serde_json::Value| {
+        let s = r["seconds"].as_f64().unwrap();
+        println!(
+            "{name:<26} {:>8.2} s  {:>12.0} rows/s  {:>6.2} × gunzip  peak RSS {:>6.0} MiB  create {} update {} unchanged {}",
+            s,
+            rows as f64 / s,
+            s / floor_s,
+            r["rss_mib"].as_f64().unwrap(),
+            r["counts"]["create"],
+            r["counts"]["update"],
+            r["counts"]["unchanged"]
+        );
+    };
+    println!(
+        "plan bench: {rows} rows, export {:.0} MB gzip / {:.0} MB CSV ({:.0} B/row), {cores} core(s)",
+        size as f64 / 1e6,
+        raw_bytes as f64 / 1e6,
+        raw_bytes as f64 / rows as f64
+    );
+    println!("{:<26} {:>8.2} s  (decompression floor on the same cores)", "gunzip only", floor_s);
+    line("plan, first run", &first);
+    line("plan, 1 % changed", &second);
+    println!(
+        "change set of run 2: {} rows, exactly the {} changed rows: {}",
+        sent.len(),
+        expected.len(),
+        if exact { "yes" } else { "NO" }
+    );
+    println!("(confirming run 1 and folding it into the state took {confirm_s:.1} s; not part of plan)");
+    if !exact {
+        std::process::exit(1);
+    }
+}

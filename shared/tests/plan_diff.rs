@@ -323,7 +323,7 @@ fn insert_mode_skips_existing_keys_and_update_mode_never_creates() {
 
 #[test]
 fn dry_run_writes_nothing_and_export_errors_leave_nothing() {
-    let mut f = Fixture::new();
+    let f = Fixture::new();
     f.export(&people(10));
     let cfg = SyncConfig::parse(CONFIG, "people.toml").unwrap();
     let mut opts = PlanOptions::new("dry");
