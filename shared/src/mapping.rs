@@ -65,6 +65,7 @@ pub struct MappedRow {
     pk_frag: (u32, u32),
     items: Vec<String>,
     scratch: String,
+    date: [u8; 10],
 }
 
 struct Compiled {
@@ -363,9 +364,14 @@ fn coerce(f: &Compiled, value: &Value, nulls: Nulls, out: &mut MappedRow) -> Res
         Value::Text(t) => Some(t.as_str()),
         Value::List(items) => {
             if f.ty.is_list() {
-                out.items.clear();
-                out.items.extend(items.iter().cloned());
-                return encode_list(f, out).map(|_| true);
+                for (k, item) in items.iter().enumerate() {
+                    if out.items.len() == k {
+                        out.items.push(String::new());
+                    }
+                    out.items[k].clear();
+                    out.items[k].push_str(item);
+                }
+                return encode_list(f, items.len(), out).map(|_| true);
             }
             return Err(refuse(
                 f,
@@ -438,8 +444,13 @@ fn coerce(f: &Compiled, value: &Value, nulls: Nulls, out: &mut MappedRow) -> Res
                 ))
             }
         },
-        FieldType::Date => match parse_date(text.trim()) {
-            Some(d) => json_str(buf, &d),
+        FieldType::Date => match date_into(text.trim(), &mut out.date) {
+            Some(()) => {
+                let d = out.date;
+                buf.push(b'"');
+                buf.extend_from_slice(&d);
+                buf.push(b'"');
+            }
             None => {
                 return Err(refuse(
                     f,
@@ -475,38 +486,59 @@ fn coerce(f: &Compiled, value: &Value, nulls: Nulls, out: &mut MappedRow) -> Res
             }
         }
         FieldType::Tags | FieldType::List | FieldType::Multiselect => {
-            out.items.clear();
-            let items = &mut out.items;
-            let parts: Box<dyn Iterator<Item = &str>> = match f.split {
-                Split::Comma => Box::new(text.split(',')),
-                Split::Space => Box::new(text.split(char::is_whitespace)),
-                Split::CommaOrSpace => Box::new(text.split(|c: char| c == ',' || c.is_whitespace())),
+            let mut n = 0;
+            let mut push = |item: &str| {
+                if out.items.len() == n {
+                    out.items.push(String::new());
+                }
+                out.items[n].clear();
+                out.items[n].push_str(item);
+                n += 1;
             };
-            items.extend(parts.map(str::to_string));
-            encode_list(f, out)?;
+            match f.split {
+                Split::Comma => text.split(',').for_each(&mut push),
+                Split::Space => text.split(char::is_whitespace).for_each(&mut push),
+                Split::CommaOrSpace => text.split(|c: char| c == ',' || c.is_whitespace()).for_each(&mut push),
+            }
+            encode_list(f, n, out)?;
         }
     }
     Ok(true)
 }
 
-/// Normalise the collected list items of a tags / list / multiselect field and encode them.
-fn encode_list(f: &Compiled, out: &mut MappedRow) -> Result<(), Refusal> {
-    let items = &mut out.items;
+/// Normalise the first `n` collected list items of a tags / list / multiselect field and
+/// encode them. Item buffers are reused from row to row.
+fn encode_list(f: &Compiled, n: usize, out: &mut MappedRow) -> Result<(), Refusal> {
+    let items = &mut out.items[..n];
     for item in items.iter_mut() {
         let t = item.trim();
-        let mut norm = match f.ty {
+        let clean = match f.ty {
             // Zendesk tags are lower case and cannot hold spaces.
-            FieldType::Tags | FieldType::List => t.to_lowercase(),
-            _ => t.to_string(),
+            FieldType::Tags => !t.bytes().any(|b| b.is_ascii_uppercase() || b.is_ascii_whitespace() || b >= 0x80),
+            FieldType::List => !t.bytes().any(|b| b.is_ascii_uppercase() || b >= 0x80),
+            _ => true,
         };
+        if clean {
+            if t.len() != item.len() {
+                *item = t.to_string();
+            }
+            continue;
+        }
+        let mut norm = t.to_lowercase();
         if f.ty == FieldType::Tags {
             norm = norm.split_whitespace().collect::<Vec<_>>().join("_");
         }
         *item = norm;
     }
-    items.retain(|s| !s.is_empty());
     items.sort_unstable();
-    items.dedup();
+    let mut kept = 0;
+    for k in 0..items.len() {
+        if !items[k].is_empty() && (kept == 0 || items[k] != items[kept - 1]) {
+            items.swap(kept, k);
+            kept += 1;
+        }
+    }
+    let items = &items[..kept];
     if f.ty == FieldType::List {
         if let Some(bad) = items.iter().find(|d| d.contains(char::is_whitespace) || !d.contains('.')) {
             return Err(refuse(f, Reason::InvalidValue, format!("{} is not a domain name", shown(bad))));
@@ -535,18 +567,23 @@ pub fn is_email(s: &str) -> bool {
     if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
         return false;
     }
-    if !local.bytes().all(|b| b.is_ascii_graphic() && !b"()<>[]\\,;:\"".contains(&b)) && local.is_ascii() {
+    let special = |b: u8| matches!(b, b'(' | b')' | b'<' | b'>' | b'[' | b']' | b'\\' | b',' | b';' | b':' | b'"');
+    if local.is_ascii() && !local.bytes().all(|b| b.is_ascii_graphic() && !special(b)) {
         return false;
     }
-    let labels: Vec<&str> = domain.split('.').collect();
-    labels.len() >= 2
-        && labels.iter().all(|l| {
+    let mut labels = domain.split('.');
+    domain.contains('.')
+        && labels.all(|l| {
             !l.is_empty()
                 && !l.starts_with('-')
                 && !l.ends_with('-')
-                && l.chars().all(|c| c.is_alphanumeric() || c == '-')
+                && (l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    || l.chars().all(|c| c.is_alphanumeric() || c == '-'))
         })
-        && labels.last().is_some_and(|tld| tld.len() >= 2 && !tld.chars().all(|c| c.is_ascii_digit()))
+        && domain
+            .rsplit('.')
+            .next()
+            .is_some_and(|tld| tld.len() >= 2 && !tld.chars().all(|c| c.is_ascii_digit()))
 }
 
 fn parse_integer(s: &str) -> Option<i64> {
@@ -618,15 +655,33 @@ fn parse_bool(s: &str) -> Option<bool> {
 
 /// `YYYY-MM-DD` (or `YYYY/MM/DD`), optionally followed by a time, which is dropped: the date is
 /// taken as written, without converting time zones.
+#[cfg(test)]
 fn parse_date(s: &str) -> Option<String> {
-    let date = s.get(..10)?;
-    let rest = &s[10..];
-    if !(rest.is_empty() || rest.starts_with('T') || rest.starts_with(' ')) {
+    let mut out = [0u8; 10];
+    date_into(s, &mut out)?;
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Validate a date and write it as `YYYY-MM-DD` without going through a formatter (this runs
+/// for every row of every date column).
+fn date_into(s: &str, out: &mut [u8; 10]) -> Option<()> {
+    let b = s.as_bytes();
+    if b.len() < 10 || !(b.len() == 10 || b[10] == b'T' || b[10] == b' ') {
         return None;
     }
-    let normalized = date.replace('/', "-");
-    let d = chrono::NaiveDate::parse_from_str(&normalized, "%Y-%m-%d").ok()?;
-    Some(d.format("%Y-%m-%d").to_string())
+    let sep = b[4];
+    if !(sep == b'-' || sep == b'/') || b[7] != sep {
+        return None;
+    }
+    let digits = |r: std::ops::Range<usize>| -> Option<u32> {
+        b[r].iter().try_fold(0u32, |acc, &c| c.is_ascii_digit().then(|| acc * 10 + (c - b'0') as u32))
+    };
+    let (y, m, d) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
+    chrono::NaiveDate::from_ymd_opt(y as i32, m, d)?;
+    out.copy_from_slice(&b[..10]);
+    out[4] = b'-';
+    out[7] = b'-';
+    Some(())
 }
 
 /// RFC 3339 (converted to UTC), a naive date-time (taken as UTC), or a date (midnight UTC).

@@ -120,8 +120,6 @@ struct Planner<'a> {
     opts: &'a PlanOptions,
     mapper: Mapper,
     state: Option<StateIndex>,
-    seen_ord: Vec<u32>,
-    seen_slot: Vec<u32>,
     fresh: KeyMap<(u32, u32)>,
     dups: KeyMap<Dup>,
     counts: Counts,
@@ -152,8 +150,6 @@ pub fn plan(store: &dyn ObjectStore, cfg: &SyncConfig, opts: &PlanOptions) -> Re
         opts,
         mapper,
         state,
-        seen_ord: vec![0; n],
-        seen_slot: vec![0; n],
         fresh: KeyMap::default(),
         dups: KeyMap::default(),
         counts: Counts::default(),
@@ -255,37 +251,66 @@ fn op_slot(op: Op) -> usize {
 
 impl Planner<'_> {
     fn read_all(&mut self) -> Result<(), PlanError> {
+        // Rows are mapped in batches, then their state entries are warmed together, so the
+        // cache misses of the key lookups overlap instead of stalling row after row.
+        const BATCH: usize = 64;
         let columns = self.mapper.columns().to_vec();
         let mut record = Record::default();
-        let mut row = MappedRow::default();
+        let mut rows: Vec<MappedRow> = (0..BATCH).map(|_| MappedRow::default()).collect();
+        let mut outcome: Vec<(u32, u64, Result<(), Refusal>)> = Vec::with_capacity(BATCH);
+        let mut hashes: Vec<u64> = Vec::with_capacity(BATCH);
         let mut ordinal: u32 = 0;
         let mut payload = Vec::with_capacity(1024);
         for part_idx in 0..self.parts.len() {
             self.part_start.push(ordinal + 1);
             let key = self.parts[part_idx].key.clone();
             let mut reader = export::open_reader(self.store, &key, &columns, &self.cfg.source.read)?;
-            loop {
-                match reader.next(&mut record)? {
-                    Next::End => break,
-                    Next::Malformed { line, reason } => {
-                        ordinal += 1;
-                        self.counts.rows_read += 1;
-                        self.refuse(InvalidRow {
-                            file: key.clone(),
-                            line,
-                            pk: None,
-                            reason: Reason::Malformed,
-                            field: None,
-                            message: reason,
-                        })?;
-                    }
-                    Next::Record => {
-                        ordinal += 1;
-                        self.counts.rows_read += 1;
-                        match self.mapper.map(&record, &mut row) {
-                            Ok(()) => self.accept(&row, ordinal, record.line, &key, &mut payload)?,
-                            Err(refusal) => self.refuse_mapped(refusal, &row, ordinal, record.line, &key)?,
+            let file_json = serde_json::to_vec(&key).expect("a string serialises");
+            let mut done = false;
+            while !done {
+                outcome.clear();
+                hashes.clear();
+                while outcome.len() < BATCH {
+                    match reader.next(&mut record)? {
+                        Next::End => {
+                            done = true;
+                            break;
                         }
+                        Next::Malformed { line, reason } => {
+                            ordinal += 1;
+                            self.counts.rows_read += 1;
+                            self.refuse(InvalidRow {
+                                file: key.clone(),
+                                line,
+                                pk: None,
+                                reason: Reason::Malformed,
+                                field: None,
+                                message: reason,
+                            })?;
+                        }
+                        Next::Record => {
+                            ordinal += 1;
+                            self.counts.rows_read += 1;
+                            let row = &mut rows[outcome.len()];
+                            let r = self.mapper.map(&record, row);
+                            if r.is_ok() {
+                                hashes.push(row.pk_hash);
+                            }
+                            outcome.push((ordinal, record.line, r));
+                        }
+                    }
+                }
+                match &self.state {
+                    Some(st) => st.warm(&hashes),
+                    None => {
+                        let hits = hashes.iter().filter(|h| self.fresh.contains_key(h)).count();
+                        std::hint::black_box(hits);
+                    }
+                }
+                for (k, (ord, line, r)) in outcome.drain(..).enumerate() {
+                    match r {
+                        Ok(()) => self.accept(&rows[k], ord, line, &file_json, &mut payload)?,
+                        Err(refusal) => self.refuse_mapped(refusal, &rows[k], ord, line, &key)?,
                     }
                 }
             }
@@ -294,17 +319,18 @@ impl Planner<'_> {
     }
 
     /// Record that the first copy of `h` went to `slot`; returns the earlier copy if any.
-    fn register(&mut self, h: u64, ordinal: u32, slot: u32) -> Option<(Option<usize>, u32, u32)> {
-        if let Some(i) = self.state.as_ref().and_then(|s| s.find(h)) {
-            if self.seen_ord[i] != 0 {
-                return Some((Some(i), self.seen_ord[i], self.seen_slot[i]));
+    fn register(&mut self, h: u64, state_pos: Option<usize>, ordinal: u32, slot: u32) -> Option<(u32, u32)> {
+        if let (Some(i), Some(st)) = (state_pos, self.state.as_mut()) {
+            let e = st.entry_mut(i);
+            if e.seen != 0 {
+                return Some((e.seen, e.slot));
             }
-            self.seen_ord[i] = ordinal;
-            self.seen_slot[i] = slot;
+            e.seen = ordinal;
+            e.slot = slot;
             return None;
         }
         match self.fresh.entry(h) {
-            std::collections::hash_map::Entry::Occupied(e) => Some((None, e.get().0, e.get().1)),
+            std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
             std::collections::hash_map::Entry::Vacant(e) => {
                 e.insert((ordinal, slot));
                 None
@@ -313,9 +339,9 @@ impl Planner<'_> {
     }
 
     fn set_slot(&mut self, h: u64, state_pos: Option<usize>, slot: u32) {
-        match state_pos {
-            Some(i) => self.seen_slot[i] = slot,
-            None => {
+        match (state_pos, self.state.as_mut()) {
+            (Some(i), Some(st)) => st.entry_mut(i).slot = slot,
+            _ => {
                 if let Some(v) = self.fresh.get_mut(&h) {
                     v.1 = slot;
                 }
@@ -336,18 +362,18 @@ impl Planner<'_> {
             .push((ordinal, line));
     }
 
-    fn accept(&mut self, row: &MappedRow, ordinal: u32, line: u64, file: &str, payload: &mut Vec<u8>) -> Result<(), PlanError> {
+    fn accept(&mut self, row: &MappedRow, ordinal: u32, line: u64, file_json: &[u8], payload: &mut Vec<u8>) -> Result<(), PlanError> {
         let h = row.pk_hash;
         let state_pos = self.state.as_ref().and_then(|s| s.find(h));
         // Decide before registering so the slot is known; registering may reveal a duplicate.
-        if let Some((_, first_ord, first_slot)) = self.register(h, ordinal, SLOT_UNCHANGED) {
+        if let Some((first_ord, first_slot)) = self.register(h, state_pos, ordinal, SLOT_UNCHANGED) {
             self.note_dup(&row.pk, h, ordinal, line, (first_ord, first_slot));
             return Ok(());
         }
         let (op, id) = match state_pos {
             Some(i) => {
-                let st = self.state.as_ref().expect("position implies a state");
-                let (fp, id, flags) = (st.fingerprint(i), st.zendesk_id(i), st.flags(i));
+                let e = self.state.as_ref().expect("position implies a state").entry(i);
+                let (fp, id, flags) = (e.fingerprint, e.zendesk_id(), e.flags());
                 let failed = flags & FLAG_FAILED != 0;
                 let same = fp == row.fingerprint && flags & (FLAG_FAILED | FLAG_ABSENT) == 0;
                 if failed {
@@ -389,16 +415,16 @@ impl Planner<'_> {
         self.mapper.write_payload(row, op == Op::Create, payload);
         let chunk = self.open[op_slot(op)].as_mut().expect("chunk_slot opened it");
         let buf = &mut chunk.buf;
-        buf.extend_from_slice(b"{\"h\":\"");
-        buf.extend_from_slice(hex(h).as_bytes());
-        let _ = write!(buf, "\",\"i\":{},\"pk\":", chunk.rows);
+        let _ = write!(buf, "{{\"h\":\"{h:016x}\",\"i\":{},\"pk\":", chunk.rows);
         serde_json::to_writer(&mut *buf, &row.pk).expect("vec write");
         let _ = write!(buf, ",\"fp\":\"{:016x}\"", row.fingerprint);
         if id != 0 {
             let _ = write!(buf, ",\"id\":{id}");
         }
+        // `"src":"<file>:<line>"`; the file name is escaped once per part.
         buf.extend_from_slice(b",\"src\":");
-        serde_json::to_writer(&mut *buf, &format!("{file}:{line}")).expect("vec write");
+        buf.extend_from_slice(&file_json[..file_json.len() - 1]);
+        let _ = write!(buf, ":{line}\"");
         buf.extend_from_slice(b",\"payload\":");
         buf.extend_from_slice(payload);
         buf.extend_from_slice(b"}\n");
@@ -452,7 +478,8 @@ impl Planner<'_> {
         let pk = (refusal.reason != Reason::MissingPrimaryKey).then(|| row.pk.clone());
         if pk.is_some() {
             // A refused row still claims its key, so another copy of it is a duplicate too.
-            if let Some(first) = self.register(row.pk_hash, ordinal, SLOT_INVALID).map(|(_, o, s)| (o, s)) {
+            let pos = self.state.as_ref().and_then(|s| s.find(row.pk_hash));
+            if let Some(first) = self.register(row.pk_hash, pos, ordinal, SLOT_INVALID) {
                 self.note_dup(&row.pk, row.pk_hash, ordinal, line, first);
                 // This copy is refused for its own reason as well; count it once, as a duplicate.
                 let d = self.dups.get_mut(&row.pk_hash).expect("just noted");
@@ -620,12 +647,7 @@ impl Planner<'_> {
 
     fn write_removed(&mut self) -> Result<(), PlanError> {
         let Some(state) = &self.state else { return Ok(()) };
-        let mut removed = 0u64;
-        for i in 0..state.len() {
-            if self.seen_ord[i] == 0 && state.flags(i) & FLAG_ABSENT == 0 {
-                removed += 1;
-            }
-        }
+        let removed = state.entries().iter().filter(|e| e.seen == 0 && e.flags() & FLAG_ABSENT == 0).count() as u64;
         self.counts.removed = removed;
         if removed == 0 || self.opts.dry_run {
             return Ok(());
@@ -639,8 +661,8 @@ impl Planner<'_> {
         let mut enc = zstd::stream::write::Encoder::new(raw, 1).map_err(werr)?;
         let mut i = 0usize;
         while let Some(e) = reader.next_entry()? {
-            debug_assert_eq!(e.key_hash, state.hash(i));
-            if self.seen_ord[i] == 0 && e.flags & FLAG_ABSENT == 0 {
+            debug_assert_eq!(e.key_hash, state.entry(i).hash);
+            if state.entry(i).seen == 0 && e.flags & FLAG_ABSENT == 0 {
                 let line = serde_json::json!({"h": hex(e.key_hash), "pk": e.key, "id": (e.zendesk_id != 0).then_some(e.zendesk_id)});
                 serde_json::to_writer(&mut enc, &line).map_err(io::Error::from).map_err(werr)?;
                 enc.write_all(b"\n").map_err(werr)?;

@@ -5,8 +5,8 @@
 //! `ZDSTATE1`, a length-prefixed JSON header, then records
 //! `[1][key hash u64][fingerprint u64][zendesk id u64][flags u8][key len u16][key bytes]`,
 //! then `[0]` as the end marker (a missing marker means a truncated file).
-//! For diffing, [`StateIndex`] keeps only the fixed-size columns in memory (25 bytes a row)
-//! plus a radix directory over the sorted hashes, so a lookup touches one small run of keys.
+//! For diffing, [`StateIndex`] keeps only the fixed-size part in memory (32 bytes a key,
+//! including the diff's own scratch) plus a radix directory over the sorted hashes.
 
 use crate::store::ObjectStore;
 use serde::{Deserialize, Serialize};
@@ -230,13 +230,33 @@ impl StateWriter {
     }
 }
 
-/// The fixed-size columns of a state, sorted by key hash, for O(1) lookups while diffing.
+/// One state entry as the diff keeps it: 32 bytes, so a lookup costs one cache line.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+pub struct IndexEntry {
+    pub hash: u64,
+    pub fingerprint: u64,
+    /// Zendesk id in the low 56 bits, flags in the top 8.
+    id_flags: u64,
+    /// Scratch for the diff: where this run saw the key (0 = not seen).
+    pub seen: u32,
+    pub slot: u32,
+}
+
+impl IndexEntry {
+    pub fn zendesk_id(&self) -> u64 {
+        self.id_flags & ((1 << 56) - 1)
+    }
+    pub fn flags(&self) -> u8 {
+        (self.id_flags >> 56) as u8
+    }
+}
+
+/// The fixed-size part of a state, sorted by key hash, with a radix directory over the hashes
+/// so a lookup scans a handful of adjacent entries.
 pub struct StateIndex {
     pub header: StateHeader,
-    hashes: Vec<u64>,
-    fingerprints: Vec<u64>,
-    ids: Vec<u64>,
-    flags: Vec<u8>,
+    entries: Vec<IndexEntry>,
     dir: Vec<u32>,
     shift: u32,
 }
@@ -250,46 +270,53 @@ impl StateIndex {
         let hint = reader.header.count_hint.min(1 << 32) as usize;
         let mut idx = StateIndex {
             header: reader.header.clone(),
-            hashes: Vec::with_capacity(hint),
-            fingerprints: Vec::with_capacity(hint),
-            ids: Vec::with_capacity(hint),
-            flags: Vec::with_capacity(hint),
+            entries: Vec::with_capacity(hint),
             dir: Vec::new(),
             shift: 64,
         };
         while let Some((h, fp, id, flags)) = reader.next_fixed(None)? {
-            idx.hashes.push(h);
-            idx.fingerprints.push(fp);
-            idx.ids.push(id);
-            idx.flags.push(flags);
+            if id >= 1 << 56 {
+                return Err(StateError::Corrupt {
+                    key: key.to_string(),
+                    reason: format!("Zendesk id {id} out of range"),
+                });
+            }
+            idx.entries.push(IndexEntry {
+                hash: h,
+                fingerprint: fp,
+                id_flags: id | (flags as u64) << 56,
+                seen: 0,
+                slot: 0,
+            });
         }
         idx.build_dir();
         Ok(Some(idx))
     }
 
     fn build_dir(&mut self) {
-        // About two keys per directory slot.
-        let n = self.hashes.len().max(1);
-        let bits = (usize::BITS - (n / 2).max(1).leading_zeros()).clamp(1, 26);
+        // About four keys per directory slot: a small directory, and one or two cache lines
+        // of entries to scan.
+        let n = self.entries.len().max(1);
+        let bits = (usize::BITS - (n / 4).max(1).leading_zeros()).clamp(1, 26);
         self.shift = 64 - bits;
         let slots = 1usize << bits;
         self.dir = Vec::with_capacity(slots + 1);
         let mut i = 0usize;
         for slot in 0..slots {
-            while i < self.hashes.len() && ((self.hashes[i] >> self.shift) as usize) < slot {
+            while i < self.entries.len() && ((self.entries[i].hash >> self.shift) as usize) < slot {
                 i += 1;
             }
             self.dir.push(i as u32);
         }
-        self.dir.push(self.hashes.len() as u32);
+        self.dir.push(self.entries.len() as u32);
     }
 
     pub fn len(&self) -> usize {
-        self.hashes.len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.hashes.is_empty()
+        self.entries.is_empty()
     }
 
     /// Position of `hash`, if the state has it.
@@ -297,20 +324,34 @@ impl StateIndex {
     pub fn find(&self, hash: u64) -> Option<usize> {
         let slot = (hash >> self.shift) as usize;
         let (lo, hi) = (self.dir[slot] as usize, self.dir[slot + 1] as usize);
-        self.hashes[lo..hi].iter().position(|&h| h == hash).map(|p| lo + p)
+        self.entries[lo..hi].iter().position(|e| e.hash == hash).map(|p| lo + p)
     }
 
-    pub fn hash(&self, i: usize) -> u64 {
-        self.hashes[i]
+    /// Touch the directory slots and first entries of a batch of hashes. The loads are
+    /// independent, so the CPU overlaps their cache misses; the lookups that follow then hit
+    /// the cache. (A portable stand-in for prefetch instructions.)
+    pub fn warm(&self, hashes: &[u64]) {
+        let mut acc = 0u64;
+        for &h in hashes {
+            acc ^= self.dir[(h >> self.shift) as usize] as u64;
+        }
+        for &h in hashes {
+            let lo = self.dir[(h >> self.shift) as usize] as usize;
+            acc ^= self.entries.get(lo).map_or(0, |e| e.hash);
+        }
+        std::hint::black_box(acc);
     }
-    pub fn fingerprint(&self, i: usize) -> u64 {
-        self.fingerprints[i]
+
+    pub fn entry(&self, i: usize) -> &IndexEntry {
+        &self.entries[i]
     }
-    pub fn zendesk_id(&self, i: usize) -> u64 {
-        self.ids[i]
+
+    pub fn entry_mut(&mut self, i: usize) -> &mut IndexEntry {
+        &mut self.entries[i]
     }
-    pub fn flags(&self, i: usize) -> u8 {
-        self.flags[i]
+
+    pub fn entries(&self) -> &[IndexEntry] {
+        &self.entries
     }
 }
 
@@ -351,8 +392,8 @@ mod tests {
         let idx = StateIndex::load(&store, "state/s/state.zst").unwrap().unwrap();
         assert_eq!(idx.len(), 5000);
         for (i, (h, _)) in keys.iter().enumerate() {
-            let at = idx.find(*h).unwrap();
-            assert_eq!((idx.fingerprint(at), idx.zendesk_id(at), idx.flags(at)), (i as u64 * 7, i as u64 + 100, (i % 3) as u8));
+            let e = idx.entry(idx.find(*h).unwrap());
+            assert_eq!((e.fingerprint, e.zendesk_id(), e.flags()), (i as u64 * 7, i as u64 + 100, (i % 3) as u8));
         }
         assert!(idx.find(12345).is_none());
 
