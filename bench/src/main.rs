@@ -19,7 +19,10 @@ use zdsync::plan::{plan, PlanOptions};
 use zdsync::store::{LocalStore, ObjectStore};
 
 #[derive(Parser)]
-#[command(name = "zdsync-bench", about = "zdsync benchmarks (they print figures)")]
+#[command(
+    name = "zdsync-bench",
+    about = "zdsync benchmarks (they print figures)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -105,7 +108,12 @@ fn peak_rss_mib() -> f64 {
 /// chosen by `changed`.
 fn write_row(out: &mut impl Write, i: u64, changed: bool) -> std::io::Result<()> {
     const PLANS: [&str; 4] = ["starter", "pro", "enterprise", "trial"];
-    const SEGMENTS: [&str; 4] = ["\"vip,early_adopter\"", "newsletter", "\"trial,webinar\"", ""];
+    const SEGMENTS: [&str; 4] = [
+        "\"vip,early_adopter\"",
+        "newsletter",
+        "\"trial,webinar\"",
+        "",
+    ];
     let ltv_cents = (i * 7919) % 10_000_000 + if changed { 1 } else { 0 };
     writeln!(
         out,
@@ -129,16 +137,33 @@ fn generate(path: &Path, rows: u64, changed_every: Option<u64>) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     let tmp = path.with_extension("tmp");
     let file = std::fs::File::create(&tmp).unwrap();
-    let gz = flate2::write::GzEncoder::new(BufWriter::with_capacity(1 << 20, file), flate2::Compression::fast());
+    let gz = flate2::write::GzEncoder::new(
+        BufWriter::with_capacity(1 << 20, file),
+        flate2::Compression::fast(),
+    );
     let mut out = BufWriter::with_capacity(1 << 20, gz);
-    out.write_all(b"user_id,full_name,email,phone,plan,customer_since,ltv,segments\n").unwrap();
+    out.write_all(b"user_id,full_name,email,phone,plan,customer_since,ltv,segments\n")
+        .unwrap();
     for i in 0..rows {
         let changed = changed_every.is_some_and(|k| i % k == 0);
         write_row(&mut out, i, changed).unwrap();
     }
-    out.into_inner().ok().unwrap().finish().unwrap().into_inner().ok().unwrap().sync_all().unwrap();
+    out.into_inner()
+        .ok()
+        .unwrap()
+        .finish()
+        .unwrap()
+        .into_inner()
+        .ok()
+        .unwrap()
+        .sync_all()
+        .unwrap();
     std::fs::rename(&tmp, path).unwrap();
-    eprintln!("generated {} in {:.1} s", path.display(), t.elapsed().as_secs_f64());
+    eprintln!(
+        "generated {} in {:.1} s",
+        path.display(),
+        t.elapsed().as_secs_f64()
+    );
 }
 
 fn plan_once(dir: &Path, run: &str, cores: usize) {
@@ -157,7 +182,10 @@ fn plan_once(dir: &Path, run: &str, cores: usize) {
 fn gunzip_once(file: &Path, cores: usize) {
     pin(cores);
     let t = Instant::now();
-    let mut d = flate2::read::MultiGzDecoder::new(std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file).unwrap()));
+    let mut d = flate2::read::MultiGzDecoder::new(std::io::BufReader::with_capacity(
+        1 << 20,
+        std::fs::File::open(file).unwrap(),
+    ));
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
@@ -167,7 +195,10 @@ fn gunzip_once(file: &Path, cores: usize) {
         }
         total += n as u64;
     }
-    println!("{}", serde_json::json!({"seconds": t.elapsed().as_secs_f64(), "bytes": total}));
+    println!(
+        "{}",
+        serde_json::json!({"seconds": t.elapsed().as_secs_f64(), "bytes": total})
+    );
 }
 
 fn child(args: &[&str]) -> serde_json::Value {
@@ -186,11 +217,22 @@ fn confirm_all(store: &LocalStore, run: &str) {
         let mut out = Vec::new();
         for row in changeset::read_jsonl::<ChunkRow>(store, &c.key).unwrap() {
             let id = 1 + row.pk.trim_start_matches('u').parse::<u64>().unwrap();
-            let r = ResultRow { i: row.i, pk: row.pk, status: RowStatus::Confirmed, id: Some(id), error: None };
+            let r = ResultRow {
+                i: row.i,
+                pk: row.pk,
+                status: RowStatus::Confirmed,
+                id: Some(id),
+                error: None,
+            };
             serde_json::to_writer(&mut out, &r).unwrap();
             out.push(b'\n');
         }
-        store.put(&layout::results_key(&m.sync, run, layout::chunk_name(&c.key)), &out).unwrap();
+        store
+            .put(
+                &layout::results_key(&m.sync, run, layout::chunk_name(&c.key)),
+                &out,
+            )
+            .unwrap();
     }
     changeset::fold(store, &m).unwrap();
 }
@@ -213,7 +255,12 @@ fn bench_plan(rows: u64, cores: usize, dir: &Path) {
     std::fs::create_dir_all(bucket.join("exports/bench_users")).unwrap();
     let export = bucket.join("exports/bench_users/users.csv.gz");
     std::fs::hard_link(&v1, &export).unwrap();
-    let first = child(&["plan-once", bucket.to_str().unwrap(), "run-1", &cores.to_string()]);
+    let first = child(&[
+        "plan-once",
+        bucket.to_str().unwrap(),
+        "run-1",
+        &cores.to_string(),
+    ]);
 
     let store = LocalStore::new(&bucket);
     let t = Instant::now();
@@ -222,10 +269,16 @@ fn bench_plan(rows: u64, cores: usize, dir: &Path) {
 
     std::fs::remove_file(&export).unwrap();
     std::fs::hard_link(&v2, &export).unwrap();
-    let second = child(&["plan-once", bucket.to_str().unwrap(), "run-2", &cores.to_string()]);
+    let second = child(&[
+        "plan-once",
+        bucket.to_str().unwrap(),
+        "run-2",
+        &cores.to_string(),
+    ]);
 
     // Exactly the changed rows must be in the change set.
-    let m = changeset::read_manifest(&store, &layout::manifest_key("bench_users", "run-2")).unwrap();
+    let m =
+        changeset::read_manifest(&store, &layout::manifest_key("bench_users", "run-2")).unwrap();
     let mut sent = HashSet::new();
     for c in &m.chunks {
         assert_eq!(c.op, Op::Update);
@@ -255,7 +308,10 @@ fn bench_plan(rows: u64, cores: usize, dir: &Path) {
         raw_bytes as f64 / 1e6,
         raw_bytes as f64 / rows as f64
     );
-    println!("{:<26} {:>8.2} s  (decompression floor on the same cores)", "gunzip only", floor_s);
+    println!(
+        "{:<26} {:>8.2} s  (decompression floor on the same cores)",
+        "gunzip only", floor_s
+    );
     line("plan, first run", &first);
     line("plan, 1 % changed", &second);
     println!(
@@ -264,7 +320,9 @@ fn bench_plan(rows: u64, cores: usize, dir: &Path) {
         expected.len(),
         if exact { "yes" } else { "NO" }
     );
-    println!("(confirming run 1 and folding it into the state took {confirm_s:.1} s; not part of plan)");
+    println!(
+        "(confirming run 1 and folding it into the state took {confirm_s:.1} s; not part of plan)"
+    );
     if !exact {
         std::process::exit(1);
     }

@@ -77,7 +77,13 @@ fn new_run_id() -> String {
     format!("{}-{salt:06x}", now.format("%Y%m%dT%H%M%SZ"))
 }
 
-fn run_plan(config: &Path, dry_run: bool, store: Option<PathBuf>, json: bool, samples: usize) -> ExitCode {
+fn run_plan(
+    config: &Path,
+    dry_run: bool,
+    store: Option<PathBuf>,
+    json: bool,
+    samples: usize,
+) -> ExitCode {
     let cfg = match SyncConfig::load(config) {
         Ok(c) => c,
         Err(e) => {
@@ -93,7 +99,10 @@ fn run_plan(config: &Path, dry_run: bool, store: Option<PathBuf>, json: bool, sa
     match plan(&store, &cfg, &opts) {
         Ok(report) => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serialises")
+                );
             } else {
                 print_summary(&cfg, &root, &report);
             }
@@ -114,7 +123,7 @@ fn num(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -128,7 +137,11 @@ fn print_summary(cfg: &SyncConfig, root: &Path, r: &PlanReport) {
     let bytes: u64 = m.parts.iter().map(|p| p.size).sum();
     println!(
         "zdsync plan{} · sync {} ({}, {}) · run {}",
-        if r.manifest_key.is_none() { " --dry-run" } else { "" },
+        if r.manifest_key.is_none() {
+            " --dry-run"
+        } else {
+            ""
+        },
         m.sync,
         m.object,
         cfg.mode.as_str(),
@@ -147,7 +160,11 @@ fn print_summary(cfg: &SyncConfig, root: &Path, r: &PlanReport) {
         if r.state_rows == 0 {
             "none yet: every valid row is new".to_string()
         } else {
-            format!("{} keys from run {}", num(r.state_rows), m.base_state_run.as_deref().unwrap_or("?"))
+            format!(
+                "{} keys from run {}",
+                num(r.state_rows),
+                m.base_state_run.as_deref().unwrap_or("?")
+            )
         }
     );
     println!();
@@ -156,24 +173,45 @@ fn print_summary(cfg: &SyncConfig, root: &Path, r: &PlanReport) {
     for (reason, s) in &r.invalid_by_reason {
         println!("  {reason:<22}{:>10}", num(s.count));
         for x in &s.samples {
-            let pk = x.pk.as_deref().map(|p| format!(" key {p:?}")).unwrap_or_default();
-            println!("      {}:{}{pk}: {}", x.file, x.line, x.message);
+            let pk =
+                x.pk.as_deref()
+                    .map(|p| format!(" key {p:?}"))
+                    .unwrap_or_default();
+            let at = if x.line > 0 {
+                format!("{}:{}", x.file, x.line)
+            } else {
+                x.file.clone()
+            };
+            println!("      {at}{pk}: {}", x.message);
         }
     }
     println!("to create   {:>12}", num(c.create));
     println!("to update   {:>12}", num(c.update));
     println!("unchanged   {:>12}", num(c.unchanged));
     if c.skipped > 0 {
-        println!("skipped     {:>12}   (exist already; insert mode never updates)", num(c.skipped));
+        println!(
+            "skipped     {:>12}   (exist already; insert mode never updates)",
+            num(c.skipped)
+        );
     }
-    println!("removed     {:>12}   (in the last state, not in this export; left in Zendesk)", num(c.removed));
+    println!(
+        "removed     {:>12}   (in the last state, not in this export; left in Zendesk)",
+        num(c.removed)
+    );
     if c.retried > 0 {
-        println!("retried     {:>12}   (failed last run; included above)", num(c.retried));
+        println!(
+            "retried     {:>12}   (failed last run; included above)",
+            num(c.retried)
+        );
     }
     println!();
     match &r.manifest_key {
         Some(key) => {
-            let creates = m.chunks.iter().filter(|c| c.op == zdsync::changeset::Op::Create).count();
+            let creates = m
+                .chunks
+                .iter()
+                .filter(|c| c.op == zdsync::changeset::Op::Create)
+                .count();
             println!(
                 "change set  {} chunk{} ({} create, {} update) → {}",
                 m.chunks.len(),

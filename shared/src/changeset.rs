@@ -128,7 +128,11 @@ pub enum ChangeSetError {
     #[error("{key}: {source}")]
     Io { key: String, source: io::Error },
     #[error("{key} line {line}: {reason}")]
-    Bad { key: String, line: usize, reason: String },
+    Bad {
+        key: String,
+        line: usize,
+        reason: String,
+    },
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -141,16 +145,22 @@ pub fn parse_hex(s: &str) -> Option<u64> {
     u64::from_str_radix(s, 16).ok()
 }
 
-fn open_lines(store: &dyn ObjectStore, key: &str, zstd: bool) -> Result<Box<dyn BufRead>, ChangeSetError> {
+fn open_lines(
+    store: &dyn ObjectStore,
+    key: &str,
+    zstd: bool,
+) -> Result<Box<dyn BufRead>, ChangeSetError> {
     let raw = store.open(key).map_err(|source| ChangeSetError::Io {
         key: key.to_string(),
         source,
     })?;
     let r: Box<dyn Read> = if zstd {
-        Box::new(zstd::stream::read::Decoder::new(raw).map_err(|source| ChangeSetError::Io {
-            key: key.to_string(),
-            source,
-        })?)
+        Box::new(
+            zstd::stream::read::Decoder::new(raw).map_err(|source| ChangeSetError::Io {
+                key: key.to_string(),
+                source,
+            })?,
+        )
     } else {
         Box::new(raw)
     };
@@ -158,7 +168,10 @@ fn open_lines(store: &dyn ObjectStore, key: &str, zstd: bool) -> Result<Box<dyn 
 }
 
 /// Read every JSON line of an object (`.zst` objects are decompressed).
-pub fn read_jsonl<T: for<'de> Deserialize<'de>>(store: &dyn ObjectStore, key: &str) -> Result<Vec<T>, ChangeSetError> {
+pub fn read_jsonl<T: for<'de> Deserialize<'de>>(
+    store: &dyn ObjectStore,
+    key: &str,
+) -> Result<Vec<T>, ChangeSetError> {
     let input = open_lines(store, key, key.ends_with(".zst"))?;
     let mut out = Vec::new();
     for (n, line) in input.lines().enumerate() {
@@ -169,11 +182,13 @@ pub fn read_jsonl<T: for<'de> Deserialize<'de>>(store: &dyn ObjectStore, key: &s
         if line.trim().is_empty() {
             continue;
         }
-        out.push(serde_json::from_str(&line).map_err(|e| ChangeSetError::Bad {
-            key: key.to_string(),
-            line: n + 1,
-            reason: e.to_string(),
-        })?);
+        out.push(
+            serde_json::from_str(&line).map_err(|e| ChangeSetError::Bad {
+                key: key.to_string(),
+                line: n + 1,
+                reason: e.to_string(),
+            })?,
+        );
     }
     Ok(out)
 }
@@ -261,8 +276,10 @@ pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary,
             }
         }
         for row in read_jsonl::<ChunkRowHead>(store, &chunk.key)? {
-            let h = parse_hex(&row.h).ok_or_else(|| bad(&chunk.key, format!("bad key hash {:?}", row.h)))?;
-            let fp = parse_hex(&row.fp).ok_or_else(|| bad(&chunk.key, format!("bad fingerprint {:?}", row.fp)))?;
+            let h = parse_hex(&row.h)
+                .ok_or_else(|| bad(&chunk.key, format!("bad key hash {:?}", row.h)))?;
+            let fp = parse_hex(&row.fp)
+                .ok_or_else(|| bad(&chunk.key, format!("bad fingerprint {:?}", row.fp)))?;
             match outcomes.get(&row.i) {
                 Some(r) if r.status == RowStatus::Confirmed => {
                     summary.confirmed += 1;
@@ -271,11 +288,25 @@ pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary,
                 }
                 Some(_) => {
                     summary.failed += 1;
-                    push(&mut changes, h, 0, row.id.unwrap_or(0), Kind::Failed, &row.pk);
+                    push(
+                        &mut changes,
+                        h,
+                        0,
+                        row.id.unwrap_or(0),
+                        Kind::Failed,
+                        &row.pk,
+                    );
                 }
                 None => {
                     summary.unknown += 1;
-                    push(&mut changes, h, 0, row.id.unwrap_or(0), Kind::Failed, &row.pk);
+                    push(
+                        &mut changes,
+                        h,
+                        0,
+                        row.id.unwrap_or(0),
+                        Kind::Failed,
+                        &row.pk,
+                    );
                 }
             }
         }
@@ -289,7 +320,8 @@ pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary,
     }
     changes.sort_unstable_by_key(|c| c.h);
     let key_of = |c: &Change| -> &str {
-        std::str::from_utf8(&keys[c.key_start as usize..(c.key_start + c.key_len) as usize]).unwrap_or_default()
+        std::str::from_utf8(&keys[c.key_start as usize..(c.key_start + c.key_len) as usize])
+            .unwrap_or_default()
     };
 
     let state_key = layout::state_key(&manifest.sync);
@@ -322,13 +354,21 @@ pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary,
                 match (c.kind, same) {
                     (Kind::Confirmed, _) => out.push(c.h, c.fp, c.id, 0, key_of(c))?,
                     (Kind::Failed, Some(o)) => {
-                        let id = if o.zendesk_id != 0 { o.zendesk_id } else { c.id };
+                        let id = if o.zendesk_id != 0 {
+                            o.zendesk_id
+                        } else {
+                            c.id
+                        };
                         out.push(o.key_hash, o.fingerprint, id, o.flags | FLAG_FAILED, &o.key)?
                     }
                     (Kind::Failed, None) => out.push(c.h, 0, c.id, FLAG_FAILED, key_of(c))?,
-                    (Kind::Removed, Some(o)) => {
-                        out.push(o.key_hash, o.fingerprint, o.zendesk_id, o.flags | FLAG_ABSENT, &o.key)?
-                    }
+                    (Kind::Removed, Some(o)) => out.push(
+                        o.key_hash,
+                        o.fingerprint,
+                        o.zendesk_id,
+                        o.flags | FLAG_ABSENT,
+                        &o.key,
+                    )?,
                     (Kind::Removed, None) => {}
                 }
                 if same.is_some() {

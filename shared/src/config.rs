@@ -171,7 +171,10 @@ impl<'de> Deserialize<'de> for OrderedMapping {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a table of `field = \"column\"` entries")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<OrderedMapping, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<OrderedMapping, A::Error> {
                 let mut out = Vec::new();
                 while let Some((k, v)) = map.next_entry::<String, toml::Spanned<toml::Value>>()? {
                     out.push((k, v));
@@ -227,7 +230,9 @@ impl SyncConfig {
             )));
         }
         if raw.primary_key.trim().is_empty() {
-            return Err(invalid("`primary_key` must name the export column holding each row's unique key".into()));
+            return Err(invalid(
+                "`primary_key` must name the export column holding each row's unique key".into(),
+            ));
         }
         let chunk_rows = match &raw.chunk_rows {
             None => DEFAULT_CHUNK_ROWS,
@@ -410,7 +415,9 @@ fn parse_mapping(
         }
     };
     if column.trim().is_empty() {
-        return Err(format!("line {line}: `mapping.{key}` names an empty column"));
+        return Err(format!(
+            "line {line}: `mapping.{key}` names an empty column"
+        ));
     }
     let split = match split.as_deref() {
         None => Split::default(),
@@ -425,7 +432,9 @@ fn parse_mapping(
     };
 
     let prefix = object.custom_prefix();
-    let (target, ty) = if let Some(rest) = key.strip_prefix(prefix).and_then(|r| r.strip_prefix('.')) {
+    let (target, ty) = if let Some(rest) =
+        key.strip_prefix(prefix).and_then(|r| r.strip_prefix('.'))
+    {
         let ty = match ty_name.as_deref() {
             None => FieldType::Text,
             Some(t) => FieldType::parse_custom(t).ok_or_else(|| {
@@ -463,7 +472,10 @@ fn parse_mapping(
         }
         (Target::Standard(std), std.ty)
     } else {
-        let known: Vec<_> = fields::standard_fields(object).iter().map(|f| f.key).collect();
+        let known: Vec<_> = fields::standard_fields(object)
+            .iter()
+            .map(|f| f.key)
+            .collect();
         let other_prefix = [Object::Users, Object::Organizations, Object::Tickets]
             .into_iter()
             .find(|o| *o != object && key.starts_with(o.custom_prefix()));
@@ -522,7 +534,9 @@ tags = { column = "segments", split = "comma" }
 "#;
 
     fn err(text: &str) -> String {
-        SyncConfig::parse(text, "sync.toml").unwrap_err().to_string()
+        SyncConfig::parse(text, "sync.toml")
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -533,18 +547,34 @@ tags = { column = "segments", split = "comma" }
         assert_eq!(c.source.read.delimiter, b'|');
         assert_eq!(c.source.read.escape, Escape::Backslash);
         assert_eq!(c.mapping.len(), 4);
-        let plan = c.mapping.iter().find(|m| m.field == "user_fields.plan").unwrap();
+        let plan = c
+            .mapping
+            .iter()
+            .find(|m| m.field == "user_fields.plan")
+            .unwrap();
         assert_eq!(plan.target, Target::FieldKey("plan".into()));
         assert_eq!(plan.ty, FieldType::Dropdown);
         assert_eq!(plan.line, 19);
-        assert_eq!(c.columns(), ["user_id", "full_name", "EMAIL", "segments", "plan"]);
+        assert_eq!(
+            c.columns(),
+            ["user_id", "full_name", "EMAIL", "segments", "plan"]
+        );
     }
 
     #[test]
     fn unknown_keys_name_the_key_and_line() {
-        let e = err(&GOOD.replace("primary_key = \"user_id\"", "primary_key = \"user_id\"\nbatch = 5"));
-        assert!(e.contains("line 6") && e.contains("unknown field `batch`"), "{e}");
-        let e = err(&GOOD.replace("escape = \"backslash\"", "escape = \"backslash\"\nquoting = 1"));
+        let e = err(&GOOD.replace(
+            "primary_key = \"user_id\"",
+            "primary_key = \"user_id\"\nbatch = 5",
+        ));
+        assert!(
+            e.contains("line 6") && e.contains("unknown field `batch`"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "escape = \"backslash\"",
+            "escape = \"backslash\"\nquoting = 1",
+        ));
         assert!(e.contains("line 11") && e.contains("`quoting`"), "{e}");
     }
 
@@ -558,13 +588,25 @@ tags = { column = "segments", split = "comma" }
 
     #[test]
     fn a_field_the_object_lacks_is_refused() {
-        let e = err(&GOOD.replace("name = \"full_name\"", "subject = \"full_name\"\nname = \"n\""));
-        assert!(e.contains("line 16") && e.contains("no field `subject`"), "{e}");
+        let e = err(&GOOD.replace(
+            "name = \"full_name\"",
+            "subject = \"full_name\"\nname = \"n\"",
+        ));
+        assert!(
+            e.contains("line 16") && e.contains("no field `subject`"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("\"user_fields.plan\"", "\"organization_fields.plan\""));
-        assert!(e.contains("line 19") && e.contains("user_fields.<key>"), "{e}");
+        assert!(
+            e.contains("line 19") && e.contains("user_fields.<key>"),
+            "{e}"
+        );
         let tickets = GOOD
             .replace("object = \"users\"", "object = \"tickets\"")
-            .replace("name = \"full_name\"\nemail = \"EMAIL\"", "subject = \"s\"\ndescription = \"d\"")
+            .replace(
+                "name = \"full_name\"\nemail = \"EMAIL\"",
+                "subject = \"s\"\ndescription = \"d\"",
+            )
             .replace("\"user_fields.plan\"", "\"custom_fields.plan\"");
         let e = err(&tickets);
         assert!(e.contains("numeric id"), "{e}");
@@ -574,18 +616,29 @@ tags = { column = "segments", split = "comma" }
     fn required_fields_and_subdomain_are_checked() {
         let e = err(&GOOD.replace("email = \"EMAIL\"\n", ""));
         assert!(e.contains("`email = \"<column>\"`"), "{e}");
-        let e = err(&GOOD.replace("subdomain = \"mycompany\"", "subdomain = \"https://acme.zendesk.com\""));
+        let e = err(&GOOD.replace(
+            "subdomain = \"mycompany\"",
+            "subdomain = \"https://acme.zendesk.com\"",
+        ));
         assert!(e.contains("enter \"acme\""), "{e}");
         // Update mode does not create, so required create fields may be absent.
-        let update = GOOD.replace("mode = \"upsert\"", "mode = \"update\"").replace("email = \"EMAIL\"\n", "");
+        let update = GOOD
+            .replace("mode = \"upsert\"", "mode = \"update\"")
+            .replace("email = \"EMAIL\"\n", "");
         assert!(SyncConfig::parse(&update, "x").is_ok());
     }
 
     #[test]
     fn bad_custom_type_and_explicit_external_id_are_refused() {
         let e = err(&GOOD.replace("type = \"dropdown\"", "type = \"float\""));
-        assert!(e.contains("line 19") && e.contains("not a Zendesk field type"), "{e}");
-        let e = err(&GOOD.replace("name = \"full_name\"", "name = \"full_name\"\nexternal_id = \"id\""));
+        assert!(
+            e.contains("line 19") && e.contains("not a Zendesk field type"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "name = \"full_name\"",
+            "name = \"full_name\"\nexternal_id = \"id\"",
+        ));
         assert!(e.contains("primary_key"), "{e}");
     }
 }

@@ -158,7 +158,11 @@ const USER_FIELDS: &[StandardField] = &[
     f("email", &["email"], T::Email),
     f("phone", &["phone"], T::Text),
     f("shared_phone_number", &["shared_phone_number"], T::Checkbox),
-    f("role", &["role"], T::Choice(&["end-user", "agent", "admin"])),
+    f(
+        "role",
+        &["role"],
+        T::Choice(&["end-user", "agent", "admin"]),
+    ),
     f("custom_role_id", &["custom_role_id"], T::Integer),
     f("organization_id", &["organization_id"], T::Integer),
     f("default_group_id", &["default_group_id"], T::Integer),
@@ -172,7 +176,11 @@ const USER_FIELDS: &[StandardField] = &[
     f("verified", &["verified"], T::Checkbox),
     f("suspended", &["suspended"], T::Checkbox),
     f("moderator", &["moderator"], T::Checkbox),
-    f("only_private_comments", &["only_private_comments"], T::Checkbox),
+    f(
+        "only_private_comments",
+        &["only_private_comments"],
+        T::Checkbox,
+    ),
     f("restricted_agent", &["restricted_agent"], T::Checkbox),
     f(
         "ticket_restriction",

@@ -137,7 +137,11 @@ struct Planner<'a> {
 
 /// Plan one run of a sync. Nothing is written on a dry run; otherwise the change set lands
 /// under `runs/<sync>/<run>/` and the manifest is written last.
-pub fn plan(store: &dyn ObjectStore, cfg: &SyncConfig, opts: &PlanOptions) -> Result<PlanReport, PlanError> {
+pub fn plan(
+    store: &dyn ObjectStore,
+    cfg: &SyncConfig,
+    opts: &PlanOptions,
+) -> Result<PlanReport, PlanError> {
     let started = Instant::now();
     let parts = export::resolve(store, &cfg.source.location)?;
     let mapper = Mapper::new(cfg);
@@ -208,8 +212,10 @@ pub fn plan(store: &dyn ObjectStore, cfg: &SyncConfig, opts: &PlanOptions) -> Re
         parts: p.parts.clone(),
         counts: p.counts.clone(),
         chunks: p.chunks.clone(),
-        invalid_key: (p.counts.invalid > 0 && !opts.dry_run).then(|| layout::invalid_key(&cfg.name, &opts.run_id)),
-        removed_key: (p.counts.removed > 0 && !opts.dry_run).then(|| layout::removed_key(&cfg.name, &opts.run_id)),
+        invalid_key: (p.counts.invalid > 0 && !opts.dry_run)
+            .then(|| layout::invalid_key(&cfg.name, &opts.run_id)),
+        removed_key: (p.counts.removed > 0 && !opts.dry_run)
+            .then(|| layout::removed_key(&cfg.name, &opts.run_id)),
         base_state_run: p.state.as_ref().and_then(|s| s.header.run_id.clone()),
     };
     let manifest_key = if opts.dry_run {
@@ -217,7 +223,10 @@ pub fn plan(store: &dyn ObjectStore, cfg: &SyncConfig, opts: &PlanOptions) -> Re
     } else {
         let key = layout::manifest_key(&cfg.name, &opts.run_id);
         let body = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
-        store.put(&key, &body).map_err(|source| PlanError::Write { key: key.clone(), source })?;
+        store.put(&key, &body).map_err(|source| PlanError::Write {
+            key: key.clone(),
+            source,
+        })?;
         Some(key)
     };
     Ok(PlanReport {
@@ -230,14 +239,22 @@ pub fn plan(store: &dyn ObjectStore, cfg: &SyncConfig, opts: &PlanOptions) -> Re
 }
 
 /// Compress and store chunks as they are handed over.
-fn write_chunks(store: &dyn ObjectStore, rx: mpsc::Receiver<(String, Vec<u8>)>) -> Result<(), PlanError> {
+fn write_chunks(
+    store: &dyn ObjectStore,
+    rx: mpsc::Receiver<(String, Vec<u8>)>,
+) -> Result<(), PlanError> {
     let mut z = zstd::bulk::Compressor::new(1).map_err(|source| PlanError::Write {
         key: "chunks".into(),
         source,
     })?;
     for (key, body) in rx {
-        let packed = z.compress(&body).map_err(|source| PlanError::Write { key: key.clone(), source })?;
-        store.put(&key, &packed).map_err(|source| PlanError::Write { key, source })?;
+        let packed = z.compress(&body).map_err(|source| PlanError::Write {
+            key: key.clone(),
+            source,
+        })?;
+        store
+            .put(&key, &packed)
+            .map_err(|source| PlanError::Write { key, source })?;
     }
     Ok(())
 }
@@ -264,7 +281,8 @@ impl Planner<'_> {
         for part_idx in 0..self.parts.len() {
             self.part_start.push(ordinal + 1);
             let key = self.parts[part_idx].key.clone();
-            let mut reader = export::open_reader(self.store, &key, &columns, &self.cfg.source.read)?;
+            let mut reader =
+                export::open_reader(self.store, &key, &columns, &self.cfg.source.read)?;
             let file_json = serde_json::to_vec(&key).expect("a string serialises");
             let mut done = false;
             while !done {
@@ -319,7 +337,13 @@ impl Planner<'_> {
     }
 
     /// Record that the first copy of `h` went to `slot`; returns the earlier copy if any.
-    fn register(&mut self, h: u64, state_pos: Option<usize>, ordinal: u32, slot: u32) -> Option<(u32, u32)> {
+    fn register(
+        &mut self,
+        h: u64,
+        state_pos: Option<usize>,
+        ordinal: u32,
+        slot: u32,
+    ) -> Option<(u32, u32)> {
         if let (Some(i), Some(st)) = (state_pos, self.state.as_mut()) {
             let e = st.entry_mut(i);
             if e.seen != 0 {
@@ -362,17 +386,29 @@ impl Planner<'_> {
             .push((ordinal, line));
     }
 
-    fn accept(&mut self, row: &MappedRow, ordinal: u32, line: u64, file_json: &[u8], payload: &mut Vec<u8>) -> Result<(), PlanError> {
+    fn accept(
+        &mut self,
+        row: &MappedRow,
+        ordinal: u32,
+        line: u64,
+        file_json: &[u8],
+        payload: &mut Vec<u8>,
+    ) -> Result<(), PlanError> {
         let h = row.pk_hash;
         let state_pos = self.state.as_ref().and_then(|s| s.find(h));
         // Decide before registering so the slot is known; registering may reveal a duplicate.
-        if let Some((first_ord, first_slot)) = self.register(h, state_pos, ordinal, SLOT_UNCHANGED) {
+        if let Some((first_ord, first_slot)) = self.register(h, state_pos, ordinal, SLOT_UNCHANGED)
+        {
             self.note_dup(&row.pk, h, ordinal, line, (first_ord, first_slot));
             return Ok(());
         }
         let (op, id) = match state_pos {
             Some(i) => {
-                let e = self.state.as_ref().expect("position implies a state").entry(i);
+                let e = self
+                    .state
+                    .as_ref()
+                    .expect("position implies a state")
+                    .entry(i);
                 let (fp, id, flags) = (e.fingerprint, e.zendesk_id(), e.flags());
                 let failed = flags & FLAG_FAILED != 0;
                 let same = fp == row.fingerprint && flags & (FLAG_FAILED | FLAG_ABSENT) == 0;
@@ -413,7 +449,9 @@ impl Planner<'_> {
         self.set_slot(h, state_pos, slot);
         payload.clear();
         self.mapper.write_payload(row, op == Op::Create, payload);
-        let chunk = self.open[op_slot(op)].as_mut().expect("chunk_slot opened it");
+        let chunk = self.open[op_slot(op)]
+            .as_mut()
+            .expect("chunk_slot opened it");
         let buf = &mut chunk.buf;
         let _ = write!(buf, "{{\"h\":\"{h:016x}\",\"i\":{},\"pk\":", chunk.rows);
         serde_json::to_writer(&mut *buf, &row.pk).expect("vec write");
@@ -439,7 +477,12 @@ impl Planner<'_> {
     fn chunk_slot(&mut self, op: Op) -> Result<u32, PlanError> {
         let k = op_slot(op);
         if self.open[k].is_none() {
-            let key = layout::chunk_key(&self.cfg.name, &self.opts.run_id, op.as_str(), self.op_index[k]);
+            let key = layout::chunk_key(
+                &self.cfg.name,
+                &self.opts.run_id,
+                op.as_str(),
+                self.op_index[k],
+            );
             self.op_index[k] += 1;
             self.chunks.push(ChunkInfo { key, op, rows: 0 });
             self.open[k] = Some(OpenChunk {
@@ -474,7 +517,14 @@ impl Planner<'_> {
         self.flush(Op::Update)
     }
 
-    fn refuse_mapped(&mut self, refusal: Refusal, row: &MappedRow, ordinal: u32, line: u64, file: &str) -> Result<(), PlanError> {
+    fn refuse_mapped(
+        &mut self,
+        refusal: Refusal,
+        row: &MappedRow,
+        ordinal: u32,
+        line: u64,
+        file: &str,
+    ) -> Result<(), PlanError> {
         let pk = (refusal.reason != Reason::MissingPrimaryKey).then(|| row.pk.clone());
         if pk.is_some() {
             // A refused row still claims its key, so another copy of it is a duplicate too.
@@ -510,7 +560,11 @@ impl Planner<'_> {
         }
         let key = layout::invalid_key(&self.cfg.name, &self.opts.run_id);
         if self.invalid_out.is_none() {
-            self.invalid_out = Some(self.store.create(&key).map_err(|source| PlanError::Write { key: key.clone(), source })?);
+            self.invalid_out =
+                Some(self.store.create(&key).map_err(|source| PlanError::Write {
+                    key: key.clone(),
+                    source,
+                })?);
         }
         let out = self.invalid_out.as_mut().expect("created above");
         serde_json::to_writer(&mut *out, &row)
@@ -520,7 +574,9 @@ impl Planner<'_> {
     }
 
     fn part_of(&self, ordinal: u32) -> usize {
-        self.part_start.partition_point(|&s| s <= ordinal).saturating_sub(1)
+        self.part_start
+            .partition_point(|&s| s <= ordinal)
+            .saturating_sub(1)
     }
 
     fn part_start_of(&self, ordinal: u32) -> u32 {
@@ -572,9 +628,16 @@ impl Planner<'_> {
             let first_line = first_lines.get(&h).copied();
             let mut copies: Vec<String> = vec![match first_line {
                 Some(l) => format!("{first_file}:{l}"),
-                None => format!("{first_file} record {}", d.first_ord + 1 - self.part_start_of(d.first_ord)),
+                None => format!(
+                    "{first_file} record {}",
+                    d.first_ord + 1 - self.part_start_of(d.first_ord)
+                ),
             }];
-            copies.extend(d.others.iter().map(|(ord, line)| format!("{}:{line}", self.file_of(*ord))));
+            copies.extend(
+                d.others
+                    .iter()
+                    .map(|(ord, line)| format!("{}:{line}", self.file_of(*ord))),
+            );
             let message = format!(
                 "primary key {:?} appears {} times ({}); every copy is refused: keep one row per key",
                 d.pk,
@@ -607,23 +670,36 @@ impl Planner<'_> {
         self.write_removed()?;
         if let Some(out) = self.invalid_out.take() {
             let key = layout::invalid_key(&self.cfg.name, &self.opts.run_id);
-            out.commit().map_err(|source| PlanError::Write { key, source })?;
+            out.commit()
+                .map_err(|source| PlanError::Write { key, source })?;
         }
         Ok(())
     }
 
     /// Rewrite one chunk without the rows of the given keys.
-    fn drop_rows(&mut self, chunk: usize, hashes: &HashSet<u64>, lines: &mut KeyMap<u64>) -> Result<(), PlanError> {
+    fn drop_rows(
+        &mut self,
+        chunk: usize,
+        hashes: &HashSet<u64>,
+        lines: &mut KeyMap<u64>,
+    ) -> Result<(), PlanError> {
         let key = self.chunks[chunk].key.clone();
-        let werr = |source: io::Error| PlanError::Write { key: key.clone(), source };
+        let werr = |source: io::Error| PlanError::Write {
+            key: key.clone(),
+            source,
+        };
         let mut packed = Vec::new();
-        std::io::Read::read_to_end(&mut self.store.open(&key).map_err(werr)?, &mut packed).map_err(werr)?;
+        std::io::Read::read_to_end(&mut self.store.open(&key).map_err(werr)?, &mut packed)
+            .map_err(werr)?;
         let plain = zstd::decode_all(&packed[..]).map_err(werr)?;
         let mut kept = Vec::with_capacity(plain.len());
         let mut rows = 0;
         for line in plain.split_inclusive(|b| *b == b'\n') {
             // Lines start with {"h":"<16 hex digits>"
-            let h = line.get(6..22).and_then(|s| std::str::from_utf8(s).ok()).and_then(crate::changeset::parse_hex);
+            let h = line
+                .get(6..22)
+                .and_then(|s| std::str::from_utf8(s).ok())
+                .and_then(crate::changeset::parse_hex);
             if let Some(h) = h.filter(|h| hashes.contains(h)) {
                 // `"src":"<file>:<line>"` tells where the dropped first copy came from.
                 if let Ok(row) = serde_json::from_slice::<serde_json::Value>(line) {
@@ -646,17 +722,30 @@ impl Planner<'_> {
     }
 
     fn write_removed(&mut self) -> Result<(), PlanError> {
-        let Some(state) = &self.state else { return Ok(()) };
-        let removed = state.entries().iter().filter(|e| e.seen == 0 && e.flags() & FLAG_ABSENT == 0).count() as u64;
+        let Some(state) = &self.state else {
+            return Ok(());
+        };
+        let removed = state
+            .entries()
+            .iter()
+            .filter(|e| e.seen == 0 && e.flags() & FLAG_ABSENT == 0)
+            .count() as u64;
         self.counts.removed = removed;
         if removed == 0 || self.opts.dry_run {
             return Ok(());
         }
         let key = layout::removed_key(&self.cfg.name, &self.opts.run_id);
-        let werr = |source: io::Error| PlanError::Write { key: key.clone(), source };
-        let mut reader = StateReader::open(self.store, &layout::state_key(&self.cfg.name))?.ok_or_else(|| {
-            werr(io::Error::new(io::ErrorKind::NotFound, "the state disappeared while planning"))
-        })?;
+        let werr = |source: io::Error| PlanError::Write {
+            key: key.clone(),
+            source,
+        };
+        let mut reader = StateReader::open(self.store, &layout::state_key(&self.cfg.name))?
+            .ok_or_else(|| {
+                werr(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "the state disappeared while planning",
+                ))
+            })?;
         let raw = self.store.create(&key).map_err(werr)?;
         let mut enc = zstd::stream::write::Encoder::new(raw, 1).map_err(werr)?;
         let mut i = 0usize;
@@ -664,7 +753,9 @@ impl Planner<'_> {
             debug_assert_eq!(e.key_hash, state.entry(i).hash);
             if state.entry(i).seen == 0 && e.flags & FLAG_ABSENT == 0 {
                 let line = serde_json::json!({"h": hex(e.key_hash), "pk": e.key, "id": (e.zendesk_id != 0).then_some(e.zendesk_id)});
-                serde_json::to_writer(&mut enc, &line).map_err(io::Error::from).map_err(werr)?;
+                serde_json::to_writer(&mut enc, &line)
+                    .map_err(io::Error::from)
+                    .map_err(werr)?;
                 enc.write_all(b"\n").map_err(werr)?;
             }
             i += 1;

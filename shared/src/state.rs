@@ -87,9 +87,13 @@ impl StateReader {
             return Err(corrupt("not a zdsync state file".into()));
         }
         let mut len = [0u8; 4];
-        input.read_exact(&mut len).map_err(|e| corrupt(e.to_string()))?;
+        input
+            .read_exact(&mut len)
+            .map_err(|e| corrupt(e.to_string()))?;
         let mut header = vec![0u8; u32::from_le_bytes(len) as usize];
-        input.read_exact(&mut header).map_err(|e| corrupt(e.to_string()))?;
+        input
+            .read_exact(&mut header)
+            .map_err(|e| corrupt(e.to_string()))?;
         let header: StateHeader =
             serde_json::from_slice(&header).map_err(|e| corrupt(format!("bad header: {e}")))?;
         Ok(Some(StateReader {
@@ -101,7 +105,10 @@ impl StateReader {
     }
 
     /// The next record, reading its key into `key_buf` only when `want_key`.
-    fn next_fixed(&mut self, key_buf: Option<&mut Vec<u8>>) -> Result<Option<(u64, u64, u64, u8)>, StateError> {
+    fn next_fixed(
+        &mut self,
+        key_buf: Option<&mut Vec<u8>>,
+    ) -> Result<Option<(u64, u64, u64, u8)>, StateError> {
         if self.done {
             return Ok(None);
         }
@@ -178,13 +185,18 @@ pub struct StateWriter {
 }
 
 impl StateWriter {
-    pub fn create(store: &dyn ObjectStore, key: &str, header: &StateHeader) -> Result<StateWriter, StateError> {
+    pub fn create(
+        store: &dyn ObjectStore,
+        key: &str,
+        header: &StateHeader,
+    ) -> Result<StateWriter, StateError> {
         let raw = store.create(key).map_err(io_err(key))?;
         let enc = zstd::stream::write::Encoder::new(raw, 1).map_err(io_err(key))?;
         let mut out = BufWriter::with_capacity(1 << 18, enc);
         let header = serde_json::to_vec(header).expect("header serialises");
         out.write_all(MAGIC).map_err(io_err(key))?;
-        out.write_all(&(header.len() as u32).to_le_bytes()).map_err(io_err(key))?;
+        out.write_all(&(header.len() as u32).to_le_bytes())
+            .map_err(io_err(key))?;
         out.write_all(&header).map_err(io_err(key))?;
         Ok(StateWriter {
             out,
@@ -194,7 +206,14 @@ impl StateWriter {
         })
     }
 
-    pub fn push(&mut self, h: u64, fp: u64, id: u64, flags: u8, key: &str) -> Result<(), StateError> {
+    pub fn push(
+        &mut self,
+        h: u64,
+        fp: u64,
+        id: u64,
+        flags: u8,
+        key: &str,
+    ) -> Result<(), StateError> {
         if self.last.is_some_and(|l| l >= h) {
             return Err(StateError::Corrupt {
                 key: self.key.clone(),
@@ -204,7 +223,10 @@ impl StateWriter {
         self.last = Some(h);
         let klen = u16::try_from(key.len()).map_err(|_| StateError::Corrupt {
             key: self.key.clone(),
-            reason: format!("primary key longer than 65535 bytes: `{}…`", &key[..32.min(key.len())]),
+            reason: format!(
+                "primary key longer than 65535 bytes: `{}…`",
+                &key[..32.min(key.len())]
+            ),
         })?;
         let mut rec = [0u8; 28];
         rec[0] = 1;
@@ -214,7 +236,9 @@ impl StateWriter {
         rec[25] = flags;
         rec[26..28].copy_from_slice(&klen.to_le_bytes());
         self.out.write_all(&rec).map_err(io_err(&self.key))?;
-        self.out.write_all(key.as_bytes()).map_err(io_err(&self.key))?;
+        self.out
+            .write_all(key.as_bytes())
+            .map_err(io_err(&self.key))?;
         self.count += 1;
         Ok(())
     }
@@ -223,7 +247,10 @@ impl StateWriter {
     pub fn finish(mut self) -> Result<u64, StateError> {
         let key = self.key.clone();
         self.out.write_all(&[0]).map_err(io_err(&key))?;
-        let enc = self.out.into_inner().map_err(|e| io_err(&key)(e.into_error()))?;
+        let enc = self
+            .out
+            .into_inner()
+            .map_err(|e| io_err(&key)(e.into_error()))?;
         let raw = enc.finish().map_err(io_err(&key))?;
         raw.commit().map_err(io_err(&key))?;
         Ok(self.count)
@@ -324,7 +351,10 @@ impl StateIndex {
     pub fn find(&self, hash: u64) -> Option<usize> {
         let slot = (hash >> self.shift) as usize;
         let (lo, hi) = (self.dir[slot] as usize, self.dir[slot + 1] as usize);
-        self.entries[lo..hi].iter().position(|e| e.hash == hash).map(|p| lo + p)
+        self.entries[lo..hi]
+            .iter()
+            .position(|e| e.hash == hash)
+            .map(|p| lo + p)
     }
 
     /// Touch the directory slots and first entries of a batch of hashes. The loads are
@@ -385,27 +415,40 @@ mod tests {
         keys.sort();
         let mut w = StateWriter::create(&store, "state/s/state.zst", &header(5000)).unwrap();
         for (i, (h, k)) in keys.iter().enumerate() {
-            w.push(*h, i as u64 * 7, i as u64 + 100, (i % 3) as u8, k).unwrap();
+            w.push(*h, i as u64 * 7, i as u64 + 100, (i % 3) as u8, k)
+                .unwrap();
         }
         assert_eq!(w.finish().unwrap(), 5000);
 
-        let idx = StateIndex::load(&store, "state/s/state.zst").unwrap().unwrap();
+        let idx = StateIndex::load(&store, "state/s/state.zst")
+            .unwrap()
+            .unwrap();
         assert_eq!(idx.len(), 5000);
         for (i, (h, _)) in keys.iter().enumerate() {
             let e = idx.entry(idx.find(*h).unwrap());
-            assert_eq!((e.fingerprint, e.zendesk_id(), e.flags()), (i as u64 * 7, i as u64 + 100, (i % 3) as u8));
+            assert_eq!(
+                (e.fingerprint, e.zendesk_id(), e.flags()),
+                (i as u64 * 7, i as u64 + 100, (i % 3) as u8)
+            );
         }
         assert!(idx.find(12345).is_none());
 
-        let mut r = StateReader::open(&store, "state/s/state.zst").unwrap().unwrap();
+        let mut r = StateReader::open(&store, "state/s/state.zst")
+            .unwrap()
+            .unwrap();
         let first = r.next_entry().unwrap().unwrap();
-        assert_eq!((first.key_hash, first.key.as_str()), (keys[0].0, keys[0].1.as_str()));
+        assert_eq!(
+            (first.key_hash, first.key.as_str()),
+            (keys[0].0, keys[0].1.as_str())
+        );
         let mut n = 1;
         while r.next_entry().unwrap().is_some() {
             n += 1;
         }
         assert_eq!(n, 5000);
-        assert!(StateIndex::load(&store, "state/none/state.zst").unwrap().is_none());
+        assert!(StateIndex::load(&store, "state/none/state.zst")
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -424,7 +467,11 @@ mod tests {
         let raw = std::fs::read(dir.path().join("b")).unwrap();
         let mut plain = zstd::decode_all(&raw[..]).unwrap();
         plain.pop();
-        std::fs::write(dir.path().join("b"), zstd::encode_all(&plain[..], 1).unwrap()).unwrap();
+        std::fs::write(
+            dir.path().join("b"),
+            zstd::encode_all(&plain[..], 1).unwrap(),
+        )
+        .unwrap();
         let e = StateIndex::load(&store, "b").err().unwrap().to_string();
         assert!(e.contains("truncated"), "{e}");
     }

@@ -37,7 +37,11 @@ impl Fixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::new(dir.path());
-        Fixture { _dir: dir, store, runs: 0 }
+        Fixture {
+            _dir: dir,
+            store,
+            runs: 0,
+        }
     }
 
     fn export(&self, rows: &[(String, String, String, i64)]) {
@@ -45,13 +49,20 @@ impl Fixture {
         for (id, name, email, score) in rows {
             csv.push_str(&format!("{id},{name},{email},{score}\n"));
         }
-        self.store.put("exports/people/part-0.csv", csv.as_bytes()).unwrap();
+        self.store
+            .put("exports/people/part-0.csv", csv.as_bytes())
+            .unwrap();
     }
 
     fn plan(&mut self, config: &str) -> PlanReport {
         self.runs += 1;
         let cfg = SyncConfig::parse(config, "people.toml").unwrap();
-        plan(&self.store, &cfg, &PlanOptions::new(format!("run-{:03}", self.runs))).unwrap()
+        plan(
+            &self.store,
+            &cfg,
+            &PlanOptions::new(format!("run-{:03}", self.runs)),
+        )
+        .unwrap()
     }
 
     fn manifest(&self, r: &PlanReport) -> Manifest {
@@ -73,9 +84,21 @@ impl Fixture {
             for row in changeset::read_jsonl::<ChunkRow>(&self.store, &c.key).unwrap() {
                 let num: u64 = row.pk.trim_start_matches('p').parse().unwrap();
                 let r = if fail(&row.pk) {
-                    ResultRow { i: row.i, pk: row.pk.clone(), status: RowStatus::Failed, id: None, error: Some("RecordInvalid: nope".into()) }
+                    ResultRow {
+                        i: row.i,
+                        pk: row.pk.clone(),
+                        status: RowStatus::Failed,
+                        id: None,
+                        error: Some("RecordInvalid: nope".into()),
+                    }
                 } else {
-                    ResultRow { i: row.i, pk: row.pk.clone(), status: RowStatus::Confirmed, id: Some(90_000 + num), error: None }
+                    ResultRow {
+                        i: row.i,
+                        pk: row.pk.clone(),
+                        status: RowStatus::Confirmed,
+                        id: Some(90_000 + num),
+                        error: None,
+                    }
                 };
                 out.push_str(&serde_json::to_string(&r).unwrap());
                 out.push('\n');
@@ -94,7 +117,14 @@ impl Fixture {
 
 fn people(n: usize) -> Vec<(String, String, String, i64)> {
     (0..n)
-        .map(|i| (format!("p{i}"), format!("Person {i}"), format!("person{i}@example.com"), i as i64))
+        .map(|i| {
+            (
+                format!("p{i}"),
+                format!("Person {i}"),
+                format!("person{i}@example.com"),
+                i as i64,
+            )
+        })
         .collect()
 }
 
@@ -108,7 +138,17 @@ fn first_run_creates_everything_then_unchanged_rerun_sends_nothing() {
     f.export(&people(1000));
     let r = f.plan(CONFIG);
     let c = &r.manifest.counts;
-    assert_eq!((c.rows_read, c.invalid, c.create, c.update, c.unchanged, c.removed), (1000, 0, 1000, 0, 0, 0));
+    assert_eq!(
+        (
+            c.rows_read,
+            c.invalid,
+            c.create,
+            c.update,
+            c.unchanged,
+            c.removed
+        ),
+        (1000, 0, 1000, 0, 0, 0)
+    );
     let m = f.manifest(&r);
     assert_eq!(m.chunks.len(), 10, "chunk_rows = 100");
     assert!(m.chunks.iter().all(|c| c.rows == 100 && c.op == Op::Create));
@@ -124,7 +164,10 @@ fn first_run_creates_everything_then_unchanged_rerun_sends_nothing() {
     f.confirm_all(&r);
     let r2 = f.plan(CONFIG);
     let c = &r2.manifest.counts;
-    assert_eq!((c.create, c.update, c.unchanged, c.removed), (0, 0, 1000, 0));
+    assert_eq!(
+        (c.create, c.update, c.unchanged, c.removed),
+        (0, 0, 1000, 0)
+    );
     assert!(r2.manifest.chunks.is_empty());
     assert_eq!(r2.manifest.base_state_run.as_deref(), Some("run-001"));
 }
@@ -171,7 +214,10 @@ fn failed_rows_go_again_next_run_and_then_settle() {
     let c = &r.manifest.counts;
     assert_eq!((c.create, c.update, c.unchanged, c.retried), (2, 0, 298, 2));
     let m = f.manifest(&r);
-    assert_eq!(pks(&f.rows(&m, Op::Create)), BTreeSet::from(["p5".to_string(), "p250".to_string()]));
+    assert_eq!(
+        pks(&f.rows(&m, Op::Create)),
+        BTreeSet::from(["p5".to_string(), "p250".to_string()])
+    );
 
     // A chunk whose outcome never came back counts as failed too.
     f.fold_without_results(&m);
@@ -179,7 +225,10 @@ fn failed_rows_go_again_next_run_and_then_settle() {
     assert_eq!(r.manifest.counts.create, 2);
     f.confirm_all(&r);
     let r = f.plan(CONFIG);
-    assert_eq!((r.manifest.counts.create, r.manifest.counts.unchanged), (0, 300));
+    assert_eq!(
+        (r.manifest.counts.create, r.manifest.counts.unchanged),
+        (0, 300)
+    );
 }
 
 impl Fixture {
@@ -234,9 +283,13 @@ fn removed_keys_are_listed_once_and_returning_keys_are_resent() {
     f.confirm_all(&r);
     f.export(&rows[..90]);
     let r = f.plan(CONFIG);
-    assert_eq!((r.manifest.counts.removed, r.manifest.counts.unchanged), (10, 90));
+    assert_eq!(
+        (r.manifest.counts.removed, r.manifest.counts.unchanged),
+        (10, 90)
+    );
     let m = f.manifest(&r);
-    let removed: Vec<changeset::RemovedRow> = changeset::read_jsonl(&f.store, m.removed_key.as_ref().unwrap()).unwrap();
+    let removed: Vec<changeset::RemovedRow> =
+        changeset::read_jsonl(&f.store, m.removed_key.as_ref().unwrap()).unwrap();
     assert_eq!(removed.len(), 10);
     assert!(removed.iter().all(|r| r.id.is_some()));
     let fold = changeset::fold(&f.store, &m).unwrap();
@@ -245,7 +298,10 @@ fn removed_keys_are_listed_once_and_returning_keys_are_resent() {
     assert_eq!(r.manifest.counts.removed, 0, "already reported");
     f.export(&rows);
     let r = f.plan(CONFIG);
-    assert_eq!((r.manifest.counts.update, r.manifest.counts.unchanged), (10, 90));
+    assert_eq!(
+        (r.manifest.counts.update, r.manifest.counts.unchanged),
+        (10, 90)
+    );
 }
 
 #[test]
@@ -253,7 +309,12 @@ fn duplicate_keys_refuse_every_copy_and_leave_the_chunks() {
     let mut f = Fixture::new();
     let mut rows = people(250);
     rows.push(("p10".into(), "Copy".into(), "copy@example.com".into(), 1));
-    rows.push(("P20".into(), "Case copy".into(), "case@example.com".into(), 2));
+    rows.push((
+        "P20".into(),
+        "Case copy".into(),
+        "case@example.com".into(),
+        2,
+    ));
     f.export(&rows);
     let r = f.plan(CONFIG);
     let c = &r.manifest.counts;
@@ -263,39 +324,65 @@ fn duplicate_keys_refuse_every_copy_and_leave_the_chunks() {
     assert_eq!(created.len(), 248);
     assert!(!created.contains("p10") && !created.contains("p20"));
     assert_eq!(m.chunks.iter().map(|c| c.rows).sum::<u64>(), 248);
-    let invalid: Vec<serde_json::Value> = changeset::read_jsonl(&f.store, m.invalid_key.as_ref().unwrap()).unwrap();
+    let invalid: Vec<serde_json::Value> =
+        changeset::read_jsonl(&f.store, m.invalid_key.as_ref().unwrap()).unwrap();
     let lines: HashMap<u64, String> = invalid
         .iter()
-        .map(|v| (v["line"].as_u64().unwrap(), v["message"].as_str().unwrap().to_string()))
+        .map(|v| {
+            (
+                v["line"].as_u64().unwrap(),
+                v["message"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     // p10 sits on line 12 and again on line 252: both copies are refused, each naming both.
-    assert!(lines[&12].contains("part-0.csv:12") && lines[&12].contains("part-0.csv:252"), "{lines:?}");
+    assert!(
+        lines[&12].contains("part-0.csv:12") && lines[&12].contains("part-0.csv:252"),
+        "{lines:?}"
+    );
     assert!(lines.contains_key(&252) && lines.contains_key(&22) && lines.contains_key(&253));
-    assert!(invalid.iter().all(|v| v["reason"] == "duplicate_primary_key"));
+    assert!(invalid
+        .iter()
+        .all(|v| v["reason"] == "duplicate_primary_key"));
 }
 
 #[test]
 fn invalid_rows_are_written_with_reasons_and_do_not_stop_the_run() {
     let mut f = Fixture::new();
     let csv = "id,name,email,score\np1,Ann,ann@example.com,1\np2,,b@example.com,2\np3,Cid,not-an-email,3\np4,Dee,d@example.com,lots\n,Eve,e@example.com,5\np6,\"Fay\",f@example.com,6,extra\np7,Gus,g@example.com,7\n";
-    f.store.put("exports/people/part-0.csv", csv.as_bytes()).unwrap();
+    f.store
+        .put("exports/people/part-0.csv", csv.as_bytes())
+        .unwrap();
     let r = f.plan(CONFIG);
     let c = &r.manifest.counts;
     assert_eq!((c.rows_read, c.invalid, c.create), (7, 5, 2));
     let reasons: BTreeSet<&str> = r.invalid_by_reason.keys().copied().collect();
     assert_eq!(
         reasons,
-        BTreeSet::from(["invalid_email", "invalid_value", "malformed_record", "missing_primary_key", "missing_required"])
+        BTreeSet::from([
+            "invalid_email",
+            "invalid_value",
+            "malformed_record",
+            "missing_primary_key",
+            "missing_required"
+        ])
     );
     let m = f.manifest(&r);
-    let invalid: Vec<serde_json::Value> = changeset::read_jsonl(&f.store, m.invalid_key.as_ref().unwrap()).unwrap();
-    let by_line: HashMap<u64, &serde_json::Value> = invalid.iter().map(|v| (v["line"].as_u64().unwrap(), v)).collect();
+    let invalid: Vec<serde_json::Value> =
+        changeset::read_jsonl(&f.store, m.invalid_key.as_ref().unwrap()).unwrap();
+    let by_line: HashMap<u64, &serde_json::Value> = invalid
+        .iter()
+        .map(|v| (v["line"].as_u64().unwrap(), v))
+        .collect();
     assert_eq!(by_line[&3]["field"], "name");
     assert_eq!(by_line[&4]["reason"], "invalid_email");
     assert_eq!(by_line[&5]["field"], "user_fields.score");
     assert_eq!(by_line[&6]["reason"], "missing_primary_key");
     assert_eq!(by_line[&7]["reason"], "malformed_record");
-    assert_eq!(pks(&f.rows(&m, Op::Create)), BTreeSet::from(["p1".to_string(), "p7".to_string()]));
+    assert_eq!(
+        pks(&f.rows(&m, Op::Create)),
+        BTreeSet::from(["p1".to_string(), "p7".to_string()])
+    );
 }
 
 #[test]
@@ -333,8 +420,15 @@ fn dry_run_writes_nothing_and_export_errors_leave_nothing() {
     assert!(r.manifest_key.is_none());
     assert!(f.store.list("runs/").unwrap().is_empty());
 
-    f.store.put("exports/people/part-1.csv.gz", b"id,name\nnot gzip at all\n").unwrap();
-    let e = plan(&f.store, &cfg, &PlanOptions::new("bad")).unwrap_err().to_string();
+    f.store
+        .put(
+            "exports/people/part-1.csv.gz",
+            b"id,name\nnot gzip at all\n",
+        )
+        .unwrap();
+    let e = plan(&f.store, &cfg, &PlanOptions::new("bad"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("part-1.csv.gz"), "{e}");
     assert!(f.store.list("runs/people/bad/").unwrap().is_empty());
 }

@@ -1,0 +1,105 @@
+//! The `zdsync` binary as a user runs it, on the example shipped in examples/.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn zdsync() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_zdsync"))
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            if e.file_name() != "runs" && e.file_name() != "state" {
+                copy_dir(&e.path(), &target);
+            }
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn dry_run_of_the_example_prints_the_summary_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&examples(), dir.path());
+    let out = zdsync()
+        .args(["plan", "crm_users.toml", "--dry-run"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "rows read             14",
+        "invalid                7",
+        "to create              7",
+        "duplicate_primary_key          2",
+        "\"alan@example\" is not an email address",
+        "dry run: nothing written",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    assert!(!dir.path().join("runs").exists());
+}
+
+#[test]
+fn plan_writes_the_change_set_and_json_report() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&examples(), dir.path());
+    let out = zdsync()
+        .args(["plan", "crm_users.toml", "--json"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["manifest"]["counts"]["create"], 7);
+    let key = report["manifest_key"].as_str().unwrap();
+    assert!(dir.path().join(key).is_file());
+    let invalid = report["manifest"]["invalid_key"].as_str().unwrap();
+    let lines = std::fs::read_to_string(dir.path().join(invalid)).unwrap();
+    assert_eq!(lines.lines().count(), 7);
+}
+
+#[test]
+fn a_bad_config_fails_with_its_line_and_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "name = \"x\"\nobject = \"users\"\nmode = \"upsert\"\nprimary_key = \"id\"\n[source]\nlocation = \"e/\"\n[zendesk]\nsubdomain = \"a\"\n[mapping]\nname = \"n\"\nemail = \"e\"\nsubject = \"s\"\n",
+    )
+    .unwrap();
+    let out = zdsync().args(["plan"]).arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 12") && err.contains("no field `subject`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_documents_every_command_and_flag() {
+    let out = zdsync().args(["plan", "--help"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--dry-run", "--store", "--json", "--samples"] {
+        assert!(text.contains(flag), "{flag} missing from:\n{text}");
+    }
+}
