@@ -49,7 +49,9 @@ impl AccountSnapshot {
         self.organizations.iter().find(|o| o["id"] == id)
     }
     pub fn organization_by_external_id(&self, ext: &str) -> Option<&Value> {
-        self.organizations.iter().find(|o| eq_ci(o, "external_id", ext))
+        self.organizations
+            .iter()
+            .find(|o| eq_ci(o, "external_id", ext))
     }
     pub fn organization_by_name(&self, name: &str) -> Option<&Value> {
         self.organizations.iter().find(|o| eq_ci(o, "name", name))
@@ -116,7 +118,8 @@ impl Sim {
             .values()
             .map(|t| {
                 let mut v = store.render_ticket(t, base);
-                v["comments"] = Value::Array(t.comments.iter().map(Store::render_comment).collect());
+                v["comments"] =
+                    Value::Array(t.comments.iter().map(Store::render_comment).collect());
                 v
             })
             .collect();
@@ -222,7 +225,13 @@ impl Sim {
         } else {
             req.scopes.clone()
         };
-        let t = auth.mint(user_id, scopes, req.expires_in_secs, req.refresh, self.clock.now_ms());
+        let t = auth.mint(
+            user_id,
+            scopes,
+            req.expires_in_secs,
+            req.refresh,
+            self.clock.now_ms(),
+        );
         Ok(MintedToken {
             access_token: t.access_token,
             refresh_token: t.refresh_token,
@@ -298,16 +307,26 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
                     .iter()
                     .map(|a| json!({"subdomain": a.subdomain, "url": format!("http://{host}/sub/{}", a.subdomain)}))
                     .collect();
-                reply(StatusCode::OK, json!({"accounts": list, "default": default_sub}))
+                reply(
+                    StatusCode::OK,
+                    json!({"accounts": list, "default": default_sub}),
+                )
             }
             (Method::GET, "/__sim/state") => {
                 let base = format!("http://{host}/sub/{sub}");
-                let snap = sim.snapshot(&sub, &base).ok_or_else(|| bad(format!("no account {sub}")))?;
-                reply(StatusCode::OK, serde_json::to_value(snap).unwrap_or_default())
+                let snap = sim
+                    .snapshot(&sub, &base)
+                    .ok_or_else(|| bad(format!("no account {sub}")))?;
+                reply(
+                    StatusCode::OK,
+                    serde_json::to_value(snap).unwrap_or_default(),
+                )
             }
             (Method::GET, "/__sim/counters") => {
                 let which = q.get("account");
-                let c = sim.counters_for(which).ok_or_else(|| bad(format!("no account {sub}")))?;
+                let c = sim
+                    .counters_for(which)
+                    .ok_or_else(|| bad(format!("no account {sub}")))?;
                 reply(StatusCode::OK, serde_json::to_value(c).unwrap_or_default())
             }
             (Method::GET, "/__sim/requests") => {
@@ -323,9 +342,10 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
                 sim.reset_all(faults).map_err(bad)?;
                 reply(StatusCode::OK, json!({"ok": true}))
             }
-            (Method::GET, "/__sim/faults") => {
-                reply(StatusCode::OK, serde_json::to_value(lock(&sim.fault_config).clone()).unwrap_or_default())
-            }
+            (Method::GET, "/__sim/faults") => reply(
+                StatusCode::OK,
+                serde_json::to_value(lock(&sim.fault_config).clone()).unwrap_or_default(),
+            ),
             (Method::PUT | Method::POST, "/__sim/faults") => {
                 sim.set_faults(parse(&bytes)?);
                 reply(StatusCode::OK, json!({"ok": true}))
@@ -337,16 +357,28 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
             (Method::POST, "/__sim/seed") => {
                 let data: SeedData = parse(&bytes)?;
                 let ids = sim.seed(&sub, &data).map_err(bad)?;
-                reply(StatusCode::CREATED, serde_json::to_value(ids).unwrap_or_default())
+                reply(
+                    StatusCode::CREATED,
+                    serde_json::to_value(ids).unwrap_or_default(),
+                )
             }
             (Method::POST, "/__sim/tokens") => {
-                let r: MintRequest = if bytes.is_empty() { MintRequest::default() } else { parse(&bytes)? };
+                let r: MintRequest = if bytes.is_empty() {
+                    MintRequest::default()
+                } else {
+                    parse(&bytes)?
+                };
                 let t = sim.mint(&sub, &r).map_err(bad)?;
-                reply(StatusCode::CREATED, serde_json::to_value(t).unwrap_or_default())
+                reply(
+                    StatusCode::CREATED,
+                    serde_json::to_value(t).unwrap_or_default(),
+                )
             }
             (Method::POST, "/__sim/tokens/expire" | "/__sim/tokens/revoke") => {
                 let v: Value = parse(&bytes)?;
-                let tok = v["access_token"].as_str().ok_or_else(|| bad("access_token is required"))?;
+                let tok = v["access_token"]
+                    .as_str()
+                    .ok_or_else(|| bad("access_token is required"))?;
                 let ok = if path.ends_with("expire") {
                     sim.expire_token(&sub, tok)
                 } else {
@@ -359,13 +391,23 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
             }
             (Method::POST, "/__sim/clock") => {
                 let v: Value = parse(&bytes)?;
-                let ms = v["advance_ms"].as_i64().ok_or_else(|| bad("advance_ms is required"))?;
+                let ms = v["advance_ms"]
+                    .as_i64()
+                    .ok_or_else(|| bad("advance_ms is required"))?;
                 sim.clock.advance(ms);
-                reply(StatusCode::OK, json!({"now": crate::util::iso(sim.clock.now_ms())}))
+                reply(
+                    StatusCode::OK,
+                    json!({"now": crate::util::iso(sim.clock.now_ms())}),
+                )
             }
             (Method::GET, "/__sim/settings") => {
-                let a = sim.account(&sub).ok_or_else(|| bad(format!("no account {sub}")))?;
-                reply(StatusCode::OK, serde_json::to_value(a.settings()).unwrap_or_default())
+                let a = sim
+                    .account(&sub)
+                    .ok_or_else(|| bad(format!("no account {sub}")))?;
+                reply(
+                    StatusCode::OK,
+                    serde_json::to_value(a.settings()).unwrap_or_default(),
+                )
             }
             (Method::PUT, "/__sim/settings") => {
                 if !sim.set_settings(&sub, parse(&bytes)?) {
@@ -373,25 +415,37 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
                 }
                 reply(StatusCode::OK, json!({"ok": true}))
             }
-            (Method::GET, "/__sim/rate_limit") => reply(StatusCode::OK, serde_json::to_value(sim.runtime().rate.clone()).unwrap_or_default()),
+            (Method::GET, "/__sim/rate_limit") => reply(
+                StatusCode::OK,
+                serde_json::to_value(sim.runtime().rate.clone()).unwrap_or_default(),
+            ),
             (Method::PUT, "/__sim/rate_limit") => {
                 let v: RateLimitConfig = parse(&bytes)?;
                 sim.update_runtime(|rt| rt.rate = v);
                 reply(StatusCode::OK, json!({"ok": true}))
             }
-            (Method::GET, "/__sim/jobs") => reply(StatusCode::OK, serde_json::to_value(sim.runtime().jobs.clone()).unwrap_or_default()),
+            (Method::GET, "/__sim/jobs") => reply(
+                StatusCode::OK,
+                serde_json::to_value(sim.runtime().jobs.clone()).unwrap_or_default(),
+            ),
             (Method::PUT, "/__sim/jobs") => {
                 let v: JobConfig = parse(&bytes)?;
                 sim.update_runtime(|rt| rt.jobs = v);
                 reply(StatusCode::OK, json!({"ok": true}))
             }
-            (Method::GET, "/__sim/behavior") => reply(StatusCode::OK, serde_json::to_value(sim.runtime().behavior.clone()).unwrap_or_default()),
+            (Method::GET, "/__sim/behavior") => reply(
+                StatusCode::OK,
+                serde_json::to_value(sim.runtime().behavior.clone()).unwrap_or_default(),
+            ),
             (Method::PUT, "/__sim/behavior") => {
                 let v: Behavior = parse(&bytes)?;
                 sim.update_runtime(|rt| rt.behavior = v);
                 reply(StatusCode::OK, json!({"ok": true}))
             }
-            _ => reply(StatusCode::NOT_FOUND, json!({"error": "unknown admin endpoint"})),
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                json!({"error": "unknown admin endpoint"}),
+            ),
         })
     })();
     result.unwrap_or_else(|e| e)

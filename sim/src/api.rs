@@ -3,7 +3,9 @@
 
 use crate::faults::JobFaults;
 use crate::fields::Target;
-use crate::jobs::{completed_message, job_id, run_work, Job, JobState, JobWork, Key, RunOpts};
+use crate::jobs::{
+    completed_message, job_id, run_work, Job, JobState, JobView, JobWork, Key, RunOpts,
+};
 use crate::server::{lock, Account, LimitKind, Reply, Req, Runtime};
 use crate::store::{OpError, Store};
 use crate::util::{add_tags, as_text, normalize_tags, remove_tags, SimClock};
@@ -194,7 +196,9 @@ pub(crate) fn route(method: &Method, path: &str) -> Route {
         [t, op] if target(t).is_some() => {
             let t = target(t).unwrap();
             match (*op, m.clone()) {
-                ("create_or_update", Method::POST) if t != Target::Ticket => Route::CreateOrUpdate(t),
+                ("create_or_update", Method::POST) if t != Target::Ticket => {
+                    Route::CreateOrUpdate(t)
+                }
                 ("create_many", Method::POST) => Route::CreateMany(t),
                 ("create_or_update_many", Method::POST) if t == Target::User => {
                     Route::CreateOrUpdateMany(t)
@@ -204,8 +208,13 @@ pub(crate) fn route(method: &Method, path: &str) -> Route {
                 ("show_many", Method::GET) => Route::ShowMany(t),
                 ("search", Method::GET) if t != Target::Ticket => Route::Search(t),
                 (
-                    "create_or_update" | "create_many" | "create_or_update_many" | "update_many"
-                    | "destroy_many" | "show_many" | "search",
+                    "create_or_update"
+                    | "create_many"
+                    | "create_or_update_many"
+                    | "update_many"
+                    | "destroy_many"
+                    | "show_many"
+                    | "search",
                     _,
                 ) => Route::NotFound,
                 (id, method) => match id.parse::<u64>() {
@@ -313,7 +322,13 @@ fn tagging_on(acct: &Account, t: Target) -> bool {
     }
 }
 
-pub(crate) fn render(store: &Store, acct: &Account, t: Target, id: u64, base: &str) -> Option<Value> {
+pub(crate) fn render(
+    store: &Store,
+    acct: &Account,
+    t: Target,
+    id: u64,
+    base: &str,
+) -> Option<Value> {
     match t {
         Target::User => store
             .users
@@ -333,8 +348,14 @@ fn location(req: &Req, t: Target, id: u64) -> String {
 
 fn me(req: &mut Req) -> Res {
     let store = lock(&req.account.store);
-    let user = render(&store, req.account, Target::User, req.principal.user_id, req.base)
-        .ok_or_else(Reply::not_found)?;
+    let user = render(
+        &store,
+        req.account,
+        Target::User,
+        req.principal.user_id,
+        req.base,
+    )
+    .ok_or_else(Reply::not_found)?;
     Ok(Reply::ok(json!({"user": user})))
 }
 
@@ -396,9 +417,12 @@ fn paginate(req: &Req, t: Target, ids: Vec<u64>, root: &str) -> Res {
         .take(per_page)
         .filter_map(|id| render(&store, req.account, t, *id, req.base))
         .collect();
-    let next = (page * per_page < count).then(|| format!("{list_url}?page={}&per_page={per_page}", page + 1));
+    let next = (page * per_page < count)
+        .then(|| format!("{list_url}?page={}&per_page={per_page}", page + 1));
     let prev = (page > 1).then(|| format!("{list_url}?page={}&per_page={per_page}", page - 1));
-    Ok(Reply::ok(json!({root: items, "next_page": next, "previous_page": prev, "count": count})))
+    Ok(Reply::ok(
+        json!({root: items, "next_page": next, "previous_page": prev, "count": count}),
+    ))
 }
 
 fn list(req: &mut Req, t: Target) -> Res {
@@ -406,7 +430,9 @@ fn list(req: &mut Req, t: Target) -> Res {
         let store = lock(&req.account.store);
         match (t, req.query.get("external_id")) {
             (Target::User, Some(ext)) => store.user_id_by_external(ext).into_iter().collect(),
-            (Target::Organization, Some(ext)) => store.org_id_by_external(ext).into_iter().collect(),
+            (Target::Organization, Some(ext)) => {
+                store.org_id_by_external(ext).into_iter().collect()
+            }
             (Target::Ticket, Some(ext)) => store.ticket_ids_by_external(ext),
             (Target::User, None) => match req.query.get("role") {
                 Some(role) => store
@@ -443,7 +469,10 @@ fn check_user_write_limit(req: &Req, key: Option<String>) -> Result<(), Reply> {
 fn async_ticket(req: &mut Req, input: Map<String, Value>) -> Res {
     let id = lock(&req.account.store).reserve_ticket_id();
     let job = start_job(req, JobWork::TicketAsync { id, item: input })?;
-    Ok(Reply::json(202, json!({"ticket": {"id": id}, "job_status": job})))
+    Ok(Reply::json(
+        202,
+        json!({"ticket": {"id": id}, "job_status": job}),
+    ))
 }
 
 fn create(req: &mut Req, t: Target) -> Res {
@@ -460,10 +489,22 @@ fn create(req: &mut Req, t: Target) -> Res {
     };
     let id = res.map_err(|inv| Reply::json(422, inv.body()))?;
     let mut body = Map::new();
-    body.insert(singular(t).into(), render(&store, req.account, t, id, req.base).unwrap_or_default());
+    body.insert(
+        singular(t).into(),
+        render(&store, req.account, t, id, req.base).unwrap_or_default(),
+    );
     if t == Target::Ticket {
         let tk = &store.tickets[&id];
-        body.insert("audit".into(), audit(req, id, None, &store.render_ticket(tk, req.base), tk.comments.last()));
+        body.insert(
+            "audit".into(),
+            audit(
+                req,
+                id,
+                None,
+                &store.render_ticket(tk, req.base),
+                tk.comments.last(),
+            ),
+        );
     }
     Ok(Reply::created(Value::Object(body), location(req, t, id)))
 }
@@ -527,7 +568,13 @@ fn keys_from_query(req: &Req, t: Target, allow_external: bool) -> Result<Option<
             .iter()
             .map(|s| s.parse::<u64>().map(Key::Id))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| Reply::error(400, "InvalidValue", "ids must be a comma-separated list of integers"))?;
+            .map_err(|_| {
+                Reply::error(
+                    400,
+                    "InvalidValue",
+                    "ids must be a comma-separated list of integers",
+                )
+            })?;
         return Ok(Some(keys));
     }
     if allow_external && t != Target::Ticket {
@@ -586,7 +633,9 @@ fn show_many(req: &mut Req, t: Target) -> Res {
         .filter_map(|id| render(&store, req.account, t, id, req.base))
         .collect();
     let count = items.len();
-    Ok(Reply::ok(json!({plural(t): items, "next_page": null, "previous_page": null, "count": count})))
+    Ok(Reply::ok(
+        json!({plural(t): items, "next_page": null, "previous_page": null, "count": count}),
+    ))
 }
 
 /// Zendesk search syntax, the subset lookups use: `email:`, `external_id:`, `name:`, `role:`,
@@ -597,17 +646,25 @@ fn user_matches(u: &crate::store::User, query: &str) -> bool {
         match term.split_once(':') {
             Some(("type", v)) => v == "user",
             Some(("email", v)) => {
-                u.email.as_deref().is_some_and(|e| e.eq_ignore_ascii_case(v))
+                u.email
+                    .as_deref()
+                    .is_some_and(|e| e.eq_ignore_ascii_case(v))
                     || u.identities.iter().any(|e| e.eq_ignore_ascii_case(v))
             }
-            Some(("external_id", v)) => u.external_id.as_deref().is_some_and(|e| e.eq_ignore_ascii_case(v)),
+            Some(("external_id", v)) => u
+                .external_id
+                .as_deref()
+                .is_some_and(|e| e.eq_ignore_ascii_case(v)),
             Some(("name", v)) => u.name.eq_ignore_ascii_case(v),
             Some(("role", v)) => u.role == v,
             Some(("tags", v)) | Some(("tag", v)) => u.tags.iter().any(|t| t == &v.to_lowercase()),
-            Some(("organization_id", v)) => u.organization_id.map(|o| o.to_string()).as_deref() == Some(v),
+            Some(("organization_id", v)) => {
+                u.organization_id.map(|o| o.to_string()).as_deref() == Some(v)
+            }
             _ => {
                 let t = term.to_lowercase();
-                u.email.as_deref().is_some_and(|e| e.to_lowercase() == t) || u.name.to_lowercase().contains(&t)
+                u.email.as_deref().is_some_and(|e| e.to_lowercase() == t)
+                    || u.name.to_lowercase().contains(&t)
             }
         }
     })
@@ -618,7 +675,10 @@ fn org_matches(o: &crate::store::Organization, query: &str) -> bool {
         let term = term.trim_matches('"');
         match term.split_once(':') {
             Some(("type", v)) => v == "organization",
-            Some(("external_id", v)) => o.external_id.as_deref().is_some_and(|e| e.eq_ignore_ascii_case(v)),
+            Some(("external_id", v)) => o
+                .external_id
+                .as_deref()
+                .is_some_and(|e| e.eq_ignore_ascii_case(v)),
             Some(("name", v)) => o.name.eq_ignore_ascii_case(v),
             Some(("tags", v)) | Some(("tag", v)) => o.tags.iter().any(|t| t == &v.to_lowercase()),
             _ => o.name.to_lowercase().contains(&term.to_lowercase()),
@@ -679,13 +739,16 @@ fn search(req: &mut Req, t: Target) -> Res {
         .filter_map(|id| render(&store, req.account, t, *id, req.base))
         .collect();
     let count = items.len();
-    Ok(Reply::ok(json!({plural(t): items, "next_page": null, "previous_page": null, "count": count})))
+    Ok(Reply::ok(
+        json!({plural(t): items, "next_page": null, "previous_page": null, "count": count}),
+    ))
 }
 
 fn global_search(req: &mut Req) -> Res {
-    let q = req.query.get("query").ok_or_else(|| {
-        Reply::error(400, "invalid", "query parameter is required")
-    })?;
+    let q = req
+        .query
+        .get("query")
+        .ok_or_else(|| Reply::error(400, "invalid", "query parameter is required"))?;
     let store = lock(&req.account.store);
     let kind = q
         .split_whitespace()
@@ -700,7 +763,10 @@ fn global_search(req: &mut Req) -> Res {
     };
     if kind.is_empty() || kind == "user" {
         for u in store.users.values().filter(|u| user_matches(u, q)) {
-            results.push(tag(store.render_user(u, req.base, tagging_on(req.account, Target::User)), "user"));
+            results.push(tag(
+                store.render_user(u, req.base, tagging_on(req.account, Target::User)),
+                "user",
+            ));
         }
     }
     if kind.is_empty() || kind == "organization" {
@@ -714,16 +780,40 @@ fn global_search(req: &mut Req) -> Res {
         }
     }
     let count = results.len();
-    let page: usize = req.query.get("page").and_then(|p| p.parse().ok()).unwrap_or(1).max(1);
-    let per_page: usize = req.query.get("per_page").and_then(|p| p.parse().ok()).unwrap_or(100).clamp(1, 100);
+    let page: usize = req
+        .query
+        .get("page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let per_page: usize = req
+        .query
+        .get("per_page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(100)
+        .clamp(1, 100);
     if page > 10 {
-        return Err(Reply::error(422, "invalid", "Search is limited to the first 1000 results"));
+        return Err(Reply::error(
+            422,
+            "invalid",
+            "Search is limited to the first 1000 results",
+        ));
     }
-    let results: Vec<Value> = results.into_iter().skip((page - 1) * per_page).take(per_page).collect();
+    let results: Vec<Value> = results
+        .into_iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .collect();
     let next = (page * per_page < count.min(1000)).then(|| {
-        format!("{}/api/v2/search.json?page={}&per_page={per_page}", req.base, page + 1)
+        format!(
+            "{}/api/v2/search.json?page={}&per_page={per_page}",
+            req.base,
+            page + 1
+        )
     });
-    Ok(Reply::ok(json!({"results": results, "facets": null, "next_page": next, "previous_page": null, "count": count})))
+    Ok(Reply::ok(
+        json!({"results": results, "facets": null, "next_page": next, "previous_page": null, "count": count}),
+    ))
 }
 
 fn show(req: &mut Req, t: Target, id: u64) -> Res {
@@ -733,14 +823,34 @@ fn show(req: &mut Req, t: Target, id: u64) -> Res {
 }
 
 /// A ticket audit with one `Change` event per changed attribute and the new comment.
-fn audit(req: &Req, ticket_id: u64, before: Option<&Value>, after: &Value, comment: Option<&crate::store::Comment>) -> Value {
+fn audit(
+    req: &Req,
+    ticket_id: u64,
+    before: Option<&Value>,
+    after: &Value,
+    comment: Option<&crate::store::Comment>,
+) -> Value {
     let seq = &req.account.audit_seq;
     let mut events = Vec::new();
     if let Some(c) = comment {
         events.push(Store::render_comment(c));
     }
-    for key in ["subject", "status", "priority", "type", "assignee_id", "group_id", "organization_id", "requester_id", "tags", "external_id"] {
-        let prev = before.and_then(|b| b.get(key)).cloned().unwrap_or(Value::Null);
+    for key in [
+        "subject",
+        "status",
+        "priority",
+        "type",
+        "assignee_id",
+        "group_id",
+        "organization_id",
+        "requester_id",
+        "tags",
+        "external_id",
+    ] {
+        let prev = before
+            .and_then(|b| b.get(key))
+            .cloned()
+            .unwrap_or(Value::Null);
         let now = after.get(key).cloned().unwrap_or(Value::Null);
         if prev != now {
             events.push(json!({
@@ -769,7 +879,8 @@ fn ticket_update_limits(req: &Req, id: u64) -> Result<(), Reply> {
         let mut reply = Reply::too_many(Some(ra), Value::Null, LimitKind::Endpoint);
         reply.body = crate::server::ReplyBody::Raw(
             "text/html; charset=utf-8",
-            "Rate limit for ticket updates exceeded, please wait before updating this ticket again".into(),
+            "Rate limit for ticket updates exceeded, please wait before updating this ticket again"
+                .into(),
         );
         reply
     };
@@ -806,7 +917,10 @@ fn update(req: &mut Req, t: Target, id: u64) -> Res {
     let ctx = req.ctx();
     let mut store = lock(&req.account.store);
     let before = if t == Target::Ticket {
-        store.tickets.get(&id).map(|x| (store.render_ticket(x, req.base), x.comments.len()))
+        store
+            .tickets
+            .get(&id)
+            .map(|x| (store.render_ticket(x, req.base), x.comments.len()))
     } else {
         None
     };
@@ -836,7 +950,8 @@ fn delete(req: &mut Req, t: Target, id: u64) -> Res {
             if req.principal.user_id == id {
                 return Err(Reply::forbidden_role());
             }
-            let mut v = render(&store, req.account, t, id, req.base).ok_or_else(Reply::not_found)?;
+            let mut v =
+                render(&store, req.account, t, id, req.base).ok_or_else(Reply::not_found)?;
             store.delete_user(id);
             v["active"] = json!(false);
             Ok(Reply::ok(json!({"user": v})))
@@ -854,14 +969,23 @@ fn delete(req: &mut Req, t: Target, id: u64) -> Res {
 
 fn tags(req: &mut Req, t: Target, id: u64, verb: TagVerb) -> Res {
     if !tagging_on(req.account, t) {
-        let what = if t == Target::User { "User" } else { "Organization" };
+        let what = if t == Target::User {
+            "User"
+        } else {
+            "Organization"
+        };
         return Err(Reply::error(
             403,
             "Forbidden",
             &format!("{what} tagging is not enabled for this account. Enable it in Admin Center > People > Configuration > End users."),
         ));
     }
-    let body = req.body.as_ref().and_then(Value::as_object).cloned().unwrap_or_default();
+    let body = req
+        .body
+        .as_ref()
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
     let sent = match verb {
         TagVerb::List => Vec::new(),
         _ => match body.get("tags") {
@@ -905,7 +1029,11 @@ fn retention_ms(rt: &Runtime) -> i64 {
 
 fn jobs_list(req: &mut Req) -> Res {
     let jobs = lock(&req.account.jobs);
-    let list: Vec<Value> = jobs.list(req.now, retention_ms(req.rt)).iter().map(|j| j.render()).collect();
+    let list: Vec<Value> = jobs
+        .list(req.now, retention_ms(req.rt))
+        .iter()
+        .map(|j| j.render())
+        .collect();
     Ok(Reply::ok(json!({
         "job_statuses": list,
         "meta": {"has_more": false, "after_cursor": null, "before_cursor": null},
@@ -914,34 +1042,58 @@ fn jobs_list(req: &mut Req) -> Res {
 }
 
 fn jobs_show_many(req: &mut Req) -> Res {
-    let ids = req.query.list("ids").filter(|v| !v.is_empty()).ok_or_else(|| missing_param("ids"))?;
+    let ids = req
+        .query
+        .list("ids")
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| missing_param("ids"))?;
     let jobs = lock(&req.account.jobs);
     let ret = retention_ms(req.rt);
-    let list: Vec<Value> = ids
+    let list: Vec<JobView> = ids
         .iter()
         .filter_map(|id| jobs.get(id, req.now, ret))
-        .map(Job::render)
+        .map(Job::view)
         .collect();
-    Ok(Reply::ok(json!({"job_statuses": list})))
+    let body = serde_json::to_string(&json_map("job_statuses", list)).unwrap_or_default();
+    Ok(Reply::raw_json(200, body))
 }
 
 fn job_show(req: &mut Req, id: &str) -> Res {
     let jobs = lock(&req.account.jobs);
-    let job = jobs.get(id, req.now, retention_ms(req.rt)).ok_or_else(Reply::not_found)?;
-    Ok(Reply::ok(json!({"job_status": job.render()})))
+    let job = jobs
+        .get(id, req.now, retention_ms(req.rt))
+        .ok_or_else(Reply::not_found)?;
+    let body = serde_json::to_string(&json_map("job_status", job.view())).unwrap_or_default();
+    Ok(Reply::raw_json(200, body))
+}
+
+/// `{"<key>": value}` for a borrowed value.
+fn json_map<T: serde::Serialize>(
+    key: &'static str,
+    value: T,
+) -> std::collections::BTreeMap<&'static str, T> {
+    std::iter::once((key, value)).collect()
 }
 
 fn fields_list(req: &mut Req, t: Target) -> Res {
     let fs = &req.account.fields;
-    let list: Vec<Value> = fs.list(t).iter().map(|f| fs.render(f, t, req.base)).collect();
+    let list: Vec<Value> = fs
+        .list(t)
+        .iter()
+        .map(|f| fs.render(f, t, req.base))
+        .collect();
     let count = list.len();
-    Ok(Reply::ok(json!({t.root(): list, "next_page": null, "previous_page": null, "count": count})))
+    Ok(Reply::ok(
+        json!({t.root(): list, "next_page": null, "previous_page": null, "count": count}),
+    ))
 }
 
 fn field_show(req: &mut Req, t: Target, id: &str) -> Res {
     let fs = &req.account.fields;
     let f = fs.find(t, id).ok_or_else(Reply::not_found)?;
-    Ok(Reply::ok(json!({field_root_singular(t): fs.render(f, t, req.base)})))
+    Ok(Reply::ok(
+        json!({field_root_singular(t): fs.render(f, t, req.base)}),
+    ))
 }
 
 fn field_options(req: &mut Req, t: Target, id: &str) -> Res {
@@ -954,7 +1106,9 @@ fn field_options(req: &mut Req, t: Target, id: &str) -> Res {
         .map(|o| fs.render_option(f, t, o, req.base))
         .collect();
     let count = list.len();
-    Ok(Reply::ok(json!({"custom_field_options": list, "next_page": null, "previous_page": null, "count": count})))
+    Ok(Reply::ok(
+        json!({"custom_field_options": list, "next_page": null, "previous_page": null, "count": count}),
+    ))
 }
 
 /// Queues a job (or refuses it with 429 at the per-account job limit) and starts its task.
@@ -1079,7 +1233,14 @@ impl JobTask {
                 failed_id_is_index: self.rt.behavior.failed_item_id_is_index,
                 org_batch_by_external_id: self.rt.behavior.org_batch_by_external_id,
             };
-            run_work(&mut store, &ctx, &self.work, &self.faults.failing_items, &opts, limit)
+            run_work(
+                &mut store,
+                &ctx,
+                &self.work,
+                &self.faults.failing_items,
+                &opts,
+                limit,
+            )
         };
         let now = clock.now_ms();
         let mut jobs = lock(&acct.jobs);
@@ -1094,7 +1255,11 @@ impl JobTask {
                     j.state = *state;
                     j.message = Some(msg.clone());
                     j.progress = Some(done);
-                    j.results = if done > 0 { Some(Value::Array(results)) } else { None };
+                    j.results = if done > 0 {
+                        Some(Value::Array(results))
+                    } else {
+                        None
+                    };
                 }
                 None => {
                     j.state = JobState::Completed;

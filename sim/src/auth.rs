@@ -242,7 +242,8 @@ impl AuthStore {
 
     fn insert(&mut self, tok: OAuthToken) {
         if let Some(r) = &tok.refresh_token {
-            self.refresh_index.insert(r.clone(), tok.access_token.clone());
+            self.refresh_index
+                .insert(r.clone(), tok.access_token.clone());
         }
         self.tokens.insert(tok.access_token.clone(), tok);
     }
@@ -253,7 +254,11 @@ impl AuthStore {
             .collect()
     }
 
-    pub fn authenticate(&mut self, header: Option<&str>, now_ms: i64) -> Result<Principal, AuthError> {
+    pub fn authenticate(
+        &mut self,
+        header: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Principal, AuthError> {
         let header = header.ok_or(AuthError::BadCredentials)?.trim();
         let (scheme, rest) = header.split_once(' ').ok_or(AuthError::BadCredentials)?;
         if scheme.eq_ignore_ascii_case("basic") {
@@ -263,7 +268,9 @@ impl AuthStore {
             let text = String::from_utf8(raw).map_err(|_| AuthError::BadCredentials)?;
             let (user, secret) = text.split_once(':').ok_or(AuthError::BadCredentials)?;
             // Email + password Basic auth is deprecated: only `email/token` is accepted.
-            let email = user.strip_suffix("/token").ok_or(AuthError::BadCredentials)?;
+            let email = user
+                .strip_suffix("/token")
+                .ok_or(AuthError::BadCredentials)?;
             let (id, role) = self
                 .staff
                 .get(&email.to_lowercase())
@@ -338,7 +345,12 @@ impl AuthStore {
             created_ms: now_ms,
             expires_ms: expires_in_secs.map(|s| now_ms + s * 1000),
             refresh_expires_ms: with_refresh.then(|| {
-                now_ms + client.as_ref().map(|c| c.refresh_ttl_secs).unwrap_or(2_592_000) as i64 * 1000
+                now_ms
+                    + client
+                        .as_ref()
+                        .map(|c| c.refresh_ttl_secs)
+                        .unwrap_or(2_592_000) as i64
+                        * 1000
             }),
             used_ms: None,
             revoked: false,
@@ -409,19 +421,29 @@ impl AuthStore {
     }
 
     /// TTLs asked for in the body, checked against Zendesk's bounds.
-    fn ttls(body: &Map<String, Value>, client: &OAuthClient) -> Result<(Option<u64>, u64), GrantError> {
+    fn ttls(
+        body: &Map<String, Value>,
+        client: &OAuthClient,
+    ) -> Result<(Option<u64>, u64), GrantError> {
         let bad = |d: &str| grant_err(400, "invalid_request", d);
         let expires_in = match body.get("expires_in").filter(|v| !v.is_null()) {
             Some(v) => {
-                let s = v.as_u64().ok_or_else(|| bad("expires_in must be an integer"))?;
+                let s = v
+                    .as_u64()
+                    .ok_or_else(|| bad("expires_in must be an integer"))?;
                 if s <= 300 || s >= 172_800 {
-                    return Err(bad("expires_in must be more than 300 and less than 172800 seconds"));
+                    return Err(bad(
+                        "expires_in must be more than 300 and less than 172800 seconds",
+                    ));
                 }
                 Some(s)
             }
             None => client.access_ttl_secs,
         };
-        let refresh_in = match body.get("refresh_token_expires_in").filter(|v| !v.is_null()) {
+        let refresh_in = match body
+            .get("refresh_token_expires_in")
+            .filter(|v| !v.is_null())
+        {
             Some(v) => {
                 let s = v
                     .as_u64()
@@ -477,12 +499,22 @@ impl AuthStore {
     }
 
     /// Rotation: the old access and refresh tokens stop working; a new pair is issued.
-    fn grant_refresh(&mut self, body: &Map<String, Value>, now_ms: i64) -> Result<Value, GrantError> {
+    fn grant_refresh(
+        &mut self,
+        body: &Map<String, Value>,
+        now_ms: i64,
+    ) -> Result<Value, GrantError> {
         let client = self.client(body)?;
         let rt = body
             .get("refresh_token")
             .and_then(Value::as_str)
-            .ok_or_else(|| grant_err(400, "invalid_request", "The request is missing a required parameter: refresh_token."))?;
+            .ok_or_else(|| {
+                grant_err(
+                    400,
+                    "invalid_request",
+                    "The request is missing a required parameter: refresh_token.",
+                )
+            })?;
         let access = self
             .refresh_index
             .get(rt)
@@ -525,7 +557,11 @@ impl AuthStore {
     }
 
     /// Confidential clients only; the token acts as the client's owner and has no refresh token.
-    fn grant_client_credentials(&mut self, body: &Map<String, Value>, now_ms: i64) -> Result<Value, GrantError> {
+    fn grant_client_credentials(
+        &mut self,
+        body: &Map<String, Value>,
+        now_ms: i64,
+    ) -> Result<Value, GrantError> {
         let client = self.client(body)?;
         if client.kind != ClientKind::Confidential {
             return Err(grant_err(
@@ -541,7 +577,14 @@ impl AuthStore {
             .unwrap_or_else(|| vec!["read".into()]);
         let (exp, refresh) = Self::ttls(body, &client)?;
         let exp = exp.or(Some(1800));
-        Ok(self.issue(&client, client.owner_user_id, scopes, (exp, refresh), false, now_ms))
+        Ok(self.issue(
+            &client,
+            client.owner_user_id,
+            scopes,
+            (exp, refresh),
+            false,
+            now_ms,
+        ))
     }
 
     /// `GET /api/v2/oauth/tokens/current` body.
@@ -568,7 +611,10 @@ impl AuthStore {
 fn scope_list(v: &Value) -> Vec<String> {
     match v {
         Value::String(s) => s.split_whitespace().map(str::to_string).collect(),
-        Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect(),
         _ => vec![],
     }
 }

@@ -112,7 +112,9 @@ impl SimConfig {
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.accounts.is_empty() {
-            return Err(ConfigError::Invalid("at least one account is needed".into()));
+            return Err(ConfigError::Invalid(
+                "at least one account is needed".into(),
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for a in &self.accounts {

@@ -225,7 +225,10 @@ impl FaultEngine {
         for i in 0..self.rules.len() {
             let (kind, matches) = {
                 let r = &self.rules[i].0;
-                (r.kind, !r.kind.is_job_fault() && r.matches(account, method, path))
+                (
+                    r.kind,
+                    !r.kind.is_job_fault() && r.matches(account, method, path),
+                )
             };
             if !matches || !self.fire(i) {
                 continue;
@@ -255,7 +258,10 @@ impl FaultEngine {
         for i in 0..self.rules.len() {
             let (kind, matches) = {
                 let r = &self.rules[i].0;
-                (r.kind, r.kind.is_job_fault() && r.matches(account, method, path))
+                (
+                    r.kind,
+                    r.kind.is_job_fault() && r.matches(account, method, path),
+                )
             };
             if !matches || !self.fire(i) {
                 continue;
@@ -309,7 +315,10 @@ mod tests {
             .map(|_| e.on_request("a", "GET", "/api/v2/users").terminal.is_some())
             .collect();
         assert_eq!(hits, vec![false, true, true, false, false]);
-        assert!(e.on_request("a", "GET", "/api/v2/tickets").terminal.is_none());
+        assert!(e
+            .on_request("a", "GET", "/api/v2/tickets")
+            .terminal
+            .is_none());
     }
 
     #[test]
@@ -320,8 +329,14 @@ mod tests {
         let count = a.failing_items.iter().filter(|x| x.is_some()).count();
         assert!(count > 10 && count < 40, "{count}");
         assert_eq!(
-            a.failing_items.iter().map(Option::is_some).collect::<Vec<_>>(),
-            b.failing_items.iter().map(Option::is_some).collect::<Vec<_>>()
+            a.failing_items
+                .iter()
+                .map(Option::is_some)
+                .collect::<Vec<_>>(),
+            b.failing_items
+                .iter()
+                .map(Option::is_some)
+                .collect::<Vec<_>>()
         );
     }
 }

@@ -20,8 +20,7 @@ pub struct FieldsFixture {
 
 impl FieldsFixture {
     pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         if path.extension().is_some_and(|e| e == "toml") {
             toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
         } else {
@@ -175,12 +174,17 @@ impl FieldSet {
                 }
                 let regex = match (&d.kind[..], &d.regexp_for_validation) {
                     ("regexp", Some(p)) => Some(
-                        Regex::new(p).map_err(|e| format!("field {:?}: bad regexp: {e}", d.title))?,
+                        Regex::new(p)
+                            .map_err(|e| format!("field {:?}: bad regexp: {e}", d.title))?,
                     ),
                     _ => None,
                 };
                 let system = target == Target::Ticket && SYSTEM_TICKET_TYPES.contains(&&d.kind[..]);
-                out.push(Field { def: d, system, regex });
+                out.push(Field {
+                    def: d,
+                    system,
+                    regex,
+                });
             }
             Ok(out)
         };
@@ -202,7 +206,11 @@ impl FieldSet {
         Ok(Self {
             user_keys: index_keys(&user),
             org_keys: index_keys(&organization),
-            ticket_ids: ticket.iter().enumerate().map(|(i, f)| (f.id(), i)).collect(),
+            ticket_ids: ticket
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (f.id(), i))
+                .collect(),
             user,
             organization,
             ticket,
@@ -294,7 +302,10 @@ impl FieldSet {
             m.insert("required".into(), json!(d.required));
             m.insert("removable".into(), json!(!f.system));
             m.insert("agent_can_edit".into(), json!(true));
-            m.insert("visible_in_portal".into(), json!(!f.system || d.kind == "subject"));
+            m.insert(
+                "visible_in_portal".into(),
+                json!(!f.system || d.kind == "subject"),
+            );
             if d.kind == "checkbox" {
                 m.insert("tag".into(), json!(d.tag));
             }
@@ -455,7 +466,10 @@ impl FieldSet {
             "partialcreditcard" => {
                 let s = value.as_str().ok_or_else(err)?;
                 let digits: String = s.chars().filter(char::is_ascii_digit).collect();
-                if digits.len() < 4 || s.chars().any(|c| !(c.is_ascii_digit() || c == ' ' || c == '-')) {
+                if digits.len() < 4
+                    || s.chars()
+                        .any(|c| !(c.is_ascii_digit() || c == ' ' || c == '-'))
+                {
                     return Err(err());
                 }
                 json!(format!("XXXXXXXXXXXX{}", &digits[digits.len() - 4..]))
@@ -482,7 +496,10 @@ impl FieldSet {
             "dropdown" | "tagger" | "multiselect" => {
                 let chosen: Vec<String> = match value {
                     Value::String(s) => vec![s.clone()],
-                    Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+                    Value::Array(a) => a
+                        .iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect(),
                     _ => vec![],
                 };
                 let removed = d
@@ -613,9 +630,10 @@ pub fn default_fixture() -> FieldsFixture {
                 ("Security", "interest_security"),
             ])
         }),
-        with(def("lookup", Some("account_manager"), "Account manager"), &|d| {
-            d.relationship_target_type = Some("zen:user".into())
-        }),
+        with(
+            def("lookup", Some("account_manager"), "Account manager"),
+            &|d| d.relationship_target_type = Some("zen:user".into()),
+        ),
     ];
     let organization_fields = vec![
         def("text", Some("region"), "Region"),
@@ -643,9 +661,10 @@ pub fn default_fixture() -> FieldsFixture {
                 ("Guide", "product_guide"),
             ])
         }),
-        with(def("lookup", Some("parent_account"), "Parent account"), &|d| {
-            d.relationship_target_type = Some("zen:organization".into())
-        }),
+        with(
+            def("lookup", Some("parent_account"), "Parent account"),
+            &|d| d.relationship_target_type = Some("zen:organization".into()),
+        ),
     ];
     let mut ticket_fields = system_ticket_fields();
     ticket_fields.extend([
@@ -728,9 +747,19 @@ mod tests {
         let s = set();
         assert_eq!(s.ticket[0].def.kind, "subject");
         assert!(s.ticket[0].system);
-        let card = s.ticket.iter().find(|f| f.def.kind == "partialcreditcard").unwrap();
+        let card = s
+            .ticket
+            .iter()
+            .find(|f| f.def.kind == "partialcreditcard")
+            .unwrap();
         let got = s
-            .validate(card, Target::Ticket, &json!("4111 1111 1111 1234"), &Behavior::default(), &|_, _| true)
+            .validate(
+                card,
+                Target::Ticket,
+                &json!("4111 1111 1111 1234"),
+                &Behavior::default(),
+                &|_, _| true,
+            )
             .unwrap();
         assert_eq!(got, Some(json!("XXXXXXXXXXXX1234")));
     }

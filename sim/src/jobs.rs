@@ -4,6 +4,7 @@
 use crate::fields::Target;
 use crate::store::{Ctx, Invalid, OpError, Store};
 use crate::util::{as_id, as_text, job_message_time};
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 use std::collections::{HashMap, VecDeque};
 
@@ -46,7 +47,33 @@ pub struct Job {
     pub finished_ms: Option<i64>,
 }
 
+/// A job status serialized straight from the record (results are not cloned).
+#[derive(Serialize)]
+pub struct JobView<'a> {
+    id: &'a str,
+    url: &'a str,
+    status: &'static str,
+    job_type: &'static str,
+    total: usize,
+    progress: Option<usize>,
+    message: &'a Option<String>,
+    results: &'a Option<Value>,
+}
+
 impl Job {
+    pub fn view(&self) -> JobView<'_> {
+        JobView {
+            id: &self.id,
+            url: &self.url,
+            status: self.state.as_str(),
+            job_type: self.job_type,
+            total: self.total,
+            progress: self.progress,
+            message: &self.message,
+            results: &self.results,
+        }
+    }
+
     pub fn render(&self) -> Value {
         json!({
             "id": self.id,
@@ -119,12 +146,30 @@ pub enum Key {
 
 #[derive(Debug, Clone)]
 pub enum JobWork {
-    Create { target: Target, items: Vec<Value> },
-    UpsertUsers { items: Vec<Value> },
-    UpdateBulk { target: Target, keys: Vec<Key>, change: Map<String, Value> },
-    UpdateBatch { target: Target, items: Vec<Value> },
-    Destroy { target: Target, keys: Vec<Key> },
-    TicketAsync { id: u64, item: Map<String, Value> },
+    Create {
+        target: Target,
+        items: Vec<Value>,
+    },
+    UpsertUsers {
+        items: Vec<Value>,
+    },
+    UpdateBulk {
+        target: Target,
+        keys: Vec<Key>,
+        change: Map<String, Value>,
+    },
+    UpdateBatch {
+        target: Target,
+        items: Vec<Value>,
+    },
+    Destroy {
+        target: Target,
+        keys: Vec<Key>,
+    },
+    TicketAsync {
+        id: u64,
+        item: Map<String, Value>,
+    },
 }
 
 impl JobWork {
@@ -247,7 +292,10 @@ fn update_result(
             let (code, text) = match &e {
                 OpError::NotFound => ("RecordNotFound".to_string(), "RecordNotFound".to_string()),
                 OpError::Invalid(inv) => (job_code(inv).to_string(), inv.text()),
-                OpError::Conflict => ("UpdateConflict".to_string(), "Safe Update prevented the update due to outdated ticket data".to_string()),
+                OpError::Conflict => (
+                    "UpdateConflict".to_string(),
+                    "Safe Update prevented the update due to outdated ticket data".to_string(),
+                ),
             };
             let mut m = failed(index, "update", &code, &text);
             m.insert("id".into(), json!(id));
@@ -277,14 +325,23 @@ pub fn run_work(
         out.push(v);
     };
     let not_object = |i: usize, action: &str| {
-        Value::Object(failed(i, action, "RecordInvalid", "Record validation errors"))
+        Value::Object(failed(
+            i,
+            action,
+            "RecordInvalid",
+            "Record validation errors",
+        ))
     };
     match work {
         JobWork::Create { target, items } => {
             for (i, item) in items.iter().enumerate().take(limit) {
                 let index = i + base;
                 if let Some((e, d)) = forced(i) {
-                    record(Value::Object(failed(index, "create", e, d)), false, &mut out);
+                    record(
+                        Value::Object(failed(index, "create", e, d)),
+                        false,
+                        &mut out,
+                    );
                     continue;
                 }
                 let Some(input) = item.as_object() else {
@@ -342,7 +399,11 @@ pub fn run_work(
                     continue;
                 }
                 let Some(inp) = input else {
-                    record(fail("UserUpdateError", "Record validation errors"), false, &mut out);
+                    record(
+                        fail("UserUpdateError", "Record validation errors"),
+                        false,
+                        &mut out,
+                    );
                     continue;
                 };
                 match store.upsert_user(ctx, inp) {

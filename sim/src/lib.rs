@@ -34,8 +34,8 @@ pub use admin::{AccountSnapshot, MintRequest, MintedToken, SeedIds};
 pub use config::{
     AccountConfig, Behavior, ClientKind, DateReadback, InvalidDropdown, JobConfig, MatchConflict,
     OAuthClientConfig, OAuthTokenConfig, RateLimitConfig, SeedData, SimConfig, StaffConfig,
-    WindowLimit, DEFAULT_ACCESS_TOKEN, DEFAULT_API_TOKEN, DEFAULT_CLIENT_ID,
-    DEFAULT_CLIENT_SECRET, DEFAULT_REFRESH_TOKEN,
+    WindowLimit, DEFAULT_ACCESS_TOKEN, DEFAULT_API_TOKEN, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET,
+    DEFAULT_REFRESH_TOKEN,
 };
 pub use faults::{FaultConfig, FaultKind, FaultRule};
 pub use fields::{FieldDef, FieldOption, FieldsFixture};
@@ -239,7 +239,10 @@ impl SimHandle {
         }
         if let Some(task) = self.task.take() {
             let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
                 abort.abort();
             }
         }

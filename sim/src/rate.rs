@@ -30,14 +30,21 @@ fn ceil_secs(ms: i64) -> u64 {
 impl RateState {
     fn roll(&mut self, now: i64, window_ms: u64) {
         // An empty window starts with the request that opens it.
-        if self.count == 0 || now - self.window_start >= window_ms as i64 || now < self.window_start {
+        if self.count == 0 || now - self.window_start >= window_ms as i64 || now < self.window_start
+        {
             self.window_start = now;
             self.count = 0;
         }
     }
 
     /// Counts the request if the account has budget left; otherwise refuses it.
-    pub fn check(&mut self, now: i64, rpm: u32, window_ms: u64, advertised_off: u32) -> RateDecision {
+    pub fn check(
+        &mut self,
+        now: i64,
+        rpm: u32,
+        window_ms: u64,
+        advertised_off: u32,
+    ) -> RateDecision {
         self.roll(now, window_ms);
         let reset_ms = self.window_start + window_ms as i64 - now;
         let limit = if rpm == 0 { advertised_off } else { rpm };
@@ -59,7 +66,13 @@ impl RateState {
     }
 
     /// Header values without counting (for answers sent before the limiter runs).
-    pub fn peek(&mut self, now: i64, rpm: u32, window_ms: u64, advertised_off: u32) -> RateDecision {
+    pub fn peek(
+        &mut self,
+        now: i64,
+        rpm: u32,
+        window_ms: u64,
+        advertised_off: u32,
+    ) -> RateDecision {
         self.roll(now, window_ms);
         let limit = if rpm == 0 { advertised_off } else { rpm };
         RateDecision {
@@ -122,7 +135,10 @@ mod tests {
     #[test]
     fn endpoint_limit() {
         let mut r = RateState::default();
-        let lim = WindowLimit { limit: 1, window_ms: 5000 };
+        let lim = WindowLimit {
+            limit: 1,
+            window_ms: 5000,
+        };
         assert_eq!(r.check_endpoint("k".into(), lim, 0), None);
         assert_eq!(r.check_endpoint("k".into(), lim, 100), Some(5));
         assert_eq!(r.check_endpoint("j".into(), lim, 100), None);

@@ -130,12 +130,20 @@ impl Account {
             organization_tagging: cfg.organization_tagging,
             rpm: cfg.rpm,
         };
-        let mut store = Store::default();
+        let mut store = Store::new(&self.fields);
         let ctx = self.ctx(behavior, now_ms, 0);
         let mut staff = HashMap::new();
         let mut admin_id = 0;
-        let people = std::iter::once((cfg.admin_email.clone(), cfg.admin_name.clone(), "admin".to_string()))
-            .chain(cfg.agents.iter().map(|a| (a.email.clone(), a.name.clone(), a.role.clone())));
+        let people = std::iter::once((
+            cfg.admin_email.clone(),
+            cfg.admin_name.clone(),
+            "admin".to_string(),
+        ))
+        .chain(
+            cfg.agents
+                .iter()
+                .map(|a| (a.email.clone(), a.name.clone(), a.role.clone())),
+        );
         for (email, name, role) in people {
             if role != "agent" && role != "admin" {
                 return Err(format!("staff {email}: role must be agent or admin"));
@@ -153,21 +161,30 @@ impl Account {
             }
             staff.insert(email.to_lowercase(), (id, role));
         }
-        let ctx = Ctx { actor_id: admin_id, ..ctx };
+        let ctx = Ctx {
+            actor_id: admin_id,
+            ..ctx
+        };
         for (i, o) in cfg.seed.organizations.iter().enumerate() {
-            let m = o.as_object().ok_or(format!("seed organization {i} is not an object"))?;
+            let m = o
+                .as_object()
+                .ok_or(format!("seed organization {i} is not an object"))?;
             store
                 .create_org(&ctx, m)
                 .map_err(|e| format!("seed organization {i}: {}", e.text()))?;
         }
         for (i, u) in cfg.seed.users.iter().enumerate() {
-            let m = u.as_object().ok_or(format!("seed user {i} is not an object"))?;
+            let m = u
+                .as_object()
+                .ok_or(format!("seed user {i} is not an object"))?;
             store
                 .create_user(&ctx, m)
                 .map_err(|e| format!("seed user {i}: {}", e.text()))?;
         }
         for (i, t) in cfg.seed.tickets.iter().enumerate() {
-            let m = t.as_object().ok_or(format!("seed ticket {i} is not an object"))?;
+            let m = t
+                .as_object()
+                .ok_or(format!("seed ticket {i} is not an object"))?;
             store
                 .create_ticket(&ctx, m)
                 .map_err(|e| format!("seed ticket {i}: {}", e.text()))?;
@@ -310,7 +327,11 @@ impl Sim {
     /// Finds the account for a request: a `/sub/<name>` path prefix, else a `<name>.zendesk.com`
     /// or `<name>.localhost` Host, else a Host whose first label is an account, else the
     /// default account. Returns (account or unknown subdomain, path prefix, rest of the path).
-    fn resolve<'p>(&self, host: &str, path: &'p str) -> (Result<Arc<Account>, String>, String, &'p str) {
+    fn resolve<'p>(
+        &self,
+        host: &str,
+        path: &'p str,
+    ) -> (Result<Arc<Account>, String>, String, &'p str) {
         if let Some(rest) = path.strip_prefix("/sub/") {
             let (name, tail_start) = match rest.find('/') {
                 Some(i) => (&rest[..i], &rest[i..]),
@@ -405,6 +426,14 @@ impl Reply {
         Self::json(status, json!({"error": error, "description": description}))
     }
 
+    /// A body already serialized (saves building a `Value` for large answers).
+    pub fn raw_json(status: u16, body: String) -> Self {
+        Reply {
+            body: ReplyBody::Raw("application/json; charset=utf-8", body),
+            ..Self::empty(status)
+        }
+    }
+
     pub fn not_found() -> Self {
         Self::error(404, "RecordNotFound", "Not found")
     }
@@ -483,7 +512,10 @@ fn fault_reply(kind: FaultKind, retry_after: Option<u64>) -> Reply {
 
 /// Strips `.json` and a trailing slash: `/api/v2/users.json` == `/api/v2/users`.
 fn normalize(path: &str) -> &str {
-    let p = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
+    let p = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
     p.strip_suffix(".json").unwrap_or(p)
 }
 
@@ -514,7 +546,11 @@ fn process(
             Ok(v) => Some(v),
             Err(e) => {
                 return Outcome {
-                    reply: Reply::error(400, "InvalidJSON", &format!("Invalid JSON in request body: {e}")),
+                    reply: Reply::error(
+                        400,
+                        "InvalidJSON",
+                        &format!("Invalid JSON in request body: {e}"),
+                    ),
                     auth: None,
                     rate: None,
                 }
@@ -524,7 +560,10 @@ fn process(
     if route == Route::OAuthTokens {
         let Some(Value::Object(b)) = body else {
             return Outcome {
-                reply: Reply::json(400, json!({"error": "invalid_request", "error_description": "The request is missing a required parameter, includes an unsupported parameter value, or is otherwise malformed."})),
+                reply: Reply::json(
+                    400,
+                    json!({"error": "invalid_request", "error_description": "The request is missing a required parameter, includes an unsupported parameter value, or is otherwise malformed."}),
+                ),
                 auth: None,
                 rate: None,
             };
@@ -570,7 +609,8 @@ fn process(
     };
     let auth = Some((principal.kind, principal.user_id));
     let rpm = account.settings().rpm.unwrap_or(rt.rate.rpm);
-    let decision = lock(&account.rate).check(now, rpm, rt.rate.window_ms, rt.rate.advertised_when_off);
+    let decision =
+        lock(&account.rate).check(now, rpm, rt.rate.window_ms, rt.rate.advertised_when_off);
     if let Some(ra) = decision.retry_after {
         return Outcome {
             reply: Reply::too_many(
@@ -620,7 +660,12 @@ fn set(headers: &mut axum::http::HeaderMap, name: HeaderName, value: &str) {
     }
 }
 
-fn into_response(reply: Reply, rate: RateDecision, seq: u64, drop_after: Option<usize>) -> Response {
+fn into_response(
+    reply: Reply,
+    rate: RateDecision,
+    seq: u64,
+    drop_after: Option<usize>,
+) -> Response {
     let (content_type, bytes) = match reply.body {
         ReplyBody::Json(v) => (
             Some("application/json; charset=utf-8"),
@@ -647,13 +692,21 @@ fn into_response(reply: Reply, rate: RateDecision, seq: u64, drop_after: Option<
     if let Some(ct) = content_type {
         set(h, header::CONTENT_TYPE, ct);
     }
-    set(h, HeaderName::from_static("x-rate-limit"), &rate.limit.to_string());
+    set(
+        h,
+        HeaderName::from_static("x-rate-limit"),
+        &rate.limit.to_string(),
+    );
     set(
         h,
         HeaderName::from_static("x-rate-limit-remaining"),
         &rate.remaining.to_string(),
     );
-    set(h, HeaderName::from_static("ratelimit-limit"), &rate.limit.to_string());
+    set(
+        h,
+        HeaderName::from_static("ratelimit-limit"),
+        &rate.limit.to_string(),
+    );
     set(
         h,
         HeaderName::from_static("ratelimit-remaining"),
@@ -747,7 +800,11 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
     if faults.delay_ms > 0 {
         tokio::time::sleep(std::time::Duration::from_millis(faults.delay_ms)).await;
     }
-    let base = format!("http://{}{}", if host.is_empty() { "localhost" } else { &host }, prefix);
+    let base = format!(
+        "http://{}{}",
+        if host.is_empty() { "localhost" } else { &host },
+        prefix
+    );
     let outcome = match faults.terminal {
         Some((kind, ra)) => Outcome {
             reply: fault_reply(kind, ra),

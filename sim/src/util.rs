@@ -105,7 +105,9 @@ pub fn email_is_valid(email: &str) -> bool {
         && domain.contains('.')
         && !domain.starts_with('.')
         && !domain.ends_with('.')
-        && !email.chars().any(|c| c.is_whitespace() || c == ',' || c == ';')
+        && !email
+            .chars()
+            .any(|c| c.is_whitespace() || c == ',' || c == ';')
 }
 
 /// Zendesk tags are lower case and cannot contain spaces: a value with spaces becomes several tags.

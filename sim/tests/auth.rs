@@ -13,7 +13,10 @@ async fn api_token_basic_auth_and_me() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json["user"]["email"], ADMIN);
     assert_eq!(r.json["user"]["role"], "admin");
-    assert_eq!(r.header("content-type"), Some("application/json; charset=utf-8"));
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json; charset=utf-8")
+    );
     assert_eq!(r.header("x-rate-limit"), Some("1000000"));
     assert!(r.header("x-rate-limit-remaining").is_some());
     // `.json` is optional.
@@ -40,8 +43,14 @@ async fn bad_credentials_are_401_with_exact_body() {
         assert_eq!(r.status, 401);
         assert_eq!(r.text, r#"{"error":"Couldn't authenticate you"}"#);
         assert_eq!(r.text.len(), 37);
-        assert_eq!(r.header("content-type"), Some("application/json; charset=UTF-8"));
-        assert_eq!(r.header("www-authenticate"), Some(r#"Basic realm="Web Password""#));
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/json; charset=UTF-8")
+        );
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some(r#"Basic realm="Web Password""#)
+        );
         assert!(r.header("x-rate-limit").is_some());
     }
     assert_eq!(t.sim.counters().auth_failures, 4);
@@ -51,22 +60,46 @@ async fn bad_credentials_are_401_with_exact_body() {
 async fn bearer_tokens_invalid_expired_revoked() {
     let t = T::new().await;
     let ok = Auth::Bearer(DEFAULT_ACCESS_TOKEN.into());
-    assert_eq!(t.send_as(&ok, "GET", "/api/v2/users/me", None).await.status, 200);
+    assert_eq!(
+        t.send_as(&ok, "GET", "/api/v2/users/me", None).await.status,
+        200
+    );
 
-    let r = t.send_as(&Auth::Bearer("nope".into()), "GET", "/api/v2/users/me", None).await;
+    let r = t
+        .send_as(
+            &Auth::Bearer("nope".into()),
+            "GET",
+            "/api/v2/users/me",
+            None,
+        )
+        .await;
     assert_eq!(r.status, 401);
     assert_eq!(
         r.json,
         json!({"error": "invalid_token", "error_description": "The access token is invalid"})
     );
-    assert!(r.header("www-authenticate").unwrap().contains(r#"error="invalid_token""#));
+    assert!(r
+        .header("www-authenticate")
+        .unwrap()
+        .contains(r#"error="invalid_token""#));
 
     let m = t
         .sim
-        .mint_token("acme", &MintRequest { expires_in_secs: Some(60), ..Default::default() })
+        .mint_token(
+            "acme",
+            &MintRequest {
+                expires_in_secs: Some(60),
+                ..Default::default()
+            },
+        )
         .unwrap();
     let auth = Auth::Bearer(m.access_token.clone());
-    assert_eq!(t.send_as(&auth, "GET", "/api/v2/users/me", None).await.status, 200);
+    assert_eq!(
+        t.send_as(&auth, "GET", "/api/v2/users/me", None)
+            .await
+            .status,
+        200
+    );
     t.sim.advance_clock(std::time::Duration::from_secs(61));
     let r = t.send_as(&auth, "GET", "/api/v2/users/me", None).await;
     assert_eq!(r.status, 401);
@@ -75,7 +108,12 @@ async fn bearer_tokens_invalid_expired_revoked() {
     let m2 = t.sim.mint_token("acme", &MintRequest::default()).unwrap();
     assert!(t.sim.revoke_token("acme", &m2.access_token));
     let r = t
-        .send_as(&Auth::Bearer(m2.access_token), "GET", "/api/v2/users/me", None)
+        .send_as(
+            &Auth::Bearer(m2.access_token),
+            "GET",
+            "/api/v2/users/me",
+            None,
+        )
         .await;
     assert_eq!(r.json["error_description"], "The access token was revoked");
 }
@@ -87,12 +125,20 @@ async fn missing_and_invalid_scopes_are_403() {
         .sim
         .mint_token(
             "acme",
-            &MintRequest { scopes: vec!["read".into(), "users:write".into()], ..Default::default() },
+            &MintRequest {
+                scopes: vec!["read".into(), "users:write".into()],
+                ..Default::default()
+            },
         )
         .unwrap();
     let auth = Auth::Bearer(m.access_token);
     let r = t
-        .send_as(&auth, "POST", "/api/v2/tickets.json", Some(json!({"ticket": {"comment": {"body": "x"}}})))
+        .send_as(
+            &auth,
+            "POST",
+            "/api/v2/tickets.json",
+            Some(json!({"ticket": {"comment": {"body": "x"}}})),
+        )
         .await;
     assert_eq!(r.status, 403);
     assert_eq!(
@@ -101,30 +147,62 @@ async fn missing_and_invalid_scopes_are_403() {
     );
     // users:write is enough for users; read covers GETs.
     let r = t
-        .send_as(&auth, "POST", "/api/v2/users.json", Some(json!({"user": {"name": "A"}})))
+        .send_as(
+            &auth,
+            "POST",
+            "/api/v2/users.json",
+            Some(json!({"user": {"name": "A"}})),
+        )
         .await;
     assert_eq!(r.status, 201);
-    assert_eq!(t.send_as(&auth, "GET", "/api/v2/tickets.json", None).await.status, 200);
+    assert_eq!(
+        t.send_as(&auth, "GET", "/api/v2/tickets.json", None)
+            .await
+            .status,
+        200
+    );
 
     // An unknown scope yields a token that is refused everywhere.
     let bad = t
         .sim
-        .mint_token("acme", &MintRequest { scopes: vec!["read".into(), "bogus".into()], ..Default::default() })
+        .mint_token(
+            "acme",
+            &MintRequest {
+                scopes: vec!["read".into(), "bogus".into()],
+                ..Default::default()
+            },
+        )
         .unwrap();
     let r = t
-        .send_as(&Auth::Bearer(bad.access_token), "GET", "/api/v2/users.json", None)
+        .send_as(
+            &Auth::Bearer(bad.access_token),
+            "GET",
+            "/api/v2/users.json",
+            None,
+        )
         .await;
     assert_eq!(r.status, 403);
-    assert_eq!(r.json["description"], "You are missing the following required scopes: users:read");
+    assert_eq!(
+        r.json["description"],
+        "You are missing the following required scopes: users:read"
+    );
 }
 
 #[tokio::test]
 async fn unknown_subdomain_is_404_no_help_desk() {
     let t = T::new().await;
-    let r = t.get(&format!("{}/api/v2/users/me.json", t.sim.account_url("nope"))).await;
+    let r = t
+        .get(&format!(
+            "{}/api/v2/users/me.json",
+            t.sim.account_url("nope")
+        ))
+        .await;
     assert_eq!(r.status, 404);
     assert_eq!(r.json["error"]["title"], "No help desk at nope.zendesk.com");
-    assert!(r.json["error"]["message"].as_str().unwrap().contains("claim"));
+    assert!(r.json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("claim"));
 
     // Host-based routing.
     let client = reqwest::Client::builder()
@@ -149,7 +227,10 @@ async fn unknown_subdomain_is_404_no_help_desk() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let v: serde_json::Value = r.json().await.unwrap();
-    assert!(v["user"]["url"].as_str().unwrap().starts_with("http://acme.zendesk.com:"));
+    assert!(v["user"]["url"]
+        .as_str()
+        .unwrap()
+        .starts_with("http://acme.zendesk.com:"));
 }
 
 #[tokio::test]
@@ -162,25 +243,48 @@ async fn accounts_are_isolated() {
     let beta = t.sim.account_url("beta");
     let beta_auth = Auth::Basic("admin@beta.test/token".into(), "beta-token".into());
     let r = t
-        .send_as(&beta_auth, "POST", &format!("{beta}/api/v2/users.json"), Some(json!({"user": {"name": "B", "email": "b@x.io"}})))
+        .send_as(
+            &beta_auth,
+            "POST",
+            &format!("{beta}/api/v2/users.json"),
+            Some(json!({"user": {"name": "B", "email": "b@x.io"}})),
+        )
         .await;
     assert_eq!(r.status, 201);
-    assert!(r.header("location").unwrap().starts_with(&format!("{beta}/api/v2/users/")));
+    assert!(r
+        .header("location")
+        .unwrap()
+        .starts_with(&format!("{beta}/api/v2/users/")));
     // acme credentials do not work on beta, and beta's user is not in acme.
     let r = t.get(&format!("{beta}/api/v2/users/me.json")).await;
     assert_eq!(r.status, 401);
-    assert!(t.sim.state("acme").unwrap().user_by_email("b@x.io").is_none());
-    assert!(t.sim.state("beta").unwrap().user_by_email("b@x.io").is_some());
+    assert!(t
+        .sim
+        .state("acme")
+        .unwrap()
+        .user_by_email("b@x.io")
+        .is_none());
+    assert!(t
+        .sim
+        .state("beta")
+        .unwrap()
+        .user_by_email("b@x.io")
+        .is_some());
     assert_eq!(t.sim.account_counters("beta").unwrap().requests, 2);
 }
 
 #[tokio::test]
 async fn refresh_token_rotation() {
     let t = T::new().await;
-    let grant = |rt: &str| {
-        json!({"grant_type": "refresh_token", "refresh_token": rt, "client_id": DEFAULT_CLIENT_ID, "client_secret": DEFAULT_CLIENT_SECRET})
-    };
-    let r = t.send_as(&Auth::None, "POST", "/oauth/tokens", Some(grant(DEFAULT_REFRESH_TOKEN))).await;
+    let grant = |rt: &str| json!({"grant_type": "refresh_token", "refresh_token": rt, "client_id": DEFAULT_CLIENT_ID, "client_secret": DEFAULT_CLIENT_SECRET});
+    let r = t
+        .send_as(
+            &Auth::None,
+            "POST",
+            "/oauth/tokens",
+            Some(grant(DEFAULT_REFRESH_TOKEN)),
+        )
+        .await;
     assert_eq!(r.status, 201, "{}", r.text);
     assert_eq!(r.json["token_type"], "bearer");
     assert_eq!(r.json["scope"], "read write");
@@ -192,40 +296,77 @@ async fn refresh_token_rotation() {
 
     // Old pair is dead.
     let old = t
-        .send_as(&Auth::Bearer(DEFAULT_ACCESS_TOKEN.into()), "GET", "/api/v2/users/me", None)
+        .send_as(
+            &Auth::Bearer(DEFAULT_ACCESS_TOKEN.into()),
+            "GET",
+            "/api/v2/users/me",
+            None,
+        )
         .await;
     assert_eq!(old.status, 401);
     assert_eq!(old.json["error"], "invalid_token");
-    let again = t.send_as(&Auth::None, "POST", "/oauth/tokens", Some(grant(DEFAULT_REFRESH_TOKEN))).await;
+    let again = t
+        .send_as(
+            &Auth::None,
+            "POST",
+            "/oauth/tokens",
+            Some(grant(DEFAULT_REFRESH_TOKEN)),
+        )
+        .await;
     assert_eq!(again.status, 400);
     assert_eq!(again.json["error"], "invalid_grant");
 
     // New access token works and introspects.
     let r = t
-        .send_as(&Auth::Bearer(access.clone()), "GET", "/api/v2/oauth/tokens/current.json", None)
+        .send_as(
+            &Auth::Bearer(access.clone()),
+            "GET",
+            "/api/v2/oauth/tokens/current.json",
+            None,
+        )
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json["token"]["token"], access[..10]);
     assert_eq!(r.json["token"]["scopes"], json!(["read", "write"]));
-    assert!(r.json["token"]["expires_at"].as_str().unwrap().ends_with('Z'));
+    assert!(r.json["token"]["expires_at"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
 
     // Bad client secret, unknown grant, bad TTL.
     let mut bad = grant(&refresh);
     bad["client_secret"] = json!("wrong");
-    let r = t.send_as(&Auth::None, "POST", "/oauth/tokens", Some(bad)).await;
+    let r = t
+        .send_as(&Auth::None, "POST", "/oauth/tokens", Some(bad))
+        .await;
     assert_eq!(r.status, 401);
     assert_eq!(r.json["error"], "invalid_client");
     let r = t
-        .send_as(&Auth::None, "POST", "/oauth/tokens", Some(json!({"grant_type": "password"})))
+        .send_as(
+            &Auth::None,
+            "POST",
+            "/oauth/tokens",
+            Some(json!({"grant_type": "password"})),
+        )
         .await;
-    assert_eq!((r.status, r.json["error"].as_str()), (400, Some("unsupported_grant_type")));
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (400, Some("unsupported_grant_type"))
+    );
     let mut ttl = grant(&refresh);
     ttl["expires_in"] = json!(60);
-    let r = t.send_as(&Auth::None, "POST", "/oauth/tokens", Some(ttl)).await;
-    assert_eq!((r.status, r.json["error"].as_str()), (400, Some("invalid_request")));
+    let r = t
+        .send_as(&Auth::None, "POST", "/oauth/tokens", Some(ttl))
+        .await;
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
 
     // The rotated refresh token still works (the failed calls did not consume it).
-    let r = t.send_as(&Auth::None, "POST", "/oauth/tokens", Some(grant(&refresh))).await;
+    let r = t
+        .send_as(&Auth::None, "POST", "/oauth/tokens", Some(grant(&refresh)))
+        .await;
     assert_eq!(r.status, 201);
 }
 
@@ -246,7 +387,12 @@ async fn client_credentials_grant() {
     let me = t.send_as(&auth, "GET", "/api/v2/users/me", None).await;
     assert_eq!(me.json["user"]["email"], ADMIN);
     let w = t
-        .send_as(&auth, "POST", "/api/v2/users", Some(json!({"user": {"name": "x"}})))
+        .send_as(
+            &auth,
+            "POST",
+            "/api/v2/users",
+            Some(json!({"user": {"name": "x"}})),
+        )
         .await;
     assert_eq!(w.status, 403);
 }
@@ -261,23 +407,41 @@ async fn bulk_import_disabled_and_role_limits() {
         role: "agent".into(),
     });
     let t = T::start(cfg).await;
-    for path in ["/api/v2/users/create_many.json", "/api/v2/users/create_or_update_many.json"] {
+    for path in [
+        "/api/v2/users/create_many.json",
+        "/api/v2/users/create_or_update_many.json",
+    ] {
         let r = t.post(path, json!({"users": [{"name": "a"}]})).await;
         assert_eq!(r.status, 403);
         assert_eq!(r.json["error"], "Forbidden");
-        assert!(r.json["description"].as_str().unwrap().contains("Bulk user import"));
+        assert!(r.json["description"]
+            .as_str()
+            .unwrap()
+            .contains("Bulk user import"));
     }
     // Organizations are not affected.
-    let r = t.post("/api/v2/organizations/create_many", json!({"organizations": [{"name": "o"}]})).await;
+    let r = t
+        .post(
+            "/api/v2/organizations/create_many",
+            json!({"organizations": [{"name": "o"}]}),
+        )
+        .await;
     assert_eq!(r.status, 200);
     t.sim.update_settings("acme", |s| s.bulk_user_import = true);
-    let r = t.post("/api/v2/users/create_many", json!({"users": [{"name": "a"}]})).await;
+    let r = t
+        .post(
+            "/api/v2/users/create_many",
+            json!({"users": [{"name": "a"}]}),
+        )
+        .await;
     assert_eq!(r.status, 200);
 
     let agent = Auth::Basic("agent@acme.test/token".into(), DEFAULT_API_TOKEN.into());
     let me = t.send_as(&agent, "GET", "/api/v2/users/me", None).await;
     assert_eq!(me.json["user"]["role"], "agent");
-    let r = t.send_as(&agent, "DELETE", "/api/v2/users/destroy_many?ids=1", None).await;
+    let r = t
+        .send_as(&agent, "DELETE", "/api/v2/users/destroy_many?ids=1", None)
+        .await;
     assert_eq!(r.status, 403);
     assert_eq!(r.json["error"]["title"], "Forbidden");
 }
@@ -287,9 +451,15 @@ async fn unknown_endpoint_and_bad_json() {
     let t = T::new().await;
     let r = t.get("/api/v2/nothing_here.json").await;
     assert_eq!(r.status, 404);
-    assert_eq!(r.json, json!({"error": "InvalidEndpoint", "description": "Not found"}));
+    assert_eq!(
+        r.json,
+        json!({"error": "InvalidEndpoint", "description": "Not found"})
+    );
     let r = t.get("/api/v2/users/abc.json").await;
-    assert_eq!(r.json, json!({"error": "RecordNotFound", "description": "Not found"}));
+    assert_eq!(
+        r.json,
+        json!({"error": "RecordNotFound", "description": "Not found"})
+    );
     let r = t
         .http
         .post(t.url("/api/v2/users.json"))

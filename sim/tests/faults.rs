@@ -10,15 +10,19 @@ use zdsync_sim::*;
 #[tokio::test]
 async fn storm_of_429_with_retry_after() {
     let t = T::new().await;
-    t.sim.set_fault_rules(vec![FaultRule::new(FaultKind::RateLimit)
-        .path("/api/v2/users/*")
-        .times(3)
-        .retry_after(2)]);
+    t.sim
+        .set_fault_rules(vec![FaultRule::new(FaultKind::RateLimit)
+            .path("/api/v2/users/*")
+            .times(3)
+            .retry_after(2)]);
     for _ in 0..3 {
         let r = t.get("/api/v2/users/me.json").await;
         assert_eq!(r.status, 429);
         assert_eq!(r.header("retry-after"), Some("2"));
-        assert_eq!(r.json, json!({"errors": [{"code": "TooManyRequests", "title": "Too many requests"}]}));
+        assert_eq!(
+            r.json,
+            json!({"errors": [{"code": "TooManyRequests", "title": "Too many requests"}]})
+        );
         assert!(r.header("x-rate-limit").is_some());
     }
     assert_eq!(t.get("/api/v2/users/me.json").await.status, 200);
@@ -35,7 +39,8 @@ async fn storm_of_429_with_retry_after() {
 #[tokio::test]
 async fn storm_without_retry_after_and_skip() {
     let t = T::new().await;
-    t.sim.set_fault_rules(vec![FaultRule::new(FaultKind::RateLimit).skip(1).times(2)]);
+    t.sim
+        .set_fault_rules(vec![FaultRule::new(FaultKind::RateLimit).skip(1).times(2)]);
     let statuses: Vec<u16> = {
         let mut v = vec![];
         for _ in 0..4 {
@@ -55,10 +60,17 @@ async fn storm_without_retry_after_and_skip() {
 async fn unavailable_and_internal_error() {
     let t = T::new().await;
     t.sim.set_fault_rules(vec![
-        FaultRule::new(FaultKind::Unavailable).method("POST").times(1).retry_after(7),
-        FaultRule::new(FaultKind::InternalError).path("/api/v2/tickets*").times(1),
+        FaultRule::new(FaultKind::Unavailable)
+            .method("POST")
+            .times(1)
+            .retry_after(7),
+        FaultRule::new(FaultKind::InternalError)
+            .path("/api/v2/tickets*")
+            .times(1),
     ]);
-    let r = t.post("/api/v2/users", json!({"user": {"name": "a"}})).await;
+    let r = t
+        .post("/api/v2/users", json!({"user": {"name": "a"}}))
+        .await;
     assert_eq!(r.status, 503);
     assert_eq!(r.header("retry-after"), Some("7"));
     assert_eq!(r.json["error"], "ServiceUnavailable");
@@ -66,21 +78,33 @@ async fn unavailable_and_internal_error() {
     assert_eq!(t.sim.state("acme").unwrap().users.len(), 1);
     let r = t.get("/api/v2/tickets.json").await;
     assert_eq!(r.status, 500);
-    assert_eq!(r.json, json!({"errors": [{"code": "Unavailable", "title": "Internal Server Error"}]}));
+    assert_eq!(
+        r.json,
+        json!({"errors": [{"code": "Unavailable", "title": "Internal Server Error"}]})
+    );
     assert!(r.header("retry-after").is_none());
-    assert_eq!(t.post("/api/v2/users", json!({"user": {"name": "a"}})).await.status, 201);
+    assert_eq!(
+        t.post("/api/v2/users", json!({"user": {"name": "a"}}))
+            .await
+            .status,
+        201
+    );
     let c = t.sim.counters();
-    assert_eq!((c.faults["unavailable"], c.faults["internal_error"]), (1, 1));
+    assert_eq!(
+        (c.faults["unavailable"], c.faults["internal_error"]),
+        (1, 1)
+    );
 }
 
 #[tokio::test]
 async fn dropped_connection_mid_response() {
     let t = T::new().await;
-    t.sim.set_fault_rules(vec![FaultRule::new(FaultKind::DropConnection)
-        .path("/api/v2/users")
-        .method("POST")
-        .after_bytes(10)
-        .times(1)]);
+    t.sim
+        .set_fault_rules(vec![FaultRule::new(FaultKind::DropConnection)
+            .path("/api/v2/users")
+            .method("POST")
+            .after_bytes(10)
+            .times(1)]);
     let resp = t
         .http
         .post(t.url("/api/v2/users.json"))
@@ -97,7 +121,12 @@ async fn dropped_connection_mid_response() {
     };
     assert!(broken, "the body must not read cleanly");
     // The write happened even though the client never saw the answer.
-    assert!(t.sim.state("acme").unwrap().user_by_email("ghost@x.io").is_some());
+    assert!(t
+        .sim
+        .state("acme")
+        .unwrap()
+        .user_by_email("ghost@x.io")
+        .is_some());
     assert_eq!(t.sim.counters().faults["drop_connection"], 1);
     // The client recovers on a new connection.
     assert_eq!(t.get("/api/v2/users/me").await.status, 200);
@@ -106,7 +135,8 @@ async fn dropped_connection_mid_response() {
 #[tokio::test]
 async fn slow_responses() {
     let t = T::new().await;
-    t.sim.set_fault_rules(vec![FaultRule::new(FaultKind::Slow).delay_ms(300).times(1)]);
+    t.sim
+        .set_fault_rules(vec![FaultRule::new(FaultKind::Slow).delay_ms(300).times(1)]);
     let start = Instant::now();
     assert_eq!(t.get("/api/v2/users/me").await.status, 200);
     assert!(start.elapsed() >= Duration::from_millis(300));
@@ -119,18 +149,35 @@ async fn slow_responses() {
 async fn failed_and_killed_jobs() {
     let t = T::new().await;
     t.sim.set_fault_rules(vec![
-        FaultRule::new(FaultKind::FailJob).path("/api/v2/users/create_many").times(1).message("Job failed: database timeout"),
-        FaultRule::new(FaultKind::KillJob).path("/api/v2/organizations/create_many").times(1),
+        FaultRule::new(FaultKind::FailJob)
+            .path("/api/v2/users/create_many")
+            .times(1)
+            .message("Job failed: database timeout"),
+        FaultRule::new(FaultKind::KillJob)
+            .path("/api/v2/organizations/create_many")
+            .times(1),
     ]);
     let users: Vec<_> = (0..4).map(|i| json!({"name": format!("u{i}")})).collect();
-    let job = t.run_job("POST", "/api/v2/users/create_many", Some(json!({"users": users}))).await;
+    let job = t
+        .run_job(
+            "POST",
+            "/api/v2/users/create_many",
+            Some(json!({"users": users})),
+        )
+        .await;
     assert_eq!(job["status"], "failed");
     assert_eq!(job["message"], "Job failed: database timeout");
     assert_eq!(job["results"], serde_json::Value::Null);
     assert_eq!(t.sim.state("acme").unwrap().users.len(), 1);
 
     let orgs: Vec<_> = (0..4).map(|i| json!({"name": format!("o{i}")})).collect();
-    let job = t.run_job("POST", "/api/v2/organizations/create_many", Some(json!({"organizations": orgs}))).await;
+    let job = t
+        .run_job(
+            "POST",
+            "/api/v2/organizations/create_many",
+            Some(json!({"organizations": orgs})),
+        )
+        .await;
     assert_eq!(job["status"], "killed");
     assert_eq!(job["message"], "Job killed by the simulator");
     assert_eq!(job["progress"], 2);
@@ -139,7 +186,13 @@ async fn failed_and_killed_jobs() {
     let c = t.sim.counters();
     assert_eq!((c.jobs_failed, c.jobs_killed, c.jobs_completed), (1, 1, 0));
     // Next job is normal.
-    let job = t.run_job("POST", "/api/v2/users/create_many", Some(json!({"users": [{"name": "x"}]}))).await;
+    let job = t
+        .run_job(
+            "POST",
+            "/api/v2/users/create_many",
+            Some(json!({"users": [{"name": "x"}]})),
+        )
+        .await;
     assert_eq!(job["status"], "completed");
 }
 
@@ -154,8 +207,16 @@ async fn failing_indexes(seed: u64) -> Vec<u64> {
         ..SimConfig::default()
     };
     let t = T::start(cfg).await;
-    let users: Vec<_> = (0..100).map(|i| json!({"name": format!("u{i}"), "email": format!("u{i}@x.io")})).collect();
-    let job = t.run_job("POST", "/api/v2/users/create_or_update_many", Some(json!({"users": users}))).await;
+    let users: Vec<_> = (0..100)
+        .map(|i| json!({"name": format!("u{i}"), "email": format!("u{i}@x.io")}))
+        .collect();
+    let job = t
+        .run_job(
+            "POST",
+            "/api/v2/users/create_or_update_many",
+            Some(json!({"users": users})),
+        )
+        .await;
     assert_eq!(job["status"], "completed");
     let res = job["results"].as_array().unwrap();
     let failed: Vec<u64> = res
@@ -165,12 +226,18 @@ async fn failing_indexes(seed: u64) -> Vec<u64> {
         .collect();
     for i in &failed {
         let r = &res[*i as usize];
-        assert_eq!((r["error"].as_str(), r["details"].as_str()), (Some("InternalError"), Some("Item failed")));
+        assert_eq!(
+            (r["error"].as_str(), r["details"].as_str()),
+            (Some("InternalError"), Some("Item failed"))
+        );
         assert_eq!(r["email"], format!("u{i}@x.io"));
     }
     let c = t.sim.counters();
     assert_eq!(c.job_items_failed, failed.len() as u64);
-    assert_eq!(t.sim.state("acme").unwrap().users.len(), 1 + 100 - failed.len());
+    assert_eq!(
+        t.sim.state("acme").unwrap().users.len(),
+        1 + 100 - failed.len()
+    );
     failed
 }
 
@@ -187,9 +254,14 @@ async fn a_fraction_of_items_fail_deterministically() {
 #[tokio::test]
 async fn probability_is_seeded_and_account_scoped() {
     let run = |seed: u64| async move {
-        let mut cfg = SimConfig { seed, ..SimConfig::default() };
+        let mut cfg = SimConfig {
+            seed,
+            ..SimConfig::default()
+        };
         cfg.accounts.push(AccountConfig::new("other"));
-        cfg.faults = FaultConfig::with_rules(vec![FaultRule::new(FaultKind::InternalError).probability(0.5).account("acme")]);
+        cfg.faults = FaultConfig::with_rules(vec![FaultRule::new(FaultKind::InternalError)
+            .probability(0.5)
+            .account("acme")]);
         let t = T::start(cfg).await;
         let mut v = vec![];
         for _ in 0..30 {
@@ -197,7 +269,12 @@ async fn probability_is_seeded_and_account_scoped() {
         }
         let other = Auth::Basic("admin@other.test/token".into(), DEFAULT_API_TOKEN.into());
         let o = t
-            .send_as(&other, "GET", &format!("{}/api/v2/users/me", t.sim.account_url("other")), None)
+            .send_as(
+                &other,
+                "GET",
+                &format!("{}/api/v2/users/me", t.sim.account_url("other")),
+                None,
+            )
             .await;
         assert_eq!(o.status, 200);
         v

@@ -67,7 +67,13 @@ impl T {
         }
     }
 
-    pub async fn send_as(&self, auth: &Auth, method: &str, path: &str, body: Option<Value>) -> Resp {
+    pub async fn send_as(
+        &self,
+        auth: &Auth,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Resp {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut rb = self.http.request(m, self.url(path));
         rb = match auth {
@@ -115,7 +121,10 @@ impl T {
             let r = self.get(&url).await;
             assert_eq!(r.status, 200, "{}", r.text);
             let js = r.json["job_status"].clone();
-            if matches!(js["status"].as_str(), Some("completed" | "failed" | "killed")) {
+            if matches!(
+                js["status"].as_str(),
+                Some("completed" | "failed" | "killed")
+            ) {
                 return js;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
