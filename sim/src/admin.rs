@@ -276,8 +276,8 @@ fn bad(msg: impl Into<String>) -> Response {
     reply(StatusCode::BAD_REQUEST, json!({"error": msg.into()}))
 }
 
-fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid body: {e}")))
+fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("invalid body: {e}"))
 }
 
 /// `/__sim/...` requests. Not counted, not logged, not rate limited.
@@ -298,7 +298,7 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
     let sub = q.get("account").unwrap_or(&default_sub).to_string();
     let path = parts.uri.path().trim_end_matches('/');
     let m = &parts.method;
-    let result: Result<Response, Response> = (|| {
+    let result: Result<Response, String> = (|| {
         Ok(match (m.clone(), path) {
             (Method::GET, "/__sim/health") => reply(StatusCode::OK, json!({"ok": true})),
             (Method::GET, "/__sim/accounts") => {
@@ -316,7 +316,7 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
                 let base = format!("http://{host}/sub/{sub}");
                 let snap = sim
                     .snapshot(&sub, &base)
-                    .ok_or_else(|| bad(format!("no account {sub}")))?;
+                    .ok_or_else(|| format!("no account {sub}"))?;
                 reply(
                     StatusCode::OK,
                     serde_json::to_value(snap).unwrap_or_default(),
@@ -326,7 +326,7 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
                 let which = q.get("account");
                 let c = sim
                     .counters_for(which)
-                    .ok_or_else(|| bad(format!("no account {sub}")))?;
+                    .ok_or_else(|| format!("no account {sub}"))?;
                 reply(StatusCode::OK, serde_json::to_value(c).unwrap_or_default())
             }
             (Method::GET, "/__sim/requests") => {
@@ -339,7 +339,7 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
                 } else {
                     parse(&bytes)?
                 };
-                sim.reset_all(faults).map_err(bad)?;
+                sim.reset_all(faults)?;
                 reply(StatusCode::OK, json!({"ok": true}))
             }
             (Method::GET, "/__sim/faults") => reply(
@@ -356,7 +356,7 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
             }
             (Method::POST, "/__sim/seed") => {
                 let data: SeedData = parse(&bytes)?;
-                let ids = sim.seed(&sub, &data).map_err(bad)?;
+                let ids = sim.seed(&sub, &data)?;
                 reply(
                     StatusCode::CREATED,
                     serde_json::to_value(ids).unwrap_or_default(),
@@ -368,7 +368,7 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
                 } else {
                     parse(&bytes)?
                 };
-                let t = sim.mint(&sub, &r).map_err(bad)?;
+                let t = sim.mint(&sub, &r)?;
                 reply(
                     StatusCode::CREATED,
                     serde_json::to_value(t).unwrap_or_default(),
@@ -378,22 +378,20 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
                 let v: Value = parse(&bytes)?;
                 let tok = v["access_token"]
                     .as_str()
-                    .ok_or_else(|| bad("access_token is required"))?;
+                    .ok_or("access_token is required")?;
                 let ok = if path.ends_with("expire") {
                     sim.expire_token(&sub, tok)
                 } else {
                     sim.revoke_token(&sub, tok)
                 };
                 if !ok {
-                    return Err(bad("unknown token"));
+                    return Err("unknown token".into());
                 }
                 reply(StatusCode::OK, json!({"ok": true}))
             }
             (Method::POST, "/__sim/clock") => {
                 let v: Value = parse(&bytes)?;
-                let ms = v["advance_ms"]
-                    .as_i64()
-                    .ok_or_else(|| bad("advance_ms is required"))?;
+                let ms = v["advance_ms"].as_i64().ok_or("advance_ms is required")?;
                 sim.clock.advance(ms);
                 reply(
                     StatusCode::OK,
@@ -403,7 +401,7 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
             (Method::GET, "/__sim/settings") => {
                 let a = sim
                     .account(&sub)
-                    .ok_or_else(|| bad(format!("no account {sub}")))?;
+                    .ok_or_else(|| format!("no account {sub}"))?;
                 reply(
                     StatusCode::OK,
                     serde_json::to_value(a.settings()).unwrap_or_default(),
@@ -411,7 +409,7 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
             }
             (Method::PUT, "/__sim/settings") => {
                 if !sim.set_settings(&sub, parse(&bytes)?) {
-                    return Err(bad(format!("no account {sub}")));
+                    return Err(format!("no account {sub}"));
                 }
                 reply(StatusCode::OK, json!({"ok": true}))
             }
@@ -448,5 +446,5 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
             ),
         })
     })();
-    result.unwrap_or_else(|e| e)
+    result.unwrap_or_else(bad)
 }

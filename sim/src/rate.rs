@@ -24,7 +24,7 @@ pub struct RateDecision {
 }
 
 fn ceil_secs(ms: i64) -> u64 {
-    ((ms.max(0) as u64) + 999) / 1000
+    (ms.max(0) as u64).div_ceil(1000)
 }
 
 impl RateState {

@@ -4,9 +4,11 @@
 
 use crate::config::{Behavior, MatchConflict};
 use crate::fields::{FieldError, FieldSet, Target};
-use crate::util::{add_tags, as_id, as_text, email_is_valid, normalize_tags, remove_tags};
+use crate::util::{
+    add_tags, as_id, as_text, email_is_valid, lower, normalize_tags, remove_tags, FastMap,
+};
 use serde_json::{json, Map, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// Ids start above 2^32 (as real Zendesk ids do) so 32-bit client bugs show; ticket ids are
 /// small per-account sequence numbers, as in Zendesk.
@@ -304,13 +306,13 @@ pub struct Store {
     next_ticket: u64,
     next_comment: u64,
     pub users: BTreeMap<u64, User>,
-    user_email: HashMap<String, u64>,
-    user_ext: HashMap<String, u64>,
+    user_email: FastMap<String, u64>,
+    user_ext: FastMap<String, u64>,
     pub orgs: BTreeMap<u64, Organization>,
-    org_name: HashMap<String, u64>,
-    org_ext: HashMap<String, u64>,
+    org_name: FastMap<String, u64>,
+    org_ext: FastMap<String, u64>,
     pub tickets: BTreeMap<u64, Ticket>,
-    ticket_ext: HashMap<String, Vec<u64>>,
+    ticket_ext: FastMap<String, Vec<u64>>,
     /// Every active field key with a null value: records store only the values set, and
     /// rendering fills in the rest (saves a map per record on bulk creates).
     user_blank: Map<String, Value>,
@@ -325,13 +327,13 @@ impl Default for Store {
             next_ticket: FIRST_TICKET_ID,
             next_comment: 30_000_000_001,
             users: BTreeMap::new(),
-            user_email: HashMap::new(),
-            user_ext: HashMap::new(),
+            user_email: FastMap::default(),
+            user_ext: FastMap::default(),
             orgs: BTreeMap::new(),
-            org_name: HashMap::new(),
-            org_ext: HashMap::new(),
+            org_name: FastMap::default(),
+            org_ext: FastMap::default(),
             tickets: BTreeMap::new(),
-            ticket_ext: HashMap::new(),
+            ticket_ext: FastMap::default(),
             user_blank: Map::new(),
             org_blank: Map::new(),
         }
@@ -368,19 +370,19 @@ impl Store {
     // ---- lookups -------------------------------------------------------------------------
 
     pub fn user_id_by_email(&self, email: &str) -> Option<u64> {
-        self.user_email.get(&email.to_lowercase()).copied()
+        self.user_email.get(lower(email).as_ref()).copied()
     }
 
     pub fn user_id_by_external(&self, ext: &str) -> Option<u64> {
-        self.user_ext.get(&ext.to_lowercase()).copied()
+        self.user_ext.get(lower(ext).as_ref()).copied()
     }
 
     pub fn org_id_by_external(&self, ext: &str) -> Option<u64> {
-        self.org_ext.get(&ext.to_lowercase()).copied()
+        self.org_ext.get(lower(ext).as_ref()).copied()
     }
 
     pub fn org_id_by_name(&self, name: &str) -> Option<u64> {
-        self.org_name.get(&name.to_lowercase()).copied()
+        self.org_name.get(lower(name).as_ref()).copied()
     }
 
     pub fn ticket_ids_by_external(&self, ext: &str) -> Vec<u64> {
