@@ -171,78 +171,82 @@ pub(crate) fn route(method: &Method, path: &str) -> Route {
         "ticket_fields" => Some(Target::Ticket),
         _ => None,
     };
+    let (head, tail) = seg.split_first().expect("split yields at least one item");
+    if let Some(f) = field_target(head) {
+        return match tail {
+            [] if get => Route::FieldsList(f),
+            [id] if get => Route::FieldShow(f, id.to_string()),
+            [id, "options"] if get && f != Target::Organization => {
+                Route::FieldOptions(f, id.to_string())
+            }
+            _ => Route::NotFound,
+        };
+    }
+    if let Some(t) = target(head) {
+        return match tail {
+            ["me"] if get && t == Target::User => Route::Me,
+            [] => match *m {
+                Method::GET => Route::List(t),
+                Method::POST => Route::Create(t),
+                _ => Route::NotFound,
+            },
+            [op] => record_route(t, op, m),
+            [id, "tags"] => {
+                let Ok(id) = id.parse::<u64>() else {
+                    return Route::BadId(t);
+                };
+                match *m {
+                    Method::GET => Route::Tags(t, id, TagVerb::List),
+                    Method::POST => Route::Tags(t, id, TagVerb::Set),
+                    Method::PUT => Route::Tags(t, id, TagVerb::Add),
+                    Method::DELETE => Route::Tags(t, id, TagVerb::Remove),
+                    _ => Route::NotFound,
+                }
+            }
+            _ => Route::NotFound,
+        };
+    }
     match seg.as_slice() {
-        ["users", "me"] if get => Route::Me,
         ["oauth", "tokens", "current"] if get => Route::TokenCurrent,
         ["search"] if get => Route::GlobalSearch,
         ["job_statuses"] if get => Route::JobsList,
         ["job_statuses", "show_many"] if get => Route::JobsShowMany,
         ["job_statuses", id] if get => Route::JobShow(id.to_string()),
-        [f] if get && field_target(f).is_some() => Route::FieldsList(field_target(f).unwrap()),
-        [f, id] if get && field_target(f).is_some() => {
-            Route::FieldShow(field_target(f).unwrap(), id.to_string())
-        }
-        [f, id, "options"] if get && matches!(*f, "user_fields" | "ticket_fields") => {
-            Route::FieldOptions(field_target(f).unwrap(), id.to_string())
-        }
-        [t] if target(t).is_some() => {
-            let t = target(t).unwrap();
-            match *m {
-                Method::GET => Route::List(t),
-                Method::POST => Route::Create(t),
-                _ => Route::NotFound,
-            }
-        }
-        [t, op] if target(t).is_some() => {
-            let t = target(t).unwrap();
-            match (*op, m.clone()) {
-                ("create_or_update", Method::POST) if t != Target::Ticket => {
-                    Route::CreateOrUpdate(t)
-                }
-                ("create_many", Method::POST) => Route::CreateMany(t),
-                ("create_or_update_many", Method::POST) if t == Target::User => {
-                    Route::CreateOrUpdateMany(t)
-                }
-                ("update_many", Method::PUT) => Route::UpdateMany(t),
-                ("destroy_many", Method::DELETE) => Route::DestroyMany(t),
-                ("show_many", Method::GET) => Route::ShowMany(t),
-                ("search", Method::GET) if t != Target::Ticket => Route::Search(t),
-                (
-                    "create_or_update"
-                    | "create_many"
-                    | "create_or_update_many"
-                    | "update_many"
-                    | "destroy_many"
-                    | "show_many"
-                    | "search",
-                    _,
-                ) => Route::NotFound,
-                (id, method) => match id.parse::<u64>() {
-                    Ok(id) => match method {
-                        Method::GET => Route::Show(t, id),
-                        Method::PUT => Route::Update(t, id),
-                        Method::DELETE => Route::Delete(t, id),
-                        _ => Route::NotFound,
-                    },
-                    Err(_) => Route::BadId(t),
-                },
-            }
-        }
-        [t, id, "tags"] if target(t).is_some() => {
-            let t = target(t).unwrap();
-            let Ok(id) = id.parse::<u64>() else {
-                return Route::BadId(t);
-            };
-            let verb = match *m {
-                Method::GET => TagVerb::List,
-                Method::POST => TagVerb::Set,
-                Method::PUT => TagVerb::Add,
-                Method::DELETE => TagVerb::Remove,
-                _ => return Route::NotFound,
-            };
-            Route::Tags(t, id, verb)
-        }
         _ => Route::NotFound,
+    }
+}
+
+/// `/api/v2/{users|organizations|tickets}/{op or id}`.
+fn record_route(t: Target, op: &str, m: &Method) -> Route {
+    match (op, m.clone()) {
+        ("create_or_update", Method::POST) if t != Target::Ticket => Route::CreateOrUpdate(t),
+        ("create_many", Method::POST) => Route::CreateMany(t),
+        ("create_or_update_many", Method::POST) if t == Target::User => {
+            Route::CreateOrUpdateMany(t)
+        }
+        ("update_many", Method::PUT) => Route::UpdateMany(t),
+        ("destroy_many", Method::DELETE) => Route::DestroyMany(t),
+        ("show_many", Method::GET) => Route::ShowMany(t),
+        ("search", Method::GET) if t != Target::Ticket => Route::Search(t),
+        (
+            "create_or_update"
+            | "create_many"
+            | "create_or_update_many"
+            | "update_many"
+            | "destroy_many"
+            | "show_many"
+            | "search",
+            _,
+        ) => Route::NotFound,
+        (id, method) => match id.parse::<u64>() {
+            Ok(id) => match method {
+                Method::GET => Route::Show(t, id),
+                Method::PUT => Route::Update(t, id),
+                Method::DELETE => Route::Delete(t, id),
+                _ => Route::NotFound,
+            },
+            Err(_) => Route::BadId(t),
+        },
     }
 }
 
@@ -334,10 +338,7 @@ pub(crate) fn render(
             .users
             .get(&id)
             .map(|u| store.render_user(u, base, tagging_on(acct, t))),
-        Target::Organization => store
-            .orgs
-            .get(&id)
-            .map(|o| store.render_org(o, base, tagging_on(acct, t))),
+        Target::Organization => store.orgs.get(&id).map(|o| store.render_org(o, base)),
         Target::Ticket => store.tickets.get(&id).map(|x| store.render_ticket(x, base)),
     }
 }
@@ -771,7 +772,7 @@ fn global_search(req: &mut Req) -> Res {
     }
     if kind.is_empty() || kind == "organization" {
         for o in store.orgs.values().filter(|o| org_matches(o, q)) {
-            results.push(tag(store.render_org(o, req.base, true), "organization"));
+            results.push(tag(store.render_org(o, req.base), "organization"));
         }
     }
     if kind.is_empty() || kind == "ticket" {

@@ -1412,7 +1412,7 @@ impl Store {
         Value::Object(m)
     }
 
-    pub fn render_org(&self, o: &Organization, base: &str, tagging: bool) -> Value {
+    pub fn render_org(&self, o: &Organization, base: &str) -> Value {
         let attr = |k: &str, default: Value| o.attrs.get(k).cloned().unwrap_or(default);
         let mut m = Map::new();
         m.insert(
@@ -1437,7 +1437,6 @@ impl Store {
         m.insert("notes".into(), attr("notes", Value::Null));
         m.insert("group_id".into(), attr("group_id", Value::Null));
         // Organizations always show `tags`; writes are ignored while tagging is off.
-        let _ = tagging;
         m.insert("tags".into(), json!(o.tags));
         let mut fields = self.org_blank.clone();
         fields.extend(

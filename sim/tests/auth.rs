@@ -471,3 +471,36 @@ async fn unknown_endpoint_and_bad_json() {
         .unwrap();
     assert_eq!(r.status(), 400);
 }
+
+#[tokio::test]
+async fn localhost_host_routing_and_default_account() {
+    let mut cfg = SimConfig::default();
+    cfg.accounts.push(AccountConfig::new("beta"));
+    cfg.default_account = Some("beta".into());
+    let t = T::start(cfg).await;
+    let port = t.sim.addr().port();
+    let client = reqwest::Client::builder()
+        .resolve("acme.localhost", t.sim.addr())
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!("http://acme.localhost:{port}/api/v2/users/me.json"))
+        .basic_auth(format!("{ADMIN}/token"), Some(DEFAULT_API_TOKEN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The plain base URL now serves beta, so acme's credentials fail there.
+    assert_eq!(t.get("/api/v2/users/me.json").await.status, 401);
+    let beta = Auth::Basic("admin@beta.test/token".into(), DEFAULT_API_TOKEN.into());
+    let r = t.send_as(&beta, "GET", "/api/v2/users/me.json", None).await;
+    assert_eq!(r.json["user"]["email"], "admin@beta.test");
+    // Token introspection needs a bearer token.
+    assert_eq!(
+        t.send_as(&beta, "GET", "/api/v2/oauth/tokens/current", None)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(t.sim.counters().requests, 4);
+}

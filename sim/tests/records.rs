@@ -823,6 +823,28 @@ async fn fields_fixture_from_file() {
     assert_eq!(r.json["user"]["user_fields"], json!({"level": "lvl_high"}));
     // Ticket fields still include the system fields.
     assert_eq!(t.get("/api/v2/ticket_fields").await.json["count"], 7);
+
+    // The same fixture as TOML, per account.
+    let toml_path = dir.path().join("fields.toml");
+    std::fs::write(
+        &toml_path,
+        "[[organization_fields]]\nkey = \"tier\"\ntype = \"integer\"\ntitle = \"Tier\"\n",
+    )
+    .unwrap();
+    let mut cfg = SimConfig::default();
+    cfg.accounts[0].fields_path = Some(toml_path);
+    let t = T::start(cfg).await;
+    let r = t
+        .post(
+            "/api/v2/organizations",
+            json!({"organization": {"name": "O", "organization_fields": {"tier": "x"}}}),
+        )
+        .await;
+    assert_eq!(
+        r.json["details"]["tier"][0]["description"],
+        "Tier is not valid"
+    );
+    assert_eq!(t.get("/api/v2/user_fields").await.json["count"], 0);
 }
 
 #[tokio::test]
