@@ -5,6 +5,7 @@
 //! next to `grant_refresh` / `grant_client_credentials` without changing the token model.
 
 use crate::config::{AccountConfig, ClientKind};
+use crate::util::as_id;
 use base64::Engine;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -428,9 +429,7 @@ impl AuthStore {
         let bad = |d: &str| grant_err(400, "invalid_request", d);
         let expires_in = match body.get("expires_in").filter(|v| !v.is_null()) {
             Some(v) => {
-                let s = v
-                    .as_u64()
-                    .ok_or_else(|| bad("expires_in must be an integer"))?;
+                let s = as_id(v).ok_or_else(|| bad("expires_in must be an integer"))?;
                 if s <= 300 || s >= 172_800 {
                     return Err(bad(
                         "expires_in must be more than 300 and less than 172800 seconds",
@@ -445,9 +444,8 @@ impl AuthStore {
             .filter(|v| !v.is_null())
         {
             Some(v) => {
-                let s = v
-                    .as_u64()
-                    .ok_or_else(|| bad("refresh_token_expires_in must be an integer"))?;
+                let s =
+                    as_id(v).ok_or_else(|| bad("refresh_token_expires_in must be an integer"))?;
                 if s <= 604_800 || s >= 7_776_000 {
                     return Err(bad(
                         "refresh_token_expires_in must be more than 604800 and less than 7776000 seconds",

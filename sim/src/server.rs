@@ -519,6 +519,32 @@ fn normalize(path: &str) -> &str {
     p.strip_suffix(".json").unwrap_or(p)
 }
 
+/// A token request body: JSON (as Zendesk documents) or form-encoded (as RFC 6749 clients send).
+fn token_request(bytes: &[u8]) -> Option<Map<String, Value>> {
+    if let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(bytes) {
+        return Some(m);
+    }
+    let m: Map<String, Value> = form_urlencoded::parse(bytes)
+        .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
+        .collect();
+    (!m.is_empty() && m.contains_key("grant_type")).then_some(m)
+}
+
+/// `Authorization: Basic base64(id:secret)` as a (client id, secret) pair.
+fn basic_pair(header: &str) -> Option<(String, String)> {
+    use base64::Engine;
+    let (scheme, rest) = header.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(rest.trim())
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (id, secret) = text.split_once(':')?;
+    Some((id.to_string(), secret.to_string()))
+}
+
 struct Outcome {
     reply: Reply,
     auth: Option<(AuthKind, u64)>,
@@ -539,6 +565,32 @@ fn process(
     base: &str,
     now: i64,
 ) -> Outcome {
+    if route == Route::OAuthTokens {
+        let Some(mut b) = token_request(&bytes) else {
+            return Outcome {
+                reply: Reply::json(
+                    400,
+                    json!({"error": "invalid_request", "error_description": "The request is missing a required parameter, includes an unsupported parameter value, or is otherwise malformed."}),
+                ),
+                auth: None,
+                rate: None,
+            };
+        };
+        // Client authentication may also come as HTTP Basic (client_secret_basic).
+        if let Some((id, secret)) = auth_header.and_then(basic_pair) {
+            b.entry("client_id").or_insert(Value::String(id));
+            b.entry("client_secret").or_insert(Value::String(secret));
+        }
+        let reply = match lock(&account.auth).grant(&b, now) {
+            Ok(v) => Reply::json(201, v),
+            Err(e) => Reply::json(e.status, e.body),
+        };
+        return Outcome {
+            reply,
+            auth: None,
+            rate: None,
+        };
+    }
     let body = if bytes.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
@@ -557,27 +609,6 @@ fn process(
             }
         }
     };
-    if route == Route::OAuthTokens {
-        let Some(Value::Object(b)) = body else {
-            return Outcome {
-                reply: Reply::json(
-                    400,
-                    json!({"error": "invalid_request", "error_description": "The request is missing a required parameter, includes an unsupported parameter value, or is otherwise malformed."}),
-                ),
-                auth: None,
-                rate: None,
-            };
-        };
-        let reply = match lock(&account.auth).grant(&b, now) {
-            Ok(v) => Reply::json(201, v),
-            Err(e) => Reply::json(e.status, e.body),
-        };
-        return Outcome {
-            reply,
-            auth: None,
-            rate: None,
-        };
-    }
     let principal = match lock(&account.auth).authenticate(auth_header, now) {
         Ok(p) => p,
         Err(e) => {

@@ -504,3 +504,27 @@ async fn localhost_host_routing_and_default_account() {
     );
     assert_eq!(t.sim.counters().requests, 4);
 }
+
+#[tokio::test]
+async fn token_endpoint_takes_form_bodies_and_basic_client_auth() {
+    let t = T::new().await;
+    let r = t
+        .http
+        .post(t.url("/oauth/tokens"))
+        .basic_auth(DEFAULT_CLIENT_ID, Some(DEFAULT_CLIENT_SECRET))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "grant_type=refresh_token&refresh_token={DEFAULT_REFRESH_TOKEN}&expires_in=3600"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["expires_in"], 3600);
+    let r = t
+        .send_as(&Auth::None, "POST", "/oauth/tokens", Some(json!({})))
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json["error"], "invalid_request");
+}
