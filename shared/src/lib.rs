@@ -12,3 +12,4 @@ pub mod mapping;
 pub mod plan;
 pub mod state;
 pub mod store;
+pub mod zendesk;

@@ -1,0 +1,99 @@
+//! Typed Zendesk errors: the troubleshooting cases of the product spec each get one variant and
+//! one message that says what to fix. Messages never contain a credential.
+
+use std::time::Duration;
+
+/// How the client authenticates, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    ApiToken,
+    OAuth,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ZendeskError {
+    /// The credential store has nothing usable (missing env var, unreadable file).
+    #[error("Zendesk credentials: {message}")]
+    Credentials { message: String },
+    /// 401 (after one refresh for OAuth).
+    #[error("{message}")]
+    AuthFailed { method: AuthMethod, message: String },
+    #[error("no Zendesk account at `{subdomain}.zendesk.com`: check `subdomain` in [zendesk]; for https://mycompany.zendesk.com enter \"mycompany\"")]
+    SubdomainNotFound { subdomain: String },
+    #[error("the Zendesk credential lacks the `{scope}` scope: {hint}")]
+    MissingScope { scope: String, hint: String },
+    #[error("bulk user import is not enabled on this Zendesk account: the account owner must ask Zendesk Customer Support to turn it on (users `create_many` / `create_or_update_many` answer 403 until then)")]
+    BulkImportDisabled,
+    /// 403 for any other reason (role, plan).
+    #[error("Zendesk refused the request ({path}): {message}")]
+    Forbidden { path: String, message: String },
+    /// 429s outlasted the retry budget.
+    #[error("Zendesk rate limit: still limited after {attempts} attempts ({path})")]
+    RateLimited {
+        path: String,
+        attempts: u32,
+        retry_after: Option<Duration>,
+    },
+    /// 5xx (503 included) outlasted the retry budget.
+    #[error("Zendesk unavailable: HTTP {status} after {attempts} attempts ({path}): {message}")]
+    Unavailable {
+        path: String,
+        status: u16,
+        attempts: u32,
+        message: String,
+    },
+    /// Connection errors and timeouts outlasted the retry budget.
+    #[error("cannot reach Zendesk ({path}) after {attempts} attempts: {message}")]
+    Transport {
+        path: String,
+        attempts: u32,
+        message: String,
+    },
+    /// A request that must not be repeated (it may create records) was sent, but no answer came
+    /// back: Zendesk may or may not have acted on it.
+    #[error("no answer from Zendesk for {path} after it was sent: {message}")]
+    OutcomeUnknown { path: String, message: String },
+    /// Any other 4xx: the error envelope parsed (`error`/`description`/`details`, `errors[]`,
+    /// or `error.title`/`error.message`).
+    #[error("Zendesk answered HTTP {status} to {path}: {code}: {description}")]
+    Api {
+        path: String,
+        status: u16,
+        code: String,
+        description: String,
+        details: Option<serde_json::Value>,
+    },
+    /// A 2xx with a body that is not what the endpoint documents.
+    #[error("unexpected answer from Zendesk ({path}): {message}")]
+    Protocol { path: String, message: String },
+}
+
+impl ZendeskError {
+    /// The closed set of error names Step Functions retries and catches on.
+    pub fn error_name(&self) -> &'static str {
+        match self {
+            ZendeskError::Credentials { .. } | ZendeskError::AuthFailed { .. } => "AuthFailed",
+            ZendeskError::SubdomainNotFound { .. } => "SubdomainNotFound",
+            ZendeskError::MissingScope { .. } | ZendeskError::Forbidden { .. } => "MissingScope",
+            ZendeskError::BulkImportDisabled => "BulkImportDisabled",
+            ZendeskError::RateLimited { .. } => "RateLimited",
+            ZendeskError::Unavailable { .. }
+            | ZendeskError::Transport { .. }
+            | ZendeskError::OutcomeUnknown { .. } => "ZendeskUnavailable",
+            ZendeskError::Api { .. } | ZendeskError::Protocol { .. } => "ZendeskRejected",
+        }
+    }
+
+    /// Errors that no retry fixes: the run stops and the user changes config or credentials.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            ZendeskError::Credentials { .. }
+                | ZendeskError::AuthFailed { .. }
+                | ZendeskError::SubdomainNotFound { .. }
+                | ZendeskError::MissingScope { .. }
+                | ZendeskError::BulkImportDisabled
+                | ZendeskError::Forbidden { .. }
+        )
+    }
+}

@@ -1,0 +1,12 @@
+//! The Zendesk port: an HTTP client with authentication, one shared request budget, retries and
+//! typed errors, plus the job-status shapes the writer polls.
+
+pub mod auth;
+pub mod client;
+pub mod error;
+pub mod jobs;
+
+pub use auth::{credential_store, CredentialStore, Credentials, Secret};
+pub use client::{Client, ClientOptions, ClientStats, Idempotency, Preflight};
+pub use error::ZendeskError;
+pub use jobs::{JobResult, JobStatus};
