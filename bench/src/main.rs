@@ -223,13 +223,14 @@ fn confirm_all(store: &LocalStore, run: &str) {
                 status: RowStatus::Confirmed,
                 id: Some(id),
                 error: None,
+                action: None,
             };
             serde_json::to_writer(&mut out, &r).unwrap();
             out.push(b'\n');
         }
         store
             .put(
-                &layout::results_key(&m.sync, run, layout::chunk_name(&c.key)),
+                &layout::batch_results_key(&m.sync, run, layout::chunk_name(&c.key), 0),
                 &out,
             )
             .unwrap();

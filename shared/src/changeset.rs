@@ -106,6 +106,16 @@ pub struct ResultRow {
     pub id: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What Zendesk did with a confirmed row: `created` or `updated`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Action>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Created,
+    Updated,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,12 +222,29 @@ pub fn read_manifest(store: &dyn ObjectStore, key: &str) -> Result<Manifest, Cha
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct FoldSummary {
     pub confirmed: u64,
+    /// Confirmed rows Zendesk created / updated (its own word where the job said, else the
+    /// chunk's op).
+    pub created: u64,
+    pub updated: u64,
     pub failed: u64,
     /// Rows of chunks with no recorded outcome (never sent, or the writer died): resent next run.
     pub unknown: u64,
     pub removed: u64,
     pub state_entries: u64,
+    /// The first failed rows, with Zendesk's reasons.
+    pub failed_samples: Vec<FailedSample>,
 }
+
+/// A row Zendesk refused (or that has no outcome), for run records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedSample {
+    pub pk: String,
+    pub op: Op,
+    pub reason: String,
+}
+
+/// Failed rows kept as samples in a fold summary.
+pub const FAILED_SAMPLES: usize = 20;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -233,6 +260,28 @@ struct Change {
     kind: Kind,
     key_start: u32,
     key_len: u32,
+}
+
+/// Every recorded outcome of one chunk (all its batch result files), by row position. A row
+/// recorded twice (a batch redone after a crash) keeps its last outcome.
+pub fn read_results(
+    store: &dyn ObjectStore,
+    sync: &str,
+    run: &str,
+    chunk_name: &str,
+) -> Result<HashMap<u32, ResultRow>, ChangeSetError> {
+    let prefix = layout::results_prefix(sync, run, chunk_name);
+    let objects = store.list(&prefix).map_err(|source| ChangeSetError::Io {
+        key: prefix.clone(),
+        source,
+    })?;
+    let mut outcomes = HashMap::new();
+    for o in objects.iter().filter(|o| o.key.ends_with(".jsonl")) {
+        for r in read_jsonl::<ResultRow>(store, &o.key)? {
+            outcomes.insert(r.i, r);
+        }
+    }
+    Ok(outcomes)
 }
 
 /// Fold a run's outcomes into the sync's next state: confirmed rows advance to their new
@@ -261,20 +310,7 @@ pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary,
 
     for chunk in &manifest.chunks {
         let name = layout::chunk_name(&chunk.key);
-        let results_key = layout::results_key(&manifest.sync, &manifest.run_id, name);
-        let mut outcomes: HashMap<u32, ResultRow> = HashMap::new();
-        if store
-            .head(&results_key)
-            .map_err(|source| ChangeSetError::Io {
-                key: results_key.clone(),
-                source,
-            })?
-            .is_some()
-        {
-            for r in read_jsonl::<ResultRow>(store, &results_key)? {
-                outcomes.insert(r.i, r);
-            }
-        }
+        let outcomes = read_results(store, &manifest.sync, &manifest.run_id, name)?;
         for row in read_jsonl::<ChunkRowHead>(store, &chunk.key)? {
             let h = parse_hex(&row.h)
                 .ok_or_else(|| bad(&chunk.key, format!("bad key hash {:?}", row.h)))?;
@@ -283,11 +319,22 @@ pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary,
             match outcomes.get(&row.i) {
                 Some(r) if r.status == RowStatus::Confirmed => {
                     summary.confirmed += 1;
+                    match (r.action, chunk.op) {
+                        (Some(Action::Updated), _) | (None, Op::Update) => summary.updated += 1,
+                        _ => summary.created += 1,
+                    }
                     let id = r.id.or(row.id).unwrap_or(0);
                     push(&mut changes, h, fp, id, Kind::Confirmed, &row.pk);
                 }
-                Some(_) => {
+                Some(r) => {
                     summary.failed += 1;
+                    if summary.failed_samples.len() < FAILED_SAMPLES {
+                        summary.failed_samples.push(FailedSample {
+                            pk: row.pk.clone(),
+                            op: chunk.op,
+                            reason: r.error.clone().unwrap_or_default(),
+                        });
+                    }
                     push(
                         &mut changes,
                         h,
@@ -299,6 +346,13 @@ pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary,
                 }
                 None => {
                     summary.unknown += 1;
+                    if summary.failed_samples.len() < FAILED_SAMPLES {
+                        summary.failed_samples.push(FailedSample {
+                            pk: row.pk.clone(),
+                            op: chunk.op,
+                            reason: "no outcome was recorded (the write did not finish); the row is sent again next run".into(),
+                        });
+                    }
                     push(
                         &mut changes,
                         h,

@@ -18,9 +18,37 @@ pub fn chunk_key(sync: &str, run: &str, op: &str, index: usize) -> String {
     format!("runs/{sync}/{run}/chunks/{op}-{index:06}.jsonl.zst")
 }
 
-/// Per-row outcomes of one chunk, written by write-batch.
-pub fn results_key(sync: &str, run: &str, chunk_name: &str) -> String {
-    format!("runs/{sync}/{run}/results/{chunk_name}.jsonl")
+/// Per-row outcomes of one chunk, written by write-batch as each batch of 100 completes:
+/// `<prefix>b0000.jsonl`, ... (and `b0000.job.json`, the journal of a batch in flight).
+pub fn results_prefix(sync: &str, run: &str, chunk_name: &str) -> String {
+    format!("runs/{sync}/{run}/results/{chunk_name}/")
+}
+
+pub fn batch_results_key(sync: &str, run: &str, chunk_name: &str, batch: usize) -> String {
+    format!("runs/{sync}/{run}/results/{chunk_name}/b{batch:04}.jsonl")
+}
+
+pub fn batch_journal_key(sync: &str, run: &str, chunk_name: &str, batch: usize) -> String {
+    format!("runs/{sync}/{run}/results/{chunk_name}/b{batch:04}.job.json")
+}
+
+/// A copy of each run record, so past runs list without walking change sets.
+pub fn history_key(sync: &str, run: &str) -> String {
+    format!("history/{sync}/{run}.json")
+}
+
+pub fn history_prefix(sync: &str) -> String {
+    format!("history/{sync}/")
+}
+
+/// Every run of a sync lives under this prefix.
+pub fn runs_prefix(sync: &str) -> String {
+    format!("runs/{sync}/")
+}
+
+/// The lock that keeps one run of a sync active at a time.
+pub fn lock_key(sync: &str) -> String {
+    format!("locks/{sync}.json")
 }
 
 pub fn invalid_key(sync: &str, run: &str) -> String {

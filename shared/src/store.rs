@@ -31,6 +31,11 @@ pub trait ObjectStore: Send + Sync {
     fn create(&self, key: &str) -> io::Result<Box<dyn ObjectWriter>>;
     /// Remove every object under `prefix` (used to clear a half-written change set).
     fn delete_prefix(&self, prefix: &str) -> io::Result<()>;
+    /// Write an object only if none has this key yet (S3: `If-None-Match: *`); `false` when
+    /// one exists. Locks rely on it.
+    fn put_if_absent(&self, key: &str, bytes: &[u8]) -> io::Result<bool>;
+    /// Remove one object; removing a missing object is not an error.
+    fn delete(&self, key: &str) -> io::Result<()>;
 }
 
 /// A streamed object upload that becomes visible only on `commit`.
@@ -80,6 +85,12 @@ impl ObjectStore for Box<dyn ObjectStore> {
     }
     fn delete_prefix(&self, prefix: &str) -> io::Result<()> {
         (**self).delete_prefix(prefix)
+    }
+    fn put_if_absent(&self, key: &str, bytes: &[u8]) -> io::Result<bool> {
+        (**self).put_if_absent(key, bytes)
+    }
+    fn delete(&self, key: &str) -> io::Result<()> {
+        (**self).delete(key)
     }
 }
 
@@ -227,6 +238,40 @@ impl ObjectStore for LocalStore {
         }
         Ok(())
     }
+
+    fn put_if_absent(&self, key: &str, bytes: &[u8]) -> io::Result<bool> {
+        let path = self.path_of(key)?;
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(|e| with_path(e, parent))?;
+        }
+        // Write the whole content under a unique name, then link it into place: the link fails
+        // when the key exists, and a reader never sees a partial object.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(
+            ".tmp-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let temp = path.with_file_name(name);
+        fs::write(&temp, bytes).map_err(|e| with_path(e, &temp))?;
+        let linked = fs::hard_link(&temp, &path);
+        let _ = fs::remove_file(&temp);
+        match linked {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(with_path(e, &path)),
+        }
+    }
+
+    fn delete(&self, key: &str) -> io::Result<()> {
+        let path = self.path_of(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(with_path(e, &path)),
+        }
+    }
 }
 
 struct LocalWriter {
@@ -313,5 +358,24 @@ mod tests {
         assert!(store.head("runs/a/b.json").unwrap().is_none());
         assert!(store.list("runs/").unwrap().is_empty());
         assert!(store.put("../escape", b"x").is_err());
+    }
+
+    #[test]
+    fn put_if_absent_creates_once_and_delete_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        assert!(store.put_if_absent("locks/a.json", b"one").unwrap());
+        assert!(!store.put_if_absent("locks/a.json", b"two").unwrap());
+        let mut s = String::new();
+        store
+            .open("locks/a.json")
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        assert_eq!(s, "one");
+        assert_eq!(store.list("locks/").unwrap().len(), 1);
+        store.delete("locks/a.json").unwrap();
+        store.delete("locks/a.json").unwrap();
+        assert!(store.put_if_absent("locks/a.json", b"three").unwrap());
     }
 }

@@ -90,6 +90,7 @@ impl Fixture {
                         status: RowStatus::Failed,
                         id: None,
                         error: Some("RecordInvalid: nope".into()),
+                        action: None,
                     }
                 } else {
                     ResultRow {
@@ -98,12 +99,13 @@ impl Fixture {
                         status: RowStatus::Confirmed,
                         id: Some(90_000 + num),
                         error: None,
+                        action: None,
                     }
                 };
                 out.push_str(&serde_json::to_string(&r).unwrap());
                 out.push('\n');
             }
-            let key = layout::results_key(&m.sync, &m.run_id, layout::chunk_name(&c.key));
+            let key = layout::batch_results_key(&m.sync, &m.run_id, layout::chunk_name(&c.key), 0);
             self.store.put(&key, out.as_bytes()).unwrap();
         }
     }

@@ -1,0 +1,283 @@
+//! One active run per sync: a lock object created only if absent, renewed while the run lives,
+//! and taken over once it expires or its process is gone.
+
+use crate::layout;
+use crate::store::ObjectStore;
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    pub sync: String,
+    pub run_id: String,
+    /// `host` and `pid` of the holder, to tell a crashed local run from a live one.
+    pub host: String,
+    pub pid: u32,
+    pub acquired_at: String,
+    /// Unix seconds; a lock not renewed by then is stale.
+    pub expires_at: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("sync `{sync}` is already running (run {run_id} on {host}, pid {pid}, since {acquired_at}); wait for it to finish or, if it crashed, for its lock to expire at {expires}")]
+    Held {
+        sync: String,
+        run_id: String,
+        host: String,
+        pid: u32,
+        acquired_at: String,
+        expires: String,
+    },
+    #[error("lock `{key}`: {source}")]
+    Io { key: String, source: io::Error },
+}
+
+/// A held lock; renewal stops and the lock is removed by `release` (or left to expire when the
+/// process dies).
+pub struct LockGuard {
+    store: Arc<dyn ObjectStore>,
+    key: String,
+    pub info: LockInfo,
+    /// A stale lock that was taken over: the run it belonged to may need finishing.
+    pub taken_over: Option<LockInfo>,
+    renew: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// The name this process's host goes by (a Lambda container's log stream is unique to it).
+pub fn host_name() -> String {
+    std::env::var("AWS_LAMBDA_LOG_STREAM_NAME")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    #[cfg(unix)]
+    {
+        // Signal 0 checks existence only; EPERM means it exists under another user.
+        let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+        r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
+impl LockInfo {
+    /// Expired, or held by a process of this host that no longer exists.
+    pub fn is_stale(&self) -> bool {
+        self.expires_at < now()
+            || (self.host == host_name() && self.pid != std::process::id() && !pid_alive(self.pid))
+    }
+}
+
+fn read(store: &dyn ObjectStore, key: &str) -> io::Result<Option<LockInfo>> {
+    if store.head(key)?.is_none() {
+        return Ok(None);
+    }
+    let mut text = String::new();
+    match store.open(key) {
+        Ok(mut r) => r.read_to_string(&mut text)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // An unreadable lock is treated as stale rather than blocking the sync forever.
+    Ok(Some(serde_json::from_str(&text).unwrap_or(LockInfo {
+        sync: String::new(),
+        run_id: String::new(),
+        host: String::new(),
+        pid: 0,
+        acquired_at: String::new(),
+        expires_at: 0,
+    })))
+}
+
+/// Take the lock of `sync` for `run_id`. A held lock is waited for up to `wait` (polling every
+/// second), then reported as `Held`. Must be called inside a tokio runtime (renewal runs on it).
+pub async fn acquire(
+    store: Arc<dyn ObjectStore>,
+    sync: &str,
+    run_id: &str,
+    ttl: Duration,
+    wait: Duration,
+) -> Result<LockGuard, LockError> {
+    let key = layout::lock_key(sync);
+    let io_err = |source| LockError::Io {
+        key: key.clone(),
+        source,
+    };
+    let ttl_secs = ttl.as_secs().max(1) as i64;
+    let info = LockInfo {
+        sync: sync.to_string(),
+        run_id: run_id.to_string(),
+        host: host_name(),
+        pid: std::process::id(),
+        acquired_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        expires_at: now() + ttl_secs,
+    };
+    let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut taken_over = None;
+    loop {
+        let (s, k, b) = (store.clone(), key.clone(), body.clone());
+        let got = tokio::task::spawn_blocking(move || s.put_if_absent(&k, &b))
+            .await
+            .map_err(|e| io_err(io::Error::other(e.to_string())))?
+            .map_err(io_err)?;
+        if got {
+            break;
+        }
+        let (s, k) = (store.clone(), key.clone());
+        let held = tokio::task::spawn_blocking(move || read(s.as_ref(), &k))
+            .await
+            .map_err(|e| io_err(io::Error::other(e.to_string())))?
+            .map_err(io_err)?;
+        match held {
+            None => continue,
+            Some(h) if h.is_stale() => {
+                tracing::warn!(sync, stale_run = %h.run_id, holder = %h.host, pid = h.pid, "taking over a stale lock");
+                store.delete(&key).map_err(io_err)?;
+                taken_over = Some(h);
+                continue;
+            }
+            Some(h) => {
+                if tokio::time::Instant::now() >= deadline {
+                    let expires = chrono::DateTime::from_timestamp(h.expires_at, 0)
+                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                        .unwrap_or_default();
+                    return Err(LockError::Held {
+                        sync: sync.to_string(),
+                        run_id: h.run_id,
+                        host: h.host,
+                        pid: h.pid,
+                        acquired_at: h.acquired_at,
+                        expires,
+                    });
+                }
+                tokio::time::sleep(Duration::from_secs(1).min(wait)).await;
+            }
+        }
+    }
+    // Renew at a third of the TTL so a live run never looks stale.
+    let renew = {
+        let (store, key, mut info) = (store.clone(), key.clone(), info.clone());
+        tokio::spawn(async move {
+            let every = Duration::from_secs((ttl_secs as u64 / 3).max(1));
+            loop {
+                tokio::time::sleep(every).await;
+                info.expires_at = now() + ttl_secs;
+                let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
+                let (s, k) = (store.clone(), key.clone());
+                let _ = tokio::task::spawn_blocking(move || s.put(&k, &body)).await;
+            }
+        })
+    };
+    Ok(LockGuard {
+        store,
+        key,
+        info,
+        taken_over,
+        renew: Some(renew),
+    })
+}
+
+impl LockGuard {
+    /// Stop renewing and remove the lock if it is still ours.
+    pub async fn release(mut self) {
+        if let Some(r) = self.renew.take() {
+            r.abort();
+        }
+        let (store, key, run_id) = (self.store.clone(), self.key.clone(), self.info.run_id.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Ok(Some(h)) = read(store.as_ref(), &key) {
+                if h.run_id == run_id {
+                    let _ = store.delete(&key);
+                }
+            }
+        })
+        .await;
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        // Dropped without `release` (a crash, a cancelled task): stop renewing so the lock
+        // expires on its own.
+        if let Some(r) = self.renew.take() {
+            r.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::LocalStore;
+
+    #[tokio::test]
+    async fn second_run_is_refused_then_takes_over_an_expired_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path()));
+        let first = acquire(store.clone(), "s", "r1", Duration::from_secs(60), Duration::ZERO)
+            .await
+            .unwrap();
+        let err = acquire(store.clone(), "s", "r2", Duration::from_secs(60), Duration::ZERO)
+            .await
+            .err()
+            .unwrap();
+        let msg = err.to_string();
+        assert!(msg.contains("already running") && msg.contains("r1"), "{msg}");
+        first.release().await;
+        let second = acquire(store.clone(), "s", "r2", Duration::from_secs(60), Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(second.taken_over.is_none());
+        drop(second); // a crash: the lock stays until it expires
+
+        // Make it expired.
+        let mut info = read(store.as_ref(), "locks/s.json").unwrap().unwrap();
+        info.expires_at = now() - 1;
+        store
+            .put("locks/s.json", &serde_json::to_vec(&info).unwrap())
+            .unwrap();
+        let third = acquire(store.clone(), "s", "r3", Duration::from_secs(60), Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(third.taken_over.as_ref().unwrap().run_id, "r2");
+        third.release().await;
+        assert!(store.head("locks/s.json").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_dead_local_process_makes_its_lock_stale() {
+        let info = LockInfo {
+            sync: "s".into(),
+            run_id: "r".into(),
+            host: host_name(),
+            pid: u32::MAX - 7,
+            acquired_at: String::new(),
+            expires_at: now() + 3600,
+        };
+        assert!(info.is_stale());
+        let live = LockInfo {
+            pid: std::process::id(),
+            ..info
+        };
+        assert!(!live.is_stale());
+    }
+}

@@ -1,0 +1,621 @@
+//! A whole run of a sync on one machine: lock → preflight → schema → plan → write → finalize,
+//! leaving a run record. The Lambdas run the same steps one per function.
+
+use crate::changeset::{self, ChangeSetError, FailedSample, FoldSummary, Manifest};
+use crate::config::{ConfigError, Mode, SyncConfig, Target};
+use crate::fields::Object;
+use crate::layout;
+use crate::lock::{self, LockError};
+use crate::plan::{self, InvalidRow, PlanError, PlanOptions, PlanReport};
+use crate::store::ObjectStore;
+use crate::write::{ChunkSummary, Progress, WriteError, WriteOptions, Writer};
+use crate::zendesk::{Client, ClientStats, ZendeskError};
+use futures::stream::{self, StreamExt};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// What started the run (`cli`, `schedule`, `s3:<key>`, `demo`).
+    pub trigger: String,
+    /// A fixed run id (default: UTC time + random suffix, so ids sort by start).
+    pub run_id: Option<String>,
+    pub write: WriteOptions,
+    /// Chunks written at once (their batches share the job slots).
+    pub chunk_concurrency: usize,
+    pub lock_ttl: Duration,
+    /// How long a run waits for another run of the same sync before giving up.
+    pub lock_wait: Duration,
+    /// Invalid-row samples per reason in the record.
+    pub samples: usize,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            trigger: "cli".into(),
+            run_id: None,
+            write: WriteOptions::default(),
+            chunk_concurrency: 4,
+            lock_ttl: Duration::from_secs(15 * 60),
+            lock_wait: Duration::ZERO,
+            samples: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Every row sent was confirmed and no row was refused.
+    Succeeded,
+    /// The run finished; some rows were refused before sending or failed in Zendesk.
+    CompletedWithFailures,
+    /// The run stopped on an error (config, credentials, Zendesk unreachable, ...).
+    Failed,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Phases {
+    pub preflight: f64,
+    pub schema: f64,
+    pub plan: f64,
+    pub write: f64,
+    pub finalize: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowCounts {
+    pub read: u64,
+    pub invalid: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub unchanged: u64,
+    /// Insert mode: existing keys left alone.
+    pub skipped: u64,
+    pub removed: u64,
+    /// Rows Zendesk refused, or whose write did not finish; sent again next run.
+    pub failed: u64,
+    /// Rows resent because they failed last run.
+    pub retried: u64,
+}
+
+/// Zendesk traffic of a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requests {
+    /// Requests sent (job-status polls and retries included).
+    pub sent: u64,
+    /// 429 answers met (each followed by a pause of every request of the run).
+    pub rate_limited: u64,
+    pub unavailable: u64,
+    pub server_errors: u64,
+    pub transport_errors: u64,
+    pub retries: u64,
+    pub token_refreshes: u64,
+    pub paused_ms: u64,
+}
+
+impl From<ClientStats> for Requests {
+    fn from(s: ClientStats) -> Self {
+        Requests {
+            sent: s.requests,
+            rate_limited: s.rate_limited,
+            unavailable: s.unavailable,
+            server_errors: s.server_errors,
+            transport_errors: s.transport_errors,
+            retries: s.retries,
+            token_refreshes: s.token_refreshes,
+            paused_ms: s.paused_ms,
+        }
+    }
+}
+
+/// A row refused before sending.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvalidSample {
+    pub file: String,
+    pub line: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pk: Option<String>,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl From<&InvalidRow> for InvalidSample {
+    fn from(r: &InvalidRow) -> Self {
+        InvalidSample {
+            file: r.file.clone(),
+            line: r.line,
+            pk: r.pk.clone(),
+            reason: r.reason.as_str().to_string(),
+            field: r.field.clone(),
+            message: r.message.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunErrorInfo {
+    /// One of the closed set of error names (see `RunError::error_name`).
+    pub name: String,
+    pub message: String,
+}
+
+/// `runs/<sync>/<run>/run.json` (and a copy under `history/<sync>/` for listing).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub sync: String,
+    pub object: Object,
+    pub mode: Mode,
+    pub trigger: String,
+    pub status: RunStatus,
+    pub started_at: String,
+    pub finished_at: String,
+    pub seconds: f64,
+    pub phases: Phases,
+    pub rows: RowCounts,
+    /// Requests made to Zendesk, 429s met, retries.
+    pub requests: Requests,
+    pub jobs: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<RunErrorInfo>,
+    /// Rows Zendesk refused, with its reasons.
+    #[serde(default)]
+    pub failed_samples: Vec<FailedSample>,
+    /// Rows refused before sending, by reason.
+    #[serde(default)]
+    pub invalid_samples: Vec<InvalidSample>,
+    /// This run finished one that an earlier process left unfinished.
+    #[serde(default)]
+    pub resumed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Zendesk(#[from] ZendeskError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error(transparent)]
+    ChangeSet(#[from] ChangeSetError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl RunError {
+    /// The closed set of error names Step Functions and exit codes key on.
+    pub fn error_name(&self) -> &'static str {
+        match self {
+            RunError::Config(_) => "ConfigInvalid",
+            RunError::Zendesk(e) | RunError::Write(WriteError::Zendesk(e)) => e.error_name(),
+            RunError::Plan(PlanError::Export(_)) => "ExportUnreadable",
+            RunError::Plan(PlanError::State(_)) => "StateUnreadable",
+            RunError::Plan(PlanError::Write { .. }) => "StoreUnavailable",
+            RunError::ChangeSet(_) | RunError::Write(_) => "StoreUnavailable",
+            RunError::Lock(LockError::Held { .. }) => "RunLocked",
+            RunError::Lock(_) => "StoreUnavailable",
+            RunError::Internal(_) => "Internal",
+        }
+    }
+}
+
+/// A new run id: `20261125T101500Z-3f9a` (sorts by start time).
+pub fn new_run_id() -> String {
+    format!(
+        "{}-{:04x}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+        rand::random::<u16>()
+    )
+}
+
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Whether the mapping names custom fields (then the schema is read and checked).
+pub fn needs_schema(cfg: &SyncConfig) -> bool {
+    cfg.mapping
+        .iter()
+        .any(|m| matches!(m.target, Target::FieldKey(_) | Target::TicketField(_)))
+}
+
+/// What one `run` did: the run it finished for a crashed process (if any), then its own; and
+/// the error that stopped it, if one did.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub records: Vec<RunRecord>,
+    pub error: Option<RunError>,
+}
+
+/// Everything a run needs from its caller.
+pub struct RunContext {
+    pub store: Arc<dyn ObjectStore>,
+    pub config: SyncConfig,
+    pub client: Client,
+    pub progress: Arc<Progress>,
+}
+
+/// Run a sync once. Config, credential and preflight problems fail before any write; a run
+/// that fails after its plan still folds what Zendesk confirmed into the state. Every run that
+/// got past the lock leaves a run record, failed ones included.
+pub async fn run(ctx: &RunContext, opts: &RunOptions) -> RunOutcome {
+    let cfg = &ctx.config;
+    let run_id = opts.run_id.clone().unwrap_or_else(new_run_id);
+    let guard = match lock::acquire(
+        ctx.store.clone(),
+        &cfg.name,
+        &run_id,
+        opts.lock_ttl,
+        opts.lock_wait,
+    )
+    .await
+    {
+        Ok(g) => g,
+        Err(e) => {
+            return RunOutcome {
+                records: Vec::new(),
+                error: Some(e.into()),
+            }
+        }
+    };
+    let mut records = Vec::new();
+    let result = run_locked(ctx, opts, &run_id, guard.taken_over.clone(), &mut records).await;
+    guard.release().await;
+    RunOutcome {
+        records,
+        error: result.err(),
+    }
+}
+
+async fn run_locked(
+    ctx: &RunContext,
+    opts: &RunOptions,
+    run_id: &str,
+    taken_over: Option<lock::LockInfo>,
+    records: &mut Vec<RunRecord>,
+) -> Result<(), RunError> {
+    let cfg = &ctx.config;
+    let started = chrono::Utc::now();
+    let clock = Instant::now();
+    let mut phases = Phases::default();
+    let mut t = Instant::now();
+    let fail = |phases: &Phases, e: &RunError, rows: RowCounts| RunRecord {
+        run_id: run_id.to_string(),
+        sync: cfg.name.clone(),
+        object: cfg.object,
+        mode: cfg.mode,
+        trigger: opts.trigger.clone(),
+        status: RunStatus::Failed,
+        started_at: rfc3339(started),
+        finished_at: rfc3339(chrono::Utc::now()),
+        seconds: clock.elapsed().as_secs_f64(),
+        phases: phases.clone(),
+        rows,
+        requests: ctx.client.stats().into(),
+        jobs: 0,
+        error: Some(RunErrorInfo {
+            name: e.error_name().to_string(),
+            message: e.to_string(),
+        }),
+        failed_samples: Vec::new(),
+        invalid_samples: Vec::new(),
+        resumed: false,
+    };
+
+    // Preflight: credentials, subdomain and scopes before anything is read or written.
+    if let Err(e) = ctx.client.preflight(cfg.object, true).await {
+        phases.preflight = t.elapsed().as_secs_f64();
+        let e = RunError::from(e);
+        let rec = fail(&phases, &e, RowCounts::default());
+        save_record(ctx.store.clone(), &rec).await?;
+        records.push(rec);
+        return Err(e);
+    }
+    phases.preflight = t.elapsed().as_secs_f64();
+
+    // A run a crashed process left between plan and finalize is finished first, so nothing it
+    // created is created again.
+    if let Some(stale) = taken_over {
+        if let Some(rec) = resume(ctx, opts, &stale.run_id).await? {
+            records.push(rec);
+        }
+    }
+
+    t = Instant::now();
+    let schema = if needs_schema(cfg) {
+        match crate::schema::fetch(&ctx.client, cfg.object).await {
+            Ok(s) => match s.validate(cfg) {
+                Ok(()) => Some(Arc::new(s)),
+                Err(e) => {
+                    phases.schema = t.elapsed().as_secs_f64();
+                    let e = RunError::from(e);
+                    let rec = fail(&phases, &e, RowCounts::default());
+                    save_record(ctx.store.clone(), &rec).await?;
+                    records.push(rec);
+                    return Err(e);
+                }
+            },
+            Err(e) => {
+                phases.schema = t.elapsed().as_secs_f64();
+                let e = RunError::from(e);
+                let rec = fail(&phases, &e, RowCounts::default());
+                save_record(ctx.store.clone(), &rec).await?;
+                records.push(rec);
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
+    phases.schema = t.elapsed().as_secs_f64();
+
+    t = Instant::now();
+    let mut popts = PlanOptions::new(run_id);
+    popts.schema = schema;
+    popts.samples_per_reason = opts.samples;
+    let (store, pcfg) = (ctx.store.clone(), cfg.clone());
+    let planned = tokio::task::spawn_blocking(move || plan::plan(store.as_ref(), &pcfg, &popts))
+        .await
+        .map_err(|e| RunError::Internal(format!("plan task: {e}")))?;
+    phases.plan = t.elapsed().as_secs_f64();
+    let report = match planned {
+        Ok(r) => r,
+        Err(e) => {
+            let e = RunError::from(e);
+            let rec = fail(&phases, &e, RowCounts::default());
+            save_record(ctx.store.clone(), &rec).await?;
+            records.push(rec);
+            return Err(e);
+        }
+    };
+
+    let (rec, error) =
+        write_and_finalize(ctx, opts, &report.manifest, Some(&report), phases, started, clock)
+            .await?;
+    records.push(rec);
+    match error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Finish a run whose process died after planning: write what has no outcome, then finalize.
+async fn resume(
+    ctx: &RunContext,
+    opts: &RunOptions,
+    run_id: &str,
+) -> Result<Option<RunRecord>, RunError> {
+    let sync = ctx.config.name.clone();
+    let (store, rid) = (ctx.store.clone(), run_id.to_string());
+    let manifest = tokio::task::spawn_blocking(move || -> Result<Option<Manifest>, ChangeSetError> {
+        let key = layout::manifest_key(&sync, &rid);
+        let record = layout::run_record_key(&sync, &rid);
+        let io = |key: &str, source| ChangeSetError::Io {
+            key: key.to_string(),
+            source,
+        };
+        if store.head(&record).map_err(|e| io(&record, e))?.is_some()
+            || store.head(&key).map_err(|e| io(&key, e))?.is_none()
+        {
+            return Ok(None);
+        }
+        changeset::read_manifest(store.as_ref(), &key).map(Some)
+    })
+    .await
+    .map_err(|e| RunError::Internal(format!("resume task: {e}")))??;
+    let Some(manifest) = manifest else {
+        return Ok(None);
+    };
+    tracing::info!(run = run_id, "finishing a run an earlier process left unfinished");
+    let mut opts = opts.clone();
+    opts.trigger = "resume".into();
+    let (rec, error) = write_and_finalize(
+        ctx,
+        &opts,
+        &manifest,
+        None,
+        Phases::default(),
+        chrono::Utc::now(),
+        Instant::now(),
+    )
+    .await?;
+    match error {
+        Some(e) => Err(e),
+        None => Ok(Some(rec)),
+    }
+}
+
+async fn write_and_finalize(
+    ctx: &RunContext,
+    opts: &RunOptions,
+    manifest: &Manifest,
+    report: Option<&PlanReport>,
+    mut phases: Phases,
+    started: chrono::DateTime<chrono::Utc>,
+    clock: Instant,
+) -> Result<(RunRecord, Option<RunError>), RunError> {
+    let t = Instant::now();
+    let (_, error) = write_all(ctx, opts, manifest).await;
+    phases.write = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let (store, m) = (ctx.store.clone(), manifest.clone());
+    let fold = tokio::task::spawn_blocking(move || changeset::fold(store.as_ref(), &m))
+        .await
+        .map_err(|e| RunError::Internal(format!("finalize task: {e}")))??;
+    phases.finalize = t.elapsed().as_secs_f64();
+
+    let rec = record(
+        ctx,
+        opts,
+        manifest,
+        report,
+        &fold,
+        phases,
+        started,
+        clock,
+        error.as_ref(),
+    );
+    save_record(ctx.store.clone(), &rec).await?;
+    Ok((rec, error))
+}
+
+/// Write every chunk of a manifest (several at once, sharing the job slots). The first error
+/// stops the rest; what finished stays recorded.
+pub async fn write_all(
+    ctx: &RunContext,
+    opts: &RunOptions,
+    manifest: &Manifest,
+) -> (Vec<ChunkSummary>, Option<RunError>) {
+    let total: u64 = manifest.chunks.iter().map(|c| c.rows).sum();
+    ctx.progress.rows_total.store(total, std::sync::atomic::Ordering::Relaxed);
+    if manifest.chunks.is_empty() {
+        return (Vec::new(), None);
+    }
+    let writer = Writer::new(
+        ctx.client.clone(),
+        ctx.store.clone(),
+        manifest,
+        opts.write.clone(),
+        ctx.progress.clone(),
+    );
+    let mut summaries = Vec::new();
+    let mut error = None;
+    let mut chunks = stream::iter(manifest.chunks.iter())
+        .map(|c| writer.write_chunk(c))
+        .buffer_unordered(opts.chunk_concurrency.max(1));
+    while let Some(r) = chunks.next().await {
+        match r {
+            Ok(s) => summaries.push(s),
+            Err(e) => {
+                tracing::error!(error = %e, "writing stopped");
+                error = Some(RunError::from(e));
+                break;
+            }
+        }
+    }
+    (summaries, error)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn record(
+    ctx: &RunContext,
+    opts: &RunOptions,
+    manifest: &Manifest,
+    report: Option<&PlanReport>,
+    fold: &FoldSummary,
+    phases: Phases,
+    started: chrono::DateTime<chrono::Utc>,
+    clock: Instant,
+    error: Option<&RunError>,
+) -> RunRecord {
+    let c = &manifest.counts;
+    let failed = fold.failed + fold.unknown;
+    let status = if error.is_some() {
+        RunStatus::Failed
+    } else if failed > 0 || c.invalid > 0 {
+        RunStatus::CompletedWithFailures
+    } else {
+        RunStatus::Succeeded
+    };
+    let invalid_samples = report
+        .map(|r| {
+            r.invalid_by_reason
+                .values()
+                .flat_map(|s| s.samples.iter().map(InvalidSample::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    RunRecord {
+        run_id: manifest.run_id.clone(),
+        sync: manifest.sync.clone(),
+        object: manifest.object,
+        mode: manifest.mode,
+        trigger: opts.trigger.clone(),
+        status,
+        started_at: rfc3339(started),
+        finished_at: rfc3339(chrono::Utc::now()),
+        seconds: clock.elapsed().as_secs_f64(),
+        phases,
+        rows: RowCounts {
+            read: c.rows_read,
+            invalid: c.invalid,
+            created: fold.created,
+            updated: fold.updated,
+            unchanged: c.unchanged,
+            skipped: c.skipped,
+            removed: c.removed,
+            failed,
+            retried: c.retried,
+        },
+        requests: ctx.client.stats().into(),
+        jobs: ctx.progress.jobs.load(std::sync::atomic::Ordering::Relaxed),
+        error: error.map(|e| RunErrorInfo {
+            name: e.error_name().to_string(),
+            message: e.to_string(),
+        }),
+        failed_samples: fold.failed_samples.clone(),
+        invalid_samples,
+        resumed: opts.trigger == "resume",
+    }
+}
+
+async fn save_record(store: Arc<dyn ObjectStore>, rec: &RunRecord) -> Result<(), RunError> {
+    let body = serde_json::to_vec_pretty(rec).expect("run record serialises");
+    let (sync, run) = (rec.sync.clone(), rec.run_id.clone());
+    tokio::task::spawn_blocking(move || -> Result<(), ChangeSetError> {
+        for key in [
+            layout::run_record_key(&sync, &run),
+            layout::history_key(&sync, &run),
+        ] {
+            store
+                .put(&key, &body)
+                .map_err(|source| ChangeSetError::Io { key, source })?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| RunError::Internal(format!("record task: {e}")))??;
+    Ok(())
+}
+
+/// Past runs of a sync, newest first (at most `limit`).
+pub fn history(
+    store: &dyn ObjectStore,
+    sync: &str,
+    limit: usize,
+) -> Result<Vec<RunRecord>, ChangeSetError> {
+    let prefix = layout::history_prefix(sync);
+    let mut objects = store.list(&prefix).map_err(|source| ChangeSetError::Io {
+        key: prefix.clone(),
+        source,
+    })?;
+    objects.sort_by(|a, b| b.key.cmp(&a.key));
+    let mut out = Vec::new();
+    for o in objects.into_iter().filter(|o| o.key.ends_with(".json")).take(limit) {
+        let mut text = String::new();
+        store
+            .open(&o.key)
+            .and_then(|mut r| r.read_to_string(&mut text))
+            .map_err(|source| ChangeSetError::Io {
+                key: o.key.clone(),
+                source,
+            })?;
+        match serde_json::from_str(&text) {
+            Ok(r) => out.push(r),
+            Err(e) => tracing::warn!(key = %o.key, "skipping an unreadable run record: {e}"),
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,1057 @@
+//! write-batch: the rows of a change-set chunk go to Zendesk in bulk calls of 100, every job is
+//! polled to a final status, and every row ends confirmed (with its Zendesk id) or failed (with
+//! Zendesk's reason).
+//!
+//! Outcomes are stored per batch as soon as the batch completes. Before a call that creates
+//! records is sent, a journal names the batch's rows (and, once Zendesk answers, the job id), so a
+//! writer that dies mid-batch is resumed by polling that job or by looking the rows up by
+//! external id, never by creating them a second time.
+
+use crate::changeset::{self, Action, ChangeSetError, ChunkInfo, ChunkRow, Op, ResultRow, RowStatus};
+use crate::config::Mode;
+use crate::fields::Object;
+use crate::layout;
+use crate::store::ObjectStore;
+use crate::zendesk::{Client, Idempotency, JobResult, JobStatus, ZendeskError};
+use futures::stream::{FuturesUnordered, StreamExt};
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+#[derive(Debug, Clone)]
+pub struct WriteOptions {
+    /// Rows per bulk call (Zendesk's maximum is 100).
+    pub batch_size: usize,
+    /// Bulk jobs submitted and not yet known to be finished. Zendesk allows about 30 queued or
+    /// running jobs per account; every batch in progress holds one.
+    pub max_jobs_in_flight: usize,
+    /// First wait before polling jobs when every batch in progress waits on one; doubles while
+    /// polls find nothing finished.
+    pub poll_min: Duration,
+    /// Longest a job goes unpolled.
+    pub poll_max: Duration,
+    /// Wait before looking rows up after a create whose answer was lost.
+    pub lookup_delay: Duration,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        WriteOptions {
+            batch_size: 100,
+            max_jobs_in_flight: 25,
+            poll_min: Duration::from_millis(100),
+            poll_max: Duration::from_secs(2),
+            lookup_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Live counters for progress displays.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub rows_total: AtomicU64,
+    pub rows_done: AtomicU64,
+    pub confirmed: AtomicU64,
+    pub failed: AtomicU64,
+    pub jobs: AtomicU64,
+    pub polls: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Zendesk(#[from] ZendeskError),
+    #[error(transparent)]
+    ChangeSet(#[from] ChangeSetError),
+    #[error("the write task stopped unexpectedly: {0}")]
+    Task(String),
+}
+
+/// What one chunk came to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkSummary {
+    pub chunk: String,
+    pub rows: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub failed: u64,
+    /// Batches whose outcome was already stored by an earlier attempt.
+    pub batches_reused: u64,
+    /// Batches recovered from a journal (a writer died mid-batch).
+    pub batches_recovered: u64,
+}
+
+/// Journal of a batch whose call may create records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Journal {
+    endpoint: String,
+    #[serde(default)]
+    job: Option<String>,
+}
+
+/// Writes chunks of one run; cheap to share between tasks.
+pub struct Writer {
+    client: Client,
+    store: Arc<dyn ObjectStore>,
+    sync: String,
+    run_id: String,
+    object: Object,
+    mode: Mode,
+    opts: WriteOptions,
+    jobs: JobTracker,
+    slots: Arc<Semaphore>,
+    pub progress: Arc<Progress>,
+}
+
+/// One row's outcome while its batch is in progress.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Confirmed { id: u64, action: Action },
+    Failed { code: String, reason: String },
+}
+
+impl Writer {
+    pub fn new(
+        client: Client,
+        store: Arc<dyn ObjectStore>,
+        manifest: &changeset::Manifest,
+        opts: WriteOptions,
+        progress: Arc<Progress>,
+    ) -> Writer {
+        let jobs = JobTracker::start(client.clone(), &opts);
+        Writer {
+            slots: Arc::new(Semaphore::new(opts.max_jobs_in_flight.max(1))),
+            client,
+            store,
+            sync: manifest.sync.clone(),
+            run_id: manifest.run_id.clone(),
+            object: manifest.object,
+            mode: manifest.mode,
+            opts,
+            jobs,
+            progress,
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Write every row of `chunk` that has no stored outcome yet; outcomes land under
+    /// `results/<chunk>/`. Row failures are outcomes, not errors: an error means the chunk
+    /// could not be finished (credentials revoked, Zendesk unreachable) and can be retried.
+    pub async fn write_chunk(&self, chunk: &ChunkInfo) -> Result<ChunkSummary, WriteError> {
+        let name = layout::chunk_name(&chunk.key).to_string();
+        let key = chunk.key.clone();
+        let prefix = layout::results_prefix(&self.sync, &self.run_id, &name);
+        let (rows, existing) = self
+            .blocking(move |store| {
+                let rows = changeset::read_jsonl::<ChunkRow>(store, &key)?;
+                let existing = store
+                    .list(&prefix)
+                    .map_err(|source| ChangeSetError::Io { key: prefix, source })?;
+                Ok((rows, existing))
+            })
+            .await?;
+        let have: std::collections::HashSet<String> =
+            existing.into_iter().map(|o| o.key).collect();
+        let mut summary = ChunkSummary {
+            chunk: name.clone(),
+            rows: rows.len() as u64,
+            ..Default::default()
+        };
+        let bs = self.opts.batch_size.clamp(1, 100);
+        let mut work = FuturesUnordered::new();
+        for (b, batch) in rows.chunks(bs).enumerate() {
+            let results_key = layout::batch_results_key(&self.sync, &self.run_id, &name, b);
+            if have.contains(&results_key) {
+                summary.batches_reused += 1;
+                let stored = self
+                    .blocking(move |store| changeset::read_jsonl::<ResultRow>(store, &results_key))
+                    .await?;
+                for r in &stored {
+                    count(&mut summary, r);
+                }
+                self.progress
+                    .rows_done
+                    .fetch_add(stored.len() as u64, Ordering::Relaxed);
+                continue;
+            }
+            let journal_key = layout::batch_journal_key(&self.sync, &self.run_id, &name, b);
+            let journaled = have.contains(&journal_key);
+            let op = chunk.op;
+            work.push(async move {
+                let _slot = self
+                    .slots
+                    .acquire()
+                    .await
+                    .map_err(|e| WriteError::Task(e.to_string()))?;
+                self.jobs.active.fetch_add(1, Ordering::SeqCst);
+                let r = self
+                    .write_batch(op, batch, results_key, journal_key, journaled)
+                    .await;
+                self.jobs.active.fetch_sub(1, Ordering::SeqCst);
+                r.map(|rows| (rows, journaled))
+            });
+        }
+        let mut first_error = None;
+        while let Some(done) = work.next().await {
+            match done {
+                Ok((results, recovered)) => {
+                    summary.batches_recovered += recovered as u64;
+                    for r in &results {
+                        count(&mut summary, r);
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(summary),
+        }
+    }
+
+    async fn write_batch(
+        &self,
+        op: Op,
+        rows: &[ChunkRow],
+        results_key: String,
+        journal_key: String,
+        journaled: bool,
+    ) -> Result<Vec<ResultRow>, WriteError> {
+        let mut out: Vec<Option<Outcome>> = vec![None; rows.len()];
+        if journaled {
+            self.recover(rows, &journal_key, &mut out).await?;
+        }
+        let all: Vec<usize> = (0..rows.len()).filter(|&k| out[k].is_none()).collect();
+        if !all.is_empty() {
+            match (self.object, self.mode, op) {
+                (Object::Users, Mode::Upsert, _) => {
+                    self.bulk(rows, &all, Bulk::UsersCreateOrUpdate, &journal_key, &mut out)
+                        .await?
+                }
+                (_, Mode::Insert, _) | (_, Mode::Upsert, Op::Create) => {
+                    self.create(rows, &all, &journal_key, &mut out).await?
+                }
+                (_, _, Op::Update) | (_, Mode::Update, _) => {
+                    self.update(rows, &all, &journal_key, &mut out).await?
+                }
+            }
+        }
+        let results: Vec<ResultRow> = rows
+            .iter()
+            .zip(out)
+            .map(|(row, o)| result_row(row, o))
+            .collect();
+        let mut body = Vec::with_capacity(results.len() * 64);
+        for r in &results {
+            serde_json::to_writer(&mut body, r).expect("result rows serialise");
+            body.push(b'\n');
+        }
+        self.blocking(move |store| {
+            store
+                .put(&results_key, &body)
+                .map_err(|source| ChangeSetError::Io {
+                    key: results_key,
+                    source,
+                })
+        })
+        .await?;
+        let failed = results
+            .iter()
+            .filter(|r| r.status == RowStatus::Failed)
+            .count() as u64;
+        let p = &self.progress;
+        p.rows_done.fetch_add(results.len() as u64, Ordering::Relaxed);
+        p.failed.fetch_add(failed, Ordering::Relaxed);
+        p.confirmed
+            .fetch_add(results.len() as u64 - failed, Ordering::Relaxed);
+        Ok(results)
+    }
+
+    /// Creates (`create_many`). Organizations in upsert mode whose key already exists in Zendesk
+    /// are looked up and updated instead.
+    async fn create(
+        &self,
+        rows: &[ChunkRow],
+        idx: &[usize],
+        journal_key: &str,
+        out: &mut [Option<Outcome>],
+    ) -> Result<(), WriteError> {
+        self.bulk(rows, idx, Bulk::CreateMany, journal_key, out)
+            .await?;
+        if self.object == Object::Organizations && self.mode == Mode::Upsert {
+            let dups: Vec<usize> = idx
+                .iter()
+                .copied()
+                .filter(|&k| {
+                    matches!(&out[k], Some(Outcome::Failed { code, .. }) if code == "DuplicateValue")
+                })
+                .collect();
+            if !dups.is_empty() {
+                let found = self.lookup(rows, &dups).await?;
+                let mut again = Vec::new();
+                let mut ids = HashMap::new();
+                for &k in &dups {
+                    if let Some(&id) = found.get(&k) {
+                        ids.insert(k, id);
+                        again.push(k);
+                    }
+                }
+                // Keys not found by external id collide on the name: leave Zendesk's reason.
+                if !again.is_empty() {
+                    for &k in &again {
+                        out[k] = None;
+                    }
+                    self.update_by(rows, &again, &ids, out).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Updates (`update_many` in its batch form) by the Zendesk id in state, or by external id
+    /// for users and organizations zdsync has not confirmed yet.
+    async fn update(
+        &self,
+        rows: &[ChunkRow],
+        idx: &[usize],
+        journal_key: &str,
+        out: &mut [Option<Outcome>],
+    ) -> Result<(), WriteError> {
+        let mut ids = HashMap::new();
+        let mut send = Vec::new();
+        for &k in idx {
+            match rows[k].id {
+                Some(id) if id != 0 => {
+                    ids.insert(k, id);
+                    send.push(k);
+                }
+                _ if self.object == Object::Tickets => {
+                    out[k] = Some(Outcome::Failed {
+                        code: "UnknownTicket".into(),
+                        reason: format!(
+                            "no Zendesk ticket id is recorded for key `{}`: tickets are matched only by the id zdsync recorded when it created them (a ticket's external_id is not unique); create it with an upsert or insert sync first",
+                            rows[k].pk
+                        ),
+                    })
+                }
+                _ => send.push(k),
+            }
+        }
+        if send.is_empty() {
+            return Ok(());
+        }
+        self.update_by(rows, &send, &ids, out).await?;
+        // Upsert: a record deleted in Zendesk since it was confirmed is created again.
+        if self.mode == Mode::Upsert {
+            let gone: Vec<usize> = send
+                .iter()
+                .copied()
+                .filter(|&k| {
+                    matches!(&out[k], Some(Outcome::Failed { code, .. }) if code == "RecordNotFound")
+                })
+                .collect();
+            if !gone.is_empty() {
+                for &k in &gone {
+                    out[k] = None;
+                }
+                self.bulk(rows, &gone, Bulk::CreateMany, journal_key, out)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn update_by(
+        &self,
+        rows: &[ChunkRow],
+        idx: &[usize],
+        ids: &HashMap<usize, u64>,
+        out: &mut [Option<Outcome>],
+    ) -> Result<(), WriteError> {
+        self.bulk(rows, idx, Bulk::UpdateMany(ids), "", out).await?;
+        let object = self.object;
+        for &k in idx {
+            if let Some(Outcome::Failed { code, reason }) = &mut out[k] {
+                if code == "RecordNotFound" {
+                    *reason = format!(
+                        "{reason} (no {} with {} exists in Zendesk; update mode never creates records)",
+                        object.as_str().trim_end_matches('s'),
+                        match ids.get(&k) {
+                            Some(id) => format!("id {id}"),
+                            None => format!("external_id `{}`", rows[k].pk),
+                        }
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One bulk call for `idx` (≤ 100 rows), its job polled to the end, results mapped to rows.
+    /// A call that creates records is journaled; when its answer is lost, or its job fails
+    /// after doing part of the work, the rows are looked up by external id.
+    async fn bulk(
+        &self,
+        rows: &[ChunkRow],
+        idx: &[usize],
+        kind: Bulk<'_>,
+        journal_key: &str,
+        out: &mut [Option<Outcome>],
+    ) -> Result<(), WriteError> {
+        let plural = self.object.as_str();
+        let (method, path, idempotency) = match kind {
+            Bulk::UsersCreateOrUpdate => (
+                Method::POST,
+                "/api/v2/users/create_or_update_many.json".to_string(),
+                Idempotency::Safe,
+            ),
+            Bulk::CreateMany => (
+                Method::POST,
+                format!("/api/v2/{plural}/create_many.json"),
+                Idempotency::Unsafe,
+            ),
+            Bulk::UpdateMany(_) => (
+                Method::PUT,
+                format!("/api/v2/{plural}/update_many.json"),
+                Idempotency::Safe,
+            ),
+        };
+        let mut body = Vec::with_capacity(idx.len() * 256);
+        body.extend_from_slice(b"{\"");
+        body.extend_from_slice(plural.as_bytes());
+        body.extend_from_slice(b"\":[");
+        for (n, &k) in idx.iter().enumerate() {
+            if n > 0 {
+                body.push(b',');
+            }
+            let mut item = rows[k].payload.clone();
+            if let (Bulk::UpdateMany(ids), Value::Object(map)) = (&kind, &mut item) {
+                if let Some(id) = ids.get(&k) {
+                    map.insert("id".into(), Value::from(*id));
+                }
+            }
+            if self.object == Object::Users && !matches!(kind, Bulk::UpdateMany(_)) {
+                if let Value::Object(map) = &mut item {
+                    map.entry("skip_verify_email").or_insert(Value::Bool(true));
+                }
+            }
+            serde_json::to_writer(&mut body, &item).expect("payload serialises");
+        }
+        body.extend_from_slice(b"]}");
+
+        let creates = idempotency == Idempotency::Unsafe;
+        if creates {
+            self.journal(journal_key, &path, None).await?;
+        }
+        let answer = self
+            .client
+            .send(method, &path, body, idempotency)
+            .await;
+        let job = match answer {
+            Ok(v) => parse_job(&path, v)?,
+            Err(ZendeskError::OutcomeUnknown { message, .. }) => {
+                tracing::warn!(%path, rows = idx.len(), "no answer to a create call ({message}); looking the rows up before anything is resent");
+                tokio::time::sleep(self.opts.lookup_delay).await;
+                return self.settle_unknown(rows, idx, &path, out).await;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if creates {
+            self.journal(journal_key, &path, Some(&job.id)).await?;
+        }
+        self.progress.jobs.fetch_add(1, Ordering::Relaxed);
+        let done = self.jobs.wait(job.id.clone()).await;
+        let done = match done {
+            Ok(d) => d,
+            Err(ZendeskError::Api { status: 404, .. }) if creates => {
+                return self.settle_unknown(rows, idx, &path, out).await
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.apply_job(rows, idx, &done, creates, out).await
+    }
+
+    /// Map a finished job's results onto the rows; rows the job left without a result fail
+    /// with the job's reason (creates are looked up first: a killed job may have done part).
+    async fn apply_job(
+        &self,
+        rows: &[ChunkRow],
+        idx: &[usize],
+        job: &JobStatus,
+        creates: bool,
+        out: &mut [Option<Outcome>],
+    ) -> Result<(), WriteError> {
+        let mapped = map_results(rows, idx, &job.results);
+        let mut missing = Vec::new();
+        for (n, &k) in idx.iter().enumerate() {
+            match mapped[n] {
+                Some(r) if r.failed() => {
+                    out[k] = Some(Outcome::Failed {
+                        code: r.error.clone().unwrap_or_else(|| "Failed".into()),
+                        reason: r.reason(),
+                    })
+                }
+                Some(r) => match r.id {
+                    Some(id) => {
+                        let action = match (r.status.as_deref(), r.action.as_deref()) {
+                            (Some("Updated"), _) | (_, Some("update")) => Action::Updated,
+                            _ => Action::Created,
+                        };
+                        out[k] = Some(Outcome::Confirmed { id, action })
+                    }
+                    None => missing.push(k),
+                },
+                None => missing.push(k),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let why = if job.status == "completed" {
+            format!("job {} completed without a result for this row", job.id)
+        } else {
+            format!(
+                "job {} ended `{}`{}",
+                job.id,
+                job.status,
+                job.message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            )
+        };
+        if creates {
+            let found = self.lookup(rows, &missing).await?;
+            for &k in &missing {
+                if let Some(&id) = found.get(&k) {
+                    out[k] = Some(Outcome::Confirmed {
+                        id,
+                        action: Action::Created,
+                    });
+                }
+            }
+        }
+        for &k in &missing {
+            if out[k].is_none() {
+                out[k] = Some(Outcome::Failed {
+                    code: format!("Job{}", capitalise(&job.status)),
+                    reason: why.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A create whose answer was lost: rows found by external id are confirmed; the rest are
+    /// sent once more (a second loss leaves them failed, to be retried next run).
+    async fn settle_unknown(
+        &self,
+        rows: &[ChunkRow],
+        idx: &[usize],
+        path: &str,
+        out: &mut [Option<Outcome>],
+    ) -> Result<(), WriteError> {
+        let found = self.lookup(rows, idx).await?;
+        let mut again = Vec::new();
+        for &k in idx {
+            match found.get(&k) {
+                Some(&id) => {
+                    out[k] = Some(Outcome::Confirmed {
+                        id,
+                        action: Action::Created,
+                    })
+                }
+                None => again.push(k),
+            }
+        }
+        if again.is_empty() {
+            return Ok(());
+        }
+        let mut body = Vec::new();
+        body.extend_from_slice(format!("{{\"{}\":[", self.object.as_str()).as_bytes());
+        for (n, &k) in again.iter().enumerate() {
+            if n > 0 {
+                body.push(b',');
+            }
+            serde_json::to_writer(&mut body, &rows[k].payload).expect("payload serialises");
+        }
+        body.extend_from_slice(b"]}");
+        let job = match self
+            .client
+            .send(Method::POST, path, body, Idempotency::Unsafe)
+            .await
+        {
+            Ok(v) => parse_job(path, v)?,
+            Err(ZendeskError::OutcomeUnknown { message, .. }) => {
+                for &k in &again {
+                    out[k] = Some(Outcome::Failed {
+                        code: "OutcomeUnknown".into(),
+                        reason: format!("Zendesk's answer was lost twice ({message}); the row is checked and resent next run"),
+                    });
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.progress.jobs.fetch_add(1, Ordering::Relaxed);
+        let done = self.jobs.wait(job.id.clone()).await?;
+        self.apply_job(rows, &again, &done, true, out).await
+    }
+
+    /// Zendesk ids of rows found by external id (users and organizations: `show_many`, 100 a
+    /// call; tickets: one lookup a row, taking the oldest ticket with that external id).
+    async fn lookup(
+        &self,
+        rows: &[ChunkRow],
+        idx: &[usize],
+    ) -> Result<HashMap<usize, u64>, WriteError> {
+        let mut found = HashMap::new();
+        let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        if self.object == Object::Tickets {
+            for &k in idx {
+                let v = self
+                    .client
+                    .get(&format!(
+                        "/api/v2/tickets.json?external_id={}",
+                        enc(&rows[k].pk)
+                    ))
+                    .await?;
+                let oldest = v["tickets"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|t| t["external_id"].as_str() == Some(rows[k].pk.as_str()))
+                    .filter_map(|t| t["id"].as_u64())
+                    .min();
+                if let Some(id) = oldest {
+                    found.insert(k, id);
+                }
+            }
+            return Ok(found);
+        }
+        let plural = self.object.as_str();
+        for part in idx.chunks(100) {
+            let list = part
+                .iter()
+                .map(|&k| enc(&rows[k].pk))
+                .collect::<Vec<_>>()
+                .join(",");
+            let v = self
+                .client
+                .get(&format!(
+                    "/api/v2/{plural}/show_many.json?external_ids={list}"
+                ))
+                .await?;
+            let mut by_key: HashMap<String, u64> = HashMap::new();
+            for rec in v[plural].as_array().into_iter().flatten() {
+                if let (Some(x), Some(id)) = (rec["external_id"].as_str(), rec["id"].as_u64()) {
+                    by_key.insert(x.to_lowercase(), id);
+                }
+            }
+            for &k in part {
+                if let Some(&id) = by_key.get(&rows[k].pk.to_lowercase()) {
+                    found.insert(k, id);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Journal and outcome reads after a crash: a journaled job still retained by Zendesk is
+    /// polled; otherwise creates are looked up by external id, and what is found is confirmed.
+    async fn recover(
+        &self,
+        rows: &[ChunkRow],
+        journal_key: &str,
+        out: &mut [Option<Outcome>],
+    ) -> Result<(), WriteError> {
+        let key = journal_key.to_string();
+        let journal: Option<Journal> = self
+            .blocking(move |store| {
+                let mut text = String::new();
+                use std::io::Read;
+                store
+                    .open(&key)
+                    .and_then(|mut r| r.read_to_string(&mut text))
+                    .map_err(|source| ChangeSetError::Io { key, source })?;
+                Ok(serde_json::from_str(&text).ok())
+            })
+            .await?;
+        let all: Vec<usize> = (0..rows.len()).collect();
+        let Some(journal) = journal else {
+            return Ok(());
+        };
+        tracing::info!(journal = journal_key, job = ?journal.job, "resuming a batch a previous attempt left in flight");
+        if let Some(id) = &journal.job {
+            match self.jobs.wait(id.clone()).await {
+                Ok(job) => {
+                    self.apply_job(rows, &all, &job, true, out).await?;
+                    // Keep what Zendesk confirmed; a failed create created nothing, so those
+                    // rows go through the normal path again (an organization upsert resolves
+                    // its duplicates there).
+                    for o in out.iter_mut() {
+                        if matches!(o, Some(Outcome::Failed { .. })) {
+                            *o = None;
+                        }
+                    }
+                    return Ok(());
+                }
+                Err(ZendeskError::Api { status: 404, .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let found = self.lookup(rows, &all).await?;
+        for (k, id) in found {
+            out[k] = Some(Outcome::Confirmed {
+                id,
+                action: Action::Created,
+            });
+        }
+        Ok(())
+    }
+
+    async fn journal(&self, key: &str, endpoint: &str, job: Option<&str>) -> Result<(), WriteError> {
+        if key.is_empty() {
+            return Ok(());
+        }
+        let body = serde_json::to_vec(&Journal {
+            endpoint: endpoint.to_string(),
+            job: job.map(str::to_string),
+        })
+        .expect("journal serialises");
+        let key = key.to_string();
+        self.blocking(move |store| {
+            store
+                .put(&key, &body)
+                .map_err(|source| ChangeSetError::Io { key, source })
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn ObjectStore) -> Result<T, ChangeSetError> + Send + 'static,
+    ) -> Result<T, WriteError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
+            .await
+            .map_err(|e| WriteError::Task(e.to_string()))?
+            .map_err(WriteError::from)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Bulk<'a> {
+    UsersCreateOrUpdate,
+    CreateMany,
+    UpdateMany(&'a HashMap<usize, u64>),
+}
+
+fn count(summary: &mut ChunkSummary, r: &ResultRow) {
+    match (r.status, r.action) {
+        (RowStatus::Failed, _) => summary.failed += 1,
+        (RowStatus::Confirmed, Some(Action::Updated)) => summary.updated += 1,
+        (RowStatus::Confirmed, _) => summary.created += 1,
+    }
+}
+
+fn capitalise(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+fn result_row(row: &ChunkRow, o: Option<Outcome>) -> ResultRow {
+    match o {
+        Some(Outcome::Confirmed { id, action }) => ResultRow {
+            i: row.i,
+            pk: row.pk.clone(),
+            status: RowStatus::Confirmed,
+            id: Some(id),
+            error: None,
+            action: Some(action),
+        },
+        Some(Outcome::Failed { reason, .. }) => ResultRow {
+            i: row.i,
+            pk: row.pk.clone(),
+            status: RowStatus::Failed,
+            id: None,
+            error: Some(reason),
+            action: None,
+        },
+        None => ResultRow {
+            i: row.i,
+            pk: row.pk.clone(),
+            status: RowStatus::Failed,
+            id: None,
+            error: Some("no outcome was recorded for this row".into()),
+            action: None,
+        },
+    }
+}
+
+fn parse_job(path: &str, v: Value) -> Result<JobStatus, ZendeskError> {
+    serde_json::from_value::<JobStatus>(v["job_status"].clone()).map_err(|e| {
+        ZendeskError::Protocol {
+            path: path.to_string(),
+            message: format!("expected a job_status: {e}"),
+        }
+    })
+}
+
+/// The result of each row of a batch: by `index` (0- or 1-based, told apart by range), else by
+/// position; a result echoing an `external_id` that names another row of the batch goes to that
+/// row.
+fn map_results<'a>(
+    rows: &[ChunkRow],
+    idx: &[usize],
+    results: &'a [JobResult],
+) -> Vec<Option<&'a JobResult>> {
+    let n = idx.len();
+    let mut mapped: Vec<Option<&JobResult>> = vec![None; n];
+    let indexed = !results.is_empty() && results.iter().all(|r| r.index.is_some());
+    let base = if indexed {
+        let min = results.iter().filter_map(|r| r.index).min().unwrap_or(0);
+        let max = results.iter().filter_map(|r| r.index).max().unwrap_or(0);
+        u64::from(min >= 1 && max as usize == n)
+    } else {
+        0
+    };
+    let by_key: HashMap<String, usize> = idx
+        .iter()
+        .enumerate()
+        .map(|(n, &k)| (rows[k].pk.to_lowercase(), n))
+        .collect();
+    for (pos, r) in results.iter().enumerate() {
+        let mut at = if indexed {
+            r.index.and_then(|i| i.checked_sub(base)).map(|i| i as usize)
+        } else {
+            Some(pos)
+        };
+        if let Some(x) = &r.external_id {
+            if let Some(&n) = by_key.get(&x.to_lowercase()) {
+                at = Some(n);
+            }
+        }
+        if let Some(a) = at.filter(|&a| a < n) {
+            mapped[a] = Some(r);
+        }
+    }
+    mapped
+}
+
+/// Polls every job of a run with `job_statuses/show_many` (up to 100 ids a call), so polling
+/// costs a small share of the request budget however many batches are in flight.
+struct JobTracker {
+    tx: mpsc::UnboundedSender<Waiter>,
+    /// Batches in progress; when all of them wait on a job, polling starts at once.
+    active: Arc<AtomicUsize>,
+}
+
+struct Waiter {
+    id: String,
+    since: Instant,
+    done: oneshot::Sender<Result<JobStatus, ZendeskError>>,
+}
+
+impl JobTracker {
+    fn start(client: Client, opts: &WriteOptions) -> JobTracker {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let active = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(poll_loop(
+            client,
+            rx,
+            active.clone(),
+            opts.poll_min,
+            opts.poll_max,
+        ));
+        JobTracker { tx, active }
+    }
+
+    async fn wait(&self, id: String) -> Result<JobStatus, ZendeskError> {
+        let (done, rx) = oneshot::channel();
+        let lost = || ZendeskError::Protocol {
+            path: "/api/v2/job_statuses/show_many".into(),
+            message: "the job poller stopped".into(),
+        };
+        self.tx
+            .send(Waiter {
+                id,
+                since: Instant::now(),
+                done,
+            })
+            .map_err(|_| lost())?;
+        rx.await.map_err(|_| lost())?
+    }
+}
+
+async fn poll_loop(
+    client: Client,
+    mut rx: mpsc::UnboundedReceiver<Waiter>,
+    active: Arc<AtomicUsize>,
+    poll_min: Duration,
+    poll_max: Duration,
+) {
+    let mut pending: Vec<Waiter> = Vec::new();
+    let mut interval = poll_min;
+    let mut last_poll = Instant::now() - poll_max;
+    let mut open = true;
+    loop {
+        if pending.is_empty() {
+            if !open {
+                return;
+            }
+            match rx.recv().await {
+                Some(w) => pending.push(w),
+                None => return,
+            }
+            continue;
+        }
+        pending.retain(|w| !w.done.is_closed());
+        if pending.is_empty() {
+            continue;
+        }
+        let oldest = pending.iter().map(|w| w.since).min().expect("not empty");
+        let everyone_waits = pending.len() >= active.load(Ordering::SeqCst);
+        let deadline = if everyone_waits || !open {
+            (last_poll + interval).max(oldest + poll_min.min(interval))
+        } else {
+            oldest + poll_max
+        };
+        if open {
+            tokio::select! {
+                w = rx.recv() => {
+                    match w {
+                        Some(w) => pending.push(w),
+                        None => open = false,
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+            }
+        } else {
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+        last_poll = Instant::now();
+        let ids: Vec<String> = {
+            let mut seen = std::collections::HashSet::new();
+            pending
+                .iter()
+                .filter(|w| seen.insert(w.id.clone()))
+                .map(|w| w.id.clone())
+                .collect()
+        };
+        let mut statuses: HashMap<String, JobStatus> = HashMap::new();
+        let mut failure = None;
+        for part in ids.chunks(100) {
+            match client.job_statuses(part).await {
+                Ok(list) => statuses.extend(list.into_iter().map(|j| (j.id.clone(), j))),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failure {
+            for w in pending.drain(..) {
+                let _ = w.done.send(Err(e.clone()));
+            }
+            continue;
+        }
+        let before = pending.len();
+        let mut still = Vec::with_capacity(pending.len());
+        for w in pending.drain(..) {
+            match statuses.get(&w.id) {
+                Some(j) if j.is_terminal() => {
+                    let _ = w.done.send(Ok(j.clone()));
+                }
+                Some(_) => still.push(w),
+                // Not listed: Zendesk no longer keeps the job.
+                None => {
+                    let _ = w.done.send(Err(ZendeskError::Api {
+                        path: "/api/v2/job_statuses/show_many".into(),
+                        status: 404,
+                        code: "RecordNotFound".into(),
+                        description: format!("job {} is no longer retained", w.id),
+                        details: None,
+                    }));
+                }
+            }
+        }
+        let finished = before - still.len();
+        pending = still;
+        interval = if finished == 0 {
+            (interval * 2).min(poll_max)
+        } else {
+            poll_min
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(i: u32, pk: &str) -> ChunkRow {
+        ChunkRow {
+            h: "0".into(),
+            i,
+            pk: pk.into(),
+            fp: "0".into(),
+            id: None,
+            src: "x:1".into(),
+            payload: serde_json::json!({"external_id": pk}),
+        }
+    }
+
+    fn res(index: Option<u64>, id: u64, ext: Option<&str>) -> JobResult {
+        JobResult {
+            index,
+            id: Some(id),
+            external_id: ext.map(str::to_string),
+            status: Some("Created".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn results_map_by_index_base_position_and_external_id() {
+        let rows = vec![row(0, "a"), row(1, "b"), row(2, "c")];
+        let idx = [0, 1, 2];
+        let zero = [res(Some(2), 12, None), res(Some(0), 10, None)];
+        let m = map_results(&rows, &idx, &zero);
+        assert_eq!(m[0].unwrap().id, Some(10));
+        assert!(m[1].is_none());
+        assert_eq!(m[2].unwrap().id, Some(12));
+
+        let one = [
+            res(Some(1), 10, None),
+            res(Some(2), 11, None),
+            res(Some(3), 12, None),
+        ];
+        let m = map_results(&rows, &idx, &one);
+        assert_eq!(m[0].unwrap().id, Some(10));
+        assert_eq!(m[2].unwrap().id, Some(12));
+
+        let positional = [res(None, 10, None), res(None, 11, Some("C")), res(None, 12, None)];
+        let m = map_results(&rows, &idx, &positional);
+        assert_eq!(m[0].unwrap().id, Some(10));
+        assert_eq!(m[2].unwrap().id, Some(12), "the last positional result lands on row 2 too");
+        // A subset batch: results refer to positions within the subset.
+        let m = map_results(&rows, &[2], &[res(Some(0), 99, None)]);
+        assert_eq!(m[0].unwrap().id, Some(99));
+    }
+}
