@@ -1,12 +1,19 @@
 //! The HTTP client: base URL, auth (API token or OAuth with refresh rotation), one request
 //! budget shared by every task of a run, `Retry-After` pauses, backoff, typed errors.
 
-use super::auth::CredentialStore;
-use super::error::ZendeskError;
+use super::auth::{CredentialStore, Credentials, Secret};
+use super::error::{AuthMethod, ZendeskError};
 use super::jobs::JobStatus;
+use super::limiter::Limiter;
 use crate::fields::Object;
-use std::sync::Arc;
-use std::time::Duration;
+use base64::Engine as _;
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::Method;
+use serde_json::Value;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -30,10 +37,41 @@ pub struct ClientOptions {
 impl ClientOptions {
     /// From a sync config's `[zendesk]` table; `rpm` defaults to 90 % of 700.
     pub fn from_config(z: &crate::config::Zendesk) -> Self {
-        let _ = z;
-        todo!("helper")
+        let mut o = Self::for_subdomain(&z.subdomain, z.base_url.as_deref());
+        if let Some(rpm) = z.rate_limit_rpm {
+            o.rpm = rpm;
+        }
+        o
+    }
+
+    /// Defaults for one account: `https://{subdomain}.zendesk.com` unless `base_url` is given
+    /// (a trailing `/` is dropped).
+    pub fn for_subdomain(subdomain: &str, base_url: Option<&str>) -> Self {
+        let subdomain = subdomain.trim().to_string();
+        let base_url = match base_url.map(str::trim).filter(|b| !b.is_empty()) {
+            Some(b) => b.trim_end_matches('/').to_string(),
+            None => format!("https://{subdomain}.zendesk.com"),
+        };
+        ClientOptions {
+            base_url,
+            subdomain,
+            rpm: DEFAULT_RPM,
+            retry_after_cap: Duration::from_secs(120),
+            retry_after_default: Duration::from_secs(10),
+            max_attempts: 8,
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+        }
     }
 }
+
+/// 90 % of the 700 requests per minute of Zendesk Enterprise plans.
+pub const DEFAULT_RPM: u32 = 630;
+
+/// Refresh an OAuth access token this long before it expires.
+const REFRESH_MARGIN_SECS: i64 = 60;
 
 /// Whether a request may be sent again when its answer is lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,9 +105,231 @@ pub struct Preflight {
     pub scopes: Option<Vec<String>>,
 }
 
+/// A cheap-to-clone handle: every clone shares the connection pool, the credentials, the
+/// request budget (token bucket, `Retry-After` pauses) and the counters.
 #[derive(Clone)]
 pub struct Client {
-    _inner: Arc<()>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    opts: ClientOptions,
+    store: Arc<dyn CredentialStore>,
+    creds: RwLock<Credentials>,
+    /// Every secret seen (rotated ones included), scrubbed from messages built from answers.
+    secrets: Mutex<Vec<String>>,
+    /// One refresh at a time; the others wait and reuse its token.
+    refresh_lock: tokio::sync::Mutex<()>,
+    limiter: Limiter,
+    stats: Stats,
+}
+
+#[derive(Default)]
+struct Stats {
+    requests: AtomicU64,
+    rate_limited: AtomicU64,
+    unavailable: AtomicU64,
+    server_errors: AtomicU64,
+    transport_errors: AtomicU64,
+    retries: AtomicU64,
+    token_refreshes: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("base_url", &self.inner.opts.base_url)
+            .field("auth", &self.auth_method())
+            .field("credentials", &self.inner.store.describe())
+            .field("rpm", &self.inner.opts.rpm)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One request to send (possibly several times).
+struct Req<'a> {
+    method: Method,
+    url: String,
+    /// The path for messages and logs (no host, no query).
+    path: String,
+    body: Option<&'a [u8]>,
+    idempotency: Idempotency,
+}
+
+/// A complete answer: status, headers, the whole body.
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self) -> Option<Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+}
+
+/// An error envelope in any of Zendesk's three shapes (or a text body).
+#[derive(Debug, Default)]
+struct Envelope {
+    code: String,
+    description: String,
+    title: Option<String>,
+    details: Option<Value>,
+}
+
+fn as_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Null => None,
+        other => Some(other.to_string()),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let s = s.trim();
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+fn parse_envelope(status: u16, body: &[u8]) -> Envelope {
+    let reason = reqwest::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error")
+        .to_string();
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        let text = String::from_utf8_lossy(body);
+        return Envelope {
+            code: reason,
+            description: truncate(&text, 500),
+            ..Envelope::default()
+        };
+    };
+    let mut env = Envelope::default();
+    match v.get("error") {
+        Some(Value::String(code)) => {
+            env.code = code.clone();
+            env.description = as_text(v.get("description"))
+                .or_else(|| as_text(v.get("error_description")))
+                .or_else(|| as_text(v.get("message")))
+                .unwrap_or_default();
+            env.details = v.get("details").filter(|d| !d.is_null()).cloned();
+        }
+        Some(Value::Object(o)) => {
+            env.title = as_text(o.get("title"));
+            env.code = env.title.clone().unwrap_or_default();
+            env.description = as_text(o.get("message"))
+                .or_else(|| as_text(o.get("description")))
+                .unwrap_or_default();
+            env.details = v.get("details").filter(|d| !d.is_null()).cloned();
+        }
+        _ => {
+            if let Some(errors) = v.get("errors").and_then(Value::as_array) {
+                let mut descs = Vec::new();
+                for e in errors {
+                    if env.code.is_empty() {
+                        env.code = as_text(e.get("code")).unwrap_or_default();
+                        env.title = as_text(e.get("title"));
+                    }
+                    let mut d = as_text(e.get("title")).unwrap_or_default();
+                    if let Some(detail) = as_text(e.get("detail")) {
+                        if d.is_empty() {
+                            d = detail;
+                        } else {
+                            d = format!("{d} ({detail})");
+                        }
+                    }
+                    if !d.is_empty() {
+                        descs.push(d);
+                    }
+                }
+                env.description = descs.join("; ");
+                if errors.len() > 1 {
+                    env.details = Some(Value::Array(errors.clone()));
+                }
+            } else {
+                env.description = as_text(v.get("description"))
+                    .or_else(|| as_text(v.get("message")))
+                    .unwrap_or_else(|| truncate(&v.to_string(), 500));
+                env.details = v.get("details").filter(|d| !d.is_null()).cloned();
+            }
+        }
+    }
+    if env.code.is_empty() {
+        env.code = reason;
+    }
+    env
+}
+
+/// `Retry-After` in seconds (fractions accepted); an HTTP date or garbage counts as absent.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let secs: f64 = v.parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `a,b` with anything but `[A-Za-z0-9._~-]` percent-encoded.
+fn encode_query_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn path_only(path: &str) -> &str {
+    path.split('?').next().unwrap_or(path)
+}
+
+/// A reqwest error as one line, without the URL (it is named separately).
+fn transport_message(e: &reqwest::Error) -> String {
+    let mut msg = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "connection failed".to_string()
+    } else if e.is_body() || e.is_decode() {
+        "the answer was cut off".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    let mut seen = 0;
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.is_empty() && !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+        seen += 1;
+        if seen > 4 {
+            break;
+        }
+    }
+    msg
 }
 
 impl Client {
@@ -78,14 +338,98 @@ impl Client {
         opts: ClientOptions,
         store: Arc<dyn CredentialStore>,
     ) -> Result<Client, ZendeskError> {
-        let _ = (opts, store);
-        todo!("helper")
+        let creds = store.load().await?;
+        // Fail now, not on the first request, when a credential cannot go in a header.
+        auth_header(&creds, &store.describe())?;
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("zdsync/", env!("CARGO_PKG_VERSION")))
+            .timeout(opts.request_timeout)
+            .connect_timeout(opts.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(50))
+            .build()
+            .map_err(|e| ZendeskError::Transport {
+                path: opts.base_url.clone(),
+                attempts: 0,
+                message: format!("cannot set up the HTTP client: {}", transport_message(&e)),
+            })?;
+        let limiter = Limiter::new(opts.rpm);
+        let secrets = creds.secrets();
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http,
+                opts,
+                store,
+                creds: RwLock::new(creds),
+                secrets: Mutex::new(secrets),
+                refresh_lock: tokio::sync::Mutex::new(()),
+                limiter,
+                stats: Stats::default(),
+            }),
+        })
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.opts
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.inner.opts.base_url
+    }
+
+    /// API token or OAuth.
+    pub fn auth_method(&self) -> AuthMethod {
+        self.creds().method()
+    }
+
+    /// Where the credentials came from (never the credentials).
+    pub fn credentials_source(&self) -> String {
+        self.inner.store.describe()
+    }
+
+    /// Until when a `Retry-After` holds every request of this client back, if one is running.
+    pub fn paused_until(&self) -> Option<tokio::time::Instant> {
+        self.inner.limiter.paused_until()
+    }
+
+    fn creds(&self) -> Credentials {
+        self.inner
+            .creds
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// `s` with every known secret replaced.
+    fn scrub(&self, s: String) -> String {
+        let secrets = self.inner.secrets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = s;
+        for secret in secrets.iter().filter(|x| x.len() >= 4) {
+            if s.contains(secret.as_str()) {
+                s = s.replace(secret.as_str(), "[redacted]");
+            }
+        }
+        s
+    }
+
+    fn url(&self, path: &str) -> String {
+        if path.starts_with('/') {
+            format!("{}{path}", self.inner.opts.base_url)
+        } else {
+            format!("{}/{path}", self.inner.opts.base_url)
+        }
     }
 
     /// GET a path (`/api/v2/...`, query included) and parse the JSON body.
     pub async fn get(&self, path: &str) -> Result<serde_json::Value, ZendeskError> {
-        let _ = path;
-        todo!("helper")
+        let req = Req {
+            method: Method::GET,
+            url: self.url(path),
+            path: path_only(path).to_string(),
+            body: None,
+            idempotency: Idempotency::Safe,
+        };
+        let answer = self.execute(&req).await?;
+        self.into_json(&req, answer)
     }
 
     /// Send a JSON body (already encoded) with POST/PUT/DELETE and parse the JSON answer
@@ -97,8 +441,15 @@ impl Client {
         body: Vec<u8>,
         idempotency: Idempotency,
     ) -> Result<serde_json::Value, ZendeskError> {
-        let _ = (method, path, body, idempotency);
-        todo!("helper")
+        let req = Req {
+            method,
+            url: self.url(path),
+            path: path_only(path).to_string(),
+            body: (!body.is_empty()).then_some(body.as_slice()),
+            idempotency,
+        };
+        let answer = self.execute(&req).await?;
+        self.into_json(&req, answer)
     }
 
     /// Every item under `root` of a paginated list, following cursor pagination.
@@ -107,23 +458,795 @@ impl Client {
         path: &str,
         root: &str,
     ) -> Result<Vec<serde_json::Value>, ZendeskError> {
-        let _ = (path, root);
-        todo!("helper")
+        let first = if path.contains("page[size]")
+            || path.contains("page%5Bsize%5D")
+            || path.contains("per_page")
+        {
+            path.to_string()
+        } else if path.contains('?') {
+            format!("{path}&page[size]=100")
+        } else {
+            format!("{path}?page[size]=100")
+        };
+        let mut url = self.url(&first);
+        let mut items = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            if !seen.insert(url.clone()) {
+                return Err(ZendeskError::Protocol {
+                    path: path_only(path).to_string(),
+                    message: "the pagination links go round in a circle".into(),
+                });
+            }
+            let req = Req {
+                method: Method::GET,
+                url: url.clone(),
+                path: path_only(path).to_string(),
+                body: None,
+                idempotency: Idempotency::Safe,
+            };
+            let answer = self.execute(&req).await?;
+            let mut page = self.into_json(&req, answer)?;
+            let list = match page.get_mut(root).map(Value::take) {
+                Some(Value::Array(list)) => list,
+                _ => {
+                    return Err(ZendeskError::Protocol {
+                        path: req.path,
+                        message: format!("the answer has no `{root}` list"),
+                    })
+                }
+            };
+            items.extend(list);
+            let next = match page.get("meta").and_then(|m| m.get("has_more")) {
+                Some(has_more) => {
+                    if has_more.as_bool() == Some(true) {
+                        page.get("links")
+                            .and_then(|l| l.get("next"))
+                            .and_then(Value::as_str)
+                            .map(str::to_string)
+                    } else {
+                        None
+                    }
+                }
+                None => page
+                    .get("next_page")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+            };
+            match next {
+                Some(next) if !next.is_empty() => url = self.follow(&next, &req.path)?,
+                _ => return Ok(items),
+            }
+        }
+    }
+
+    /// A pagination link, accepted only on this client's base URL (credentials never go to
+    /// another host).
+    fn follow(&self, link: &str, path: &str) -> Result<String, ZendeskError> {
+        let base = &self.inner.opts.base_url;
+        if link.starts_with('/') {
+            return Ok(self.url(link));
+        }
+        if link.starts_with(base.as_str()) && link[base.len()..].starts_with(['/', '?']) {
+            return Ok(link.to_string());
+        }
+        Err(ZendeskError::Protocol {
+            path: path.to_string(),
+            message: format!("a pagination link points outside {base}"),
+        })
     }
 
     /// `GET /api/v2/job_statuses/show_many?ids=` for up to 100 ids.
     pub async fn job_statuses(&self, ids: &[String]) -> Result<Vec<JobStatus>, ZendeskError> {
-        let _ = ids;
-        todo!("helper")
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(100) {
+            let list: Vec<String> = chunk.iter().map(|i| encode_query_value(i)).collect();
+            let path = format!("/api/v2/job_statuses/show_many.json?ids={}", list.join(","));
+            let mut v = self.get(&path).await?;
+            let statuses = v.get_mut("job_statuses").map(Value::take);
+            let parsed: Vec<JobStatus> = match statuses {
+                Some(s @ Value::Array(_)) => {
+                    serde_json::from_value(s).map_err(|e| ZendeskError::Protocol {
+                        path: path_only(&path).to_string(),
+                        message: format!("job statuses not as documented: {e}"),
+                    })?
+                }
+                _ => {
+                    return Err(ZendeskError::Protocol {
+                        path: path_only(&path).to_string(),
+                        message: "the answer has no `job_statuses` list".into(),
+                    })
+                }
+            };
+            out.extend(parsed);
+        }
+        Ok(out)
     }
 
     /// Check credentials, subdomain and the scopes a write to `object` needs, before any write.
     pub async fn preflight(&self, object: Object, write: bool) -> Result<Preflight, ZendeskError> {
-        let _ = (object, write);
-        todo!("helper")
+        const ME: &str = "/api/v2/users/me.json";
+        let me = self.get(ME).await?;
+        let user = me.get("user").cloned().unwrap_or(Value::Null);
+        let user_id = user.get("id").and_then(Value::as_u64).unwrap_or(0);
+        let email = user
+            .get("email")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let role = user
+            .get("role")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let creds = self.creds();
+        if user_id == 0 {
+            return Err(match &creds {
+                Credentials::ApiToken { email, .. } => ZendeskError::AuthFailed {
+                    method: AuthMethod::ApiToken,
+                    message: self.api_token_refused(email),
+                },
+                Credentials::OAuth { .. } => ZendeskError::AuthFailed {
+                    method: AuthMethod::OAuth,
+                    message: self.oauth_refused(),
+                },
+            });
+        }
+        let scopes = match &creds {
+            Credentials::ApiToken { email: login, .. } => {
+                if role != "admin" {
+                    return Err(ZendeskError::Forbidden {
+                        path: ME.into(),
+                        message: format!(
+                            "`{login}` is a Zendesk {} and zdsync needs an admin: use an \
+                             admin's email with the API token (credentials from {}), or \
+                             connect with OAuth as an admin (`zdsync connect`)",
+                            if role.is_empty() { "user" } else { &role },
+                            self.inner.store.describe()
+                        ),
+                    });
+                }
+                None
+            }
+            Credentials::OAuth { .. } => {
+                const CURRENT: &str = "/api/v2/oauth/tokens/current.json";
+                let t = self.get(CURRENT).await?;
+                let scopes: Vec<String> = t
+                    .get("token")
+                    .and_then(|t| t.get("scopes"))
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| ZendeskError::Protocol {
+                        path: CURRENT.into(),
+                        message: "the token has no `scopes` list".into(),
+                    })?
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect();
+                check_scopes(&scopes, object, write)?;
+                Some(scopes)
+            }
+        };
+        Ok(Preflight {
+            user_id,
+            email,
+            role,
+            scopes,
+        })
     }
 
     pub fn stats(&self) -> ClientStats {
-        todo!("helper")
+        let s = &self.inner.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ClientStats {
+            requests: get(&s.requests),
+            rate_limited: get(&s.rate_limited),
+            unavailable: get(&s.unavailable),
+            server_errors: get(&s.server_errors),
+            transport_errors: get(&s.transport_errors),
+            retries: get(&s.retries),
+            token_refreshes: get(&s.token_refreshes),
+            paused_ms: self.inner.limiter.paused_ms(),
+        }
+    }
+
+    fn into_json(&self, req: &Req<'_>, answer: Answer) -> Result<Value, ZendeskError> {
+        if !(200..300).contains(&answer.status) {
+            return Err(self.error_for(&req.path, &answer));
+        }
+        if answer.body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&answer.body).map_err(|e| ZendeskError::Protocol {
+            path: req.path.clone(),
+            message: format!("HTTP {} with a body that is not JSON ({e})", answer.status),
+        })
+    }
+
+    fn api_token_refused(&self, email: &str) -> String {
+        format!(
+            "Zendesk refused the email and API token (credentials from {}): check that the \
+             token is a Zendesk API token (Admin Center > Apps and integrations > Zendesk API; \
+             an API token is not the account password), that it is still active, and that \
+             `{email}` is the email of an admin of this account",
+            self.inner.store.describe()
+        )
+    }
+
+    fn oauth_refused(&self) -> String {
+        format!(
+            "the OAuth token was refused (expired or revoked): reconnect with `zdsync connect` \
+             (credentials from {})",
+            self.inner.store.describe()
+        )
+    }
+
+    /// The typed error for a final non-2xx answer.
+    fn error_for(&self, path: &str, answer: &Answer) -> ZendeskError {
+        let status = answer.status;
+        let env = parse_envelope(status, &answer.body);
+        let description = self.scrub(env.description.clone());
+        let code = self.scrub(env.code.clone());
+        match status {
+            401 => match self.creds() {
+                Credentials::ApiToken { email, .. } => ZendeskError::AuthFailed {
+                    method: AuthMethod::ApiToken,
+                    message: self.api_token_refused(&email),
+                },
+                Credentials::OAuth { .. } => ZendeskError::AuthFailed {
+                    method: AuthMethod::OAuth,
+                    message: self.oauth_refused(),
+                },
+            },
+            404 if env
+                .title
+                .as_deref()
+                .is_some_and(|t| t.starts_with("No help desk at")) =>
+            {
+                let title = env.title.as_deref().unwrap_or_default();
+                let host = title
+                    .trim_start_matches("No help desk at")
+                    .trim()
+                    .trim_end_matches('.');
+                let sub = host.strip_suffix(".zendesk.com").unwrap_or(host);
+                ZendeskError::SubdomainNotFound {
+                    subdomain: if sub.is_empty() {
+                        self.inner.opts.subdomain.clone()
+                    } else {
+                        sub.to_string()
+                    },
+                }
+            }
+            403 => {
+                const MISSING: &str = "missing the following required scopes:";
+                let lower = description.to_ascii_lowercase();
+                if let Some(at) = lower.find(MISSING) {
+                    let scope = description[at + MISSING.len()..]
+                        .trim()
+                        .trim_end_matches('.')
+                        .to_string();
+                    return ZendeskError::MissingScope {
+                        hint: scope_hint(&scope),
+                        scope,
+                    };
+                }
+                let bulk_path = path.contains("/users/create_many")
+                    || path.contains("/users/create_or_update_many");
+                let text = format!("{code} {description}").to_ascii_lowercase();
+                if bulk_path && text.contains("bulk") {
+                    return ZendeskError::BulkImportDisabled;
+                }
+                let mut message = if description.is_empty() {
+                    code
+                } else if code.is_empty() || code == "Forbidden" {
+                    description
+                } else {
+                    format!("{code}: {description}")
+                };
+                if let Credentials::ApiToken { email, .. } = self.creds() {
+                    message.push_str(&format!(
+                        " (authenticated as `{email}`: zdsync needs an admin)"
+                    ));
+                }
+                ZendeskError::Forbidden {
+                    path: path.to_string(),
+                    message,
+                }
+            }
+            _ => ZendeskError::Api {
+                path: path.to_string(),
+                status,
+                code,
+                description,
+                details: env.details.map(|d| {
+                    // Details come from the answer; scrub them like the description.
+                    let text = d.to_string();
+                    let clean = self.scrub(text.clone());
+                    if clean == text {
+                        d
+                    } else {
+                        Value::String(clean)
+                    }
+                }),
+            },
+        }
+    }
+
+    /// Sends with credentials: proactive OAuth refresh near expiry, one refresh + retry on a
+    /// 401 `invalid_token`. Returns the final complete answer (any status).
+    async fn execute(&self, req: &Req<'_>) -> Result<Answer, ZendeskError> {
+        let mut refreshed = false;
+        loop {
+            self.refresh_if_expiring().await?;
+            let creds = self.creds();
+            let header = auth_header(&creds, &self.inner.store.describe())?;
+            let answer = self.run(req, Some(&header)).await?;
+            if answer.status == 401 && !refreshed {
+                if let Credentials::OAuth {
+                    access_token,
+                    refresh_token: Some(_),
+                    ..
+                } = &creds
+                {
+                    let invalid_token = answer.json().is_some_and(|v| {
+                        v.get("error").and_then(Value::as_str) == Some("invalid_token")
+                    }) || answer
+                        .headers
+                        .get(reqwest::header::WWW_AUTHENTICATE)
+                        .and_then(|h| h.to_str().ok())
+                        .is_some_and(|h| h.contains("invalid_token"));
+                    if invalid_token {
+                        tracing::warn!(
+                            path = %req.path,
+                            "Zendesk refused the OAuth access token: refreshing it"
+                        );
+                        self.refresh(access_token.expose()).await?;
+                        refreshed = true;
+                        continue;
+                    }
+                }
+            }
+            return Ok(answer);
+        }
+    }
+
+    async fn refresh_if_expiring(&self) -> Result<(), ZendeskError> {
+        let used = {
+            let c = self.inner.creds.read().unwrap_or_else(|e| e.into_inner());
+            match &*c {
+                Credentials::OAuth {
+                    access_token,
+                    refresh_token: Some(_),
+                    expires_at: Some(at),
+                    ..
+                } if *at - now_unix() <= REFRESH_MARGIN_SECS => access_token.expose().to_string(),
+                _ => return Ok(()),
+            }
+        };
+        tracing::debug!("the OAuth access token expires within a minute: refreshing it");
+        self.refresh(&used).await
+    }
+
+    /// Exchanges the refresh token for a new pair (rotation) unless another task already
+    /// replaced `used`; saves the new pair to the credential store.
+    async fn refresh(&self, used: &str) -> Result<(), ZendeskError> {
+        let _guard = self.inner.refresh_lock.lock().await;
+        let (refresh_token, client_id, client_secret) = {
+            let c = self.inner.creds.read().unwrap_or_else(|e| e.into_inner());
+            match &*c {
+                Credentials::OAuth {
+                    access_token,
+                    refresh_token,
+                    client_id,
+                    client_secret,
+                    ..
+                } => {
+                    if access_token.expose() != used {
+                        return Ok(()); // another task refreshed meanwhile
+                    }
+                    match refresh_token {
+                        Some(r) => (r.clone(), client_id.clone(), client_secret.clone()),
+                        None => {
+                            return Err(ZendeskError::AuthFailed {
+                                method: AuthMethod::OAuth,
+                                message: self.oauth_refused(),
+                            })
+                        }
+                    }
+                }
+                Credentials::ApiToken { .. } => return Ok(()),
+            }
+        };
+        let mut body = serde_json::json!({
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token.expose(),
+        });
+        if let Some(id) = &client_id {
+            body["client_id"] = Value::String(id.clone());
+        }
+        if let Some(secret) = &client_secret {
+            body["client_secret"] = Value::String(secret.expose().to_string());
+        }
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        drop(body);
+        let req = Req {
+            method: Method::POST,
+            url: self.url("/oauth/tokens"),
+            path: "/oauth/tokens".into(),
+            body: Some(&bytes),
+            // The old refresh token stops working once Zendesk acts: never resend blindly.
+            idempotency: Idempotency::Unsafe,
+        };
+        let failed = |why: String| ZendeskError::AuthFailed {
+            method: AuthMethod::OAuth,
+            message: format!(
+                "refreshing the OAuth token failed ({why}): reconnect with `zdsync connect` \
+                 (credentials from {})",
+                self.inner.store.describe()
+            ),
+        };
+        let answer = match self.run(&req, None).await {
+            Ok(a) => a,
+            Err(ZendeskError::OutcomeUnknown { message, .. }) => {
+                return Err(failed(format!(
+                    "no answer from Zendesk ({}); the stored refresh token may be used up",
+                    self.scrub(message)
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        if !(200..300).contains(&answer.status) {
+            let env = parse_envelope(answer.status, &answer.body);
+            let mut why = format!("HTTP {}: {}", answer.status, env.code);
+            if !env.description.is_empty() {
+                why.push_str(": ");
+                why.push_str(&env.description);
+            }
+            if env.code == "invalid_client" {
+                why.push_str("; check the OAuth client id and secret");
+            }
+            return Err(failed(self.scrub(why)));
+        }
+        let v = answer.json().unwrap_or(Value::Null);
+        let Some(access) = v
+            .get("access_token")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+        else {
+            return Err(failed("the answer carries no access token".into()));
+        };
+        let new_refresh = v
+            .get("refresh_token")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(Secret::new)
+            .or(Some(refresh_token));
+        let expires_at = v
+            .get("expires_in")
+            .and_then(Value::as_i64)
+            .map(|secs| now_unix() + secs);
+        let new = Credentials::OAuth {
+            access_token: Secret::new(access),
+            refresh_token: new_refresh,
+            client_id,
+            client_secret,
+            expires_at,
+        };
+        {
+            let mut secrets = self.inner.secrets.lock().unwrap_or_else(|e| e.into_inner());
+            for s in new.secrets() {
+                if !secrets.contains(&s) {
+                    secrets.push(s);
+                }
+            }
+        }
+        *self.inner.creds.write().unwrap_or_else(|e| e.into_inner()) = new.clone();
+        bump(&self.inner.stats.token_refreshes);
+        tracing::info!(
+            expires_at = ?expires_at,
+            "OAuth access token refreshed (the refresh token was rotated)"
+        );
+        if let Err(e) = self.inner.store.save(&new).await {
+            tracing::warn!(
+                error = %self.scrub(e.to_string()),
+                "the rotated OAuth tokens could not be saved: the next run will need \
+                 `zdsync connect`"
+            );
+        }
+        Ok(())
+    }
+
+    async fn backoff(&self, attempt: u32) {
+        let o = &self.inner.opts;
+        let exp = o
+            .backoff_base
+            .saturating_mul(1u32 << (attempt.saturating_sub(1)).min(20));
+        let cap = exp.min(o.backoff_max).as_millis() as u64;
+        let ms = if cap == 0 {
+            0
+        } else {
+            rand::random_range(0..=cap)
+        };
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    /// The retry loop of one request: takes a token and passes the pause gate before every
+    /// attempt, pauses the whole client on 429/503, backs off on 5xx and transport errors.
+    async fn run(&self, req: &Req<'_>, auth: Option<&HeaderValue>) -> Result<Answer, ZendeskError> {
+        let opts = &self.inner.opts;
+        let stats = &self.inner.stats;
+        let max = opts.max_attempts.max(1);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            if attempt > 1 {
+                bump(&stats.retries);
+            }
+            let permit = self.inner.limiter.acquire().await;
+            let mut rb = self
+                .inner
+                .http
+                .request(req.method.clone(), &req.url)
+                .header(ACCEPT, "application/json");
+            if let Some(auth) = auth {
+                rb = rb.header(AUTHORIZATION, auth.clone());
+            }
+            if let Some(body) = req.body {
+                rb = rb
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(body.to_vec());
+            }
+            bump(&stats.requests);
+            let started = Instant::now();
+            let resp = match rb.send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    drop(permit);
+                    bump(&stats.transport_errors);
+                    let message = transport_message(&e);
+                    tracing::debug!(
+                        method = %req.method, path = %req.path, attempt,
+                        ms = started.elapsed().as_millis() as u64,
+                        error = %message, "zendesk request failed"
+                    );
+                    // A connect error happens before anything is written; anything else may
+                    // have reached Zendesk.
+                    if !e.is_connect() && req.idempotency == Idempotency::Unsafe {
+                        return Err(ZendeskError::OutcomeUnknown {
+                            path: req.path.clone(),
+                            message,
+                        });
+                    }
+                    if attempt >= max {
+                        return Err(ZendeskError::Transport {
+                            path: req.path.clone(),
+                            attempts: attempt,
+                            message,
+                        });
+                    }
+                    tracing::warn!(
+                        method = %req.method, path = %req.path, attempt,
+                        error = %message, "cannot reach Zendesk: retrying"
+                    );
+                    self.backoff(attempt).await;
+                    continue;
+                }
+            };
+            let status = resp.status().as_u16();
+            let throttled = status == 429 || status == 503;
+            let mut wait = None;
+            if throttled {
+                // Pause first, before reading the body: no other task may send meanwhile.
+                let w = retry_after(resp.headers())
+                    .map(|d| d.min(opts.retry_after_cap))
+                    .unwrap_or(opts.retry_after_default);
+                self.inner.limiter.pause(w);
+                wait = Some(w);
+            } else {
+                self.inner.limiter.observe(resp.headers());
+            }
+            permit.finish(throttled);
+            let headers = resp.headers().clone();
+            let body = resp.bytes().await;
+            let ms = started.elapsed().as_millis() as u64;
+            tracing::debug!(
+                method = %req.method, path = %req.path, status, attempt, ms,
+                "zendesk request"
+            );
+            let body = match body {
+                Ok(b) => b.to_vec(),
+                // The status of a 429/503/5xx is the whole answer; a cut body does not matter.
+                Err(_) if throttled || status >= 500 => Vec::new(),
+                Err(e) => {
+                    bump(&stats.transport_errors);
+                    let message = format!("HTTP {status}, then {}", transport_message(&e));
+                    if req.idempotency == Idempotency::Unsafe {
+                        return Err(ZendeskError::OutcomeUnknown {
+                            path: req.path.clone(),
+                            message,
+                        });
+                    }
+                    if attempt >= max {
+                        return Err(ZendeskError::Transport {
+                            path: req.path.clone(),
+                            attempts: attempt,
+                            message,
+                        });
+                    }
+                    tracing::warn!(
+                        method = %req.method, path = %req.path, attempt,
+                        error = %message, "the Zendesk answer was cut off: retrying"
+                    );
+                    self.backoff(attempt).await;
+                    continue;
+                }
+            };
+            if let Some(wait) = wait {
+                if status == 429 {
+                    bump(&stats.rate_limited);
+                } else {
+                    bump(&stats.unavailable);
+                }
+                if attempt >= max {
+                    return Err(if status == 429 {
+                        ZendeskError::RateLimited {
+                            path: req.path.clone(),
+                            attempts: attempt,
+                            retry_after: Some(wait),
+                        }
+                    } else {
+                        ZendeskError::Unavailable {
+                            path: req.path.clone(),
+                            status,
+                            attempts: attempt,
+                            message: self.scrub(parse_envelope(status, &body).description),
+                        }
+                    });
+                }
+                tracing::warn!(
+                    method = %req.method, path = %req.path, status, attempt,
+                    wait_ms = wait.as_millis() as u64,
+                    "Zendesk asked to wait: pausing every request of this client"
+                );
+                continue;
+            }
+            if status >= 500 {
+                bump(&stats.server_errors);
+                if attempt >= max {
+                    return Err(ZendeskError::Unavailable {
+                        path: req.path.clone(),
+                        status,
+                        attempts: attempt,
+                        message: self.scrub(parse_envelope(status, &body).description),
+                    });
+                }
+                tracing::warn!(
+                    method = %req.method, path = %req.path, status, attempt,
+                    "Zendesk server error: retrying"
+                );
+                self.backoff(attempt).await;
+                continue;
+            }
+            if status == 409
+                && attempt < max
+                && parse_envelope(status, &body).code == "DatabaseConflict"
+            {
+                tracing::warn!(
+                    method = %req.method, path = %req.path, attempt,
+                    "Zendesk database collision: retrying"
+                );
+                self.backoff(attempt).await;
+                continue;
+            }
+            return Ok(Answer {
+                status,
+                headers,
+                body,
+            });
+        }
+    }
+}
+
+/// The `Authorization` header for `creds`, marked sensitive.
+fn auth_header(creds: &Credentials, source: &str) -> Result<HeaderValue, ZendeskError> {
+    let text = match creds {
+        Credentials::ApiToken { email, token } => {
+            let raw = format!("{email}/token:{}", token.expose());
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(raw)
+            )
+        }
+        Credentials::OAuth { access_token, .. } => format!("Bearer {}", access_token.expose()),
+    };
+    let mut v = HeaderValue::from_str(&text).map_err(|_| ZendeskError::Credentials {
+        message: format!(
+            "the credential from {source} contains characters that cannot be sent in an HTTP \
+             header (a stray quote or line break?)"
+        ),
+    })?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// What to tell the user to do about a missing scope.
+fn scope_hint(scope: &str) -> String {
+    format!(
+        "reconnect with `zdsync connect` and grant the `{scope}` scope (or `read write`), or \
+         add `{scope}` to the scopes the OAuth client requests"
+    )
+}
+
+/// The scopes a sync of `object` needs: reading its fields and records, and writing it.
+fn check_scopes(scopes: &[String], object: Object, write: bool) -> Result<(), ZendeskError> {
+    let has = |s: &str| scopes.iter().any(|x| x == s);
+    let res = object.as_str();
+    let read_scope = format!("{res}:read");
+    if !has("read") && !has(&read_scope) {
+        return Err(ZendeskError::MissingScope {
+            hint: scope_hint("read"),
+            scope: "read".into(),
+        });
+    }
+    let write_scope = format!("{res}:write");
+    if write && !has("write") && !has(&write_scope) {
+        return Err(ZendeskError::MissingScope {
+            hint: scope_hint(&write_scope),
+            scope: write_scope,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_parse() {
+        let e = parse_envelope(
+            422,
+            br#"{"error":"RecordInvalid","description":"Record validation errors","details":{"email":[]}}"#,
+        );
+        assert_eq!(e.code, "RecordInvalid");
+        assert_eq!(e.description, "Record validation errors");
+        assert!(e.details.is_some());
+        let e = parse_envelope(
+            429,
+            br#"{"errors":[{"code":"TooManyRequests","title":"Too many requests"}]}"#,
+        );
+        assert_eq!(
+            (e.code.as_str(), e.description.as_str()),
+            ("TooManyRequests", "Too many requests")
+        );
+        let e = parse_envelope(
+            404,
+            br#"{"error":{"title":"No help desk at x.zendesk.com","message":"claim it"}}"#,
+        );
+        assert_eq!(e.title.as_deref(), Some("No help desk at x.zendesk.com"));
+        assert_eq!(e.description, "claim it");
+        let e = parse_envelope(429, b"Rate limit for ticket updates exceeded");
+        assert_eq!(e.code, "Too Many Requests");
+        assert_eq!(e.description, "Rate limit for ticket updates exceeded");
+    }
+
+    #[test]
+    fn options_defaults() {
+        let o = ClientOptions::for_subdomain("acme", None);
+        assert_eq!(o.base_url, "https://acme.zendesk.com");
+        assert_eq!(o.rpm, 630);
+        let o = ClientOptions::for_subdomain("acme", Some("http://127.0.0.1:9/"));
+        assert_eq!(o.base_url, "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn scopes() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert!(check_scopes(&s(&["read", "write"]), Object::Tickets, true).is_ok());
+        assert!(check_scopes(&s(&["read", "users:write"]), Object::Users, true).is_ok());
+        match check_scopes(&s(&["read", "users:write"]), Object::Tickets, true) {
+            Err(ZendeskError::MissingScope { scope, .. }) => assert_eq!(scope, "tickets:write"),
+            other => panic!("{other:?}"),
+        }
+        assert!(check_scopes(&s(&["users:write"]), Object::Users, false).is_err());
     }
 }

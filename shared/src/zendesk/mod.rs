@@ -5,8 +5,11 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod jobs;
+pub mod limiter;
 
-pub use auth::{credential_store, CredentialStore, Credentials, Secret};
+pub use auth::{
+    credential_store, CredentialStore, Credentials, EnvCredentials, FileCredentials, Secret,
+};
 pub use client::{Client, ClientOptions, ClientStats, Idempotency, Preflight};
-pub use error::ZendeskError;
+pub use error::{AuthMethod, ZendeskError};
 pub use jobs::{JobResult, JobStatus};
