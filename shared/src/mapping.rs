@@ -9,7 +9,9 @@
 use crate::config::{FieldMapping, Nulls, Split, SyncConfig, Target};
 use crate::export::{Record, Value};
 use crate::fields::{FieldType, Object};
+use crate::schema::{FieldDef, Schema};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
@@ -77,6 +79,120 @@ struct Compiled {
     split: Split,
     required: bool,
     create_only: bool,
+    /// Checks from Zendesk's field definition, when a schema was given.
+    check: Option<Check>,
+}
+
+/// What Zendesk's definition of a field adds to the type coercion.
+enum Check {
+    /// Dropdown / tagger / multiselect: values must be one of the options.
+    Options(OptionTable),
+    /// Regexp field: values must match `regexp_for_validation`.
+    Pattern {
+        re: regex::Regex,
+        pattern: String,
+        field: String,
+    },
+}
+
+/// Option lookups computed once per field: an option value as written, an option name as
+/// written, then either of them case-insensitively (values win over names).
+struct OptionTable {
+    values: Vec<String>,
+    exact: HashMap<String, u32>,
+    folded: HashMap<String, u32>,
+    /// `Zendesk field `plan` ("Plan")`, for messages.
+    field: String,
+    /// `Free (plan_free), Pro (plan_pro), …`, for messages.
+    listing: String,
+}
+
+impl OptionTable {
+    fn new(def: &FieldDef) -> OptionTable {
+        let mut exact = HashMap::new();
+        let mut folded = HashMap::new();
+        let values: Vec<String> = def.options.iter().map(|o| o.value.clone()).collect();
+        // Names first, values after: a value overrides a name that reads the same.
+        for (i, o) in def.options.iter().enumerate() {
+            exact.entry(o.name.trim().to_string()).or_insert(i as u32);
+            folded
+                .entry(o.name.trim().to_lowercase())
+                .or_insert(i as u32);
+        }
+        for (i, o) in def.options.iter().enumerate() {
+            exact.insert(o.value.clone(), i as u32);
+            folded.insert(o.value.trim().to_lowercase(), i as u32);
+        }
+        const SHOWN: usize = 10;
+        let mut listing = def
+            .options
+            .iter()
+            .take(SHOWN)
+            .map(|o| format!("{} ({})", o.name, o.value))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if def.options.len() > SHOWN {
+            let _ = write!(listing, ", … ({} options in all)", def.options.len());
+        }
+        if listing.is_empty() {
+            listing = "none: the field has no options".into();
+        }
+        OptionTable {
+            values,
+            exact,
+            folded,
+            field: zendesk_name(def),
+            listing,
+        }
+    }
+
+    /// The option value `input` (already trimmed) stands for; `scratch` is reused for the
+    /// case-folded form so the hit path does not allocate.
+    fn resolve<'a>(&'a self, input: &str, scratch: &mut String) -> Option<&'a str> {
+        if let Some(i) = self.exact.get(input) {
+            return Some(&self.values[*i as usize]);
+        }
+        scratch.clear();
+        scratch.extend(input.chars().flat_map(char::to_lowercase));
+        self.folded
+            .get(scratch.as_str())
+            .map(|i| &self.values[*i as usize][..])
+    }
+}
+
+fn zendesk_name(def: &FieldDef) -> String {
+    match &def.key {
+        Some(k) => format!("Zendesk field `{k}` (\"{}\")", def.title),
+        None => format!("Zendesk field {} (\"{}\")", def.id, def.title),
+    }
+}
+
+fn compile_check(ty: FieldType, def: &FieldDef) -> Option<Check> {
+    match ty {
+        FieldType::Dropdown | FieldType::Multiselect if def.has_options() => {
+            Some(Check::Options(OptionTable::new(def)))
+        }
+        FieldType::Text | FieldType::Textarea | FieldType::Regexp if def.ty == "regexp" => {
+            let pattern = def.regexp.as_deref()?;
+            match regex::Regex::new(pattern) {
+                Ok(re) => Some(Check::Pattern {
+                    re,
+                    pattern: pattern.to_string(),
+                    field: zendesk_name(def),
+                }),
+                Err(e) => {
+                    tracing::warn!(
+                        field = %def.label(),
+                        pattern,
+                        error = %e,
+                        "regexp_for_validation does not compile here; values are sent unchecked"
+                    );
+                    None
+                }
+            }
+        }
+        _ => None,
+    }
 }
 
 /// Payload layout computed once: which fragments go under which JSON keys.
@@ -104,6 +220,13 @@ pub struct Mapper {
 
 impl Mapper {
     pub fn new(config: &SyncConfig) -> Mapper {
+        Self::with_schema(config, None)
+    }
+
+    /// With Zendesk's field definitions, dropdown and multiselect values are matched against
+    /// the options (a label becomes its value) and regexp values against their pattern. Fields
+    /// the schema lacks are mapped as without one (`Schema::validate` reports them).
+    pub fn with_schema(config: &SyncConfig, schema: Option<&Schema>) -> Mapper {
         let columns = config.columns();
         let col_of = |name: &str| {
             columns
@@ -124,6 +247,9 @@ impl Mapper {
                 split: m.split,
                 required: creating && config.object.required_fields().contains(&m.field.as_str()),
                 create_only: matches!(m.target, Target::Standard(s) if s.create_only),
+                check: schema
+                    .and_then(|s| s.field_for(&m.target))
+                    .and_then(|def| compile_check(m.ty, def)),
             })
             .collect();
 
@@ -364,6 +490,19 @@ fn refuse(f: &Compiled, reason: Reason, what: String) -> Refusal {
     }
 }
 
+fn not_an_option(f: &Compiled, table: &OptionTable, value: &str) -> Refusal {
+    refuse(
+        f,
+        Reason::InvalidValue,
+        format!(
+            "{} is not an option of {} (Zendesk drops unknown option values); options are: {}",
+            shown(value),
+            table.field,
+            table.listing
+        ),
+    )
+}
+
 /// Coerce one value into its JSON fragment. `Ok(false)` means the field is left out.
 fn coerce(f: &Compiled, value: &Value, nulls: Nulls, out: &mut MappedRow) -> Result<bool, Refusal> {
     let text = match value {
@@ -427,9 +566,27 @@ fn coerce(f: &Compiled, value: &Value, nulls: Nulls, out: &mut MappedRow) -> Res
                     "is required but blank".into(),
                 ));
             }
+            if let Some(Check::Pattern { re, pattern, field }) = &f.check {
+                if !re.is_match(text) {
+                    return Err(refuse(
+                        f,
+                        Reason::InvalidValue,
+                        format!(
+                            "{} does not match the pattern {pattern} of {field}",
+                            shown(text)
+                        ),
+                    ));
+                }
+            }
             json_str(buf, text);
         }
-        FieldType::Dropdown => json_str(buf, text.trim()),
+        FieldType::Dropdown => match &f.check {
+            Some(Check::Options(table)) => match table.resolve(text.trim(), &mut out.scratch) {
+                Some(v) => json_str(buf, v),
+                None => return Err(not_an_option(f, table, text.trim())),
+            },
+            _ => json_str(buf, text.trim()),
+        },
         FieldType::Email => {
             let t = text.trim();
             if !is_email(t) {
@@ -565,6 +722,22 @@ fn encode_list(f: &Compiled, n: usize, out: &mut MappedRow) -> Result<(), Refusa
             FieldType::List => !t.bytes().any(|b| b.is_ascii_uppercase() || b >= 0x80),
             _ => true,
         };
+        if let Some(Check::Options(table)) = &f.check {
+            if t.is_empty() {
+                item.clear();
+                continue;
+            }
+            match table.resolve(t, &mut out.scratch) {
+                Some(v) => {
+                    if v != item.as_str() {
+                        item.clear();
+                        item.push_str(v);
+                    }
+                }
+                None => return Err(not_an_option(f, table, t)),
+            }
+            continue;
+        }
         if clean {
             if t.len() != item.len() {
                 *item = t.to_string();

@@ -26,6 +26,9 @@ pub struct PlanOptions {
     pub dry_run: bool,
     /// Invalid-row samples kept per reason for the summary.
     pub samples_per_reason: usize,
+    /// Zendesk's field definitions: dropdown labels become option values, unknown options and
+    /// pattern mismatches are refused (see `Mapper::with_schema`).
+    pub schema: Option<std::sync::Arc<crate::schema::Schema>>,
 }
 
 impl PlanOptions {
@@ -34,6 +37,7 @@ impl PlanOptions {
             run_id: run_id.into(),
             dry_run: false,
             samples_per_reason: 3,
+            schema: None,
         }
     }
 }
@@ -144,7 +148,7 @@ pub fn plan(
 ) -> Result<PlanReport, PlanError> {
     let started = Instant::now();
     let parts = export::resolve(store, &cfg.source.location)?;
-    let mapper = Mapper::new(cfg);
+    let mapper = Mapper::with_schema(cfg, opts.schema.as_deref());
     let state = StateIndex::load(store, &layout::state_key(&cfg.name))?;
     let n = state.as_ref().map_or(0, |s| s.len());
     let run_prefix = layout::run_prefix(&cfg.name, &opts.run_id);
