@@ -128,7 +128,7 @@ impl OptionTable {
             .options
             .iter()
             .take(SHOWN)
-            .map(|o| format!("{} ({})", o.name, o.value))
+            .map(|o| format!("{} ({})", o.name.trim(), o.value))
             .collect::<Vec<_>>()
             .join(", ");
         if def.options.len() > SHOWN {
@@ -495,7 +495,7 @@ fn not_an_option(f: &Compiled, table: &OptionTable, value: &str) -> Refusal {
         f,
         Reason::InvalidValue,
         format!(
-            "{} is not an option of {} (Zendesk drops unknown option values); options are: {}",
+            "{} is not an option of {} (Zendesk would drop it silently); options are: {}",
             shown(value),
             table.field,
             table.listing
@@ -1233,6 +1233,148 @@ mod tests {
         )
         .unwrap();
         assert!(payload(&m, &row, true).get("notes").is_none());
+    }
+
+    fn schema() -> Schema {
+        use serde_json::json;
+        Schema::from_values(
+            Object::Users,
+            &[
+                json!({"id": 1, "key": "plan", "type": "dropdown", "title": "Plan", "custom_field_options": [
+                    {"name": "Free", "value": "plan_free"}, {"name": " Pro ", "value": "plan_pro"},
+                    {"name": "Enterprise", "value": "plan_enterprise"}]}),
+                json!({"id": 2, "key": "interests", "type": "multiselect", "title": "Interests", "custom_field_options": [
+                    {"name": "Analytics", "value": "interest_analytics"}, {"name": "Billing", "value": "interest_billing"}]}),
+                json!({"id": 3, "key": "code", "type": "regexp", "title": "Account code",
+                    "regexp_for_validation": "^[A-Z]{3}-[0-9]{4}$"}),
+            ],
+        )
+    }
+
+    const WITH_OPTIONS: &str = "name = \"n\"\nemail = \"e\"\n\"user_fields.plan\" = { column = \"plan\", type = \"dropdown\" }\n\"user_fields.interests\" = { column = \"i\", type = \"multiselect\" }\n\"user_fields.code\" = \"code\"\n";
+
+    fn row_of(plan: &str, interests: &str, code: &str) -> Record {
+        record(&[
+            Some("1"),
+            Some("A"),
+            Some("a@b.co"),
+            Some(plan),
+            Some(interests),
+            Some(code),
+        ])
+    }
+
+    #[test]
+    fn schema_translates_option_names_to_values() {
+        let c = config("users", WITH_OPTIONS);
+        let s = schema();
+        let m = Mapper::with_schema(&c, Some(&s));
+        let mut row = MappedRow::default();
+        for (plan, want) in [
+            ("plan_pro", "plan_pro"),
+            ("Pro", "plan_pro"),
+            (" pro ", "plan_pro"),
+            ("ENTERPRISE", "plan_enterprise"),
+            ("PLAN_FREE", "plan_free"),
+        ] {
+            m.map(&row_of(plan, "", "ABC-1234"), &mut row).unwrap();
+            assert_eq!(
+                payload(&m, &row, true)["user_fields"]["plan"],
+                want,
+                "{plan}"
+            );
+        }
+        m.map(
+            &row_of("Free", "billing analytics interest_billing", "ABC-1234"),
+            &mut row,
+        )
+        .unwrap();
+        assert_eq!(
+            payload(&m, &row, true)["user_fields"]["interests"],
+            serde_json::json!(["interest_analytics", "interest_billing"])
+        );
+        // The fingerprint hashes the translated value: a label and its value are the same row.
+        m.map(&row_of("Free", "", "ABC-1234"), &mut row).unwrap();
+        let fp = row.fingerprint;
+        m.map(&row_of("plan_free", "", "ABC-1234"), &mut row)
+            .unwrap();
+        assert_eq!(row.fingerprint, fp);
+        // Without a schema the value is sent as written.
+        let plain = Mapper::new(&c);
+        plain
+            .map(&row_of("Pro", "Billing", "whatever"), &mut row)
+            .unwrap();
+        assert_eq!(payload(&plain, &row, true)["user_fields"]["plan"], "Pro");
+        assert_eq!(plain.mapping_hash(), m.mapping_hash());
+    }
+
+    #[test]
+    fn schema_refuses_unknown_options_and_pattern_mismatches() {
+        let c = config("users", WITH_OPTIONS);
+        let s = schema();
+        let m = Mapper::with_schema(&c, Some(&s));
+        let mut row = MappedRow::default();
+        let e = m
+            .map(&row_of("Platinum", "", "ABC-1234"), &mut row)
+            .unwrap_err();
+        assert_eq!(e.reason, Reason::InvalidValue);
+        assert_eq!(e.field.as_deref(), Some("user_fields.plan"));
+        assert!(
+            e.message.contains("column `plan`")
+                && e.message.contains("\"Platinum\"")
+                && e.message.contains("Zendesk field `plan` (\"Plan\")")
+                && e.message
+                    .contains("Free (plan_free), Pro (plan_pro), Enterprise (plan_enterprise)"),
+            "{}",
+            e.message
+        );
+        let e = m
+            .map(&row_of("Pro", "billing, gardening", "ABC-1234"), &mut row)
+            .unwrap_err();
+        assert_eq!(
+            (e.reason, e.field.as_deref()),
+            (Reason::InvalidValue, Some("user_fields.interests"))
+        );
+        assert!(e.message.contains("\"gardening\""), "{}", e.message);
+        let e = m.map(&row_of("Pro", "", "abc-12"), &mut row).unwrap_err();
+        assert_eq!(
+            (e.reason, e.field.as_deref()),
+            (Reason::InvalidValue, Some("user_fields.code"))
+        );
+        assert!(
+            e.message.contains("^[A-Z]{3}-[0-9]{4}$") && e.message.contains("\"abc-12\""),
+            "{}",
+            e.message
+        );
+        // Empty cells stay nulls, not refusals.
+        m.map(
+            &record(&[Some("1"), Some("A"), Some("a@b.co"), None, None, None]),
+            &mut row,
+        )
+        .unwrap();
+        let p = payload(&m, &row, true);
+        assert_eq!(p["user_fields"]["plan"], serde_json::Value::Null);
+        assert_eq!(p["user_fields"]["interests"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn option_tables_list_at_most_ten_options() {
+        let opts: Vec<_> = (0..25)
+            .map(|i| serde_json::json!({"name": format!("N{i}"), "value": format!("v{i}")}))
+            .collect();
+        let s = Schema::from_values(
+            Object::Users,
+            &[
+                serde_json::json!({"id": 1, "key": "plan", "type": "dropdown", "title": "Plan", "custom_field_options": opts}),
+            ],
+        );
+        let t = OptionTable::new(&s.fields[0]);
+        assert!(t.listing.contains("N9 (v9)") && !t.listing.contains("N10"));
+        assert!(t.listing.ends_with("(25 options in all)"), "{}", t.listing);
+        let mut scratch = String::new();
+        assert_eq!(t.resolve("n24", &mut scratch), Some("v24"));
+        assert_eq!(t.resolve("V3", &mut scratch), Some("v3"));
+        assert_eq!(t.resolve("x", &mut scratch), None);
     }
 
     #[test]

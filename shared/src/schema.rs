@@ -300,7 +300,10 @@ pub fn type_agrees(declared: FieldType, zendesk: &str) -> bool {
     match declared {
         // Free text fits every text-like field; regexp fields are still checked by pattern.
         FieldType::Text | FieldType::Textarea => {
-            matches!(zendesk, "text" | "textarea" | "regexp" | "partialcreditcard")
+            matches!(
+                zendesk,
+                "text" | "textarea" | "regexp" | "partialcreditcard"
+            )
         }
         FieldType::Regexp => zendesk == "regexp",
         FieldType::Integer => matches!(zendesk, "integer" | "decimal"),
@@ -367,8 +370,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, row) in d.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=b.len() {
-        d[0][j] = j;
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
     }
     for i in 1..=a.len() {
         for j in 1..=b.len() {
@@ -468,7 +471,9 @@ mod tests {
             "{e}"
         );
         let e = s
-            .validate(&cfg("\"user_fields.plan\" = \"p\"\n\"user_fields.x\" = \"x\"\n"))
+            .validate(&cfg(
+                "\"user_fields.plan\" = \"p\"\n\"user_fields.x\" = \"x\"\n",
+            ))
             .unwrap_err()
             .to_string();
         assert!(e.contains("2 mappings") && e.contains("line 11"), "{e}");
