@@ -1,9 +1,13 @@
 //! `zdsync`: keep Zendesk Support users, organizations and tickets in step with warehouse
 //! exports, from one machine, with a local folder in place of the S3 bucket.
 
+mod demo;
+mod run_cmd;
+
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 use zdsync::config::SyncConfig;
 use zdsync::plan::{plan, PlanError, PlanOptions, PlanReport};
 use zdsync::store::LocalStore;
@@ -36,10 +40,83 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         samples: usize,
     },
+    /// Sync once: preflight, plan, bulk writes with job polling, finalize; prints the run
+    /// report. Exit code 0 = succeeded, 1 = completed with refused or failed rows, 2 config,
+    /// 3 export, 4 state, 5 Zendesk/store failure mid-run, 6 credentials/subdomain/scope,
+    /// 7 another run holds the lock.
+    Run {
+        config: PathBuf,
+        #[arg(long, env = "ZDSYNC_STORE")]
+        store: Option<PathBuf>,
+        /// Print the run records as JSON.
+        #[arg(long)]
+        json: bool,
+        /// No progress bar (it is also off when stderr is not a terminal or CI is set).
+        #[arg(long)]
+        quiet: bool,
+        /// Seconds to wait for another run of the same sync to finish before giving up.
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+    },
+    /// Past runs of a sync, newest first.
+    History {
+        config: PathBuf,
+        #[arg(long, env = "ZDSYNC_STORE")]
+        store: Option<PathBuf>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start the built-in Zendesk simulator, write an example export and configs, sync users
+    /// and organizations, change a few rows, sync again, and print both run reports.
+    Demo {
+        /// Folder for the demo's bucket (default: a new folder under the temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Users in the example export (organizations: a tenth of it).
+        #[arg(long)]
+        rows: Option<usize>,
+    },
+    /// Run the Zendesk simulator until Ctrl-C (same knobs as the `zdsync-sim` binary).
+    Sim {
+        #[arg(long, default_value = "127.0.0.1:8089")]
+        bind: std::net::SocketAddr,
+        /// Account-wide requests per minute (0 = off).
+        #[arg(long)]
+        rpm: Option<u32>,
+        /// Time a bulk job stays queued (and again working), in milliseconds.
+        #[arg(long)]
+        job_delay_ms: Option<u64>,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ZDSYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn load(config: &Path) -> Result<SyncConfig, ExitCode> {
+    SyncConfig::load(config).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(run_cmd::exit::CONFIG)
+    })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_tracing();
     match cli.command {
         Command::Plan {
             config,
@@ -48,7 +125,84 @@ fn main() -> ExitCode {
             json,
             samples,
         } => run_plan(&config, dry_run, store, json, samples),
+        Command::Run {
+            config,
+            store,
+            json,
+            quiet,
+            wait,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let root = store_root(&config, store);
+            let args = run_cmd::RunArgs {
+                json,
+                quiet,
+                wait: Duration::from_secs(wait),
+                trigger: "cli".into(),
+            };
+            let outcome = runtime().block_on(run_cmd::run_sync(cfg, &config, &root, &args));
+            run_cmd::report(&outcome, json);
+            ExitCode::from(run_cmd::outcome_code(&outcome))
+        }
+        Command::History {
+            config,
+            store,
+            limit,
+            json,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            run_cmd::history(&store_root(&config, store), &cfg, limit, json)
+        }
+        Command::Demo { dir, rows } => demo::demo(demo::DemoArgs { dir, rows }),
+        Command::Sim {
+            bind,
+            rpm,
+            job_delay_ms,
+        } => runtime().block_on(run_sim(bind, rpm, job_delay_ms)),
     }
+}
+
+async fn run_sim(
+    bind: std::net::SocketAddr,
+    rpm: Option<u32>,
+    job_delay_ms: Option<u64>,
+) -> ExitCode {
+    let mut cfg = zdsync_sim::SimConfig {
+        bind: Some(bind),
+        ..Default::default()
+    };
+    if let Some(v) = rpm {
+        cfg.rate_limit.rpm = v;
+    }
+    if let Some(v) = job_delay_ms {
+        cfg.jobs.queued_ms = v;
+        cfg.jobs.working_ms = v;
+    }
+    let sim = match zdsync_sim::Simulator::start(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot start the simulator: {e}");
+            return ExitCode::from(run_cmd::exit::WRITE);
+        }
+    };
+    println!(
+        "Zendesk simulator listening on {} (account acme)",
+        sim.base_url()
+    );
+    println!(
+        "  API token: admin@acme.test / {}",
+        zdsync_sim::DEFAULT_API_TOKEN
+    );
+    println!("  state:     {}/__sim/state", sim.base_url());
+    let _ = tokio::signal::ctrl_c().await;
+    sim.shutdown().await;
+    ExitCode::SUCCESS
 }
 
 /// The bucket root for a config: `--store`, else the config's folder (or its parent when the
@@ -72,9 +226,7 @@ fn store_root(config: &Path, explicit: Option<PathBuf>) -> PathBuf {
 }
 
 fn new_run_id() -> String {
-    let now = chrono::Utc::now();
-    let salt = (now.timestamp_subsec_nanos() ^ std::process::id().rotate_left(16)) & 0xffffff;
-    format!("{}-{salt:06x}", now.format("%Y%m%dT%H%M%SZ"))
+    zdsync::run::new_run_id()
 }
 
 fn run_plan(
@@ -88,7 +240,7 @@ fn run_plan(
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(run_cmd::exit::CONFIG);
         }
     };
     let root = store_root(config, store);
@@ -119,17 +271,7 @@ fn run_plan(
     }
 }
 
-fn num(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+use run_cmd::num;
 
 fn print_summary(cfg: &SyncConfig, root: &Path, r: &PlanReport) {
     let m = &r.manifest;

@@ -1,0 +1,295 @@
+//! `zdsync demo`: a real sync through the real pipeline against the built-in Zendesk simulator.
+//! It writes an example export and sync configs into a folder, syncs users and organizations,
+//! changes a few rows, syncs again, and prints both run reports.
+
+use crate::run_cmd::{self, RunArgs};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+use zdsync::config::SyncConfig;
+use zdsync::run::RunStatus;
+use zdsync_sim::{SimConfig, Simulator};
+
+const USERS: usize = 2_000;
+const ORGS: usize = 200;
+const PLANS: [&str; 3] = ["Free", "Pro", "Enterprise"];
+
+pub struct DemoArgs {
+    pub dir: Option<PathBuf>,
+    pub rows: Option<usize>,
+}
+
+fn users_csv(n: usize, changed: &[usize], added: usize) -> String {
+    let mut s = String::from("USER_ID,FULL_NAME,EMAIL,PLAN,SIGNUP_DATE,LTV,VIP,ORG_TAGS\n");
+    for i in 0..n + added {
+        let name = if changed.contains(&i) {
+            format!("User {i} (renamed)")
+        } else {
+            format!("User {i}")
+        };
+        let plan = PLANS[i % 3];
+        let _ = writeln!(
+            s,
+            "u-{i:05},{name},user{i}@demo.example,{plan},2024-{:02}-{:02},{}.{:02},{},\"demo, wave{}\"",
+            1 + i % 12,
+            1 + i % 28,
+            (i * 37) % 5000,
+            i % 100,
+            if i % 7 == 0 { "yes" } else { "no" },
+            i % 3
+        );
+    }
+    // Rows the plan refuses, each with a reason the report names.
+    s.push_str("u-bad-1,No Email,,Pro,2024-01-01,1,no,\n");
+    s.push_str("u-bad-2,Bad Email,not-an-email,Pro,2024-01-01,1,no,\n");
+    s.push_str("u-bad-3,Unknown Plan,bad3@demo.example,Platinum,2024-01-01,1,no,\n");
+    s.push_str("u-bad-4,Bad Date,bad4@demo.example,Free,31/02/2024,1,no,\n");
+    s.push_str(",No Key,nokey@demo.example,Free,2024-01-01,1,no,\n");
+    s
+}
+
+fn orgs_csv(n: usize, changed: &[usize]) -> String {
+    let mut s = String::from("ORG_ID,NAME,DOMAIN,SEGMENT,EMPLOYEES,NOTES\n");
+    for i in 0..n {
+        let notes = if changed.contains(&i) {
+            "Renewal moved to Q3"
+        } else {
+            "Imported by zdsync"
+        };
+        let _ = writeln!(
+            s,
+            "o-{i:04},Demo Org {i},org{i}.demo.example,{},{},{notes}",
+            ["SMB", "Mid-market", "segment_enterprise"][i % 3],
+            10 + i * 3
+        );
+    }
+    s
+}
+
+fn sync_toml(
+    name: &str,
+    object: &str,
+    pk: &str,
+    location: &str,
+    base_url: &str,
+    mapping: &str,
+) -> String {
+    format!(
+        r#"# Written by `zdsync demo`: a sync against the built-in Zendesk simulator.
+name = "{name}"
+object = "{object}"
+mode = "upsert"
+primary_key = "{pk}"
+chunk_rows = 500
+
+[source]
+location = "{location}"
+
+[zendesk]
+subdomain = "acme"
+base_url = "{base_url}"
+credentials = "file:credentials.json"
+rate_limit_rpm = 6000
+
+[mapping]
+{mapping}"#
+    )
+}
+
+const USER_MAPPING: &str = r#"name = "FULL_NAME"
+email = "EMAIL"
+tags = { column = "ORG_TAGS", split = "comma" }
+"user_fields.plan" = { column = "PLAN", type = "dropdown" }
+"user_fields.signup_date" = { column = "SIGNUP_DATE", type = "date" }
+"user_fields.lifetime_value" = { column = "LTV", type = "decimal" }
+"user_fields.vip" = { column = "VIP", type = "checkbox" }
+"#;
+
+const ORG_MAPPING: &str = r#"name = "NAME"
+domain_names = { column = "DOMAIN", split = "comma" }
+notes = "NOTES"
+"organization_fields.segment" = { column = "SEGMENT", type = "dropdown" }
+"organization_fields.employees" = { column = "EMPLOYEES", type = "integer" }
+"#;
+
+fn write(path: &Path, text: &str) -> std::io::Result<()> {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p)?;
+    }
+    std::fs::write(path, text)
+}
+
+pub fn demo(args: DemoArgs) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(demo_async(args))
+}
+
+async fn demo_async(args: DemoArgs) -> ExitCode {
+    let users = args.rows.unwrap_or(USERS);
+    let orgs = (users / 10).clamp(1, ORGS.max(users / 10));
+    let dir = args.dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!(
+            "zdsync-demo-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S")
+        ))
+    });
+    let mut sim_cfg = SimConfig::default();
+    // Jobs take a moment, as Zendesk's do.
+    sim_cfg.jobs.queued_ms = 20;
+    sim_cfg.jobs.working_ms = 20;
+    let sim = match Simulator::start(sim_cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot start the Zendesk simulator: {e}");
+            return ExitCode::from(run_cmd::exit::WRITE);
+        }
+    };
+    println!("zdsync demo");
+    println!("  Zendesk simulator  {} (account acme)", sim.base_url());
+    println!("  bucket folder      {}", dir.display());
+    println!();
+
+    let setup = || -> std::io::Result<()> {
+        write(
+            &dir.join("config/credentials.json"),
+            &format!(
+                "{{\"email\": \"admin@acme.test\", \"api_token\": \"{}\"}}\n",
+                zdsync_sim::DEFAULT_API_TOKEN
+            ),
+        )?;
+        write(
+            &dir.join("config/demo_users.toml"),
+            &sync_toml(
+                "demo_users",
+                "users",
+                "USER_ID",
+                "exports/demo_users/",
+                &sim.base_url(),
+                USER_MAPPING,
+            ),
+        )?;
+        write(
+            &dir.join("config/demo_orgs.toml"),
+            &sync_toml(
+                "demo_orgs",
+                "organizations",
+                "ORG_ID",
+                "exports/demo_orgs/",
+                &sim.base_url(),
+                ORG_MAPPING,
+            ),
+        )?;
+        write(
+            &dir.join("exports/demo_users/part-0000.csv"),
+            &users_csv(users, &[], 0),
+        )?;
+        write(
+            &dir.join("exports/demo_orgs/part-0000.csv"),
+            &orgs_csv(orgs, &[]),
+        )
+    };
+    if let Err(e) = setup() {
+        eprintln!(
+            "error: cannot write the demo files under {}: {e}",
+            dir.display()
+        );
+        return ExitCode::from(run_cmd::exit::STATE);
+    }
+
+    let args = RunArgs {
+        json: false,
+        quiet: false,
+        wait: Duration::ZERO,
+        trigger: "demo".into(),
+    };
+    let syncs = ["demo_orgs", "demo_users"];
+    let mut worst = run_cmd::exit::OK;
+    for round in 1..=2 {
+        if round == 2 {
+            let changed: Vec<usize> = (0..users).step_by((users / 10).max(1)).collect();
+            let org_changed: Vec<usize> = (0..orgs).step_by((orgs / 5).max(1)).collect();
+            let edit = || -> std::io::Result<()> {
+                write(
+                    &dir.join("exports/demo_users/part-0000.csv"),
+                    &users_csv(users, &changed, 5),
+                )?;
+                write(
+                    &dir.join("exports/demo_orgs/part-0000.csv"),
+                    &orgs_csv(orgs, &org_changed),
+                )
+            };
+            if let Err(e) = edit() {
+                eprintln!("error: cannot rewrite the demo exports: {e}");
+                return ExitCode::from(run_cmd::exit::STATE);
+            }
+            println!(
+                "── round 2: {} users renamed, 5 users added, {} organizations changed; syncing again\n",
+                changed.len(),
+                org_changed.len()
+            );
+        } else {
+            println!(
+                "── round 1: first sync of {users} users and {orgs} organizations (5 user rows are invalid on purpose)\n"
+            );
+        }
+        for sync in syncs {
+            let path = dir.join(format!("config/{sync}.toml"));
+            let cfg = match SyncConfig::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(run_cmd::exit::CONFIG);
+                }
+            };
+            let outcome = run_cmd::run_sync(cfg, &path, &dir, &args).await;
+            run_cmd::report(&outcome, false);
+            if outcome.error.is_some()
+                || outcome
+                    .records
+                    .iter()
+                    .any(|r| r.status == RunStatus::Failed)
+            {
+                worst = run_cmd::outcome_code(&outcome);
+            }
+        }
+    }
+
+    // Check the result in the simulator, row by row.
+    let state = sim.state("acme").expect("the default account exists");
+    let missing = (0..users + 5)
+        .filter(|i| state.user_by_external_id(&format!("u-{i:05}")).is_none())
+        .count();
+    let renamed = (0..users)
+        .step_by((users / 10).max(1))
+        .filter(|i| {
+            state
+                .user_by_external_id(&format!("u-{i:05}"))
+                .is_some_and(|u| u["name"].as_str().is_some_and(|n| n.ends_with("(renamed)")))
+        })
+        .count();
+    let counters = sim.counters();
+    println!(
+        "── the simulator now holds {} users (the admin included) and {} organizations",
+        state.users.len(),
+        state.organizations.len()
+    );
+    println!(
+        "   valid user rows missing in Zendesk: {missing} · renamed users seen: {renamed} · requests served: {} · 429s: {}",
+        counters.requests, counters.rate_limited
+    );
+    println!(
+        "   try: zdsync history {}   ·   files: {}",
+        dir.join("config/demo_users.toml").display(),
+        dir.display()
+    );
+    sim.shutdown().await;
+    if missing > 0 {
+        eprintln!("error: {missing} valid rows are missing from the simulator");
+        return ExitCode::from(run_cmd::exit::WRITE);
+    }
+    ExitCode::from(worst)
+}

@@ -1,0 +1,343 @@
+//! `zdsync run`, `zdsync history` and `zdsync schema`: the pipeline against Zendesk (or the
+//! simulator) with a local folder as the bucket.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use zdsync::config::SyncConfig;
+use zdsync::run::{RunContext, RunError, RunOptions, RunOutcome, RunRecord, RunStatus};
+use zdsync::store::{LocalStore, ObjectStore};
+use zdsync::write::Progress;
+use zdsync::zendesk::{credential_store, Client, ClientOptions, ZendeskError};
+
+/// Exit codes, documented in the README.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// The run finished but some rows were refused or failed in Zendesk.
+    pub const ROWS_FAILED: u8 = 1;
+    pub const CONFIG: u8 = 2;
+    pub const EXPORT: u8 = 3;
+    pub const STATE: u8 = 4;
+    /// Zendesk or the store failed mid-run.
+    pub const WRITE: u8 = 5;
+    /// Credentials, subdomain or scopes refused before any write.
+    pub const AUTH: u8 = 6;
+    /// Another run of the sync holds the lock.
+    pub const LOCKED: u8 = 7;
+}
+
+pub fn exit_code_for(name: &str) -> u8 {
+    match name {
+        "ConfigInvalid" => exit::CONFIG,
+        "ExportUnreadable" => exit::EXPORT,
+        "StateUnreadable" => exit::STATE,
+        "AuthFailed" | "SubdomainNotFound" | "MissingScope" | "BulkImportDisabled" => exit::AUTH,
+        "RunLocked" => exit::LOCKED,
+        _ => exit::WRITE,
+    }
+}
+
+pub fn outcome_code(outcome: &RunOutcome) -> u8 {
+    if let Some(e) = &outcome.error {
+        return exit_code_for(e.error_name());
+    }
+    if outcome
+        .records
+        .iter()
+        .any(|r| r.status != RunStatus::Succeeded)
+    {
+        exit::ROWS_FAILED
+    } else {
+        exit::OK
+    }
+}
+
+pub struct RunArgs {
+    pub json: bool,
+    pub quiet: bool,
+    pub wait: Duration,
+    pub trigger: String,
+}
+
+/// Build the client for a config: credentials from its `credentials` reference (relative file
+/// paths against the config's folder).
+pub async fn client_for(cfg: &SyncConfig, config_path: &Path) -> Result<Client, ZendeskError> {
+    let dir = config_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let creds = credential_store(&cfg.zendesk.credentials, dir)?;
+    Client::new(ClientOptions::from_config(&cfg.zendesk), creds).await
+}
+
+/// Run a sync once and report; the caller has a runtime.
+pub async fn run_sync(
+    cfg: SyncConfig,
+    config_path: &Path,
+    root: &Path,
+    args: &RunArgs,
+) -> RunOutcome {
+    let client = match client_for(&cfg, config_path).await {
+        Ok(c) => c,
+        Err(e) => {
+            return RunOutcome {
+                records: Vec::new(),
+                error: Some(RunError::Zendesk(e)),
+            }
+        }
+    };
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(root));
+    let progress = Arc::new(Progress::default());
+    let ctx = RunContext {
+        store,
+        config: cfg,
+        client,
+        progress: progress.clone(),
+    };
+    let opts = RunOptions {
+        trigger: args.trigger.clone(),
+        lock_wait: args.wait,
+        ..RunOptions::default()
+    };
+    let show = !args.quiet
+        && !args.json
+        && std::io::stderr().is_terminal()
+        && std::env::var_os("CI").is_none();
+    let bar = show.then(|| spawn_progress(progress.clone()));
+    let outcome = zdsync::run::run(&ctx, &opts).await;
+    if let Some((bar, task)) = bar {
+        task.abort();
+        bar.finish_and_clear();
+    }
+    outcome
+}
+
+/// A progress bar on stderr with rows/s and ETA, fed from the writer's counters.
+fn spawn_progress(p: Arc<Progress>) -> (ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} writing [{bar:30}] {pos}/{len} rows · {per_sec} · ETA {eta} · {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let b = bar.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            b.set_length(p.rows_total.load(Ordering::Relaxed));
+            b.set_position(p.rows_done.load(Ordering::Relaxed));
+            b.set_message(format!(
+                "{} failed · {} jobs",
+                p.failed.load(Ordering::Relaxed),
+                p.jobs.load(Ordering::Relaxed)
+            ));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    (bar, task)
+}
+
+pub fn num(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The end-of-run summary table.
+pub fn render_record(r: &RunRecord) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let status = match r.status {
+        RunStatus::Succeeded => "succeeded",
+        RunStatus::CompletedWithFailures => "completed with failures",
+        RunStatus::Failed => "FAILED",
+    };
+    let _ = writeln!(
+        s,
+        "run {} · sync {} ({}, {}) · {}{} · {}",
+        r.run_id,
+        r.sync,
+        r.object,
+        r.mode.as_str(),
+        status,
+        if r.resumed { " (resumed)" } else { "" },
+        r.trigger
+    );
+    let rows = &r.rows;
+    let line = |s: &mut String, k: &str, v: u64, note: &str| {
+        let _ = writeln!(s, "  {k:<12}{:>12}  {note}", num(v));
+    };
+    line(&mut s, "rows read", rows.read, "");
+    line(
+        &mut s,
+        "invalid",
+        rows.invalid,
+        "refused before sending (runs/<sync>/<run>/invalid.jsonl)",
+    );
+    line(&mut s, "created", rows.created, "");
+    line(&mut s, "updated", rows.updated, "");
+    line(&mut s, "unchanged", rows.unchanged, "not sent");
+    if rows.skipped > 0 {
+        line(
+            &mut s,
+            "skipped",
+            rows.skipped,
+            "exist already; insert mode never updates",
+        );
+    }
+    if rows.removed > 0 {
+        line(
+            &mut s,
+            "removed",
+            rows.removed,
+            "gone from the export; left in Zendesk",
+        );
+    }
+    line(&mut s, "failed", rows.failed, "sent again next run");
+    if rows.retried > 0 {
+        line(
+            &mut s,
+            "retried",
+            rows.retried,
+            "failed last run, sent again",
+        );
+    }
+    let q = &r.requests;
+    let _ = writeln!(
+        s,
+        "  requests    {:>12}  {} jobs · {} × 429 · {} retries · paused {:.1} s",
+        num(q.sent),
+        r.jobs,
+        q.rate_limited,
+        q.retries,
+        q.paused_ms as f64 / 1000.0
+    );
+    let p = &r.phases;
+    let written = rows.created + rows.updated + rows.failed;
+    let rate = if p.write > 0.0 {
+        format!(" · {:.0} rows/s", written as f64 / p.write)
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        s,
+        "  time        {:>10.2} s  preflight {:.2} · schema {:.2} · plan {:.2} · write {:.2}{rate} · finalize {:.2}",
+        r.seconds, p.preflight, p.schema, p.plan, p.write, p.finalize
+    );
+    for x in r.invalid_samples.iter().take(6) {
+        let key =
+            x.pk.as_deref()
+                .map(|k| format!(" key {k:?}"))
+                .unwrap_or_default();
+        let _ = writeln!(s, "  invalid  {}:{}{key}: {}", x.file, x.line, x.message);
+    }
+    for f in r.failed_samples.iter().take(6) {
+        let _ = writeln!(
+            s,
+            "  failed   key {:?} ({}): {}",
+            f.pk,
+            f.op.as_str(),
+            f.reason
+        );
+    }
+    if let Some(e) = &r.error {
+        let _ = writeln!(s, "  error    {}: {}", e.name, e.message);
+    }
+    s
+}
+
+pub fn report(outcome: &RunOutcome, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&outcome.records).expect("records serialise")
+        );
+    } else {
+        for r in &outcome.records {
+            println!("{}", render_record(r));
+        }
+    }
+    if let Some(e) = &outcome.error {
+        // Failed runs already print their error in the record; a run refused before it began
+        // (lock, credentials) has no record.
+        if outcome.records.is_empty() || !json {
+            eprintln!("error: {e}");
+        }
+    }
+}
+
+pub fn history(root: &Path, cfg: &SyncConfig, limit: usize, json: bool) -> ExitCode {
+    let store = LocalStore::new(root);
+    let runs = match zdsync::run::history(&store, &cfg.name, limit) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit::STATE);
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&runs).expect("records serialise")
+        );
+        return ExitCode::SUCCESS;
+    }
+    if runs.is_empty() {
+        println!("no runs of sync `{}` yet in {}", cfg.name, root.display());
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<22} {:<20} {:<9} {:<24} {:>9} {:>7} {:>8} {:>8} {:>9} {:>7} {:>8} {:>5} {:>8}",
+        "run",
+        "started",
+        "trigger",
+        "status",
+        "read",
+        "invalid",
+        "created",
+        "updated",
+        "unchanged",
+        "failed",
+        "requests",
+        "429s",
+        "seconds"
+    );
+    for r in &runs {
+        let status = match r.status {
+            RunStatus::Succeeded => "succeeded".to_string(),
+            RunStatus::CompletedWithFailures => "completed with failures".to_string(),
+            RunStatus::Failed => format!(
+                "failed: {}",
+                r.error.as_ref().map_or("?", |e| e.name.as_str())
+            ),
+        };
+        println!(
+            "{:<22} {:<20} {:<9} {:<24} {:>9} {:>7} {:>8} {:>8} {:>9} {:>7} {:>8} {:>5} {:>8.1}",
+            r.run_id,
+            r.started_at.get(..19).unwrap_or(&r.started_at),
+            r.trigger,
+            status,
+            num(r.rows.read),
+            num(r.rows.invalid),
+            num(r.rows.created),
+            num(r.rows.updated),
+            num(r.rows.unchanged),
+            num(r.rows.failed),
+            num(r.requests.sent),
+            r.requests.rate_limited,
+            r.seconds
+        );
+    }
+    ExitCode::SUCCESS
+}
