@@ -429,7 +429,7 @@ impl Client {
             idempotency: Idempotency::Safe,
         };
         let answer = self.execute(&req).await?;
-        self.into_json(&req, answer)
+        self.answer_json(&req, answer)
     }
 
     /// Send a JSON body (already encoded) with POST/PUT/DELETE and parse the JSON answer
@@ -449,7 +449,7 @@ impl Client {
             idempotency,
         };
         let answer = self.execute(&req).await?;
-        self.into_json(&req, answer)
+        self.answer_json(&req, answer)
     }
 
     /// Every item under `root` of a paginated list, following cursor pagination.
@@ -486,7 +486,7 @@ impl Client {
                 idempotency: Idempotency::Safe,
             };
             let answer = self.execute(&req).await?;
-            let mut page = self.into_json(&req, answer)?;
+            let mut page = self.answer_json(&req, answer)?;
             let list = match page.get_mut(root).map(Value::take) {
                 Some(Value::Array(list)) => list,
                 _ => {
@@ -649,7 +649,7 @@ impl Client {
         }
     }
 
-    fn into_json(&self, req: &Req<'_>, answer: Answer) -> Result<Value, ZendeskError> {
+    fn answer_json(&self, req: &Req<'_>, answer: Answer) -> Result<Value, ZendeskError> {
         if !(200..300).contains(&answer.status) {
             return Err(self.error_for(&req.path, &answer));
         }
