@@ -1051,7 +1051,8 @@ mod tests {
         assert_eq!(m[0].unwrap().id, Some(10));
         assert_eq!(m[2].unwrap().id, Some(12), "the last positional result lands on row 2 too");
         // A subset batch: results refer to positions within the subset.
-        let m = map_results(&rows, &[2], &[res(Some(0), 99, None)]);
+        let sub = [res(Some(0), 99, None)];
+        let m = map_results(&rows, &[2], &sub);
         assert_eq!(m[0].unwrap().id, Some(99));
     }
 }
