@@ -3,6 +3,7 @@
 
 mod demo;
 mod run_cmd;
+mod schema_cmd;
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -57,6 +58,13 @@ enum Command {
         /// Seconds to wait for another run of the same sync to finish before giving up.
         #[arg(long, default_value_t = 0)]
         wait: u64,
+    },
+    /// Read the custom fields of the sync's object from Zendesk, check the mapping against them
+    /// and print them (options, types, which column feeds each field).
+    Schema {
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Past runs of a sync, newest first.
     History {
@@ -159,12 +167,48 @@ fn main() -> ExitCode {
             };
             run_cmd::history(&store_root(&config, store), &cfg, limit, json)
         }
+        Command::Schema { config, json } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            runtime().block_on(schema(cfg, &config, json))
+        }
         Command::Demo { dir, rows } => demo::demo(demo::DemoArgs { dir, rows }),
         Command::Sim {
             bind,
             rpm,
             job_delay_ms,
         } => runtime().block_on(run_sim(bind, rpm, job_delay_ms)),
+    }
+}
+
+async fn schema(cfg: SyncConfig, config: &Path, json: bool) -> ExitCode {
+    let client = match run_cmd::client_for(&cfg, config).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(run_cmd::exit_code_for(e.error_name()));
+        }
+    };
+    let fetched = match zdsync::schema::fetch(&client, cfg.object).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(run_cmd::exit_code_for(e.error_name()));
+        }
+    };
+    if json {
+        println!("{}", schema_cmd::render_json(&fetched));
+    } else {
+        print!("{}", schema_cmd::render(&fetched, Some(&cfg)));
+    }
+    match fetched.validate(&cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(run_cmd::exit::CONFIG)
+        }
     }
 }
 

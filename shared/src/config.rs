@@ -90,6 +90,9 @@ pub struct Zendesk {
     pub credentials: String,
     pub base_url: Option<String>,
     pub rate_limit_rpm: Option<u32>,
+    /// Bulk jobs a run keeps submitted and unfinished at once (Zendesk allows about 30 per
+    /// account, shared with every other client).
+    pub max_jobs_in_flight: Option<usize>,
 }
 
 /// A validated sync definition.
@@ -158,6 +161,8 @@ struct RawZendesk {
     base_url: Option<String>,
     #[serde(default)]
     rate_limit_rpm: Option<u32>,
+    #[serde(default)]
+    max_jobs_in_flight: Option<usize>,
 }
 
 /// The `[mapping]` table in file order (summaries and payloads follow the order users wrote).
@@ -336,6 +341,7 @@ impl SyncConfig {
                 credentials: raw.zendesk.credentials,
                 base_url: raw.zendesk.base_url,
                 rate_limit_rpm: raw.zendesk.rate_limit_rpm,
+                max_jobs_in_flight: raw.zendesk.max_jobs_in_flight,
             },
             mapping,
         })

@@ -202,7 +202,11 @@ impl LockGuard {
         if let Some(r) = self.renew.take() {
             r.abort();
         }
-        let (store, key, run_id) = (self.store.clone(), self.key.clone(), self.info.run_id.clone());
+        let (store, key, run_id) = (
+            self.store.clone(),
+            self.key.clone(),
+            self.info.run_id.clone(),
+        );
         let _ = tokio::task::spawn_blocking(move || {
             if let Ok(Some(h)) = read(store.as_ref(), &key) {
                 if h.run_id == run_id {
@@ -233,19 +237,40 @@ mod tests {
     async fn second_run_is_refused_then_takes_over_an_expired_lock() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path()));
-        let first = acquire(store.clone(), "s", "r1", Duration::from_secs(60), Duration::ZERO)
-            .await
-            .unwrap();
-        let err = acquire(store.clone(), "s", "r2", Duration::from_secs(60), Duration::ZERO)
-            .await
-            .err()
-            .unwrap();
+        let first = acquire(
+            store.clone(),
+            "s",
+            "r1",
+            Duration::from_secs(60),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+        let err = acquire(
+            store.clone(),
+            "s",
+            "r2",
+            Duration::from_secs(60),
+            Duration::ZERO,
+        )
+        .await
+        .err()
+        .unwrap();
         let msg = err.to_string();
-        assert!(msg.contains("already running") && msg.contains("r1"), "{msg}");
+        assert!(
+            msg.contains("already running") && msg.contains("r1"),
+            "{msg}"
+        );
         first.release().await;
-        let second = acquire(store.clone(), "s", "r2", Duration::from_secs(60), Duration::ZERO)
-            .await
-            .unwrap();
+        let second = acquire(
+            store.clone(),
+            "s",
+            "r2",
+            Duration::from_secs(60),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
         assert!(second.taken_over.is_none());
         drop(second); // a crash: the lock stays until it expires
 
@@ -255,9 +280,15 @@ mod tests {
         store
             .put("locks/s.json", &serde_json::to_vec(&info).unwrap())
             .unwrap();
-        let third = acquire(store.clone(), "s", "r3", Duration::from_secs(60), Duration::ZERO)
-            .await
-            .unwrap();
+        let third = acquire(
+            store.clone(),
+            "s",
+            "r3",
+            Duration::from_secs(60),
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
         assert_eq!(third.taken_over.as_ref().unwrap().run_id, "r2");
         third.release().await;
         assert!(store.head("locks/s.json").unwrap().is_none());

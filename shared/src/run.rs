@@ -380,9 +380,16 @@ async fn run_locked(
         }
     };
 
-    let (rec, error) =
-        write_and_finalize(ctx, opts, &report.manifest, Some(&report), phases, started, clock)
-            .await?;
+    let (rec, error) = write_and_finalize(
+        ctx,
+        opts,
+        &report.manifest,
+        Some(&report),
+        phases,
+        started,
+        clock,
+    )
+    .await?;
     records.push(rec);
     match error {
         Some(e) => Err(e),
@@ -398,26 +405,30 @@ async fn resume(
 ) -> Result<Option<RunRecord>, RunError> {
     let sync = ctx.config.name.clone();
     let (store, rid) = (ctx.store.clone(), run_id.to_string());
-    let manifest = tokio::task::spawn_blocking(move || -> Result<Option<Manifest>, ChangeSetError> {
-        let key = layout::manifest_key(&sync, &rid);
-        let record = layout::run_record_key(&sync, &rid);
-        let io = |key: &str, source| ChangeSetError::Io {
-            key: key.to_string(),
-            source,
-        };
-        if store.head(&record).map_err(|e| io(&record, e))?.is_some()
-            || store.head(&key).map_err(|e| io(&key, e))?.is_none()
-        {
-            return Ok(None);
-        }
-        changeset::read_manifest(store.as_ref(), &key).map(Some)
-    })
-    .await
-    .map_err(|e| RunError::Internal(format!("resume task: {e}")))??;
+    let manifest =
+        tokio::task::spawn_blocking(move || -> Result<Option<Manifest>, ChangeSetError> {
+            let key = layout::manifest_key(&sync, &rid);
+            let record = layout::run_record_key(&sync, &rid);
+            let io = |key: &str, source| ChangeSetError::Io {
+                key: key.to_string(),
+                source,
+            };
+            if store.head(&record).map_err(|e| io(&record, e))?.is_some()
+                || store.head(&key).map_err(|e| io(&key, e))?.is_none()
+            {
+                return Ok(None);
+            }
+            changeset::read_manifest(store.as_ref(), &key).map(Some)
+        })
+        .await
+        .map_err(|e| RunError::Internal(format!("resume task: {e}")))??;
     let Some(manifest) = manifest else {
         return Ok(None);
     };
-    tracing::info!(run = run_id, "finishing a run an earlier process left unfinished");
+    tracing::info!(
+        run = run_id,
+        "finishing a run an earlier process left unfinished"
+    );
     let mut opts = opts.clone();
     opts.trigger = "resume".into();
     let (rec, error) = write_and_finalize(
@@ -479,15 +490,21 @@ pub async fn write_all(
     manifest: &Manifest,
 ) -> (Vec<ChunkSummary>, Option<RunError>) {
     let total: u64 = manifest.chunks.iter().map(|c| c.rows).sum();
-    ctx.progress.rows_total.store(total, std::sync::atomic::Ordering::Relaxed);
+    ctx.progress
+        .rows_total
+        .store(total, std::sync::atomic::Ordering::Relaxed);
     if manifest.chunks.is_empty() {
         return (Vec::new(), None);
+    }
+    let mut wopts = opts.write.clone();
+    if let Some(n) = ctx.config.zendesk.max_jobs_in_flight {
+        wopts.max_jobs_in_flight = n.clamp(1, 100);
     }
     let writer = Writer::new(
         ctx.client.clone(),
         ctx.store.clone(),
         manifest,
-        opts.write.clone(),
+        wopts,
         ctx.progress.clone(),
     );
     let mut summaries = Vec::new();
@@ -603,7 +620,11 @@ pub fn history(
     })?;
     objects.sort_by(|a, b| b.key.cmp(&a.key));
     let mut out = Vec::new();
-    for o in objects.into_iter().filter(|o| o.key.ends_with(".json")).take(limit) {
+    for o in objects
+        .into_iter()
+        .filter(|o| o.key.ends_with(".json"))
+        .take(limit)
+    {
         let mut text = String::new();
         store
             .open(&o.key)

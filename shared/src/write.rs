@@ -7,7 +7,9 @@
 //! writer that dies mid-batch is resumed by polling that job or by looking the rows up by
 //! external id, never by creating them a second time.
 
-use crate::changeset::{self, Action, ChangeSetError, ChunkInfo, ChunkRow, Op, ResultRow, RowStatus};
+use crate::changeset::{
+    self, Action, ChangeSetError, ChunkInfo, ChunkRow, Op, ResultRow, RowStatus,
+};
 use crate::config::Mode;
 use crate::fields::Object;
 use crate::layout;
@@ -152,14 +154,14 @@ impl Writer {
         let (rows, existing) = self
             .blocking(move |store| {
                 let rows = changeset::read_jsonl::<ChunkRow>(store, &key)?;
-                let existing = store
-                    .list(&prefix)
-                    .map_err(|source| ChangeSetError::Io { key: prefix, source })?;
+                let existing = store.list(&prefix).map_err(|source| ChangeSetError::Io {
+                    key: prefix,
+                    source,
+                })?;
                 Ok((rows, existing))
             })
             .await?;
-        let have: std::collections::HashSet<String> =
-            existing.into_iter().map(|o| o.key).collect();
+        let have: std::collections::HashSet<String> = existing.into_iter().map(|o| o.key).collect();
         let mut summary = ChunkSummary {
             chunk: name.clone(),
             rows: rows.len() as u64,
@@ -235,8 +237,14 @@ impl Writer {
         if !all.is_empty() {
             match (self.object, self.mode, op) {
                 (Object::Users, Mode::Upsert, _) => {
-                    self.bulk(rows, &all, Bulk::UsersCreateOrUpdate, &journal_key, &mut out)
-                        .await?
+                    self.bulk(
+                        rows,
+                        &all,
+                        Bulk::UsersCreateOrUpdate,
+                        &journal_key,
+                        &mut out,
+                    )
+                    .await?
                 }
                 (_, Mode::Insert, _) | (_, Mode::Upsert, Op::Create) => {
                     self.create(rows, &all, &journal_key, &mut out).await?
@@ -270,7 +278,8 @@ impl Writer {
             .filter(|r| r.status == RowStatus::Failed)
             .count() as u64;
         let p = &self.progress;
-        p.rows_done.fetch_add(results.len() as u64, Ordering::Relaxed);
+        p.rows_done
+            .fetch_add(results.len() as u64, Ordering::Relaxed);
         p.failed.fetch_add(failed, Ordering::Relaxed);
         p.confirmed
             .fetch_add(results.len() as u64 - failed, Ordering::Relaxed);
@@ -453,10 +462,7 @@ impl Writer {
         if creates {
             self.journal(journal_key, &path, None).await?;
         }
-        let answer = self
-            .client
-            .send(method, &path, body, idempotency)
-            .await;
+        let answer = self.client.send(method, &path, body, idempotency).await;
         let job = match answer {
             Ok(v) => parse_job(&path, v)?,
             Err(ZendeskError::OutcomeUnknown { message, .. }) => {
@@ -720,7 +726,12 @@ impl Writer {
         Ok(())
     }
 
-    async fn journal(&self, key: &str, endpoint: &str, job: Option<&str>) -> Result<(), WriteError> {
+    async fn journal(
+        &self,
+        key: &str,
+        endpoint: &str,
+        job: Option<&str>,
+    ) -> Result<(), WriteError> {
         if key.is_empty() {
             return Ok(());
         }
@@ -837,7 +848,9 @@ fn map_results<'a>(
         .collect();
     for (pos, r) in results.iter().enumerate() {
         let mut at = if indexed {
-            r.index.and_then(|i| i.checked_sub(base)).map(|i| i as usize)
+            r.index
+                .and_then(|i| i.checked_sub(base))
+                .map(|i| i as usize)
         } else {
             Some(pos)
         };
@@ -1046,10 +1059,18 @@ mod tests {
         assert_eq!(m[0].unwrap().id, Some(10));
         assert_eq!(m[2].unwrap().id, Some(12));
 
-        let positional = [res(None, 10, None), res(None, 11, Some("C")), res(None, 12, None)];
+        let positional = [
+            res(None, 10, None),
+            res(None, 11, Some("C")),
+            res(None, 12, None),
+        ];
         let m = map_results(&rows, &idx, &positional);
         assert_eq!(m[0].unwrap().id, Some(10));
-        assert_eq!(m[2].unwrap().id, Some(12), "the last positional result lands on row 2 too");
+        assert_eq!(
+            m[2].unwrap().id,
+            Some(12),
+            "the last positional result lands on row 2 too"
+        );
         // A subset batch: results refer to positions within the subset.
         let sub = [res(Some(0), 99, None)];
         let m = map_results(&rows, &[2], &sub);
