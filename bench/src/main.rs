@@ -6,6 +6,8 @@
 //! the rows, plans again and checks that exactly the changed rows are in the change set. Each
 //! plan runs in a child process pinned to `--cores` CPUs so its peak RSS is its own.
 
+mod sync;
+
 use clap::{Parser, Subcommand};
 use std::collections::HashSet;
 use std::io::{BufWriter, Read, Write};
@@ -40,6 +42,26 @@ enum Cmd {
         /// Working folder (generated exports are kept and reused).
         #[arg(long, default_value = "bench-data")]
         dir: PathBuf,
+    },
+    /// Cold load of users and organizations through the whole pipeline against the simulator
+    /// at its account rate limit, then a 1 % change run (and optionally a 429 storm).
+    Sync {
+        #[arg(long, default_value_t = 100_000)]
+        users: usize,
+        #[arg(long, default_value_t = 10_000)]
+        orgs: usize,
+        /// The simulator's account limit and the sync's budget, requests per minute (700 is
+        /// Zendesk Enterprise; 6,000 runs the same shape ten times faster).
+        #[arg(long, default_value_t = 6000)]
+        rpm: u32,
+        /// Milliseconds a job stays queued, and again working, in the simulator.
+        #[arg(long, default_value_t = 0)]
+        job_ms: u64,
+        #[arg(long, default_value = "bench-data")]
+        dir: PathBuf,
+        /// Also inject a 429 storm during a third run.
+        #[arg(long)]
+        storm: bool,
     },
     /// Internal: one plan run in this process, printing JSON figures.
     #[command(hide = true)]
@@ -79,6 +101,21 @@ fn main() {
     match Cli::parse().command {
         Cmd::Plan { rows, cores, dir } => bench_plan(rows, cores, &dir),
         Cmd::PlanOnce { dir, run, cores } => plan_once(&dir, &run, cores),
+        Cmd::Sync {
+            users,
+            orgs,
+            rpm,
+            job_ms,
+            dir,
+            storm,
+        } => sync::bench_sync(sync::SyncBench {
+            users,
+            orgs,
+            rpm,
+            job_ms,
+            dir,
+            storm,
+        }),
         Cmd::GunzipOnce { file, cores } => gunzip_once(&file, cores),
     }
 }

@@ -201,24 +201,16 @@ impl Writer {
                 r.map(|rows| (rows, journaled))
             });
         }
-        let mut first_error = None;
         while let Some(done) = work.next().await {
-            match done {
-                Ok((results, recovered)) => {
-                    summary.batches_recovered += recovered as u64;
-                    for r in &results {
-                        count(&mut summary, r);
-                    }
-                }
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
+            // The first error ends the chunk: batches not yet sent stay unsent, and a batch cut
+            // off mid-call is left to its journal, as after a crash.
+            let (results, recovered) = done?;
+            summary.batches_recovered += recovered as u64;
+            for r in &results {
+                count(&mut summary, r);
             }
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(summary),
-        }
+        Ok(summary)
     }
 
     async fn write_batch(
@@ -301,8 +293,13 @@ impl Writer {
             let dups: Vec<usize> = idx
                 .iter()
                 .copied()
-                .filter(|&k| {
-                    matches!(&out[k], Some(Outcome::Failed { code, .. }) if code == "DuplicateValue")
+                .filter(|&k| match &out[k] {
+                    Some(Outcome::Failed { code, reason }) => {
+                        code == "DuplicateValue"
+                            || reason.contains("already been taken")
+                            || reason.contains("already exists")
+                    }
+                    _ => false,
                 })
                 .collect();
             if !dups.is_empty() {
