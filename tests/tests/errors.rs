@@ -1,0 +1,616 @@
+//! The troubleshooting cases, end to end: each stops the run before anything is written to
+//! Zendesk, with a named error whose message says what to fix, and (past the lock) a failed run
+//! record. And no credential ever shows up in logs, errors, run records or the bucket.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use zdsync::lock::{host_name, LockInfo};
+use zdsync::run::{RunOutcome, RunStatus};
+use zdsync::zendesk::{credential_store, Client, ClientOptions};
+use zdsync_sim::{MintRequest, SimConfig};
+use zdsync_tests::{
+    endpoint_delta, fast_run_options, parse_config, run_parsed, sync_toml, write_file,
+    write_requests, E2e, ADMIN_EMAIL,
+};
+
+const USER_MAPPING: &str = r#"name = "FULL_NAME"
+email = "EMAIL"
+"user_fields.plan" = { column = "PLAN", type = "dropdown" }"#;
+
+const ORG_MAPPING: &str = r#"name = "NAME"
+notes = "NOTES""#;
+
+const TICKET_MAPPING: &str = r#"subject = "SUBJECT"
+description = "DESCRIPTION""#;
+
+fn users_csv(n: usize) -> String {
+    let mut s = String::from("USER_ID,FULL_NAME,EMAIL,PLAN\n");
+    for i in 0..n {
+        s.push_str(&format!(
+            "u-{i:04},User {i},user{i}@example.com,{}\n",
+            ["Free", "Pro", "Enterprise"][i % 3]
+        ));
+    }
+    s
+}
+
+fn orgs_csv(n: usize) -> String {
+    let mut s = String::from("ORG_ID,NAME,NOTES\n");
+    for i in 0..n {
+        s.push_str(&format!("o-{i:04},Org {i},note {i}\n"));
+    }
+    s
+}
+
+fn tickets_csv(n: usize) -> String {
+    let mut s = String::from("TICKET_ID,SUBJECT,DESCRIPTION\n");
+    for i in 0..n {
+        s.push_str(&format!("t-{i:04},Ticket {i},Body {i}\n"));
+    }
+    s
+}
+
+/// The run stopped with `name` before writing anything, its message names each of `says`,
+/// and the failed run record (returned: the record's error text) is in the bucket.
+fn assert_failed_before_writes(e: &E2e, outcome: &RunOutcome, name: &str, says: &[&str]) -> String {
+    let err = outcome
+        .error
+        .as_ref()
+        .unwrap_or_else(|| panic!("expected {name}, the run succeeded: {:#?}", outcome.records));
+    let msg = err.to_string();
+    assert_eq!(err.error_name(), name, "{msg}");
+    for s in says {
+        assert!(msg.contains(s), "`{s}` not in: {msg}");
+    }
+    let c = e.counters();
+    assert_eq!(
+        write_requests(&c),
+        0,
+        "written before failing: {:?}",
+        endpoint_delta(&Default::default(), &c)
+    );
+    assert_eq!(c.jobs_created, 0);
+    let state = e.state();
+    assert_eq!(state.users.len(), 1, "only the admin");
+    assert!(state.organizations.is_empty() && state.tickets.is_empty());
+
+    assert_eq!(outcome.records.len(), 1, "{:#?}", outcome.records);
+    let rec = &outcome.records[0];
+    assert_eq!(rec.status, RunStatus::Failed);
+    let info = rec.error.as_ref().expect("the record names the error");
+    assert_eq!(info.name, name);
+    assert_eq!(info.message, msg);
+    assert_eq!((rec.rows.created, rec.rows.updated), (0, 0));
+    let saved = e
+        .root()
+        .join(format!("runs/{}/{}/run.json", rec.sync, rec.run_id));
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&saved).unwrap()).unwrap();
+    assert_eq!(saved["status"], "failed");
+    assert_eq!(saved["error"]["name"], name);
+    assert!(e
+        .root()
+        .join(format!("history/{}/{}.json", rec.sync, rec.run_id))
+        .exists());
+    msg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_api_token_fails_before_any_write() {
+    let e = E2e::start().await;
+    e.write_api_token_creds("my-zendesk-password");
+    e.write_export("e_users", &users_csv(120));
+    let toml = e.toml("e_users", "users", "upsert", "USER_ID", USER_MAPPING);
+    let outcome = e.run(&toml).await;
+    let msg = assert_failed_before_writes(
+        &e,
+        &outcome,
+        "AuthFailed",
+        &[
+            "Zendesk refused the email and API token",
+            "an API token is not the account password",
+            &format!("`{ADMIN_EMAIL}` is the email of an admin"),
+            "creds.json",
+        ],
+    );
+    assert!(!msg.contains("my-zendesk-password"), "{msg}");
+    assert!(e.counters().auth_failures >= 1);
+    // Nothing past the preflight: no field definitions, no plan.
+    assert_eq!(e.counters().endpoint("user_fields.list"), 0);
+    assert!(!e.root().join("state/e_users").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_subdomain_says_what_to_enter() {
+    let e = E2e::start().await;
+    e.write_export("e_sub", &users_csv(50));
+    let toml = sync_toml(
+        "e_sub",
+        "users",
+        "upsert",
+        "USER_ID",
+        &e.sim.account_url("nope"),
+        USER_MAPPING,
+    );
+    let outcome = e.run(&toml).await;
+    assert_failed_before_writes(
+        &e,
+        &outcome,
+        "SubdomainNotFound",
+        &[
+            "no Zendesk account at `nope.zendesk.com`",
+            "check `subdomain` in [zendesk]",
+            "for https://mycompany.zendesk.com enter \"mycompany\"",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_token_without_tickets_write_fails_with_missing_scope() {
+    let e = E2e::start().await;
+    let token = e
+        .sim
+        .mint_token(
+            "acme",
+            &MintRequest {
+                scopes: vec!["read".into(), "users:write".into()],
+                ..MintRequest::default()
+            },
+        )
+        .unwrap();
+    e.write_oauth_creds(&token.access_token, None);
+    e.write_export("e_tix", &tickets_csv(40));
+    let toml = e.toml("e_tix", "tickets", "insert", "TICKET_ID", TICKET_MAPPING);
+    let outcome = e.run(&toml).await;
+    let msg = assert_failed_before_writes(
+        &e,
+        &outcome,
+        "MissingScope",
+        &["lacks the `tickets:write` scope", "zdsync connect"],
+    );
+    assert!(!msg.contains(&token.access_token));
+
+    // The same token is enough for a users sync.
+    e.write_export("e_users", &users_csv(30));
+    let toml = e.toml("e_users", "users", "upsert", "USER_ID", USER_MAPPING);
+    let outcome = e.run(&toml).await;
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    assert_eq!(outcome.records[0].rows.created, 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_user_import_disabled_stops_at_the_first_bulk_call() {
+    let e = E2e::start().await;
+    assert!(e
+        .sim
+        .update_settings("acme", |s| s.bulk_user_import = false));
+    e.write_export("e_bulk", &users_csv(260));
+    let toml = e.toml("e_bulk", "users", "insert", "USER_ID", USER_MAPPING);
+    let outcome = e.run(&toml).await;
+    let err = outcome.error.as_ref().expect("the run fails");
+    assert_eq!(err.error_name(), "BulkImportDisabled", "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("bulk user import is not enabled")
+            && msg.contains("ask Zendesk Customer Support"),
+        "{msg}"
+    );
+    let c = e.counters();
+    // Refused at the bulk call itself: no user written, no job created, no other write tried.
+    assert_eq!(c.jobs_created, 0);
+    assert_eq!(e.state().users.len(), 1, "only the admin");
+    assert_eq!(
+        write_requests(&c),
+        c.endpoint("users.create_many"),
+        "{:?}",
+        c.by_endpoint
+    );
+    // Batches already in flight may each meet the 403; no batch starts after it.
+    let calls = c.endpoint("users.create_many");
+    assert!((1..=3).contains(&calls), "{calls} create_many calls");
+    assert_eq!(c.status(403), calls);
+    assert_eq!(outcome.records.len(), 1);
+    let rec = &outcome.records[0];
+    assert_eq!(rec.status, RunStatus::Failed);
+    assert_eq!(rec.error.as_ref().unwrap().name, "BulkImportDisabled");
+    assert_eq!(rec.rows.read, 260);
+    assert_eq!((rec.rows.created, rec.rows.updated), (0, 0));
+    assert_eq!(rec.rows.failed, 260, "every row is left for the next run");
+
+    // Once Zendesk turns it on, the next run creates every row exactly once.
+    e.sim.update_settings("acme", |s| s.bulk_user_import = true);
+    let outcome = e.run(&toml).await;
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    let rec = &outcome.records[0];
+    assert_eq!(rec.status, RunStatus::Succeeded);
+    assert_eq!((rec.rows.created, rec.rows.retried), (260, 260));
+    let state = e.state();
+    assert_eq!(state.users.len(), 261);
+    for i in 0..260 {
+        let u = state.user_by_external_id(&format!("u-{i:04}")).unwrap();
+        assert_eq!(u["email"], format!("user{i}@example.com"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_custom_field_key_is_a_config_error() {
+    let e = E2e::start().await;
+    e.write_export("e_field", &users_csv(20));
+    let mapping = r#"name = "FULL_NAME"
+email = "EMAIL"
+"user_fields.plann" = { column = "PLAN", type = "dropdown" }"#;
+    let toml = e.toml("e_field", "users", "upsert", "USER_ID", mapping);
+    let outcome = e.run(&toml).await;
+    assert_failed_before_writes(
+        &e,
+        &outcome,
+        "ConfigInvalid",
+        &[
+            "mapping `user_fields.plann`",
+            "no user field with key `plann`",
+            "did you mean `plan`?",
+        ],
+    );
+    // Checked against the account's fields, before the export is planned.
+    assert_eq!(e.counters().endpoint("user_fields.list"), 1);
+    assert!(!e.root().join("state/e_field").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_lock_refuses_a_second_run() {
+    let e = E2e::start().await;
+    e.write_export("e_lock", &users_csv(20));
+    let held = LockInfo {
+        sync: "e_lock".into(),
+        run_id: "20260101T000000Z-held".into(),
+        host: host_name(),
+        // This very process: alive.
+        pid: std::process::id(),
+        acquired_at: "2026-01-01T00:00:00Z".into(),
+        expires_at: chrono_like_now() + 3600,
+    };
+    let lock_path = write_file(
+        e.root(),
+        "locks/e_lock.json",
+        &serde_json::to_string(&held).unwrap(),
+    );
+    let toml = e.toml("e_lock", "users", "upsert", "USER_ID", USER_MAPPING);
+    let outcome = e.run(&toml).await;
+    let err = outcome.error.as_ref().expect("refused");
+    assert_eq!(err.error_name(), "RunLocked", "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("sync `e_lock` is already running")
+            && msg.contains("20260101T000000Z-held")
+            && msg.contains(&format!("pid {}", std::process::id())),
+        "{msg}"
+    );
+    // Refused at the lock: no record (the run never started), nothing sent, the lock kept.
+    assert!(outcome.records.is_empty());
+    assert_eq!(e.counters().requests, 0);
+    assert!(!e.root().join("runs/e_lock").exists());
+    let kept: LockInfo = serde_json::from_slice(&std::fs::read(&lock_path).unwrap()).unwrap();
+    assert_eq!(kept, held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_run_of_the_same_sync_is_refused() {
+    let mut cfg = SimConfig::default();
+    cfg.jobs.queued_ms = 150;
+    cfg.jobs.working_ms = 150;
+    let e = E2e::with_config(cfg).await;
+    e.write_export("e_conc", &users_csv(150));
+    let toml = e.toml("e_conc", "users", "upsert", "USER_ID", USER_MAPPING);
+    let mut first_opts = fast_run_options();
+    first_opts.run_id = Some("run-first".into());
+    let lock = e.root().join("locks/e_conc.json");
+    let first = run_parsed(e.root(), parse_config(&toml), &first_opts);
+    let second = async {
+        // Wait until the first run holds the lock and its jobs are under way.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while e.sim.active_jobs("acme") == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the first run never wrote"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(lock.exists());
+        let before = e.counters();
+        let outcome = e.run(&toml).await;
+        (outcome, before, e.counters())
+    };
+    let (first, (second, before, after)) = tokio::join!(first, second);
+    let err = second.error.as_ref().expect("the second run is refused");
+    assert_eq!(err.error_name(), "RunLocked", "{err}");
+    assert!(err.to_string().contains("run-first"), "{err}");
+    assert!(second.records.is_empty());
+    // Refused at the lock, before its preflight: the second run sent nothing at all.
+    assert_eq!(after.endpoint("users.me"), before.endpoint("users.me"));
+
+    assert!(first.error.is_none(), "{:?}", first.error);
+    assert_eq!(first.records[0].run_id, "run-first");
+    assert_eq!(first.records[0].rows.created, 150);
+    assert_eq!(e.state().users.len(), 151);
+    assert!(!lock.exists(), "released");
+}
+
+fn chrono_like_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secrets
+
+/// A `MakeWriter` into a shared buffer.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Every file under `dir` as text (`.zst` objects decompressed).
+fn all_files(dir: &Path, out: &mut Vec<(String, String)>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            all_files(&path, out);
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let bytes = if path.extension().is_some_and(|x| x == "zst") {
+            zstd::decode_all(bytes.as_slice()).unwrap_or(bytes)
+        } else {
+            bytes
+        };
+        out.push((
+            path.display().to_string(),
+            String::from_utf8_lossy(&bytes).into_owned(),
+        ));
+    }
+}
+
+fn assert_no_secret(what: &str, text: &str, secrets: &[(&str, String)]) {
+    for (name, s) in secrets {
+        assert!(
+            !text.contains(s.as_str()),
+            "{name} found in {what}:\n{}",
+            &text[text.find(s.as_str()).unwrap().saturating_sub(300)..]
+                .chars()
+                .take(700)
+                .collect::<String>()
+        );
+    }
+}
+
+/// A users sync with the API token, an organizations sync whose OAuth access token has
+/// expired (refreshed and rotated mid-run), and two failing runs (wrong API token, dead OAuth
+/// pair), all under a TRACE subscriber: no credential appears anywhere.
+#[test]
+fn no_credential_in_logs_errors_records_or_bucket() {
+    let buf = Capture::default();
+    let writer = buf.clone();
+    let dispatch = tracing::Dispatch::new(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_target(true)
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
+    let _guard = tracing::dispatcher::set_default(&dispatch);
+    let d2 = dispatch.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_start(move || {
+            // Blocking-pool threads (plan, store I/O) log into the same buffer.
+            std::mem::forget(tracing::dispatcher::set_default(&d2));
+        })
+        .build()
+        .unwrap();
+
+    let mut secrets: Vec<(&str, String)> = Vec::new();
+    let mut texts: Vec<(String, String)> = Vec::new();
+    rt.block_on(async {
+        let e = E2e::start().await;
+        let creds_dir = tempfile::tempdir().unwrap();
+        let creds_path = creds_dir.path().join("oauth.json");
+        // Credentials files live outside the bucket folder (which is scanned below).
+        let api_path = creds_dir.path().join("api.json");
+        std::fs::rename(e.root().join("creds.json"), &api_path).unwrap();
+        let creds_at = |toml: String, path: &Path| {
+            toml.replace(
+                "credentials = \"file:creds.json\"",
+                &format!("credentials = \"file:{}\"", path.display()),
+            )
+        };
+
+        // 1. API token, users upsert.
+        e.write_export("s_users", &users_csv(120));
+        let toml = creds_at(
+            e.toml("s_users", "users", "upsert", "USER_ID", USER_MAPPING),
+            &api_path,
+        );
+        let out = e.run(&toml).await;
+        assert!(out.error.is_none(), "{:?}", out.error);
+        assert_eq!(out.records[0].rows.created, 120);
+        texts.push((
+            "run record 1".into(),
+            serde_json::to_string(&out.records).unwrap(),
+        ));
+        texts.push(("outcome 1".into(), format!("{out:?}")));
+
+        // 2. OAuth with refresh: the access token is expired, refreshed and rotated mid-run.
+        let minted = e
+            .sim
+            .mint_token(
+                "acme",
+                &MintRequest {
+                    scopes: vec!["read".into(), "write".into()],
+                    refresh: true,
+                    ..MintRequest::default()
+                },
+            )
+            .unwrap();
+        let refresh = minted.refresh_token.clone().expect("a refresh token");
+        std::fs::write(
+            &creds_path,
+            serde_json::json!({
+                "access_token": minted.access_token,
+                "refresh_token": refresh,
+                "client_id": zdsync_sim::DEFAULT_CLIENT_ID,
+                "client_secret": zdsync_sim::DEFAULT_CLIENT_SECRET,
+            })
+            .to_string(),
+        )
+        .unwrap();
+        assert!(e.sim.expire_token("acme", &minted.access_token));
+        e.write_export("s_orgs", &orgs_csv(130));
+        let toml = creds_at(
+            e.toml("s_orgs", "organizations", "upsert", "ORG_ID", ORG_MAPPING),
+            &creds_path,
+        );
+        let cfg = parse_config(&toml);
+        let client = Client::new(
+            ClientOptions::from_config(&cfg.zendesk),
+            credential_store(&cfg.zendesk.credentials, e.root()).unwrap(),
+        )
+        .await
+        .unwrap();
+        texts.push(("client Debug".into(), format!("{client:?}")));
+        let out = run_parsed(e.root(), cfg, &fast_run_options()).await;
+        assert!(out.error.is_none(), "{:?}", out.error);
+        let rec = &out.records[0];
+        assert_eq!(rec.rows.created, 130);
+        assert!(rec.requests.token_refreshes >= 1, "{:?}", rec.requests);
+        assert!(e.counters().endpoint("oauth.tokens") >= 1);
+        texts.push((
+            "run record 2".into(),
+            serde_json::to_string(&out.records).unwrap(),
+        ));
+        texts.push(("outcome 2".into(), format!("{out:?}")));
+        // The rotated pair was saved.
+        let saved: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&creds_path).unwrap()).unwrap();
+        let (a2, r2) = (
+            saved["access_token"].as_str().unwrap().to_string(),
+            saved["refresh_token"].as_str().unwrap().to_string(),
+        );
+        assert_ne!(a2, minted.access_token);
+        assert_ne!(r2, refresh);
+
+        // 3. A wrong API token.
+        std::fs::write(
+            &api_path,
+            serde_json::json!({"email": ADMIN_EMAIL, "api_token": "wrong-token-0123456789"})
+                .to_string(),
+        )
+        .unwrap();
+        e.write_export("s_bad", &users_csv(10));
+        let toml = creds_at(
+            e.toml("s_bad", "users", "upsert", "USER_ID", USER_MAPPING),
+            &api_path,
+        );
+        let out = e.run(&toml).await;
+        let err = out.error.as_ref().expect("refused");
+        assert_eq!(err.error_name(), "AuthFailed");
+        texts.push(("error 3 Display".into(), err.to_string()));
+        texts.push(("error 3 Debug".into(), format!("{err:?}")));
+        texts.push((
+            "run record 3".into(),
+            serde_json::to_string(&out.records).unwrap(),
+        ));
+
+        // 4. A dead OAuth pair: the refresh is refused too.
+        std::fs::write(
+            &creds_path,
+            serde_json::json!({
+                "access_token": "dead-access-token-0123",
+                "refresh_token": "dead-refresh-token-0123",
+                "client_id": zdsync_sim::DEFAULT_CLIENT_ID,
+                "client_secret": zdsync_sim::DEFAULT_CLIENT_SECRET,
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let toml = creds_at(
+            e.toml("s_dead", "organizations", "upsert", "ORG_ID", ORG_MAPPING),
+            &creds_path,
+        );
+        e.write_export("s_dead", &orgs_csv(10));
+        let out = e.run(&toml).await;
+        let err = out.error.as_ref().expect("refused");
+        assert_eq!(err.error_name(), "AuthFailed");
+        assert!(
+            err.to_string()
+                .contains("refreshing the OAuth token failed"),
+            "{err}"
+        );
+        texts.push(("error 4 Display".into(), err.to_string()));
+        texts.push(("error 4 Debug".into(), format!("{err:?}")));
+        texts.push((
+            "run record 4".into(),
+            serde_json::to_string(&out.records).unwrap(),
+        ));
+
+        all_files(e.root(), &mut texts);
+        assert!(texts.iter().any(|(p, _)| p.ends_with("run.json")));
+        assert!(texts.iter().any(|(p, _)| p.ends_with(".jsonl.zst")));
+        secrets = vec![
+            ("API token", zdsync_sim::DEFAULT_API_TOKEN.to_string()),
+            (
+                "API token header",
+                base64_basic(&format!(
+                    "{ADMIN_EMAIL}/token:{}",
+                    zdsync_sim::DEFAULT_API_TOKEN
+                )),
+            ),
+            ("wrong API token", "wrong-token-0123456789".into()),
+            ("OAuth access token", minted.access_token.clone()),
+            ("OAuth refresh token", refresh.clone()),
+            ("rotated access token", a2),
+            ("rotated refresh token", r2),
+            ("dead access token", "dead-access-token-0123".into()),
+            ("dead refresh token", "dead-refresh-token-0123".into()),
+            (
+                "client secret",
+                zdsync_sim::DEFAULT_CLIENT_SECRET.to_string(),
+            ),
+        ];
+    });
+    drop(rt);
+
+    let log = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+    // The capture saw the run: requests, the refresh, the failures.
+    assert!(
+        log.contains("TRACE") || log.contains("DEBUG"),
+        "nothing captured"
+    );
+    assert!(log.contains("zendesk request"), "request logs missing");
+    assert!(
+        log.contains("refreshing it") || log.contains("refreshed"),
+        "no refresh logged"
+    );
+    assert!(!secrets.is_empty());
+    assert_no_secret("the TRACE log", &log, &secrets);
+    for (what, text) in &texts {
+        assert_no_secret(what, text, &secrets);
+    }
+    let _ = std::io::stderr().flush();
+}
+
+fn base64_basic(raw: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(raw)
+}
