@@ -1028,3 +1028,182 @@ async fn tickets_update_needs_recorded_ids_then_updates_by_id() {
 
     assert_rerun_writes_nothing(&e, &update, 60, 0).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Records deleted in Zendesk since zdsync confirmed them
+
+/// Deletes a record through the API (`plural` = `tickets`, `organizations`, `users`).
+async fn delete_in_zendesk(e: &E2e, plural: &str, id: u64) {
+    let c = zdsync::zendesk::Client::new(
+        zdsync::zendesk::ClientOptions::for_subdomain("acme", Some(&e.sim.base_url())),
+        zdsync::zendesk::credential_store("file:creds.json", e.root()).unwrap(),
+    )
+    .await
+    .unwrap();
+    c.send(
+        reqwest::Method::DELETE,
+        &format!("/api/v2/{plural}/{id}.json"),
+        Vec::new(),
+        zdsync::zendesk::Idempotency::Safe,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn organizations_upsert_recreates_an_org_deleted_in_zendesk() {
+    let e = E2e::with_config(sim_config()).await;
+    let toml = e.toml(
+        "orgs_gone",
+        "organizations",
+        "upsert",
+        "ORG_ID",
+        ORG_MAPPING,
+    );
+    let mut rows = orgs(120);
+    e.write_export("orgs_gone", &orgs_csv(&rows));
+    run_expect(
+        &e,
+        &toml,
+        Expect {
+            read: 120,
+            created: 120,
+            ..Expect::default()
+        },
+    )
+    .await;
+    let ids = assert_orgs(&e, &rows);
+    delete_in_zendesk(&e, "organizations", ids["o-0042"]).await;
+    rows[42].notes = "changed after the delete".into();
+    e.write_export("orgs_gone", &orgs_csv(&rows));
+    let (rec, _, _) = run_expect(
+        &e,
+        &toml,
+        Expect {
+            read: 120,
+            created: 1,
+            unchanged: 119,
+            ..Expect::default()
+        },
+    )
+    .await;
+    assert!(rec.failed_samples.is_empty(), "{:?}", rec.failed_samples);
+    let ids2 = assert_orgs(&e, &rows);
+    assert_ne!(ids2["o-0042"], ids["o-0042"], "a new organization");
+    assert_rerun_writes_nothing(&e, &toml, 120, 0).await;
+}
+
+/// BUG (shared/src/write.rs, `Writer::update`, the "Upsert: a record deleted in Zendesk since
+/// it was confirmed is created again" branch): the recreate sends the row's *update* payload to
+/// `tickets/create_many`, and a ticket's update payload has no `comment` (the description is
+/// create-only, left out by `Mapper::write_payload(row, false)` in the plan), so Zendesk refuses
+/// it ("Description: cannot be blank"). The fold keeps the old ticket id with FLAG_FAILED, so
+/// every later run updates the deleted id again and fails the same way: the ticket is never
+/// recreated. Run with `--ignored` to see it fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: a ticket deleted in Zendesk is recreated without its description (see doc comment)"]
+async fn tickets_upsert_recreates_a_ticket_deleted_in_zendesk() {
+    let e = E2e::with_config(sim_config()).await;
+    let toml = e.toml("tix_gone", "tickets", "upsert", "TICKET_ID", TICKET_MAPPING);
+    let mut rows = tickets(110);
+    e.write_export("tix_gone", &tickets_csv(&rows));
+    run_expect(
+        &e,
+        &toml,
+        Expect {
+            read: 110,
+            created: 110,
+            ..Expect::default()
+        },
+    )
+    .await;
+    let ids = assert_tickets(&e, &rows);
+    delete_in_zendesk(&e, "tickets", ids["t-0042"]).await;
+    rows[42].subject = "Changed after the delete".into();
+    e.write_export("tix_gone", &tickets_csv(&rows));
+    let (rec, _, _) = run_expect(
+        &e,
+        &toml,
+        Expect {
+            read: 110,
+            created: 1,
+            unchanged: 109,
+            ..Expect::default()
+        },
+    )
+    .await;
+    assert!(rec.failed_samples.is_empty(), "{:?}", rec.failed_samples);
+    // Recreated with its description as the first comment, like any new ticket.
+    let ids2 = assert_tickets(&e, &rows);
+    assert_ne!(ids2["t-0042"], ids["t-0042"], "a new ticket");
+    assert_rerun_writes_nothing(&e, &toml, 110, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_gone_from_the_export_are_reported_once_and_nothing_is_deleted() {
+    let e = E2e::with_config(sim_config()).await;
+    let toml = e.toml("users_rm", "users", "upsert", "USER_ID", USER_MAPPING);
+    let rows = users(180);
+    e.write_export("users_rm", &users_csv(&rows, ""));
+    run_expect(
+        &e,
+        &toml,
+        Expect {
+            read: 180,
+            created: 180,
+            ..Expect::default()
+        },
+    )
+    .await;
+
+    // 20 keys leave the export; one more turns invalid (it is neither removed nor sent).
+    let mut kept: Vec<UserRow> = rows[..160].to_vec();
+    kept[5].email = "not-an-email".into();
+    e.write_export("users_rm", &users_csv(&kept, ""));
+    let before = e.counters();
+    let (rec, _, _) = run_expect(
+        &e,
+        &toml,
+        Expect {
+            read: 160,
+            invalid: 1,
+            unchanged: 159,
+            ..Expect::default()
+        },
+    )
+    .await;
+    assert_eq!(rec.rows.removed, 20);
+    assert_eq!(write_requests(&e.counters()), write_requests(&before));
+    assert_users(&e, &rows);
+
+    // Reported once.
+    let (rec, writes, _) = run_expect(
+        &e,
+        &toml,
+        Expect {
+            read: 160,
+            invalid: 1,
+            unchanged: 159,
+            ..Expect::default()
+        },
+    )
+    .await;
+    assert_eq!((rec.rows.removed, writes), (0, 0));
+
+    // Back in the export (unchanged values): sent again, matched to the same users.
+    e.write_export("users_rm", &users_csv(&rows, ""));
+    let (rec, _, items) = run_expect(
+        &e,
+        &toml,
+        Expect {
+            read: 180,
+            updated: 20,
+            unchanged: 160,
+            ..Expect::default()
+        },
+    )
+    .await;
+    assert_eq!((rec.rows.removed, items), (0, 20));
+    assert_users(&e, &rows);
+    assert_rerun_writes_nothing(&e, &toml, 180, 0).await;
+}
