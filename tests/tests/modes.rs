@@ -1207,3 +1207,188 @@ async fn keys_gone_from_the_export_are_reported_once_and_nothing_is_deleted() {
     assert_users(&e, &rows);
     assert_rerun_writes_nothing(&e, &toml, 180, 0).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Ticket custom fields, users matched by email
+
+/// Ticket field ids by title, from the account's field definitions.
+async fn ticket_field_ids(e: &E2e) -> BTreeMap<String, u64> {
+    let c = zdsync::zendesk::Client::new(
+        zdsync::zendesk::ClientOptions::for_subdomain("acme", Some(&e.sim.base_url())),
+        zdsync::zendesk::credential_store("file:creds.json", e.root()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let v = c.get("/api/v2/ticket_fields.json").await.unwrap();
+    v["ticket_fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["title"].as_str().unwrap().to_string(),
+                f["id"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticket_custom_fields_are_written_by_id_with_option_values() {
+    let e = E2e::with_config(sim_config()).await;
+    let ids = ticket_field_ids(&e).await;
+    let (category, seats, escalated, products) = (
+        ids["Category"],
+        ids["Seat count"],
+        ids["Escalated"],
+        ids["Affected products"],
+    );
+    let mapping = format!(
+        r#"subject = "SUBJECT"
+description = "DESCRIPTION"
+"custom_fields.{category}" = {{ column = "CATEGORY", type = "tagger" }}
+"custom_fields.{seats}" = {{ column = "SEATS", type = "integer" }}
+"custom_fields.{escalated}" = {{ column = "ESCALATED", type = "checkbox" }}
+"custom_fields.{products}" = {{ column = "PRODUCTS", type = "multiselect", split = "comma" }}"#
+    );
+    const CATS: [(&str, &str); 3] = [
+        ("Billing", "category_billing"),
+        ("Technical", "category_technical"),
+        ("Account", "category_account"),
+    ];
+    let csv = |n: usize, bump: usize| {
+        let mut s =
+            String::from("TICKET_ID,SUBJECT,DESCRIPTION,CATEGORY,SEATS,ESCALATED,PRODUCTS\n");
+        for i in 0..n {
+            s.push_str(&format!(
+                "t-{i:04},Ticket {i},Body {i},{},{},{},\"{}\"\n",
+                CATS[(i + usize::from(i < bump)) % 3].0,
+                i * 2,
+                if i % 4 == 0 { "true" } else { "false" },
+                if i % 2 == 0 { "Support,Chat" } else { "Guide" }
+            ));
+        }
+        s
+    };
+    let check = |bump: usize| {
+        let state = e.state();
+        assert_eq!(state.tickets.len(), 120);
+        for i in 0..120 {
+            let found = state.tickets_by_external_id(&format!("t-{i:04}"));
+            assert_eq!(found.len(), 1);
+            let t = found[0];
+            let value = |id: u64| {
+                t["custom_fields"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|f| f["id"] == id)
+                    .map(|f| f["value"].clone())
+                    .unwrap_or(Value::Null)
+            };
+            let cat = CATS[(i + usize::from(i < bump)) % 3].1;
+            assert_eq!(value(category), cat, "t-{i:04}: option label → value");
+            assert_eq!(value(seats), (i * 2).to_string(), "t-{i:04}");
+            assert_eq!(value(escalated), i % 4 == 0, "t-{i:04}");
+            let mut want = if i % 2 == 0 {
+                vec!["affected_chat", "affected_support"]
+            } else {
+                vec!["affected_guide"]
+            };
+            let mut got: Vec<String> = value(products)
+                .as_array()
+                .unwrap_or_else(|| panic!("t-{i:04}: {}", value(products)))
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "t-{i:04}");
+            let tags: Vec<&str> = t["tags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
+            assert!(tags.contains(&cat), "t-{i:04}: {tags:?}");
+            assert_eq!(
+                tags.contains(&"escalated"),
+                i % 4 == 0,
+                "t-{i:04}: {tags:?}"
+            );
+        }
+    };
+    let toml = e.toml("tix_cf", "tickets", "upsert", "TICKET_ID", &mapping);
+    e.write_export("tix_cf", &csv(120, 0));
+    run_expect(
+        &e,
+        &toml,
+        Expect {
+            read: 120,
+            created: 120,
+            ..Expect::default()
+        },
+    )
+    .await;
+    check(0);
+    assert_rerun_writes_nothing(&e, &toml, 120, 0).await;
+
+    // A new category for the first 10: only those are updated.
+    e.write_export("tix_cf", &csv(120, 10));
+    let (_, _, items) = run_expect(
+        &e,
+        &toml,
+        Expect {
+            read: 120,
+            updated: 10,
+            unchanged: 110,
+            ..Expect::default()
+        },
+    )
+    .await;
+    assert_eq!(items, 10);
+    check(10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_upsert_adopts_existing_users_matched_by_email() {
+    let e = E2e::with_config(sim_config()).await;
+    let seeded = e
+        .sim
+        .seed(
+            "acme",
+            &SeedData {
+                users: vec![
+                    json!({"name": "Legacy Three", "email": "user3@example.com"}),
+                    json!({"name": "Legacy Nine", "email": "user9@example.com", "external_id": "U-0009"}),
+                ],
+                ..SeedData::default()
+            },
+        )
+        .unwrap();
+    let toml = e.toml("users_adopt", "users", "upsert", "USER_ID", USER_MAPPING);
+    let rows = users(120);
+    e.write_export("users_adopt", &users_csv(&rows, ""));
+    run_expect(
+        &e,
+        &toml,
+        Expect {
+            read: 120,
+            created: 118,
+            updated: 2,
+            ..Expect::default()
+        },
+    )
+    .await;
+    let ids = assert_users(&e, &rows);
+    assert_eq!(
+        ids["u-0003"], seeded.users[0],
+        "matched by email, not duplicated"
+    );
+    assert_eq!(
+        ids["u-0009"], seeded.users[1],
+        "matched by external_id in any case"
+    );
+    assert_eq!(e.state().users.len(), 121);
+    assert_rerun_writes_nothing(&e, &toml, 120, 0).await;
+}
