@@ -73,7 +73,10 @@ fn assert_failed_before_writes(e: &E2e, outcome: &RunOutcome, name: &str, says: 
     );
     assert_eq!(c.jobs_created, 0);
     let state = e.state();
-    assert_eq!(state.users.len(), 1, "only the admin");
+    assert!(
+        state.users.iter().all(|u| u["role"] != "end-user"),
+        "only staff"
+    );
     assert!(state.organizations.is_empty() && state.tickets.is_empty());
 
     assert_eq!(outcome.records.len(), 1, "{:#?}", outcome.records);
@@ -119,6 +122,88 @@ async fn wrong_api_token_fails_before_any_write() {
     // Nothing past the preflight: no field definitions, no plan.
     assert_eq!(e.counters().endpoint("user_fields.list"), 0);
     assert!(!e.root().join("state/e_users").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_token_of_an_agent_is_refused_before_any_write() {
+    let mut cfg = SimConfig::default();
+    cfg.accounts[0].agents.push(zdsync_sim::StaffConfig {
+        email: "agent@acme.test".into(),
+        name: "Agent".into(),
+        role: "agent".into(),
+    });
+    let e = E2e::with_config(cfg).await;
+    write_file(
+        e.root(),
+        "creds.json",
+        &serde_json::json!({"email": "agent@acme.test", "api_token": zdsync_sim::DEFAULT_API_TOKEN})
+            .to_string(),
+    );
+    e.write_export("e_agent", &orgs_csv(30));
+    let toml = e.toml("e_agent", "organizations", "upsert", "ORG_ID", ORG_MAPPING);
+    let outcome = e.run(&toml).await;
+    // A role problem is reported under the 403 family's name.
+    assert_failed_before_writes(
+        &e,
+        &outcome,
+        "MissingScope",
+        &[
+            "`agent@acme.test` is a Zendesk agent and zdsync needs an admin",
+            "use an admin's email with the API token",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_oauth_token_without_refresh_token_says_reconnect() {
+    let e = E2e::start().await;
+    let token = e
+        .sim
+        .mint_token(
+            "acme",
+            &MintRequest {
+                scopes: vec!["read".into(), "write".into()],
+                ..MintRequest::default()
+            },
+        )
+        .unwrap();
+    assert!(e.sim.expire_token("acme", &token.access_token));
+    e.write_oauth_creds(&token.access_token, None);
+    e.write_export("e_exp", &users_csv(30));
+    let toml = e.toml("e_exp", "users", "upsert", "USER_ID", USER_MAPPING);
+    let outcome = e.run(&toml).await;
+    let msg = assert_failed_before_writes(
+        &e,
+        &outcome,
+        "AuthFailed",
+        &[
+            "the OAuth token was refused (expired or revoked)",
+            "reconnect with `zdsync connect`",
+        ],
+    );
+    assert!(!msg.contains(&token.access_token));
+    assert_eq!(
+        e.counters().endpoint("oauth.tokens"),
+        0,
+        "nothing to refresh with"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_credentials_file_fails_before_any_request() {
+    let e = E2e::start().await;
+    std::fs::remove_file(e.root().join("creds.json")).unwrap();
+    e.write_export("e_nocreds", &users_csv(10));
+    let toml = e.toml("e_nocreds", "users", "upsert", "USER_ID", USER_MAPPING);
+    let outcome = e.run(&toml).await;
+    let err = outcome.error.as_ref().expect("refused");
+    assert_eq!(err.error_name(), "AuthFailed", "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("creds.json") && msg.contains("not found") && msg.contains("zdsync connect"),
+        "{msg}"
+    );
+    assert_eq!(e.counters().requests, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
