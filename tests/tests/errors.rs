@@ -343,6 +343,49 @@ email = "EMAIL"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_ticket_field_id_is_a_config_error() {
+    let e = E2e::start().await;
+    e.write_export("e_tfield", &tickets_csv(20));
+    let mapping = format!(
+        "{TICKET_MAPPING}\n\"custom_fields.424242\" = {{ column = \"SUBJECT\", type = \"text\" }}"
+    );
+    let toml = e.toml("e_tfield", "tickets", "upsert", "TICKET_ID", &mapping);
+    let outcome = e.run(&toml).await;
+    assert_failed_before_writes(
+        &e,
+        &outcome,
+        "ConfigInvalid",
+        &[
+            "mapping `custom_fields.424242`",
+            "Zendesk has no ticket field with id 424242",
+            "Order number",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_user_import_disabled_stops_a_users_upsert_too() {
+    let e = E2e::start().await;
+    e.sim
+        .update_settings("acme", |s| s.bulk_user_import = false);
+    e.write_export("e_bulk_up", &users_csv(120));
+    let toml = e.toml("e_bulk_up", "users", "upsert", "USER_ID", USER_MAPPING);
+    let outcome = e.run(&toml).await;
+    let err = outcome.error.as_ref().expect("the run fails");
+    assert_eq!(err.error_name(), "BulkImportDisabled", "{err}");
+    let c = e.counters();
+    assert_eq!(c.jobs_created, 0);
+    assert_eq!(
+        write_requests(&c),
+        c.endpoint("users.create_or_update_many")
+    );
+    assert_eq!(e.state().users.len(), 1);
+    let rec = &outcome.records[0];
+    assert_eq!(rec.status, RunStatus::Failed);
+    assert_eq!(rec.error.as_ref().unwrap().name, "BulkImportDisabled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_lock_refuses_a_second_run() {
     let e = E2e::start().await;
     e.write_export("e_lock", &users_csv(20));
