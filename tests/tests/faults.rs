@@ -438,8 +438,8 @@ async fn rate_limit_storm_with_retry_after_pauses_every_request() {
     let t = Instant::now();
     let mut sim_cfg = sim_config();
     // Jobs take a while, so many batches are in flight when the storm hits.
-    sim_cfg.jobs.queued_ms = 400;
-    sim_cfg.jobs.working_ms = 200;
+    sim_cfg.jobs.queued_ms = 1000;
+    sim_cfg.jobs.working_ms = 500;
     let fx = Fx::with_sim(Obj::Users, 250, sim_cfg).await;
     const N: u64 = 3;
     fx.sim
