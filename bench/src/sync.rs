@@ -157,11 +157,25 @@ async fn bench_async(b: SyncBench) {
     );
     write(
         &dir.join("bench_users.toml"),
-        &config("bench_users", "users", "user_id", &base, b.rpm, USER_MAPPING),
+        &config(
+            "bench_users",
+            "users",
+            "user_id",
+            &base,
+            b.rpm,
+            USER_MAPPING,
+        ),
     );
     write(
         &dir.join("bench_orgs.toml"),
-        &config("bench_orgs", "organizations", "org_id", &base, b.rpm, ORG_MAPPING),
+        &config(
+            "bench_orgs",
+            "organizations",
+            "org_id",
+            &base,
+            b.rpm,
+            ORG_MAPPING,
+        ),
     );
     write(
         &dir.join("exports/bench_users/part-0000.csv"),
@@ -182,7 +196,7 @@ async fn bench_async(b: SyncBench) {
     let mut total_req = 0u64;
     let mut early = 0u64;
     let clock = Instant::now();
-    for sync in ["bench_users", "bench_orgs"] {
+    for sync in ["bench_orgs", "bench_users"] {
         let m = one_run(&dir, sync, &sim).await;
         let r = &m.record;
         let rows = r.rows.created + r.rows.updated;

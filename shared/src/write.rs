@@ -30,7 +30,8 @@ pub struct WriteOptions {
     /// Rows per bulk call (Zendesk's maximum is 100).
     pub batch_size: usize,
     /// Bulk jobs submitted and not yet known to be finished. Zendesk allows about 30 queued or
-    /// running jobs per account; every batch in progress holds one.
+    /// running jobs per account (finished jobs not yet polled do not count there); every batch
+    /// in progress holds one. Jobs are polled once four fifths of them wait.
     pub max_jobs_in_flight: usize,
     /// First wait before polling jobs when every batch in progress waits on one; doubles while
     /// polls find nothing finished.
@@ -45,7 +46,7 @@ impl Default for WriteOptions {
     fn default() -> Self {
         WriteOptions {
             batch_size: 100,
-            max_jobs_in_flight: 25,
+            max_jobs_in_flight: 30,
             poll_min: Duration::from_millis(100),
             poll_max: Duration::from_secs(2),
             lookup_delay: Duration::from_secs(2),
@@ -881,12 +882,14 @@ impl JobTracker {
     fn start(client: Client, opts: &WriteOptions) -> JobTracker {
         let (tx, rx) = mpsc::unbounded_channel();
         let active = Arc::new(AtomicUsize::new(0));
+        let cap = opts.max_jobs_in_flight.max(1);
         tokio::spawn(poll_loop(
             client,
             rx,
             active.clone(),
             opts.poll_min,
             opts.poll_max,
+            (cap - cap / 5).max(1),
         ));
         JobTracker { tx, active }
     }
@@ -914,6 +917,7 @@ async fn poll_loop(
     active: Arc<AtomicUsize>,
     poll_min: Duration,
     poll_max: Duration,
+    threshold: usize,
 ) {
     let mut pending: Vec<Waiter> = Vec::new();
     let mut interval = poll_min;
@@ -935,8 +939,11 @@ async fn poll_loop(
             continue;
         }
         let oldest = pending.iter().map(|w| w.since).min().expect("not empty");
+        // Poll once most slots wait on a job, while the rest keep the request budget busy;
+        // or at once when every batch in progress waits.
         let everyone_waits = pending.len() >= active.load(Ordering::SeqCst);
-        let deadline = if everyone_waits || !open {
+        let full = pending.len() >= threshold;
+        let deadline = if everyone_waits || full || !open {
             (last_poll + interval).max(oldest + poll_min.min(interval))
         } else {
             oldest + poll_max
