@@ -260,6 +260,7 @@ fn confirm_all(store: &LocalStore, run: &str) {
                 status: RowStatus::Confirmed,
                 id: Some(id),
                 error: None,
+                unknown: false,
                 action: None,
             };
             serde_json::to_writer(&mut out, &r).unwrap();

@@ -4,7 +4,9 @@
 use crate::config::Mode;
 use crate::fields::Object;
 use crate::layout;
-use crate::state::{StateError, StateHeader, StateReader, StateWriter, FLAG_ABSENT, FLAG_FAILED};
+use crate::state::{
+    StateError, StateHeader, StateReader, StateWriter, FLAG_ABSENT, FLAG_FAILED, FLAG_UNKNOWN,
+};
 use crate::store::ObjectStore;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -88,6 +90,10 @@ pub struct ChunkRow {
     pub pk: String,
     /// Payload fingerprint, hex.
     pub fp: String,
+    /// A create of this key may have happened without zdsync learning of it: look the key up
+    /// before creating it.
+    #[serde(default)]
+    pub lookup: bool,
     /// Zendesk id from the state, for updates.
     #[serde(default)]
     pub id: Option<u64>,
@@ -106,6 +112,9 @@ pub struct ResultRow {
     pub id: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A failed create whose outcome is unknown (the record may exist in Zendesk).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unknown: bool,
     /// What Zendesk did with a confirmed row: `created` or `updated`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<Action>,
@@ -250,6 +259,8 @@ pub const FAILED_SAMPLES: usize = 20;
 enum Kind {
     Confirmed,
     Failed,
+    /// Failed, and a create may have happened in Zendesk all the same.
+    Unknown,
     Removed,
 }
 
@@ -335,14 +346,12 @@ pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary,
                             reason: r.error.clone().unwrap_or_default(),
                         });
                     }
-                    push(
-                        &mut changes,
-                        h,
-                        0,
-                        row.id.unwrap_or(0),
-                        Kind::Failed,
-                        &row.pk,
-                    );
+                    let kind = if r.unknown && chunk.op == Op::Create {
+                        Kind::Unknown
+                    } else {
+                        Kind::Failed
+                    };
+                    push(&mut changes, h, 0, row.id.unwrap_or(0), kind, &row.pk);
                 }
                 None => {
                     summary.unknown += 1;
@@ -353,14 +362,13 @@ pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary,
                             reason: "no outcome was recorded (the write did not finish); the row is sent again next run".into(),
                         });
                     }
-                    push(
-                        &mut changes,
-                        h,
-                        0,
-                        row.id.unwrap_or(0),
-                        Kind::Failed,
-                        &row.pk,
-                    );
+                    // A create without an outcome may have reached Zendesk: look it up first.
+                    let kind = if chunk.op == Op::Create {
+                        Kind::Unknown
+                    } else {
+                        Kind::Failed
+                    };
+                    push(&mut changes, h, 0, row.id.unwrap_or(0), kind, &row.pk);
                 }
             }
         }
@@ -407,15 +415,23 @@ pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary,
                 let same = o.filter(|o| o.key_hash == c.h);
                 match (c.kind, same) {
                     (Kind::Confirmed, _) => out.push(c.h, c.fp, c.id, 0, key_of(c))?,
-                    (Kind::Failed, Some(o)) => {
+                    (Kind::Failed | Kind::Unknown, Some(o)) => {
                         let id = if o.zendesk_id != 0 {
                             o.zendesk_id
                         } else {
                             c.id
                         };
-                        out.push(o.key_hash, o.fingerprint, id, o.flags | FLAG_FAILED, &o.key)?
+                        let flag = if c.kind == Kind::Unknown && id == 0 {
+                            FLAG_FAILED | FLAG_UNKNOWN
+                        } else {
+                            FLAG_FAILED
+                        };
+                        out.push(o.key_hash, o.fingerprint, id, o.flags | flag, &o.key)?
                     }
                     (Kind::Failed, None) => out.push(c.h, 0, c.id, FLAG_FAILED, key_of(c))?,
+                    (Kind::Unknown, None) => {
+                        out.push(c.h, 0, c.id, FLAG_FAILED | FLAG_UNKNOWN, key_of(c))?
+                    }
                     (Kind::Removed, Some(o)) => out.push(
                         o.key_hash,
                         o.fingerprint,

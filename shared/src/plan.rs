@@ -10,7 +10,7 @@ use crate::config::{Mode, SyncConfig};
 use crate::export::{self, ExportError, Next, Record};
 use crate::layout;
 use crate::mapping::{MappedRow, Mapper, Reason, Refusal};
-use crate::state::{StateError, StateIndex, StateReader, FLAG_ABSENT, FLAG_FAILED};
+use crate::state::{StateError, StateIndex, StateReader, FLAG_ABSENT, FLAG_FAILED, FLAG_UNKNOWN};
 use crate::store::ObjectStore;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -406,6 +406,14 @@ impl Planner<'_> {
             self.note_dup(&row.pk, h, ordinal, line, (first_ord, first_slot));
             return Ok(());
         }
+        let lookup = state_pos.is_some_and(|i| {
+            let e = self
+                .state
+                .as_ref()
+                .expect("position implies a state")
+                .entry(i);
+            e.flags() & FLAG_UNKNOWN != 0 && e.zendesk_id() == 0
+        });
         let (op, id) = match state_pos {
             Some(i) => {
                 let e = self
@@ -452,7 +460,11 @@ impl Planner<'_> {
         let slot = self.chunk_slot(op)?;
         self.set_slot(h, state_pos, slot);
         payload.clear();
-        self.mapper.write_payload(row, op == Op::Create, payload);
+        // Ticket upserts carry the create-only fields on updates too: a ticket deleted in
+        // Zendesk is created again from this payload (the writer strips them from updates).
+        let full = op == Op::Create
+            || (self.cfg.object == crate::fields::Object::Tickets && self.cfg.mode == Mode::Upsert);
+        self.mapper.write_payload(row, full, payload);
         let chunk = self.open[op_slot(op)]
             .as_mut()
             .expect("chunk_slot opened it");
@@ -460,6 +472,9 @@ impl Planner<'_> {
         let _ = write!(buf, "{{\"h\":\"{h:016x}\",\"i\":{},\"pk\":", chunk.rows);
         serde_json::to_writer(&mut *buf, &row.pk).expect("vec write");
         let _ = write!(buf, ",\"fp\":\"{:016x}\"", row.fingerprint);
+        if lookup && op == Op::Create {
+            buf.extend_from_slice(b",\"lookup\":true");
+        }
         if id != 0 {
             let _ = write!(buf, ",\"id\":{id}");
         }

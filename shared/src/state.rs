@@ -18,6 +18,9 @@ const MAGIC: &[u8; 8] = b"ZDSTATE1";
 pub const FLAG_FAILED: u8 = 1;
 /// The key was missing from an export after it had been confirmed.
 pub const FLAG_ABSENT: u8 = 2;
+/// A create of the key may have happened without its outcome being recorded (an answer lost,
+/// a run stopped mid-job): the key is looked up in Zendesk before it is created again.
+pub const FLAG_UNKNOWN: u8 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateHeader {

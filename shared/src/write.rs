@@ -19,7 +19,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,8 +38,12 @@ pub struct WriteOptions {
     pub poll_min: Duration,
     /// Longest a job goes unpolled.
     pub poll_max: Duration,
-    /// Wait before looking rows up after a create whose answer was lost.
+    /// First wait between checks of the account's unfinished jobs after a create whose answer
+    /// was lost (doubles up to 10 s).
     pub lookup_delay: Duration,
+    /// Longest wait for those jobs; rows still unsettled then are failed as "outcome unknown"
+    /// and looked up before they are created next run.
+    pub unknown_wait: Duration,
 }
 
 impl Default for WriteOptions {
@@ -49,7 +53,8 @@ impl Default for WriteOptions {
             max_jobs_in_flight: 30,
             poll_min: Duration::from_millis(100),
             poll_max: Duration::from_secs(2),
-            lookup_delay: Duration::from_secs(2),
+            lookup_delay: Duration::from_secs(1),
+            unknown_wait: Duration::from_secs(120),
         }
     }
 }
@@ -108,8 +113,14 @@ pub struct Writer {
     opts: WriteOptions,
     jobs: JobTracker,
     slots: Arc<Semaphore>,
+    /// Every job this writer submitted (so lookups after a lost answer know which unfinished
+    /// jobs are not theirs).
+    known_jobs: std::sync::Mutex<HashSet<String>>,
     pub progress: Arc<Progress>,
 }
+
+/// The failure code of rows whose create may or may not have happened.
+const UNKNOWN: &str = "OutcomeUnknown";
 
 /// One row's outcome while its batch is in progress.
 #[derive(Debug, Clone)]
@@ -137,6 +148,7 @@ impl Writer {
             mode: manifest.mode,
             opts,
             jobs,
+            known_jobs: Default::default(),
             progress,
         }
     }
@@ -288,6 +300,37 @@ impl Writer {
         journal_key: &str,
         out: &mut [Option<Outcome>],
     ) -> Result<(), WriteError> {
+        // Keys whose earlier create has an unknown outcome: found ones are not created again
+        // (users and organizations get this run's values by id; a ticket is left as created,
+        // since resending its payload would add its first comment twice).
+        let check: Vec<usize> = idx.iter().copied().filter(|&k| rows[k].lookup).collect();
+        let mut idx = idx.to_vec();
+        if !check.is_empty() {
+            let found = self.lookup(rows, &check).await?;
+            if !found.is_empty() {
+                let ids: HashMap<usize, u64> = found.clone();
+                let hit: Vec<usize> = check
+                    .iter()
+                    .copied()
+                    .filter(|k| found.contains_key(k))
+                    .collect();
+                if self.object == Object::Tickets || self.mode == Mode::Insert {
+                    for &k in &hit {
+                        out[k] = Some(Outcome::Confirmed {
+                            id: ids[&k],
+                            action: Action::Created,
+                        });
+                    }
+                } else {
+                    self.update_by(rows, &hit, &ids, out).await?;
+                }
+                idx.retain(|k| !found.contains_key(k));
+            }
+        }
+        let idx = &idx[..];
+        if idx.is_empty() {
+            return Ok(());
+        }
         self.bulk(rows, idx, Bulk::CreateMany, journal_key, out)
             .await?;
         if self.object == Object::Organizations && self.mode == Mode::Upsert {
@@ -433,6 +476,72 @@ impl Writer {
                 Idempotency::Safe,
             ),
         };
+        let mut body = self.body(rows, idx, &kind);
+        let creates = idempotency == Idempotency::Unsafe;
+        let mut todo: Vec<usize> = idx.to_vec();
+        for attempt in 0..2 {
+            let body = if attempt == 0 {
+                std::mem::take(&mut body)
+            } else {
+                self.body(rows, &todo, &kind)
+            };
+            if creates {
+                self.journal(journal_key, &path, None).await?;
+            }
+            let answer = self
+                .client
+                .send(method.clone(), &path, body, idempotency)
+                .await;
+            let lost = match answer {
+                Ok(v) => {
+                    let job = parse_job(&path, v)?;
+                    self.known_jobs
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(job.id.clone());
+                    if creates {
+                        self.journal(journal_key, &path, Some(&job.id)).await?;
+                    }
+                    self.progress.jobs.fetch_add(1, Ordering::Relaxed);
+                    match self.jobs.wait(job.id.clone()).await {
+                        Ok(done) => return self.apply_job(rows, &todo, &done, creates, out).await,
+                        // Zendesk no longer has the job: a safe call is simply sent again.
+                        Err(ZendeskError::Api { status: 404, .. }) if !creates && attempt == 0 => {
+                            tracing::warn!(%path, job = %job.id, "job expired before it was polled; sending the batch again");
+                            continue;
+                        }
+                        Err(ZendeskError::Api { status: 404, .. }) if creates => {
+                            format!("job {} expired before it was polled", job.id)
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(ZendeskError::OutcomeUnknown { message, .. }) => message,
+                Err(e) => return Err(e.into()),
+            };
+            // A create whose outcome is unknown: nothing is resent before the rows are looked
+            // up, and the lookup waits until the job the lost call may have queued is done.
+            tracing::warn!(%path, rows = todo.len(), "outcome of a create call unknown ({lost}); looking the rows up before anything is resent");
+            let settled = self.settle(rows, &todo, out).await?;
+            todo.retain(|&k| out[k].is_none());
+            if todo.is_empty() {
+                return Ok(());
+            }
+            if !settled || attempt == 1 {
+                for &k in &todo {
+                    out[k] = Some(Outcome::Failed {
+                        code: UNKNOWN.into(),
+                        reason: format!("the outcome of the create is unknown ({lost}); the row is looked up by external id before it is created next run"),
+                    });
+                }
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn body(&self, rows: &[ChunkRow], idx: &[usize], kind: &Bulk<'_>) -> Vec<u8> {
+        let plural = self.object.as_str();
         let mut body = Vec::with_capacity(idx.len() * 256);
         body.extend_from_slice(b"{\"");
         body.extend_from_slice(plural.as_bytes());
@@ -442,9 +551,13 @@ impl Writer {
                 body.push(b',');
             }
             let mut item = rows[k].payload.clone();
-            if let (Bulk::UpdateMany(ids), Value::Object(map)) = (&kind, &mut item) {
+            if let (Bulk::UpdateMany(ids), Value::Object(map)) = (kind, &mut item) {
                 if let Some(id) = ids.get(&k) {
                     map.insert("id".into(), Value::from(*id));
+                }
+                // The first comment (a ticket's description) is sent on create only.
+                if self.object == Object::Tickets {
+                    map.remove("comment");
                 }
             }
             if self.object == Object::Users && !matches!(kind, Bulk::UpdateMany(_)) {
@@ -455,34 +568,54 @@ impl Writer {
             serde_json::to_writer(&mut body, &item).expect("payload serialises");
         }
         body.extend_from_slice(b"]}");
+        body
+    }
 
-        let creates = idempotency == Idempotency::Unsafe;
-        if creates {
-            self.journal(journal_key, &path, None).await?;
-        }
-        let answer = self.client.send(method, &path, body, idempotency).await;
-        let job = match answer {
-            Ok(v) => parse_job(&path, v)?,
-            Err(ZendeskError::OutcomeUnknown { message, .. }) => {
-                tracing::warn!(%path, rows = idx.len(), "no answer to a create call ({message}); looking the rows up before anything is resent");
-                tokio::time::sleep(self.opts.lookup_delay).await;
-                return self.settle_unknown(rows, idx, &path, out).await;
-            }
-            Err(e) => return Err(e.into()),
+    /// After a create whose outcome is unknown: wait until every unfinished job this writer did
+    /// not submit itself (the lost call's job among them) is done, then confirm the rows found
+    /// by external id. `false` when those jobs did not finish within `unknown_wait`, so rows not
+    /// found may still be created by them.
+    async fn settle(
+        &self,
+        rows: &[ChunkRow],
+        idx: &[usize],
+        out: &mut [Option<Outcome>],
+    ) -> Result<bool, WriteError> {
+        let unfinished = |v: &Value| -> HashSet<String> {
+            let known = self.known_jobs.lock().unwrap_or_else(|e| e.into_inner());
+            v["job_statuses"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|j| matches!(j["status"].as_str(), Some("queued" | "working")))
+                .filter_map(|j| j["id"].as_str().map(str::to_string))
+                .filter(|id| !known.contains(id))
+                .collect()
         };
-        if creates {
-            self.journal(journal_key, &path, Some(&job.id)).await?;
-        }
-        self.progress.jobs.fetch_add(1, Ordering::Relaxed);
-        let done = self.jobs.wait(job.id.clone()).await;
-        let done = match done {
-            Ok(d) => d,
-            Err(ZendeskError::Api { status: 404, .. }) if creates => {
-                return self.settle_unknown(rows, idx, &path, out).await
+        let list = "/api/v2/job_statuses.json?page[size]=100";
+        let deadline = Instant::now() + self.opts.unknown_wait;
+        let mut delay = self.opts.lookup_delay;
+        let mut waiting = unfinished(&self.client.get(list).await?);
+        let settled = loop {
+            if waiting.is_empty() {
+                break true;
             }
-            Err(e) => return Err(e.into()),
+            if Instant::now() + delay > deadline {
+                break false;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+            let now = unfinished(&self.client.get(list).await?);
+            waiting.retain(|id| now.contains(id));
         };
-        self.apply_job(rows, idx, &done, creates, out).await
+        let found = self.lookup(rows, idx).await?;
+        for (k, id) in found {
+            out[k] = Some(Outcome::Confirmed {
+                id,
+                action: Action::Created,
+            });
+        }
+        Ok(settled)
     }
 
     /// Map a finished job's results onto the rows; rows the job left without a result fail
@@ -554,62 +687,6 @@ impl Writer {
             }
         }
         Ok(())
-    }
-
-    /// A create whose answer was lost: rows found by external id are confirmed; the rest are
-    /// sent once more (a second loss leaves them failed, to be retried next run).
-    async fn settle_unknown(
-        &self,
-        rows: &[ChunkRow],
-        idx: &[usize],
-        path: &str,
-        out: &mut [Option<Outcome>],
-    ) -> Result<(), WriteError> {
-        let found = self.lookup(rows, idx).await?;
-        let mut again = Vec::new();
-        for &k in idx {
-            match found.get(&k) {
-                Some(&id) => {
-                    out[k] = Some(Outcome::Confirmed {
-                        id,
-                        action: Action::Created,
-                    })
-                }
-                None => again.push(k),
-            }
-        }
-        if again.is_empty() {
-            return Ok(());
-        }
-        let mut body = Vec::new();
-        body.extend_from_slice(format!("{{\"{}\":[", self.object.as_str()).as_bytes());
-        for (n, &k) in again.iter().enumerate() {
-            if n > 0 {
-                body.push(b',');
-            }
-            serde_json::to_writer(&mut body, &rows[k].payload).expect("payload serialises");
-        }
-        body.extend_from_slice(b"]}");
-        let job = match self
-            .client
-            .send(Method::POST, path, body, Idempotency::Unsafe)
-            .await
-        {
-            Ok(v) => parse_job(path, v)?,
-            Err(ZendeskError::OutcomeUnknown { message, .. }) => {
-                for &k in &again {
-                    out[k] = Some(Outcome::Failed {
-                        code: "OutcomeUnknown".into(),
-                        reason: format!("Zendesk's answer was lost twice ({message}); the row is checked and resent next run"),
-                    });
-                }
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
-        };
-        self.progress.jobs.fetch_add(1, Ordering::Relaxed);
-        let done = self.jobs.wait(job.id.clone()).await?;
-        self.apply_job(rows, &again, &done, true, out).await
     }
 
     /// Zendesk ids of rows found by external id (users and organizations: `show_many`, 100 a
@@ -714,12 +791,16 @@ impl Writer {
                 Err(e) => return Err(e.into()),
             }
         }
-        let found = self.lookup(rows, &all).await?;
-        for (k, id) in found {
-            out[k] = Some(Outcome::Confirmed {
-                id,
-                action: Action::Created,
-            });
+        // No job id (the process died before Zendesk answered) or the job is gone: rows found
+        // by external id are confirmed; the rest go through the normal path only once no job
+        // that could still create them is unfinished.
+        if !self.settle(rows, &all, out).await? {
+            for o in out.iter_mut().filter(|o| o.is_none()) {
+                *o = Some(Outcome::Failed {
+                    code: UNKNOWN.into(),
+                    reason: "a create from an earlier attempt may still be running in Zendesk; the row is looked up by external id before it is created next run".into(),
+                });
+            }
         }
         Ok(())
     }
@@ -791,14 +872,16 @@ fn result_row(row: &ChunkRow, o: Option<Outcome>) -> ResultRow {
             status: RowStatus::Confirmed,
             id: Some(id),
             error: None,
+            unknown: false,
             action: Some(action),
         },
-        Some(Outcome::Failed { reason, .. }) => ResultRow {
+        Some(Outcome::Failed { code, reason }) => ResultRow {
             i: row.i,
             pk: row.pk.clone(),
             status: RowStatus::Failed,
             id: None,
             error: Some(reason),
+            unknown: code == UNKNOWN,
             action: None,
         },
         None => ResultRow {
@@ -807,6 +890,7 @@ fn result_row(row: &ChunkRow, o: Option<Outcome>) -> ResultRow {
             status: RowStatus::Failed,
             id: None,
             error: Some("no outcome was recorded for this row".into()),
+            unknown: false,
             action: None,
         },
     }
@@ -835,7 +919,13 @@ fn map_results<'a>(
     let base = if indexed {
         let min = results.iter().filter_map(|r| r.index).min().unwrap_or(0);
         let max = results.iter().filter_map(|r| r.index).max().unwrap_or(0);
-        u64::from(min >= 1 && max as usize == n)
+        // 1-based: no index 0, and either the whole batch (1..=n) or, as a killed job
+        // reports, a prefix of it in input order (1..=k).
+        let prefix = results
+            .iter()
+            .enumerate()
+            .all(|(pos, r)| r.index == Some(pos as u64 + 1));
+        u64::from(min >= 1 && (max as usize == n || prefix))
     } else {
         0
     };
@@ -1028,6 +1118,7 @@ mod tests {
             i,
             pk: pk.into(),
             fp: "0".into(),
+            lookup: false,
             id: None,
             src: "x:1".into(),
             payload: serde_json::json!({"external_id": pk}),

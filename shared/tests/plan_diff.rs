@@ -90,6 +90,7 @@ impl Fixture {
                         status: RowStatus::Failed,
                         id: None,
                         error: Some("RecordInvalid: nope".into()),
+                        unknown: false,
                         action: None,
                     }
                 } else {
@@ -99,6 +100,7 @@ impl Fixture {
                         status: RowStatus::Confirmed,
                         id: Some(90_000 + num),
                         error: None,
+                        unknown: false,
                         action: None,
                     }
                 };

@@ -1046,7 +1046,6 @@ async fn a_create_job_expired_before_its_poll_is_settled_by_lookup() {
 /// queues jobs for seconds): the lookup after `lookup_delay` finds nothing yet, and the rows
 /// must still not be created a second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG write.rs settle_unknown: a lost create answer is settled by one lookup after lookup_delay; a job still queued then is resent (duplicates)"]
 async fn dropped_answer_while_the_job_is_still_queued_creates_no_duplicates() {
     let t = Instant::now();
     let fx = Fx::new(Obj::Tickets, 150).await;
@@ -1074,7 +1073,6 @@ async fn dropped_answer_while_the_job_is_still_queued_creates_no_duplicates() {
 /// reached the journal (`{"job": null}`), while the job is still queued: resuming must not
 /// create the batch's rows a second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG write.rs recover: a journal without a job id is settled by an immediate lookup; a job still queued is resent (duplicates)"]
 async fn crash_before_the_job_id_was_journaled_creates_no_duplicates() {
     let t = Instant::now();
     let fx = Fx::new(Obj::Tickets, 150).await;
@@ -1130,7 +1128,6 @@ fn reqwest_post() -> reqwest::Method {
 /// `create_many` jobs were accepted (and complete). The rows have no outcome; the next run must
 /// find them instead of creating them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG run.rs/plan.rs: journals of a run stopped by an error are never consulted; its accepted creates are planned and created again (duplicates)"]
 async fn a_run_stopped_while_its_create_jobs_ran_does_not_duplicate_them_next_run() {
     let t = Instant::now();
     let fx = Fx::new(Obj::Tickets, 300).await;
@@ -1160,7 +1157,6 @@ async fn a_run_stopped_while_its_create_jobs_ran_does_not_duplicate_them_next_ru
 /// A users `create_or_update_many` job expired before its poll: the batch is safe to resend
 /// (or to look up); the run must not stop on the 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG write.rs bulk: a 404 (expired job) on a non-create bulk call stops the run instead of resending the safe batch"]
 async fn an_upsert_job_expired_before_its_poll_does_not_stop_the_run() {
     let t = Instant::now();
     let fx = Fx::new(Obj::Users, 150).await;
@@ -1179,7 +1175,10 @@ async fn an_upsert_job_expired_before_its_poll_does_not_stop_the_run() {
     };
     let (out, ()) = tokio::join!(run(&ctx, &opts), expire);
     let rec = only_record(&out);
-    assert_all_created(rec, fx.n);
+    // The resent batch finds the rows the expired job created: Zendesk says "Updated".
+    assert_eq!(rec.status, RunStatus::Succeeded, "{rec:#?}");
+    assert_eq!(rec.rows.created + rec.rows.updated, fx.n as u64, "{rec:#?}");
+    assert_eq!(rec.rows.failed, 0, "{:#?}", rec.failed_samples);
     fx.check_complete();
     eprintln!("expired_upsert_job: {}", elapsed(t));
 }

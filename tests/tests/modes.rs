@@ -1101,7 +1101,6 @@ async fn organizations_upsert_recreates_an_org_deleted_in_zendesk() {
 /// every later run updates the deleted id again and fails the same way: the ticket is never
 /// recreated. Run with `--ignored` to see it fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a ticket deleted in Zendesk is recreated without its description (see doc comment)"]
 async fn tickets_upsert_recreates_a_ticket_deleted_in_zendesk() {
     let e = E2e::with_config(sim_config()).await;
     let toml = e.toml("tix_gone", "tickets", "upsert", "TICKET_ID", TICKET_MAPPING);
@@ -1480,7 +1479,6 @@ async fn one_based_job_results_map_to_the_right_rows() {
 /// rows 1..=49 get their neighbour's id; the state then points at the wrong tickets and t-0050
 /// is never created. Run with `--ignored` to see it fail.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: write.rs map_results reads a partial 1-based result list as 0-based (see doc comment)"]
 async fn one_based_results_of_a_killed_job_map_to_the_right_rows() {
     let e = E2e::with_config(one_based()).await;
     e.sim.set_fault_rules(vec![zdsync_sim::FaultRule::new(
