@@ -268,7 +268,7 @@ fn confirm_all(store: &LocalStore, run: &str) {
         }
         store
             .put(
-                &layout::batch_results_key(&m.sync, run, layout::chunk_name(&c.key), 0),
+                &layout::batch_results_key(&m.sync, run, layout::chunk_name(&c.key), "b0"),
                 &out,
             )
             .unwrap();

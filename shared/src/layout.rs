@@ -19,17 +19,18 @@ pub fn chunk_key(sync: &str, run: &str, op: &str, index: usize) -> String {
 }
 
 /// Per-row outcomes of one chunk, written by write-batch as each batch of 100 completes:
-/// `<prefix>b0000.jsonl`, ... (and `b0000.job.json`, the journal of a batch in flight).
+/// `<prefix><batch>.jsonl`, ... (and `<batch>.job.json`, the journal of a batch in flight). A
+/// batch is named by its first row and the writer that formed it; outcomes are keyed by row.
 pub fn results_prefix(sync: &str, run: &str, chunk_name: &str) -> String {
     format!("runs/{sync}/{run}/results/{chunk_name}/")
 }
 
-pub fn batch_results_key(sync: &str, run: &str, chunk_name: &str, batch: usize) -> String {
-    format!("runs/{sync}/{run}/results/{chunk_name}/b{batch:04}.jsonl")
+pub fn batch_results_key(sync: &str, run: &str, chunk_name: &str, batch: &str) -> String {
+    format!("runs/{sync}/{run}/results/{chunk_name}/{batch}.jsonl")
 }
 
-pub fn batch_journal_key(sync: &str, run: &str, chunk_name: &str, batch: usize) -> String {
-    format!("runs/{sync}/{run}/results/{chunk_name}/b{batch:04}.job.json")
+pub fn batch_journal_key(sync: &str, run: &str, chunk_name: &str, batch: &str) -> String {
+    format!("runs/{sync}/{run}/results/{chunk_name}/{batch}.job.json")
 }
 
 /// A copy of each run record, so past runs list without walking change sets.

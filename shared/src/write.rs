@@ -100,6 +100,9 @@ struct Journal {
     endpoint: String,
     #[serde(default)]
     job: Option<String>,
+    /// Chunk positions (`i`) of the rows the call carries.
+    #[serde(default)]
+    rows: Vec<u32>,
 }
 
 /// Writes chunks of one run; cheap to share between tasks.
@@ -116,6 +119,8 @@ pub struct Writer {
     /// Every job this writer submitted (so lookups after a lost answer know which unfinished
     /// jobs are not theirs).
     known_jobs: std::sync::Mutex<HashSet<String>>,
+    /// Names this writer's batches apart from an earlier attempt's.
+    tag: String,
     pub progress: Arc<Progress>,
 }
 
@@ -149,6 +154,7 @@ impl Writer {
             opts,
             jobs,
             known_jobs: Default::default(),
+            tag: format!("{:04x}", rand::random::<u16>()),
             progress,
         }
     }
@@ -174,31 +180,74 @@ impl Writer {
                 Ok((rows, existing))
             })
             .await?;
-        let have: std::collections::HashSet<String> = existing.into_iter().map(|o| o.key).collect();
         let mut summary = ChunkSummary {
             chunk: name.clone(),
             rows: rows.len() as u64,
             ..Default::default()
         };
-        let bs = self.opts.batch_size.clamp(1, 100);
-        let mut work = FuturesUnordered::new();
-        for (b, batch) in rows.chunks(bs).enumerate() {
-            let results_key = layout::batch_results_key(&self.sync, &self.run_id, &name, b);
-            if have.contains(&results_key) {
-                summary.batches_reused += 1;
-                let stored = self
-                    .blocking(move |store| changeset::read_jsonl::<ResultRow>(store, &results_key))
+        // Outcomes are keyed by row: whatever batch size an earlier attempt used, a row with a
+        // stored outcome is done, and a journal names exactly the rows its call may have created.
+        let mut done: HashSet<u32> = HashSet::new();
+        let mut journals: Vec<(String, Journal)> = Vec::new();
+        for o in existing {
+            let key = o.key.clone();
+            if let Some(stem) = key.strip_suffix(".job.json") {
+                let stem = stem.rsplit('/').next().unwrap_or(stem).to_string();
+                let k = key.clone();
+                let j: Option<Journal> = self
+                    .blocking(move |store| {
+                        let mut text = String::new();
+                        use std::io::Read;
+                        store
+                            .open(&k)
+                            .and_then(|mut r| r.read_to_string(&mut text))
+                            .map_err(|source| ChangeSetError::Io { key: k, source })?;
+                        Ok(serde_json::from_str(&text).ok())
+                    })
                     .await?;
-                for r in &stored {
-                    count(&mut summary, r);
+                if let Some(j) = j {
+                    journals.push((stem, j));
                 }
-                self.progress
-                    .rows_done
-                    .fetch_add(stored.len() as u64, Ordering::Relaxed);
-                continue;
+            } else if key.ends_with(".jsonl") {
+                let stored = self
+                    .blocking(move |store| changeset::read_jsonl::<ResultRow>(store, &key))
+                    .await?;
+                summary.batches_reused += 1;
+                for r in stored {
+                    if done.insert(r.i) {
+                        count(&mut summary, &r);
+                        self.progress.rows_done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
-            let journal_key = layout::batch_journal_key(&self.sync, &self.run_id, &name, b);
-            let journaled = have.contains(&journal_key);
+        }
+        let at: HashMap<u32, usize> = rows.iter().enumerate().map(|(n, r)| (r.i, n)).collect();
+        let mut claimed: HashSet<u32> = HashSet::new();
+        let mut batches: Vec<(String, Vec<ChunkRow>, bool)> = Vec::new();
+        for (stem, j) in journals {
+            let mine: Vec<ChunkRow> = j
+                .rows
+                .iter()
+                .filter(|i| !done.contains(i) && claimed.insert(**i))
+                .filter_map(|i| at.get(i).map(|&n| rows[n].clone()))
+                .collect();
+            if !mine.is_empty() {
+                batches.push((stem, mine, true));
+            }
+        }
+        let rest: Vec<&ChunkRow> = rows
+            .iter()
+            .filter(|r| !done.contains(&r.i) && !claimed.contains(&r.i))
+            .collect();
+        let bs = self.opts.batch_size.clamp(1, 100);
+        for part in rest.chunks(bs) {
+            let stem = format!("r{:06}-{}", part[0].i, self.tag);
+            batches.push((stem, part.iter().map(|r| (*r).clone()).collect(), false));
+        }
+        let mut work = FuturesUnordered::new();
+        for (stem, batch, journaled) in batches {
+            let results_key = layout::batch_results_key(&self.sync, &self.run_id, &name, &stem);
+            let journal_key = layout::batch_journal_key(&self.sync, &self.run_id, &name, &stem);
             let op = chunk.op;
             work.push(async move {
                 let _slot = self
@@ -208,7 +257,7 @@ impl Writer {
                     .map_err(|e| WriteError::Task(e.to_string()))?;
                 self.jobs.active.fetch_add(1, Ordering::SeqCst);
                 let r = self
-                    .write_batch(op, batch, results_key, journal_key, journaled)
+                    .write_batch(op, &batch, results_key, journal_key, journaled)
                     .await;
                 self.jobs.active.fetch_sub(1, Ordering::SeqCst);
                 r.map(|rows| (rows, journaled))
@@ -486,7 +535,8 @@ impl Writer {
                 self.body(rows, &todo, &kind)
             };
             if creates {
-                self.journal(journal_key, &path, None).await?;
+                let ids = todo.iter().map(|&k| rows[k].i).collect();
+                self.journal(journal_key, &path, None, ids).await?;
             }
             let answer = self
                 .client
@@ -500,7 +550,8 @@ impl Writer {
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(job.id.clone());
                     if creates {
-                        self.journal(journal_key, &path, Some(&job.id)).await?;
+                        let ids = todo.iter().map(|&k| rows[k].i).collect();
+                        self.journal(journal_key, &path, Some(&job.id), ids).await?;
                     }
                     self.progress.jobs.fetch_add(1, Ordering::Relaxed);
                     match self.jobs.wait(job.id.clone()).await {
@@ -810,6 +861,7 @@ impl Writer {
         key: &str,
         endpoint: &str,
         job: Option<&str>,
+        rows: Vec<u32>,
     ) -> Result<(), WriteError> {
         if key.is_empty() {
             return Ok(());
@@ -817,6 +869,7 @@ impl Writer {
         let body = serde_json::to_vec(&Journal {
             endpoint: endpoint.to_string(),
             job: job.map(str::to_string),
+            rows,
         })
         .expect("journal serialises");
         let key = key.to_string();

@@ -107,7 +107,8 @@ impl Fixture {
                 out.push_str(&serde_json::to_string(&r).unwrap());
                 out.push('\n');
             }
-            let key = layout::batch_results_key(&m.sync, &m.run_id, layout::chunk_name(&c.key), 0);
+            let key =
+                layout::batch_results_key(&m.sync, &m.run_id, layout::chunk_name(&c.key), "b0");
             self.store.put(&key, out.as_bytes()).unwrap();
         }
     }

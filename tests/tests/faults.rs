@@ -1088,10 +1088,11 @@ async fn crash_before_the_job_id_was_journaled_creates_no_duplicates() {
         let rows: Vec<zdsync::changeset::ChunkRow> =
             zdsync::changeset::read_jsonl(fx.store().as_ref(), &chunk.key).unwrap();
         let path = "/api/v2/tickets/create_many.json";
-        let journal = serde_json::json!({"endpoint": path, "job": null});
+        let first: Vec<u32> = rows.iter().take(100).map(|r| r.i).collect();
+        let journal = serde_json::json!({"endpoint": path, "job": null, "rows": first});
         fx.store()
             .put(
-                &layout::batch_journal_key(sync, crashed, &name, 0),
+                &layout::batch_journal_key(sync, crashed, &name, "r000000-dead"),
                 journal.to_string().as_bytes(),
             )
             .unwrap();
@@ -1186,7 +1187,6 @@ async fn an_upsert_job_expired_before_its_poll_does_not_stop_the_run() {
 /// A crashed run resumed by a process whose batch size differs: stored batch outcomes and
 /// journals must stay on the rows they belong to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG write.rs write_chunk: batch outcomes and journals are keyed by batch number, not rows; a resume with another batch_size maps them to the wrong rows"]
 async fn resume_with_another_batch_size_keeps_outcomes_on_their_rows() {
     let t = Instant::now();
     let fx = Fx::new(Obj::Tickets, 300).await;

@@ -25,6 +25,8 @@ pub struct Limiter {
     state: Mutex<Gate>,
     notify: Notify,
     paused_ms: AtomicU64,
+    /// Half the bucket's period: the closest two requests may follow each other.
+    min_gap: Duration,
 }
 
 #[derive(Debug)]
@@ -38,6 +40,7 @@ struct Gate {
     /// Spacing derived from `X-Rate-Limit-Remaining` (zero: no pacing).
     pace: Duration,
     next_paced: Option<Instant>,
+    last_sent: Option<Instant>,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -102,9 +105,14 @@ impl Limiter {
                 probe_in_flight: false,
                 pace: Duration::ZERO,
                 next_paced: None,
+                last_sent: None,
             }),
             notify: Notify::new(),
             paused_ms: AtomicU64::new(0),
+            min_gap: match NonZeroU32::new(rpm) {
+                Some(r) => Duration::from_secs(30) / r.get(),
+                None => Duration::ZERO,
+            },
         }
     }
 
@@ -127,13 +135,23 @@ impl Limiter {
         let Some(bucket) = &self.bucket else { return };
         loop {
             match bucket.check() {
-                Ok(()) => return,
+                Ok(()) => break,
                 Err(not_until) => {
                     let wait = not_until.wait_time_from(bucket.clock().now());
                     tokio::time::sleep(wait.max(Duration::from_micros(100))).await;
                 }
             }
         }
+        // The burst only makes up for late wake-ups: requests still go out at least half a
+        // period apart, so a 429 is seen before the next request leaves.
+        let slot = {
+            let mut g = self.gate();
+            let now = Instant::now();
+            let slot = g.last_sent.map_or(now, |l| (l + self.min_gap).max(now));
+            g.last_sent = Some(slot);
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
     }
 
     /// Waits until a request may go on the wire: no pause running, a token taken, the pacing
