@@ -1091,6 +1091,9 @@ async fn poll_loop(
         } else {
             oldest + poll_max
         };
+        // Wake at least every `poll_min` to look again: batches finishing elsewhere change
+        // whether every batch in progress now waits on a job.
+        let wake = deadline.min(Instant::now() + poll_min);
         if open {
             tokio::select! {
                 w = rx.recv() => {
@@ -1100,10 +1103,13 @@ async fn poll_loop(
                     }
                     continue;
                 }
-                _ = tokio::time::sleep_until(deadline.into()) => {}
+                _ = tokio::time::sleep_until(wake.into()) => {}
             }
         } else {
-            tokio::time::sleep_until(deadline.into()).await;
+            tokio::time::sleep_until(wake.into()).await;
+        }
+        if Instant::now() < deadline {
+            continue;
         }
         last_poll = Instant::now();
         let ids: Vec<String> = {

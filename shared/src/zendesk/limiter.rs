@@ -25,7 +25,7 @@ pub struct Limiter {
     state: Mutex<Gate>,
     notify: Notify,
     paused_ms: AtomicU64,
-    /// Half the bucket's period: the closest two requests may follow each other.
+    /// Three quarters of the bucket's period: the closest two requests may follow each other.
     min_gap: Duration,
 }
 
@@ -110,7 +110,7 @@ impl Limiter {
             notify: Notify::new(),
             paused_ms: AtomicU64::new(0),
             min_gap: match NonZeroU32::new(rpm) {
-                Some(r) => Duration::from_secs(30) / r.get(),
+                Some(r) => Duration::from_secs(45) / r.get(),
                 None => Duration::ZERO,
             },
         }
@@ -142,8 +142,9 @@ impl Limiter {
                 }
             }
         }
-        // The burst only makes up for late wake-ups: requests still go out at least half a
-        // period apart, so a 429 is seen before the next request leaves.
+        // The burst only makes up for late wake-ups: requests still go out at least three
+        // quarters of a period apart, so a 429 is almost always seen before the next request
+        // leaves (a full period would give back the budget the burst recovers).
         let slot = {
             let mut g = self.gate();
             let now = Instant::now();
