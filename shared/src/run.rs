@@ -334,21 +334,14 @@ async fn run_locked(
 
     t = Instant::now();
     let schema = if needs_schema(cfg) {
-        match crate::schema::fetch(&ctx.client, cfg.object).await {
-            Ok(s) => match s.validate(cfg) {
-                Ok(()) => Some(Arc::new(s)),
-                Err(e) => {
-                    phases.schema = t.elapsed().as_secs_f64();
-                    let e = RunError::from(e);
-                    let rec = fail(&phases, &e, RowCounts::default());
-                    save_record(ctx.store.clone(), &rec).await?;
-                    records.push(rec);
-                    return Err(e);
-                }
-            },
+        let checked = match crate::schema::fetch(&ctx.client, cfg.object).await {
+            Ok(s) => s.validate(cfg).map(|()| s).map_err(RunError::from),
+            Err(e) => Err(RunError::from(e)),
+        };
+        match checked {
+            Ok(s) => Some(Arc::new(s)),
             Err(e) => {
                 phases.schema = t.elapsed().as_secs_f64();
-                let e = RunError::from(e);
                 let rec = fail(&phases, &e, RowCounts::default());
                 save_record(ctx.store.clone(), &rec).await?;
                 records.push(rec);

@@ -193,19 +193,7 @@ impl Writer {
             let key = o.key.clone();
             if let Some(stem) = key.strip_suffix(".job.json") {
                 let stem = stem.rsplit('/').next().unwrap_or(stem).to_string();
-                let k = key.clone();
-                let j: Option<Journal> = self
-                    .blocking(move |store| {
-                        let mut text = String::new();
-                        use std::io::Read;
-                        store
-                            .open(&k)
-                            .and_then(|mut r| r.read_to_string(&mut text))
-                            .map_err(|source| ChangeSetError::Io { key: k, source })?;
-                        Ok(serde_json::from_str(&text).ok())
-                    })
-                    .await?;
-                if let Some(j) = j {
+                if let Some(j) = self.read_journal(&key).await? {
                     journals.push((stem, j));
                 }
             } else if key.ends_with(".jsonl") {
@@ -807,18 +795,7 @@ impl Writer {
         journal_key: &str,
         out: &mut [Option<Outcome>],
     ) -> Result<(), WriteError> {
-        let key = journal_key.to_string();
-        let journal: Option<Journal> = self
-            .blocking(move |store| {
-                let mut text = String::new();
-                use std::io::Read;
-                store
-                    .open(&key)
-                    .and_then(|mut r| r.read_to_string(&mut text))
-                    .map_err(|source| ChangeSetError::Io { key, source })?;
-                Ok(serde_json::from_str(&text).ok())
-            })
-            .await?;
+        let journal = self.read_journal(journal_key).await?;
         let all: Vec<usize> = (0..rows.len()).collect();
         let Some(journal) = journal else {
             return Ok(());
@@ -854,6 +831,21 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// A batch journal; `None` when it cannot be parsed (a torn write is treated as absent).
+    async fn read_journal(&self, key: &str) -> Result<Option<Journal>, WriteError> {
+        let key = key.to_string();
+        self.blocking(move |store| {
+            let mut text = String::new();
+            use std::io::Read;
+            store
+                .open(&key)
+                .and_then(|mut r| r.read_to_string(&mut text))
+                .map_err(|source| ChangeSetError::Io { key, source })?;
+            Ok(serde_json::from_str(&text).ok())
+        })
+        .await
     }
 
     async fn journal(
