@@ -210,6 +210,32 @@ impl RunError {
     }
 }
 
+/// Every error name a run (or a Lambda step) can end with: the Step Functions definition retries
+/// and catches exactly these (a test keeps the two lists equal).
+pub const ERROR_NAMES: &[&str] = &[
+    "ConfigInvalid",
+    "AuthFailed",
+    "SubdomainNotFound",
+    "MissingScope",
+    "BulkImportDisabled",
+    "RateLimited",
+    "ZendeskUnavailable",
+    "ZendeskRejected",
+    "ExportUnreadable",
+    "StateUnreadable",
+    "StoreUnavailable",
+    "RunLocked",
+    "Internal",
+];
+
+/// Names Step Functions retries (with backoff and jitter); every other name is final.
+pub const RETRYABLE_ERRORS: &[&str] = &[
+    "RateLimited",
+    "ZendeskUnavailable",
+    "StoreUnavailable",
+    "RunLocked",
+];
+
 /// A new run id: `20261125T101500Z-3f9a` (sorts by start time).
 pub fn new_run_id() -> String {
     format!(

@@ -1,0 +1,278 @@
+//! Invariants of the Step Functions definition and its SAM wiring, checked without AWS: every
+//! Lambda task retries Lambda's service errors, the error names it retries and catches are
+//! exactly the ones the Rust code emits, every `Next` names a state, and the Distributed Map
+//! reads its chunk list from S3 with a concurrency cap and a failure threshold.
+
+use serde_json::Value;
+use std::collections::{BTreeSet, HashSet};
+use std::path::PathBuf;
+use zdsync::run::{ERROR_NAMES, RETRYABLE_ERRORS};
+
+const LAMBDA_SERVICE_ERRORS: [&str; 5] = [
+    "Lambda.ClientExecutionTimeoutException",
+    "Lambda.ServiceException",
+    "Lambda.AWSLambdaException",
+    "Lambda.SdkClientException",
+    "Lambda.TooManyRequestsException",
+];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn asl_text() -> String {
+    std::fs::read_to_string(root().join("statemachine/sync.asl.json")).unwrap()
+}
+
+fn placeholders(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("${") {
+        let tail = &rest[i + 2..];
+        let end = tail.find('}').expect("closed placeholder");
+        out.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The definition with SAM's substitutions applied (fake ARNs).
+fn asl() -> Value {
+    let mut text = asl_text();
+    for name in placeholders(&text) {
+        text = text.replace(
+            &format!("${{{name}}}"),
+            &format!("arn:aws:lambda:us-east-1:123456789012:function:{name}"),
+        );
+    }
+    serde_json::from_str(&text).expect("the ASL is JSON")
+}
+
+/// Every state of every scope, with the names of its scope.
+fn scopes(machine: &Value, out: &mut Vec<(HashSet<String>, String, Value)>) {
+    let states = machine["States"].as_object().expect("States");
+    let names: HashSet<String> = states.keys().cloned().collect();
+    let start = machine["StartAt"].as_str().expect("StartAt");
+    assert!(names.contains(start), "StartAt `{start}` is not a state");
+    for (name, state) in states {
+        out.push((names.clone(), name.clone(), state.clone()));
+        if let Some(inner) = state.get("ItemProcessor").or_else(|| state.get("Iterator")) {
+            scopes(inner, out);
+        }
+        for branch in state["Branches"].as_array().into_iter().flatten() {
+            scopes(branch, out);
+        }
+    }
+}
+
+fn all_states() -> Vec<(HashSet<String>, String, Value)> {
+    let mut out = Vec::new();
+    scopes(&asl(), &mut out);
+    out
+}
+
+fn names_in(list: &Value) -> Vec<String> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r["ErrorEquals"].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn every_next_names_a_state_of_its_scope() {
+    for (names, name, state) in all_states() {
+        let mut targets: Vec<&str> = Vec::new();
+        targets.extend(state["Next"].as_str());
+        targets.extend(state["Default"].as_str());
+        for c in state["Choices"].as_array().into_iter().flatten() {
+            targets.extend(c["Next"].as_str());
+        }
+        for c in state["Catch"].as_array().into_iter().flatten() {
+            targets.extend(c["Next"].as_str());
+        }
+        for t in targets {
+            assert!(
+                names.contains(t),
+                "state `{name}` goes to `{t}`, which is not a state"
+            );
+        }
+        let ends = state["End"].as_bool() == Some(true)
+            || matches!(state["Type"].as_str(), Some("Succeed" | "Fail" | "Choice"));
+        assert!(
+            ends || state.get("Next").is_some(),
+            "state `{name}` neither ends nor has a Next"
+        );
+    }
+}
+
+#[test]
+fn every_lambda_task_retries_the_lambda_service_errors_first() {
+    let mut tasks = 0;
+    for (_, name, state) in all_states() {
+        if state["Type"] != "Task" {
+            continue;
+        }
+        let resource = state["Resource"].as_str().unwrap_or_default();
+        if !resource.contains(":lambda:") {
+            continue;
+        }
+        tasks += 1;
+        let first = &state["Retry"][0]["ErrorEquals"];
+        for e in LAMBDA_SERVICE_ERRORS {
+            assert!(
+                first.as_array().is_some_and(|a| a.iter().any(|v| v == e)),
+                "task `{name}`: its first retrier lacks {e}"
+            );
+        }
+        for r in state["Retry"].as_array().unwrap() {
+            for key in r.as_object().unwrap().keys() {
+                assert!(
+                    [
+                        "ErrorEquals",
+                        "IntervalSeconds",
+                        "MaxAttempts",
+                        "BackoffRate",
+                        "MaxDelaySeconds",
+                        "JitterStrategy"
+                    ]
+                    .contains(&key.as_str()),
+                    "task `{name}`: unknown retrier key {key}"
+                );
+            }
+        }
+    }
+    assert_eq!(tasks, 5, "plan, audience-diff, write-batch, finalize twice");
+}
+
+#[test]
+fn error_names_in_the_definition_are_exactly_the_rust_ones() {
+    let mut retried = BTreeSet::new();
+    let mut caught = BTreeSet::new();
+    for (_, _, state) in all_states() {
+        retried.extend(names_in(&state["Retry"]));
+        caught.extend(names_in(&state["Catch"]));
+    }
+    let custom = |s: &BTreeSet<String>| -> BTreeSet<String> {
+        s.iter()
+            .filter(|n| !n.starts_with("States.") && !n.starts_with("Lambda."))
+            .cloned()
+            .collect()
+    };
+    let used: BTreeSet<String> = custom(&retried).union(&custom(&caught)).cloned().collect();
+    let rust: BTreeSet<String> = ERROR_NAMES.iter().map(|s| s.to_string()).collect();
+    assert_eq!(used, rust, "ASL error names vs zdsync::run::ERROR_NAMES");
+    // Retryable names are retried, and nothing else is.
+    let retryable: BTreeSet<String> = RETRYABLE_ERRORS.iter().map(|s| s.to_string()).collect();
+    assert_eq!(custom(&retried), retryable);
+    // Every Zendesk and run error maps into the closed set.
+    let samples = [
+        zdsync::zendesk::ZendeskError::BulkImportDisabled.error_name(),
+        zdsync::zendesk::ZendeskError::SubdomainNotFound {
+            subdomain: "x".into(),
+        }
+        .error_name(),
+        zdsync::zendesk::ZendeskError::RateLimited {
+            path: String::new(),
+            attempts: 1,
+            retry_after: None,
+        }
+        .error_name(),
+        zdsync::zendesk::ZendeskError::Credentials {
+            message: String::new(),
+        }
+        .error_name(),
+        zdsync::zendesk::ZendeskError::Protocol {
+            path: String::new(),
+            message: String::new(),
+        }
+        .error_name(),
+        zdsync::run::RunError::Internal(String::new()).error_name(),
+    ];
+    for s in samples {
+        assert!(ERROR_NAMES.contains(&s), "{s} is not in ERROR_NAMES");
+    }
+}
+
+#[test]
+fn the_distributed_map_reads_chunks_from_s3_with_limits() {
+    let m = asl()["States"]["WriteChunks"].clone();
+    assert_eq!(m["Type"], "Map");
+    assert_eq!(m["ItemProcessor"]["ProcessorConfig"]["Mode"], "DISTRIBUTED");
+    assert_eq!(m["ItemReader"]["Resource"], "arn:aws:states:::s3:getObject");
+    assert!(m.get("MaxConcurrencyPath").is_some() || m.get("MaxConcurrency").is_some());
+    assert!(
+        m.get("ToleratedFailurePercentage").is_some() || m.get("ToleratedFailureCount").is_some()
+    );
+    assert_eq!(
+        m["ResultWriter"]["Resource"],
+        "arn:aws:states:::s3:putObject"
+    );
+    // Results go to S3, never into the execution's 256 KiB state.
+    assert_eq!(m["ResultPath"], Value::Null);
+    // Items carry keys, never rows: the selector only names small fields.
+    let sel = m["ItemSelector"].as_object().unwrap();
+    assert!(sel.len() <= 6, "{sel:?}");
+    if let Some(b) = m.get("ItemBatcher") {
+        let bytes = b["MaxInputBytesPerBatch"].as_u64().unwrap_or(0);
+        assert!(bytes > 0 && bytes <= 256 * 1024);
+    }
+}
+
+#[test]
+fn every_failure_path_finalizes_before_failing() {
+    let s = asl()["States"].clone();
+    for name in ["Plan", "AudienceDiff", "WriteChunks"] {
+        let targets: Vec<&str> = s[name]["Catch"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["Next"].as_str())
+            .collect();
+        assert_eq!(targets, ["FinalizeFailed"], "{name}");
+    }
+    assert_eq!(s["FinalizeFailed"]["Next"], "SyncFailed");
+    assert_eq!(s["SyncFailed"]["Type"], "Fail");
+}
+
+#[test]
+fn template_substitutes_every_placeholder_and_builds_every_function() {
+    let template = std::fs::read_to_string(root().join("template.yaml")).unwrap();
+    let wanted = placeholders(&asl_text());
+    let block = template
+        .split("DefinitionSubstitutions:")
+        .nth(1)
+        .expect("DefinitionSubstitutions");
+    let mut given = BTreeSet::new();
+    for line in block.lines().skip(1) {
+        let t = line.trim();
+        let indent = line.len() - line.trim_start().len();
+        if t.is_empty() || indent <= 6 {
+            break;
+        }
+        if let Some((k, _)) = t.split_once(':') {
+            given.insert(k.to_string());
+        }
+    }
+    assert_eq!(wanted, given, "ASL placeholders vs DefinitionSubstitutions");
+    assert!(template.contains("DefinitionUri: statemachine/sync.asl.json"));
+    for bin in ["plan", "write-batch", "audience-diff", "finalize"] {
+        assert!(
+            template.contains(&format!("Binary: {bin}\n")),
+            "template lacks the {bin} function"
+        );
+        assert!(
+            root().join(format!("functions/{bin}/Cargo.toml")).exists(),
+            "no crate for {bin}"
+        );
+    }
+    assert!(template.contains("BuildMethod: rust-cargolambda"));
+    assert!(template.contains("provided.al2023"));
+    for event in ["s3-object-created.json", "schedule.json", "manual.json"] {
+        let text = std::fs::read_to_string(root().join("events").join(event)).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert!(text.len() < 4096, "{event} is a small event");
+        assert!(v.is_object());
+    }
+}
