@@ -188,7 +188,7 @@ pub enum RunError {
     #[error(transparent)]
     ChangeSet(#[from] ChangeSetError),
     #[error(transparent)]
-    Lock(#[from] LockError),
+    Lock(Box<LockError>),
     #[error("{0}")]
     Internal(String),
 }
@@ -203,8 +203,10 @@ impl RunError {
             RunError::Plan(PlanError::State(_)) => "StateUnreadable",
             RunError::Plan(PlanError::Write { .. }) => "StoreUnavailable",
             RunError::ChangeSet(_) | RunError::Write(_) => "StoreUnavailable",
-            RunError::Lock(LockError::Held { .. }) => "RunLocked",
-            RunError::Lock(_) => "StoreUnavailable",
+            RunError::Lock(e) => match **e {
+                LockError::Held { .. } => "RunLocked",
+                LockError::Io { .. } => "StoreUnavailable",
+            },
             RunError::Internal(_) => "Internal",
         }
     }
@@ -235,6 +237,12 @@ pub const RETRYABLE_ERRORS: &[&str] = &[
     "StoreUnavailable",
     "RunLocked",
 ];
+
+impl From<LockError> for RunError {
+    fn from(e: LockError) -> Self {
+        RunError::Lock(Box::new(e))
+    }
+}
 
 /// A new run id: `20261125T101500Z-3f9a` (sorts by start time).
 pub fn new_run_id() -> String {
@@ -556,15 +564,6 @@ fn record(
     clock: Instant,
     error: Option<&RunError>,
 ) -> RunRecord {
-    let c = &manifest.counts;
-    let failed = fold.failed + fold.unknown;
-    let status = if error.is_some() {
-        RunStatus::Failed
-    } else if failed > 0 || c.invalid > 0 {
-        RunStatus::CompletedWithFailures
-    } else {
-        RunStatus::Succeeded
-    };
     let invalid_samples = report
         .map(|r| {
             r.invalid_by_reason
@@ -573,17 +572,60 @@ fn record(
                 .collect()
         })
         .unwrap_or_default();
+    build_record(RecordParts {
+        manifest,
+        fold,
+        invalid_samples,
+        phases,
+        started,
+        seconds: clock.elapsed().as_secs_f64(),
+        requests: ctx.client.stats().into(),
+        jobs: ctx.progress.jobs.load(std::sync::atomic::Ordering::Relaxed),
+        trigger: &opts.trigger,
+        error: error.map(|e| RunErrorInfo {
+            name: e.error_name().to_string(),
+            message: e.to_string(),
+        }),
+    })
+}
+
+/// What a run record is made of (the CLI has it in one process; the Lambdas gather it from the
+/// bucket in finalize).
+pub struct RecordParts<'a> {
+    pub manifest: &'a Manifest,
+    pub fold: &'a FoldSummary,
+    pub invalid_samples: Vec<InvalidSample>,
+    pub phases: Phases,
+    pub started: chrono::DateTime<chrono::Utc>,
+    pub seconds: f64,
+    pub requests: Requests,
+    pub jobs: u64,
+    pub trigger: &'a str,
+    pub error: Option<RunErrorInfo>,
+}
+
+pub fn build_record(p: RecordParts<'_>) -> RunRecord {
+    let (manifest, fold) = (p.manifest, p.fold);
+    let c = &manifest.counts;
+    let failed = fold.failed + fold.unknown;
+    let status = if p.error.is_some() {
+        RunStatus::Failed
+    } else if failed > 0 || c.invalid > 0 {
+        RunStatus::CompletedWithFailures
+    } else {
+        RunStatus::Succeeded
+    };
     RunRecord {
         run_id: manifest.run_id.clone(),
         sync: manifest.sync.clone(),
         object: manifest.object,
         mode: manifest.mode,
-        trigger: opts.trigger.clone(),
+        trigger: p.trigger.to_string(),
         status,
-        started_at: rfc3339(started),
+        started_at: rfc3339(p.started),
         finished_at: rfc3339(chrono::Utc::now()),
-        seconds: clock.elapsed().as_secs_f64(),
-        phases,
+        seconds: p.seconds,
+        phases: p.phases,
         rows: RowCounts {
             read: c.rows_read,
             invalid: c.invalid,
@@ -595,19 +637,17 @@ fn record(
             failed,
             retried: c.retried,
         },
-        requests: ctx.client.stats().into(),
-        jobs: ctx.progress.jobs.load(std::sync::atomic::Ordering::Relaxed),
-        error: error.map(|e| RunErrorInfo {
-            name: e.error_name().to_string(),
-            message: e.to_string(),
-        }),
+        requests: p.requests,
+        jobs: p.jobs,
+        error: p.error,
         failed_samples: fold.failed_samples.clone(),
-        invalid_samples,
-        resumed: opts.trigger == "resume",
+        invalid_samples: p.invalid_samples,
+        resumed: p.trigger == "resume",
     }
 }
 
-async fn save_record(store: Arc<dyn ObjectStore>, rec: &RunRecord) -> Result<(), RunError> {
+/// Write a run record to `runs/<sync>/<run>/run.json` and its copy under `history/`.
+pub async fn save_record(store: Arc<dyn ObjectStore>, rec: &RunRecord) -> Result<(), RunError> {
     let body = serde_json::to_vec_pretty(rec).expect("run record serialises");
     let (sync, run) = (rec.sync.clone(), rec.run_id.clone());
     tokio::task::spawn_blocking(move || -> Result<(), ChangeSetError> {

@@ -1,0 +1,477 @@
+//! The pipeline as the Step Functions steps run it, one Lambda each: `plan` (trigger → change
+//! set + a small descriptor), `write_batch` (one chunk), `finalize` (fold, run record, lock
+//! release). Plain async functions over the ports, so they are tested without AWS; the Lambda
+//! crates only add the runtime, the S3 store and the Secrets Manager credentials.
+
+use crate::changeset::{self, ChangeSetError, ChunkInfo, Counts, Manifest};
+use crate::config::SyncConfig;
+use crate::layout;
+use crate::lock;
+use crate::plan::{self, PlanOptions};
+use crate::run::{self, InvalidSample, Phases, RecordParts, RunError, RunErrorInfo, RunRecord};
+use crate::store::ObjectStore;
+use crate::write::{Progress, WriteOptions, Writer};
+use crate::zendesk::{Client, ZendeskError};
+use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Builds the Zendesk client of a sync (credentials from the deployment's secret).
+pub type ClientFactory =
+    Arc<dyn Fn(&SyncConfig) -> BoxFuture<'static, Result<Client, ZendeskError>> + Send + Sync>;
+
+/// What every step needs from its Lambda.
+#[derive(Clone)]
+pub struct StepEnv {
+    pub store: Arc<dyn ObjectStore>,
+    /// The bucket's name, echoed into descriptors for the Distributed Map's reader.
+    pub bucket: String,
+    pub client_for: ClientFactory,
+    /// write-batch invocations at once when the sync sets no `max_jobs_in_flight`-based value.
+    pub default_concurrency: u32,
+    /// A run's lock outlives the plan invocation; finalize releases it.
+    pub lock_ttl: Duration,
+    pub write: WriteOptions,
+}
+
+/// What started an execution.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trigger {
+    pub sync: String,
+    /// `s3`, `schedule`, `manual`.
+    pub kind: String,
+    /// The export object (key, ETag) of an S3 trigger: a run is keyed by it.
+    pub object: Option<(String, String)>,
+}
+
+/// Read the execution input: an EventBridge S3 "Object Created" event under `exports/<sync>/`,
+/// or `{"sync": "...", "trigger": "..."}` from a schedule or a manual start.
+pub fn parse_trigger(event: &Value) -> Result<Trigger, RunError> {
+    let bad = |m: String| {
+        RunError::Config(crate::config::ConfigError::Invalid {
+            file: "execution input".into(),
+            message: m,
+        })
+    };
+    if event["detail-type"] == "Object Created" {
+        let key = event["detail"]["object"]["key"]
+            .as_str()
+            .ok_or_else(|| bad("an S3 event without detail.object.key".into()))?;
+        let etag = event["detail"]["object"]["etag"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let mut parts = key.split('/');
+        let sync = match (parts.next(), parts.next()) {
+            (Some("exports"), Some(s)) if !s.is_empty() => s.to_string(),
+            _ => {
+                return Err(bad(format!(
+                    "export key `{key}` is not under exports/<sync>/: put each sync's files in its own folder"
+                )))
+            }
+        };
+        return Ok(Trigger {
+            sync,
+            kind: "s3".into(),
+            object: Some((key.to_string(), etag)),
+        });
+    }
+    match event["sync"].as_str() {
+        Some(s) if !s.is_empty() => Ok(Trigger {
+            sync: s.to_string(),
+            kind: event["trigger"].as_str().unwrap_or("manual").to_string(),
+            object: None,
+        }),
+        _ => Err(bad(
+            "expected an S3 Object Created event or {\"sync\": \"<name>\"}".into(),
+        )),
+    }
+}
+
+/// What plan hands to the state machine: keys and counts, never rows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanDescriptor {
+    pub sync: String,
+    pub run_id: String,
+    pub bucket: String,
+    pub trigger: String,
+    /// `object` (users, organizations, tickets) or `audience`.
+    pub kind: String,
+    pub manifest_key: String,
+    /// A JSON array of chunk descriptors, the Distributed Map's items.
+    pub chunks_key: String,
+    pub chunks: u64,
+    pub rows_to_write: u64,
+    pub max_concurrency: u32,
+    /// No chunk to write (or a duplicate event): the Choice goes straight to finalize.
+    pub nothing_to_do: bool,
+    /// The export object was already synced by an earlier execution.
+    pub duplicate: bool,
+    pub counts: Counts,
+    pub started_at: String,
+}
+
+fn read_text(store: &dyn ObjectStore, key: &str) -> Result<String, ChangeSetError> {
+    let mut text = String::new();
+    store
+        .open(key)
+        .and_then(|mut r| r.read_to_string(&mut text))
+        .map_err(|source| ChangeSetError::Io {
+            key: key.to_string(),
+            source,
+        })?;
+    Ok(text)
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RunError> + Send + 'static,
+) -> Result<T, RunError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RunError::Internal(format!("task: {e}")))?
+}
+
+/// The sync config stored at `config/<sync>.toml`.
+pub async fn load_config(store: Arc<dyn ObjectStore>, sync: &str) -> Result<SyncConfig, RunError> {
+    let key = format!("config/{sync}.toml");
+    blocking(move || {
+        let text = read_text(store.as_ref(), &key).map_err(|e| {
+            RunError::Config(crate::config::ConfigError::Read {
+                path: key.clone(),
+                reason: e.to_string(),
+            })
+        })?;
+        Ok(SyncConfig::parse(&text, &key)?)
+    })
+    .await
+}
+
+/// plan: dedupe the trigger, take the sync's lock, preflight, read the schema, plan, and store
+/// the chunk list. On an error after the lock is taken the run is recorded as failed and the
+/// lock released before the error is returned (finalize has no run to close then).
+pub async fn plan_step(env: &StepEnv, event: &Value) -> Result<PlanDescriptor, RunError> {
+    let started = chrono::Utc::now();
+    let trigger = parse_trigger(event)?;
+    let cfg = load_config(env.store.clone(), &trigger.sync).await?;
+    let run_id = run::new_run_id();
+    let descriptor = |manifest_key: String, chunks_key: String| PlanDescriptor {
+        sync: cfg.name.clone(),
+        run_id: run_id.clone(),
+        bucket: env.bucket.clone(),
+        trigger: trigger.kind.clone(),
+        kind: "object".into(),
+        manifest_key,
+        chunks_key,
+        chunks: 0,
+        rows_to_write: 0,
+        max_concurrency: env.default_concurrency.max(1),
+        nothing_to_do: true,
+        duplicate: false,
+        counts: Counts::default(),
+        started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    };
+
+    // A run is keyed by its export object: EventBridge may deliver an event twice.
+    if let Some((key, etag)) = &trigger.object {
+        let marker = format!(
+            "triggers/{}/{:016x}.json",
+            cfg.name,
+            xxhash_rust::xxh3::xxh3_64(format!("{key}\n{etag}").as_bytes())
+        );
+        let body = serde_json::to_vec(&serde_json::json!({
+            "key": key, "etag": etag, "run_id": run_id,
+        }))
+        .expect("marker serialises");
+        let store = env.store.clone();
+        let fresh = blocking(move || {
+            store.put_if_absent(&marker, &body).map_err(|source| {
+                RunError::ChangeSet(ChangeSetError::Io {
+                    key: marker,
+                    source,
+                })
+            })
+        })
+        .await?;
+        if !fresh {
+            tracing::info!(sync = %cfg.name, %key, %etag, "this export object was synced already; nothing to do");
+            let mut d = descriptor(String::new(), String::new());
+            d.duplicate = true;
+            return Ok(d);
+        }
+    }
+
+    let guard = lock::acquire(
+        env.store.clone(),
+        &cfg.name,
+        &run_id,
+        env.lock_ttl,
+        Duration::ZERO,
+    )
+    .await?;
+    let result = plan_locked(env, &cfg, &run_id, &trigger, started).await;
+    match result {
+        Ok(mut d) => {
+            // The lock stays for write-batch and finalize; only its renewal stops here.
+            drop(guard);
+            d.started_at = started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            Ok(d)
+        }
+        Err(e) => {
+            guard.release().await;
+            Err(e)
+        }
+    }
+}
+
+async fn plan_locked(
+    env: &StepEnv,
+    cfg: &SyncConfig,
+    run_id: &str,
+    trigger: &Trigger,
+    started: chrono::DateTime<chrono::Utc>,
+) -> Result<PlanDescriptor, RunError> {
+    let client = (env.client_for)(cfg).await?;
+    client.preflight(cfg.object, true).await?;
+    let schema = if run::needs_schema(cfg) {
+        let s = crate::schema::fetch(&client, cfg.object).await?;
+        s.validate(cfg)?;
+        Some(Arc::new(s))
+    } else {
+        None
+    };
+    let mut popts = PlanOptions::new(run_id);
+    popts.schema = schema;
+    let (store, pcfg) = (env.store.clone(), cfg.clone());
+    let report = blocking(move || Ok(plan::plan(store.as_ref(), &pcfg, &popts)?)).await?;
+    let m = &report.manifest;
+    let chunks_key = format!("{}chunks.json", layout::run_prefix(&m.sync, &m.run_id));
+    let body = serde_json::to_vec(&m.chunks).expect("chunk list serialises");
+    let (store, key) = (env.store.clone(), chunks_key.clone());
+    blocking(move || {
+        store
+            .put(&key, &body)
+            .map_err(|source| RunError::ChangeSet(ChangeSetError::Io { key, source }))
+    })
+    .await?;
+    let rows: u64 = m.chunks.iter().map(|c| c.rows).sum();
+    // Each write-batch keeps its own share of the budget busy; more invocations than the
+    // budget carries only queue on 429s.
+    let rpm = cfg
+        .zendesk
+        .rate_limit_rpm
+        .unwrap_or(crate::zendesk::client::DEFAULT_RPM);
+    let by_budget = (rpm / 150).max(1);
+    Ok(PlanDescriptor {
+        sync: m.sync.clone(),
+        run_id: m.run_id.clone(),
+        bucket: env.bucket.clone(),
+        trigger: trigger.kind.clone(),
+        kind: "object".into(),
+        manifest_key: report.manifest_key.clone().unwrap_or_default(),
+        chunks_key,
+        chunks: m.chunks.len() as u64,
+        rows_to_write: rows,
+        max_concurrency: env.default_concurrency.clamp(1, by_budget),
+        nothing_to_do: m.chunks.is_empty(),
+        duplicate: false,
+        counts: m.counts.clone(),
+        started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    })
+}
+
+/// One item of the Distributed Map.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WriteInput {
+    pub sync: String,
+    pub run_id: String,
+    pub manifest_key: String,
+    pub chunk: ChunkInfo,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WriteOutput {
+    pub chunk: String,
+    pub rows: u64,
+    pub created: u64,
+    pub updated: u64,
+    pub failed: u64,
+    pub requests: u64,
+}
+
+/// write-batch: one chunk to Zendesk. A retried invocation resumes from the stored outcomes and
+/// journals. Its request counters land next to the chunk's results for finalize.
+pub async fn write_step(env: &StepEnv, input: &WriteInput) -> Result<WriteOutput, RunError> {
+    let cfg = load_config(env.store.clone(), &input.sync).await?;
+    let (store, key) = (env.store.clone(), input.manifest_key.clone());
+    let manifest = blocking(move || Ok(changeset::read_manifest(store.as_ref(), &key)?)).await?;
+    let client = (env.client_for)(&cfg).await?;
+    let mut wopts = env.write.clone();
+    if let Some(n) = cfg.zendesk.max_jobs_in_flight {
+        wopts.max_jobs_in_flight = n.clamp(1, 100);
+    }
+    let progress = Arc::new(Progress::default());
+    let writer = Writer::new(
+        client.clone(),
+        env.store.clone(),
+        &manifest,
+        wopts,
+        progress.clone(),
+    );
+    let summary = writer.write_chunk(&input.chunk).await?;
+    let stats = run::Requests::from(client.stats());
+    let name = layout::chunk_name(&input.chunk.key).to_string();
+    let key = format!(
+        "{}stats-{}.json",
+        layout::results_prefix(&manifest.sync, &manifest.run_id, &name),
+        run::new_run_id()
+    );
+    let body = serde_json::to_vec(&serde_json::json!({
+        "requests": stats,
+        "jobs": progress.jobs.load(std::sync::atomic::Ordering::Relaxed),
+    }))
+    .expect("stats serialise");
+    let store = env.store.clone();
+    blocking(move || {
+        store
+            .put(&key, &body)
+            .map_err(|source| RunError::ChangeSet(ChangeSetError::Io { key, source }))
+    })
+    .await?;
+    Ok(WriteOutput {
+        chunk: name,
+        rows: summary.rows,
+        created: summary.created,
+        updated: summary.updated,
+        failed: summary.failed,
+        requests: stats.sent,
+    })
+}
+
+/// finalize: fold the outcomes into the state, write the run record (failed when the execution
+/// caught an error) and release the lock. The input is the execution state: `plan.run` is the
+/// descriptor, `error` what a Catch recorded.
+pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRecord>, RunError> {
+    let t = Instant::now();
+    let Some(d) = state
+        .get("plan")
+        .and_then(|p| p.get("run"))
+        .and_then(|r| serde_json::from_value::<PlanDescriptor>(r.clone()).ok())
+    else {
+        // plan failed: it recorded nothing to fold and released the lock itself.
+        return Ok(None);
+    };
+    if d.duplicate {
+        return Ok(None);
+    }
+    let error = state.get("error").map(|e| RunErrorInfo {
+        name: e["Error"].as_str().unwrap_or("Internal").to_string(),
+        message: e["Cause"].as_str().unwrap_or_default().to_string(),
+    });
+    let store = env.store.clone();
+    let d2 = d.clone();
+    let (manifest, fold, requests, jobs) = blocking(move || {
+        let manifest = changeset::read_manifest(store.as_ref(), &d2.manifest_key)?;
+        let fold = changeset::fold(store.as_ref(), &manifest)?;
+        // Sum what every write-batch invocation recorded.
+        let mut requests = run::Requests::default();
+        let mut jobs = 0;
+        let prefix = format!("{}results/", layout::run_prefix(&d2.sync, &d2.run_id));
+        let objects = store.list(&prefix).map_err(|source| ChangeSetError::Io {
+            key: prefix,
+            source,
+        })?;
+        for o in objects.iter().filter(|o| o.key.contains("/stats-")) {
+            let v: Value =
+                serde_json::from_str(&read_text(store.as_ref(), &o.key)?).unwrap_or(Value::Null);
+            if let Ok(r) = serde_json::from_value::<run::Requests>(v["requests"].clone()) {
+                requests.sent += r.sent;
+                requests.rate_limited += r.rate_limited;
+                requests.unavailable += r.unavailable;
+                requests.server_errors += r.server_errors;
+                requests.transport_errors += r.transport_errors;
+                requests.retries += r.retries;
+                requests.token_refreshes += r.token_refreshes;
+                requests.paused_ms += r.paused_ms;
+            }
+            jobs += v["jobs"].as_u64().unwrap_or(0);
+        }
+        Ok((manifest, fold, requests, jobs))
+    })
+    .await?;
+    let invalid_samples = read_invalid_samples(env.store.clone(), &manifest, 10).await;
+    let started = chrono::DateTime::parse_from_rfc3339(&d.started_at)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .unwrap_or_else(|_| chrono::Utc::now());
+    let seconds = (chrono::Utc::now() - started).num_milliseconds().max(0) as f64 / 1000.0;
+    let rec = run::build_record(RecordParts {
+        manifest: &manifest,
+        fold: &fold,
+        invalid_samples,
+        phases: Phases {
+            finalize: t.elapsed().as_secs_f64(),
+            ..Phases::default()
+        },
+        started,
+        seconds,
+        requests,
+        jobs,
+        trigger: &d.trigger,
+        error,
+    });
+    run::save_record(env.store.clone(), &rec).await?;
+    release_lock(env.store.clone(), &d.sync, &d.run_id).await?;
+    Ok(Some(rec))
+}
+
+async fn read_invalid_samples(
+    store: Arc<dyn ObjectStore>,
+    manifest: &Manifest,
+    n: usize,
+) -> Vec<InvalidSample> {
+    let Some(key) = manifest.invalid_key.clone() else {
+        return Vec::new();
+    };
+    blocking(move || {
+        let text = read_text(store.as_ref(), &key)?;
+        Ok(text
+            .lines()
+            .take(n)
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .map(|v| InvalidSample {
+                file: v["file"].as_str().unwrap_or_default().to_string(),
+                line: v["line"].as_u64().unwrap_or(0),
+                pk: v["pk"].as_str().map(str::to_string),
+                reason: v["reason"].as_str().unwrap_or_default().to_string(),
+                field: v["field"].as_str().map(str::to_string),
+                message: v["message"].as_str().unwrap_or_default().to_string(),
+            })
+            .collect())
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// Remove the sync's lock if this run still holds it.
+async fn release_lock(
+    store: Arc<dyn ObjectStore>,
+    sync: &str,
+    run_id: &str,
+) -> Result<(), RunError> {
+    let key = layout::lock_key(sync);
+    let run_id = run_id.to_string();
+    blocking(move || {
+        if let Ok(text) = read_text(store.as_ref(), &key) {
+            let held: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+            if held["run_id"] == run_id.as_str() {
+                store
+                    .delete(&key)
+                    .map_err(|source| RunError::ChangeSet(ChangeSetError::Io { key, source }))?;
+            }
+        }
+        Ok(())
+    })
+    .await
+}

@@ -1,0 +1,262 @@
+//! The Lambda steps (plan → write-batch per chunk → finalize) as the state machine drives them,
+//! on a local folder in place of S3 and the simulator in place of Zendesk, fed the event fixtures
+//! in events/.
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use zdsync::changeset::ChunkInfo;
+use zdsync::run::RunStatus;
+use zdsync::steps::{
+    finalize_step, parse_trigger, plan_step, write_step, ClientFactory, PlanDescriptor, StepEnv,
+    WriteInput,
+};
+use zdsync::store::LocalStore;
+use zdsync::write::WriteOptions;
+use zdsync::zendesk::{credential_store, Client, ClientOptions};
+use zdsync_sim::{SimConfig, Simulator};
+
+fn fixture(name: &str) -> Value {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../events")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+#[test]
+fn triggers_come_from_s3_events_schedules_and_manual_starts() {
+    let t = parse_trigger(&fixture("s3-object-created.json")).unwrap();
+    assert_eq!(t.sync, "crm_users");
+    assert_eq!(t.kind, "s3");
+    assert_eq!(
+        t.object,
+        Some((
+            "exports/crm_users/part-0000.csv".into(),
+            "b1946ac92492d2347c6235b4d2611184".into()
+        ))
+    );
+    let t = parse_trigger(&fixture("schedule.json")).unwrap();
+    assert_eq!(
+        (t.sync.as_str(), t.kind.as_str()),
+        ("crm_users", "schedule")
+    );
+    let t = parse_trigger(&fixture("manual.json")).unwrap();
+    assert_eq!(t.kind, "manual");
+    let mut e = fixture("s3-object-created.json");
+    e["detail"]["object"]["key"] = json!("loose-file.csv");
+    let err = parse_trigger(&e).unwrap_err().to_string();
+    assert!(err.contains("exports/<sync>/"), "{err}");
+    assert!(parse_trigger(&json!({"hello": 1})).is_err());
+}
+
+fn write(p: &Path, s: &str) {
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(p, s).unwrap();
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    env: StepEnv,
+    sim: zdsync_sim::SimHandle,
+}
+
+async fn setup() -> Setup {
+    let sim = Simulator::start(SimConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    write(
+        &root.join("creds.json"),
+        &format!(
+            "{{\"email\":\"admin@acme.test\",\"api_token\":\"{}\"}}",
+            zdsync_sim::DEFAULT_API_TOKEN
+        ),
+    );
+    write(
+        &root.join("config/people.toml"),
+        &format!(
+            "name = \"people\"\nobject = \"users\"\nmode = \"upsert\"\nprimary_key = \"ID\"\nchunk_rows = 100\n\n[source]\nlocation = \"exports/people/\"\n\n[zendesk]\nsubdomain = \"acme\"\nbase_url = \"{}\"\ncredentials = \"file:{}\"\n\n[mapping]\nname = \"NAME\"\nemail = \"EMAIL\"\n\"user_fields.plan\" = {{ column = \"PLAN\", type = \"dropdown\" }}\n",
+            sim.base_url(),
+            root.join("creds.json").display()
+        ),
+    );
+    let mut csv = String::from("ID,NAME,EMAIL,PLAN\n");
+    for i in 0..250 {
+        csv.push_str(&format!("p{i:03},Person {i},p{i}@example.com,Pro\n"));
+    }
+    csv.push_str("bad,No Email,,Pro\n");
+    write(&root.join("exports/people/part-0000.csv"), &csv);
+    let base = root.clone();
+    let client_for: ClientFactory = Arc::new(move |cfg| {
+        let (z, creds) = (cfg.zendesk.clone(), cfg.zendesk.credentials.clone());
+        let base = base.clone();
+        Box::pin(async move {
+            Client::new(
+                ClientOptions::from_config(&z),
+                credential_store(&creds, &base)?,
+            )
+            .await
+        })
+    });
+    let env = StepEnv {
+        store: Arc::new(LocalStore::new(&root)),
+        bucket: "zdsync-bucket".into(),
+        client_for,
+        default_concurrency: 4,
+        lock_ttl: Duration::from_secs(3600),
+        write: WriteOptions {
+            poll_min: Duration::from_millis(10),
+            poll_max: Duration::from_millis(200),
+            ..WriteOptions::default()
+        },
+    };
+    Setup {
+        _dir: dir,
+        root,
+        env,
+        sim,
+    }
+}
+
+fn s3_event(key: &str, etag: &str) -> Value {
+    let mut e = fixture("s3-object-created.json");
+    e["detail"]["object"]["key"] = json!(key);
+    e["detail"]["object"]["etag"] = json!(etag);
+    e
+}
+
+/// What the Distributed Map does: read the chunk list, call write-batch per item.
+fn map_chunks(root: &Path, d: &PlanDescriptor) -> Vec<WriteInput> {
+    let text = std::fs::read_to_string(root.join(&d.chunks_key)).unwrap();
+    let chunks: Vec<ChunkInfo> = serde_json::from_str(&text).unwrap();
+    chunks
+        .into_iter()
+        .map(|chunk| WriteInput {
+            sync: d.sync.clone(),
+            run_id: d.run_id.clone(),
+            manifest_key: d.manifest_key.clone(),
+            chunk,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_event_runs_plan_write_batch_and_finalize_once() {
+    let s = setup().await;
+    let event = s3_event("exports/people/part-0000.csv", "etag-1");
+    let d = plan_step(&s.env, &event).await.unwrap();
+    // The state machine only ever carries this small descriptor.
+    let size = serde_json::to_vec(&d).unwrap().len();
+    assert!(size < 2048, "descriptor is {size} bytes");
+    assert!(!d.nothing_to_do && !d.duplicate);
+    assert_eq!(d.rows_to_write, 250);
+    assert_eq!(d.chunks, 3);
+    assert_eq!(d.counts.invalid, 1);
+    assert!(
+        s.root.join("locks/people.json").exists(),
+        "plan holds the lock"
+    );
+
+    let items = map_chunks(&s.root, &d);
+    assert_eq!(items.len(), 3);
+    for item in &items {
+        let out = write_step(&s.env, item).await.unwrap();
+        assert_eq!(out.failed, 0);
+    }
+    // A retried invocation resumes from the stored outcomes: nothing is sent again.
+    let before = s.sim.counters().requests;
+    let again = write_step(&s.env, &items[0]).await.unwrap();
+    assert_eq!(again.created, 100);
+    let sent = s.sim.counters().requests - before;
+    assert!(sent <= 1, "a resumed chunk sent {sent} requests");
+
+    let state = json!({"plan": {"run": d}});
+    let rec = finalize_step(&s.env, &state).await.unwrap().unwrap();
+    assert_eq!(rec.status, RunStatus::CompletedWithFailures, "{rec:#?}");
+    assert_eq!(rec.rows.created, 250);
+    assert_eq!(rec.rows.invalid, 1);
+    assert!(rec.requests.sent >= 3, "{:?}", rec.requests);
+    assert!(
+        !s.root.join("locks/people.json").exists(),
+        "finalize released the lock"
+    );
+    assert!(s
+        .root
+        .join(format!("runs/people/{}/run.json", rec.run_id))
+        .exists());
+    let sim_state = s.sim.state("acme").unwrap();
+    for i in 0..250 {
+        let u = sim_state
+            .user_by_external_id(&format!("p{i:03}"))
+            .unwrap_or_else(|| panic!("p{i:03} missing"));
+        assert_eq!(u["user_fields"]["plan"], "plan_pro");
+    }
+    assert_eq!(sim_state.users.len(), 251);
+
+    // The same event again (EventBridge delivers duplicates): no second sync.
+    let before = s.sim.counters().requests;
+    let dup = plan_step(&s.env, &event).await.unwrap();
+    assert!(dup.duplicate && dup.nothing_to_do);
+    assert_eq!(s.sim.counters().requests, before);
+    assert!(finalize_step(&s.env, &json!({"plan": {"run": dup}}))
+        .await
+        .unwrap()
+        .is_none());
+
+    // A new object (another ETag) with nothing changed: a run with nothing to write.
+    let d2 = plan_step(&s.env, &s3_event("exports/people/part-0000.csv", "etag-2"))
+        .await
+        .unwrap();
+    assert!(d2.nothing_to_do && !d2.duplicate);
+    assert_eq!(d2.counts.unchanged, 250);
+    let rec = finalize_step(&s.env, &json!({"plan": {"run": d2}}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.rows.unchanged, 250);
+    assert!(!s.root.join("locks/people.json").exists());
+    s.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
+    let s = setup().await;
+    let d = plan_step(&s.env, &json!({"sync": "people", "trigger": "schedule"}))
+        .await
+        .unwrap();
+    // A second execution while the first holds the lock: RunLocked (the ASL retries it).
+    let err = plan_step(&s.env, &json!({"sync": "people"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.error_name(), "RunLocked");
+    // The Map failed and the Catch hands the error to finalize: a failed record, lock released,
+    // rows without outcome flagged to be looked up before they are created again.
+    let state = json!({
+        "plan": {"run": d},
+        "error": {"Error": "ZendeskUnavailable", "Cause": "Zendesk answered 503 five times"}
+    });
+    let rec = finalize_step(&s.env, &state).await.unwrap().unwrap();
+    assert_eq!(rec.status, RunStatus::Failed);
+    assert_eq!(rec.error.as_ref().unwrap().name, "ZendeskUnavailable");
+    assert_eq!(rec.rows.failed, 250);
+    assert!(!s.root.join("locks/people.json").exists());
+    // A plan that fails after taking the lock records nothing to fold and releases the lock.
+    std::fs::write(
+        s.root.join("creds.json"),
+        "{\"email\":\"admin@acme.test\",\"api_token\":\"wrong\"}",
+    )
+    .unwrap();
+    let err = plan_step(&s.env, &json!({"sync": "people"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.error_name(), "AuthFailed");
+    assert!(!s.root.join("locks/people.json").exists());
+    assert!(
+        finalize_step(&s.env, &json!({"error": {"Error": "AuthFailed"}}))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    s.sim.shutdown().await;
+}
