@@ -14,6 +14,7 @@ pub mod plan;
 pub mod run;
 pub mod schema;
 pub mod state;
+pub mod steps;
 pub mod store;
 pub mod write;
 pub mod zendesk;
