@@ -58,9 +58,9 @@ pub trait CredentialStore: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// The store named by a sync config's `credentials` reference: `env` or `file:<path>`
-/// (relative paths against `base_dir`). Other references (a Secrets Manager ARN) are resolved
-/// by the deployment's adapters.
+/// The store named by a sync config's `credentials` reference: `env`, `file:<path>` (relative
+/// paths against `base_dir`), or a Secrets Manager secret (`arn:aws:secretsmanager:...` or
+/// `secretsmanager:<name>`, only in builds with the `aws` feature).
 pub fn credential_store(
     reference: &str,
     base_dir: &std::path::Path,
@@ -87,18 +87,39 @@ pub fn credential_store(
         };
         return Ok(Arc::new(FileCredentials::new(full)));
     }
+    if reference.starts_with("arn:aws:secretsmanager:") || reference.starts_with("secretsmanager:")
+    {
+        return secrets_manager_store(reference);
+    }
     // The reference is never echoed: a pasted token must not end up in a log.
     let what = if reference.starts_with("arn:") {
-        "a Secrets Manager ARN is resolved by the Lambda deployment, not by the local CLI"
+        "only Secrets Manager ARNs (`arn:aws:secretsmanager:...`) are supported"
     } else {
         "unsupported `credentials` reference"
     };
     Err(ZendeskError::Credentials {
         message: format!(
             "{what}: use `env` (the ZENDESK_* environment variables, or the file named by \
-             {ENV_CREDENTIALS_FILE}) or `file:<path>` (a JSON credentials file); Secrets Manager \
-             ARNs are resolved by the Lambda deployment"
+             {ENV_CREDENTIALS_FILE}), `file:<path>` (a JSON credentials file), or a Secrets \
+             Manager secret (`arn:aws:secretsmanager:...` or `secretsmanager:<name>`)"
         ),
+    })
+}
+
+#[cfg(feature = "aws")]
+fn secrets_manager_store(reference: &str) -> Result<Arc<dyn CredentialStore>, ZendeskError> {
+    Ok(Arc::new(
+        crate::aws::secrets::SecretsManagerCredentials::from_reference(reference)?,
+    ))
+}
+
+#[cfg(not(feature = "aws"))]
+fn secrets_manager_store(_reference: &str) -> Result<Arc<dyn CredentialStore>, ZendeskError> {
+    Err(ZendeskError::Credentials {
+        message: "a Secrets Manager `credentials` reference needs AWS support, which this build \
+                  lacks: rebuild zdsync with the `aws` feature (`--features aws`), or use `env` \
+                  or `file:<path>`"
+            .into(),
     })
 }
 
@@ -277,54 +298,10 @@ impl FileCredentials {
     }
 
     fn parse(&self, bytes: &[u8]) -> Result<Credentials, ZendeskError> {
-        // serde_json's errors quote no input, only positions, so no secret leaks through them.
-        let v: serde_json::Value = serde_json::from_slice(bytes)
-            .map_err(|e| self.err(format_args!("not valid JSON ({e})")))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| self.err("must hold a JSON object"))?;
-        let text = |key: &str| -> Result<Option<String>, ZendeskError> {
-            match obj.get(key) {
-                None | Some(serde_json::Value::Null) => Ok(None),
-                Some(serde_json::Value::String(s)) if s.trim().is_empty() => Ok(None),
-                Some(serde_json::Value::String(s)) => Ok(Some(s.trim().to_string())),
-                Some(_) => Err(self.err(format_args!("`{key}` must be a string"))),
-            }
-        };
-        if let Some(access) = text("access_token")? {
-            let expires_at = match obj.get("expires_at") {
-                None | Some(serde_json::Value::Null) => None,
-                Some(serde_json::Value::Number(n)) => Some(
-                    n.as_i64()
-                        .or_else(|| n.as_f64().map(|f| f as i64))
-                        .ok_or_else(|| self.err("`expires_at` must be unix seconds"))?,
-                ),
-                Some(serde_json::Value::String(s)) => Some(
-                    s.trim()
-                        .parse::<i64>()
-                        .map_err(|_| self.err("`expires_at` must be unix seconds"))?,
-                ),
-                Some(_) => return Err(self.err("`expires_at` must be unix seconds")),
-            };
-            return Ok(Credentials::OAuth {
-                access_token: Secret::new(access),
-                refresh_token: text("refresh_token")?.map(Secret::new),
-                client_id: text("client_id")?,
-                client_secret: text("client_secret")?.map(Secret::new),
-                expires_at,
-            });
-        }
-        match (text("email")?, text("api_token")?) {
-            (Some(email), Some(token)) => Ok(Credentials::ApiToken {
-                email,
-                token: Secret::new(token),
-            }),
-            _ => Err(self.err(
-                "holds no credentials: expected {\"access_token\", \"refresh_token\", \
-                 \"client_id\", \"client_secret\", \"expires_at\"} (OAuth, written by `zdsync \
-                 connect`) or {\"email\", \"api_token\"} (API token)",
-            )),
-        }
+        parse_credentials_json(
+            bytes,
+            &format!("credentials file `{}`", self.path.display()),
+        )
     }
 
     fn write_atomically(&self, bytes: &[u8]) -> std::io::Result<()> {
@@ -368,6 +345,104 @@ impl FileCredentials {
     }
 }
 
+/// Parse the JSON credentials shape shared by the file store and the Secrets Manager adapter:
+/// `{"email", "api_token"}` or `{"access_token", "refresh_token", "client_id", "client_secret",
+/// "expires_at"}`. Errors start with `context` and never quote the input.
+pub fn parse_credentials_json(bytes: &[u8], context: &str) -> Result<Credentials, ZendeskError> {
+    let err = |what: &dyn fmt::Display| ZendeskError::Credentials {
+        message: format!("{context}: {what}"),
+    };
+    // serde_json's errors quote no input, only positions, so no secret leaks through them.
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| err(&format_args!("not valid JSON ({e})")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| err(&"must hold a JSON object"))?;
+    let text = |key: &str| -> Result<Option<String>, ZendeskError> {
+        match obj.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) if s.trim().is_empty() => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s.trim().to_string())),
+            Some(_) => Err(err(&format_args!("`{key}` must be a string"))),
+        }
+    };
+    if let Some(access) = text("access_token")? {
+        let expires_at = match obj.get("expires_at") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Number(n)) => Some(
+                n.as_i64()
+                    .or_else(|| n.as_f64().map(|f| f as i64))
+                    .ok_or_else(|| err(&"`expires_at` must be unix seconds"))?,
+            ),
+            Some(serde_json::Value::String(s)) => Some(
+                s.trim()
+                    .parse::<i64>()
+                    .map_err(|_| err(&"`expires_at` must be unix seconds"))?,
+            ),
+            Some(_) => return Err(err(&"`expires_at` must be unix seconds")),
+        };
+        return Ok(Credentials::OAuth {
+            access_token: Secret::new(access),
+            refresh_token: text("refresh_token")?.map(Secret::new),
+            client_id: text("client_id")?,
+            client_secret: text("client_secret")?.map(Secret::new),
+            expires_at,
+        });
+    }
+    match (text("email")?, text("api_token")?) {
+        (Some(email), Some(token)) => Ok(Credentials::ApiToken {
+            email,
+            token: Secret::new(token),
+        }),
+        _ => Err(err(
+            &"holds no credentials: expected {\"access_token\", \"refresh_token\", \
+             \"client_id\", \"client_secret\", \"expires_at\"} (OAuth, written by `zdsync \
+             connect`) or {\"email\", \"api_token\"} (API token)",
+        )),
+    }
+}
+
+/// Replace the credential keys of a JSON object with `creds`, keeping every other key.
+pub fn merge_credentials_json(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    creds: &Credentials,
+) {
+    for k in FILE_KEYS {
+        obj.remove(k);
+    }
+    use serde_json::Value;
+    match creds {
+        Credentials::ApiToken { email, token } => {
+            obj.insert("email".into(), Value::String(email.clone()));
+            obj.insert("api_token".into(), Value::String(token.expose().into()));
+        }
+        Credentials::OAuth {
+            access_token,
+            refresh_token,
+            client_id,
+            client_secret,
+            expires_at,
+        } => {
+            obj.insert(
+                "access_token".into(),
+                Value::String(access_token.expose().into()),
+            );
+            if let Some(r) = refresh_token {
+                obj.insert("refresh_token".into(), Value::String(r.expose().into()));
+            }
+            if let Some(c) = client_id {
+                obj.insert("client_id".into(), Value::String(c.clone()));
+            }
+            if let Some(s) = client_secret {
+                obj.insert("client_secret".into(), Value::String(s.expose().into()));
+            }
+            if let Some(e) = expires_at {
+                obj.insert("expires_at".into(), Value::from(*e));
+            }
+        }
+    }
+}
+
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl CredentialStore for FileCredentials {
@@ -396,40 +471,8 @@ impl CredentialStore for FileCredentials {
                     _ => None,
                 })
                 .unwrap_or_default();
-            for k in FILE_KEYS {
-                obj.remove(k);
-            }
+            merge_credentials_json(&mut obj, creds);
             use serde_json::Value;
-            match creds {
-                Credentials::ApiToken { email, token } => {
-                    obj.insert("email".into(), Value::String(email.clone()));
-                    obj.insert("api_token".into(), Value::String(token.expose().into()));
-                }
-                Credentials::OAuth {
-                    access_token,
-                    refresh_token,
-                    client_id,
-                    client_secret,
-                    expires_at,
-                } => {
-                    obj.insert(
-                        "access_token".into(),
-                        Value::String(access_token.expose().into()),
-                    );
-                    if let Some(r) = refresh_token {
-                        obj.insert("refresh_token".into(), Value::String(r.expose().into()));
-                    }
-                    if let Some(c) = client_id {
-                        obj.insert("client_id".into(), Value::String(c.clone()));
-                    }
-                    if let Some(s) = client_secret {
-                        obj.insert("client_secret".into(), Value::String(s.expose().into()));
-                    }
-                    if let Some(e) = expires_at {
-                        obj.insert("expires_at".into(), Value::from(*e));
-                    }
-                }
-            }
             let mut bytes = serde_json::to_vec_pretty(&Value::Object(obj))
                 .map_err(|e| self.err(format_args!("cannot encode ({e})")))?;
             bytes.push(b'\n');

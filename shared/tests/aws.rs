@@ -1,0 +1,394 @@
+//! The AWS adapters against a local moto server (docs/local-aws-testing.md §2–3): S3 object
+//! store round trip, plan reading its export from S3, Secrets Manager credentials.
+//!
+//! Needs `moto_server`: `ZDSYNC_MOTO` names it (scripts/test.sh installs it in a venv), else it
+//! is looked up on `PATH`. Without it the tests fail: they never skip silently.
+#![cfg(feature = "aws")]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use zdsync::aws::s3::S3Store;
+use zdsync::aws::secrets::SecretsManagerCredentials;
+use zdsync::aws::AwsConfig;
+use zdsync::config::SyncConfig;
+use zdsync::plan::{plan, PlanOptions};
+use zdsync::store::ObjectStore;
+use zdsync::zendesk::{credential_store, CredentialStore, Credentials, Secret};
+
+const REGION: &str = "us-east-1";
+
+/// A moto server on a free loopback port, killed (by PID) when dropped.
+struct Moto {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn moto_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("ZDSYNC_MOTO").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "ZDSYNC_MOTO={} does not exist: run scripts/test.sh (it installs moto[server] in a \
+             venv) or point ZDSYNC_MOTO at a moto_server binary",
+            p.display()
+        );
+        return p;
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("moto_server"))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "moto_server not found: set ZDSYNC_MOTO to a moto_server binary or put one on PATH \
+             (python3 -m venv v && v/bin/pip install 'moto[server]==5.1.22'); scripts/test.sh \
+             does this for you"
+        )
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn answers(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /moto-api/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let bin = moto_binary();
+        let port = free_port();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("MOTO_PORT", port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut moto = Moto {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !answers(port) {
+            if let Some(status) = moto.child.try_wait().unwrap() {
+                panic!("{} exited before answering ({status})", bin.display());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not answer on {} within 60 s",
+                moto.url
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        moto
+    }
+
+    fn config(&self) -> AwsConfig {
+        AwsConfig::new(Some(&self.url), Some(REGION)).with_static_credentials("testing", "testing")
+    }
+
+    fn store(&self, bucket: &str) -> S3Store {
+        let store = S3Store::with_config(bucket, self.config()).unwrap();
+        store.ensure_bucket().unwrap();
+        store
+    }
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn s3_store_round_trip() {
+    let moto = Moto::start();
+    let store = moto.store("zdsync-test");
+
+    // put + streamed open, read in small pieces across several body chunks.
+    let big = pattern(3 * 1024 * 1024 + 17, 1);
+    store.put("data/big.bin", &big).unwrap();
+    let mut r = store.open("data/big.bin").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 7000];
+    loop {
+        let n = r.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got == big, "streamed bytes differ");
+    let err = store.open("data/missing.bin").err().unwrap();
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+
+    // local_path: a temporary copy that goes away with the guard.
+    let local = store.local_path("data/big.bin").unwrap();
+    assert_eq!(std::fs::read(local.path()).unwrap(), big);
+    let p = local.path().to_path_buf();
+    drop(local);
+    assert!(!p.exists());
+
+    // head
+    assert_eq!(
+        store.head("data/big.bin").unwrap().map(|m| m.size),
+        Some(big.len() as u64)
+    );
+    assert_eq!(store.head("data/nope").unwrap(), None);
+
+    // list across pages (S3 returns at most 1000 keys per page).
+    let n = 1010;
+    std::thread::scope(|s| {
+        for t in 0..5 {
+            let store = &store;
+            s.spawn(move || {
+                for i in (t..n).step_by(5) {
+                    store
+                        .put(&format!("many/k{i:05}"), format!("{i}").as_bytes())
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let listed = store.list("many/").unwrap();
+    assert_eq!(listed.len(), n);
+    assert_eq!(listed[0].key, "many/k00000");
+    assert_eq!(listed[n - 1].key, format!("many/k{:05}", n - 1));
+    assert!(listed.windows(2).all(|w| w[0].key < w[1].key));
+    assert_eq!(store.list("many/k0100").unwrap().len(), 10);
+
+    // put_if_absent twice: the second loses.
+    assert!(store.put_if_absent("locks/sync", b"first").unwrap());
+    assert!(!store.put_if_absent("locks/sync", b"second").unwrap());
+    let mut lock = String::new();
+    store
+        .open("locks/sync")
+        .unwrap()
+        .read_to_string(&mut lock)
+        .unwrap();
+    assert_eq!(lock, "first");
+
+    // delete_prefix in batches of 1000.
+    store.delete_prefix("many/").unwrap();
+    assert!(store.list("many/").unwrap().is_empty());
+    assert!(store.head("data/big.bin").unwrap().is_some());
+
+    // create + commit: 20 MiB goes up in parts; nothing is visible before commit.
+    let large = pattern(20 * 1024 * 1024 + 3, 2);
+    let mut w = store.create("out/large.bin").unwrap();
+    for piece in large.chunks(1_000_003) {
+        w.write_all(piece).unwrap();
+    }
+    assert_eq!(store.head("out/large.bin").unwrap(), None);
+    w.commit().unwrap();
+    assert_eq!(
+        store.head("out/large.bin").unwrap().map(|m| m.size),
+        Some(large.len() as u64)
+    );
+    let mut back = Vec::with_capacity(large.len());
+    store
+        .open("out/large.bin")
+        .unwrap()
+        .read_to_end(&mut back)
+        .unwrap();
+    assert!(back == large, "multipart object differs");
+    // A small writer goes up in one PutObject; a dropped writer uploads nothing.
+    let mut w = store.create("out/small.txt").unwrap();
+    w.write_all(b"hello").unwrap();
+    w.commit().unwrap();
+    assert_eq!(
+        store.head("out/small.txt").unwrap().map(|m| m.size),
+        Some(5)
+    );
+    let mut w = store.create("out/dropped.txt").unwrap();
+    w.write_all(b"x").unwrap();
+    drop(w);
+    assert_eq!(store.head("out/dropped.txt").unwrap(), None);
+
+    // delete: idempotent.
+    store.delete("out/small.txt").unwrap();
+    store.delete("out/small.txt").unwrap();
+    assert_eq!(store.head("out/small.txt").unwrap(), None);
+}
+
+#[test]
+fn plan_reads_its_export_from_s3() {
+    let moto = Moto::start();
+    let store = moto.store("zdsync-plan");
+    let mut csv = String::from("id,name,email,score\n");
+    for i in 0..250 {
+        csv.push_str(&format!("p{i},Person {i},person{i}@example.com,{i}\n"));
+    }
+    store
+        .put("exports/people/part-0.csv", csv.as_bytes())
+        .unwrap();
+    let cfg = SyncConfig::parse(
+        r#"
+name = "people"
+object = "users"
+mode = "upsert"
+primary_key = "id"
+chunk_rows = 100
+
+[source]
+location = "exports/people/"
+
+[zendesk]
+subdomain = "acme"
+
+[mapping]
+name = "name"
+email = "email"
+"user_fields.score" = { column = "score", type = "integer" }
+"#,
+        "people.toml",
+    )
+    .unwrap();
+    let report = plan(&store, &cfg, &PlanOptions::new("r1")).unwrap();
+    let c = &report.manifest.counts;
+    assert_eq!((c.rows_read, c.invalid, c.create), (250, 0, 250));
+    assert_eq!(report.manifest.chunks.len(), 3);
+    let manifest_key = report.manifest_key.unwrap();
+    assert!(store.head(&manifest_key).unwrap().is_some());
+    for chunk in &report.manifest.chunks {
+        assert!(store.head(&chunk.key).unwrap().is_some(), "{}", chunk.key);
+    }
+}
+
+fn oauth(access: &str, refresh: &str, expires_at: i64) -> Credentials {
+    Credentials::OAuth {
+        access_token: Secret::new(access),
+        refresh_token: Some(Secret::new(refresh)),
+        client_id: Some("zdsync".into()),
+        client_secret: Some(Secret::new("client-secret-1")),
+        expires_at: Some(expires_at),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_manager_load_save_and_cache() {
+    let moto = Moto::start();
+    let config = moto.config();
+    let sm = aws_sdk_secretsmanager::Client::new(&config.load().await);
+    sm.create_secret()
+        .name("zdsync/zendesk")
+        .secret_string(
+            serde_json::json!({
+                "subdomain": "acme",
+                "access_token": "access-1",
+                "refresh_token": "refresh-1",
+                "client_id": "zdsync",
+                "client_secret": "client-secret-1",
+                "expires_at": 1_700_000_000
+            })
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+
+    let store = SecretsManagerCredentials::new("zdsync/zendesk", config.clone());
+    assert!(store.describe().contains("zdsync/zendesk"));
+    assert_eq!(
+        store.load().await.unwrap(),
+        oauth("access-1", "refresh-1", 1_700_000_000)
+    );
+
+    // Save a rotated pair: written back, other keys kept.
+    let rotated = oauth("access-2", "refresh-2", 1_800_000_000);
+    store.save(&rotated).await.unwrap();
+    let raw = sm
+        .get_secret_value()
+        .secret_id("zdsync/zendesk")
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(raw.secret_string().unwrap()).unwrap();
+    assert_eq!(v["access_token"], "access-2");
+    assert_eq!(v["refresh_token"], "refresh-2");
+    assert_eq!(v["expires_at"], 1_800_000_000);
+    assert_eq!(v["subdomain"], "acme");
+
+    // Cached: a change behind the store's back is not seen; a fresh store sees the secret.
+    sm.put_secret_value()
+        .secret_id("zdsync/zendesk")
+        .secret_string(r#"{"email":"admin@example.com","api_token":"api-token-9"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(store.load().await.unwrap(), rotated);
+    let fresh = SecretsManagerCredentials::new("zdsync/zendesk", config.clone());
+    assert_eq!(
+        fresh.load().await.unwrap(),
+        Credentials::ApiToken {
+            email: "admin@example.com".into(),
+            token: Secret::new("api-token-9"),
+        }
+    );
+
+    // Errors name the secret, never its value.
+    sm.create_secret()
+        .name("zdsync/bad")
+        .secret_string(r#"{"access_token": 5, "refresh_token": "sekrit-refresh"}"#)
+        .send()
+        .await
+        .unwrap();
+    let err = SecretsManagerCredentials::new("zdsync/bad", config.clone())
+        .load()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("zdsync/bad") && err.contains("access_token"),
+        "{err}"
+    );
+    assert!(!err.contains("sekrit"), "{err}");
+    let err = SecretsManagerCredentials::new("zdsync/missing", config)
+        .load()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("zdsync/missing"), "{err}");
+
+    // References.
+    let dir = std::path::Path::new(".");
+    let s = credential_store("secretsmanager:zdsync/zendesk", dir).unwrap();
+    assert!(s.describe().contains("zdsync/zendesk"));
+    let arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:zdsync-AbCdEf";
+    assert!(credential_store(arn, dir).unwrap().describe().contains(arn));
+    assert!(credential_store("secretsmanager:", dir).is_err());
+}
