@@ -17,6 +17,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo clippy -D warnings (AWS adapters)"
+cargo clippy -p zdsync-shared --features aws --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace
 echo "== cargo test (AWS adapters, against moto)"

@@ -916,3 +916,20 @@ async fn secrets_never_reach_logs_or_errors() {
         assert!(!debug_client.contains(s), "`{s}` in {debug_client}");
     }
 }
+
+#[cfg(not(feature = "aws"))]
+#[test]
+fn secrets_manager_references_need_the_aws_feature() {
+    let dir = std::path::Path::new(".");
+    for reference in [
+        "secretsmanager:zdsync/zendesk",
+        "arn:aws:secretsmanager:eu-west-1:123456789012:secret:zdsync-AbCdEf",
+    ] {
+        let msg = credential_store(reference, dir).err().unwrap().to_string();
+        assert!(
+            msg.contains("AWS support") && msg.contains("--features aws"),
+            "{msg}"
+        );
+        assert!(!msg.contains("zdsync-AbCdEf") && !msg.contains("zdsync/zendesk"));
+    }
+}
