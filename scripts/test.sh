@@ -6,13 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
-echo "== moto server for the AWS adapter tests"
+echo "== Python tools: moto server (AWS adapter tests), aws-sam-translator + cfn-lint (template)"
 ZDSYNC_VENV="${ZDSYNC_VENV:-$HOME/.cache/zdsync/venv}"
-if [ ! -x "$ZDSYNC_VENV/bin/moto_server" ]; then
+if [ ! -x "$ZDSYNC_VENV/bin/python" ]; then
     python3 -m venv "$ZDSYNC_VENV"
-    "$ZDSYNC_VENV/bin/pip" install -q "moto[server]==5.1.22"
+fi
+if [ ! -x "$ZDSYNC_VENV/bin/moto_server" ] || [ ! -x "$ZDSYNC_VENV/bin/cfn-lint" ]; then
+    "$ZDSYNC_VENV/bin/pip" install -q "moto[server]==5.1.22" "aws-sam-translator==1.110.0" "cfn-lint==1.51.0"
 fi
 export ZDSYNC_MOTO="$ZDSYNC_VENV/bin/moto_server"
+echo "== SAM template: translate with aws-sam-translator, lint with cfn-lint, check state references"
+"$ZDSYNC_VENV/bin/python" scripts/lint_template.py template.yaml
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
