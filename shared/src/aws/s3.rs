@@ -389,7 +389,6 @@ impl ObjectStore for S3Store {
                 // ConditionalRequestConflict: a concurrent conditional write; S3 asks to retry.
                 Err(e) if status(&e) == Some(409) && attempt < 4 => {
                     std::thread::sleep(std::time::Duration::from_millis(50 * attempt));
-                    let _ = e;
                 }
                 Err(e) => return Err(sdk_err("PutObject (If-None-Match)", &self.bucket, key, e)),
             }

@@ -1,5 +1,5 @@
 //! Credentials and where they live. The core sees only the `CredentialStore` port: locally env
-//! vars or a JSON file, in AWS a Secrets Manager secret (an adapter in the Lambda crates).
+//! vars or a JSON file, in AWS a Secrets Manager secret (`crate::aws::secrets`, `aws` feature).
 
 use super::error::ZendeskError;
 use futures::future::BoxFuture;
