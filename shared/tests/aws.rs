@@ -245,10 +245,23 @@ fn s3_store_round_trip() {
     assert_eq!(store.head("out/small.txt").unwrap(), None);
 }
 
-#[test]
-fn plan_reads_its_export_from_s3() {
+/// As the Lambdas use it: the store is built inside an async runtime, used from that runtime's
+/// `spawn_blocking` and dropped back in async context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_reads_its_export_from_s3() {
     let moto = Moto::start();
-    let store = moto.store("zdsync-plan");
+    let store = S3Store::with_config("zdsync-plan", moto.config()).unwrap();
+    let store = tokio::task::spawn_blocking(move || {
+        plan_on_s3(&store);
+        store
+    })
+    .await
+    .unwrap();
+    drop(store);
+}
+
+fn plan_on_s3(store: &S3Store) {
+    store.ensure_bucket().unwrap();
     let mut csv = String::from("id,name,email,score\n");
     for i in 0..250 {
         csv.push_str(&format!("p{i},Person {i},person{i}@example.com,{i}\n"));
@@ -278,7 +291,7 @@ email = "email"
         "people.toml",
     )
     .unwrap();
-    let report = plan(&store, &cfg, &PlanOptions::new("r1")).unwrap();
+    let report = plan(store, &cfg, &PlanOptions::new("r1")).unwrap();
     let c = &report.manifest.counts;
     assert_eq!((c.rows_read, c.invalid, c.create), (250, 0, 250));
     assert_eq!(report.manifest.chunks.len(), 3);
