@@ -1,30 +1,24 @@
-//! finalize function. Until the Lambda runtime glue lands, this binary runs the same fold on a
-//! local folder: `ZDSYNC_STORE=<bucket dir> finalize runs/<sync>/<run>/manifest.json` folds the
-//! run's per-row outcomes into the sync's state and prints the summary.
+//! finalize Lambda: the execution state (`plan.run`, and `error` on the failure path) → state
+//! folded, run record written, lock released. Glue only: the step is
+//! `zdsync::steps::finalize_step`.
 
-use std::process::ExitCode;
-use zdsync::changeset::{fold, read_manifest};
-use zdsync::store::LocalStore;
+use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
+use serde_json::Value;
 
-fn main() -> ExitCode {
-    let (Some(manifest_key), Ok(root)) = (std::env::args().nth(1), std::env::var("ZDSYNC_STORE"))
-    else {
-        eprintln!("usage: ZDSYNC_STORE=<bucket dir> finalize <manifest key>");
-        return ExitCode::from(2);
-    };
-    let store = LocalStore::new(root);
-    let result = read_manifest(&store, &manifest_key).and_then(|m| fold(&store, &m));
-    match result {
-        Ok(summary) => {
-            println!(
-                "{}",
-                serde_json::to_string(&summary).expect("summary serialises")
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    zdsync::aws::lambda::init_tracing();
+    let env = zdsync::aws::lambda::step_env_from_env()?;
+    let env = &env;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
+        let state = event.payload.get("state").cloned().unwrap_or(Value::Null);
+        let rec = zdsync::steps::finalize_step(env, &state)
+            .await
+            .map_err(|e| Diagnostic {
+                error_type: e.error_name().into(),
+                error_message: e.to_string(),
+            })?;
+        Ok::<Value, Diagnostic>(serde_json::to_value(rec).expect("record serialises"))
+    }))
+    .await
 }

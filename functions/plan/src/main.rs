@@ -1,40 +1,23 @@
-//! plan function. Until the Lambda runtime glue lands, this binary runs the same handler on a
-//! local folder: `ZDSYNC_STORE=<bucket dir> plan <sync.toml>` prints the small descriptor the
-//! state machine passes on (run id, manifest key, counts), never rows.
+//! plan Lambda: the execution input (an S3 "Object Created" event, a schedule's or a manual
+//! start's `{"sync": ...}`) → change set in S3 → a small descriptor for the state machine.
+//! Glue only: the step is `zdsync::steps::plan_step`.
 
-use std::process::ExitCode;
-use zdsync::config::SyncConfig;
-use zdsync::plan::{plan, PlanOptions};
-use zdsync::store::LocalStore;
+use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
+use serde_json::Value;
 
-fn main() -> ExitCode {
-    let (Some(config), Ok(root)) = (std::env::args().nth(1), std::env::var("ZDSYNC_STORE")) else {
-        eprintln!("usage: ZDSYNC_STORE=<bucket dir> plan <sync.toml>");
-        return ExitCode::from(2);
-    };
-    let cfg = match SyncConfig::load(config.as_ref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(2);
-        }
-    };
-    let run_id = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
-    match plan(&LocalStore::new(root), &cfg, &PlanOptions::new(run_id)) {
-        Ok(r) => {
-            let out = serde_json::json!({
-                "run_id": r.manifest.run_id,
-                "sync": r.manifest.sync,
-                "manifest_key": r.manifest_key,
-                "chunks": r.manifest.chunks.len(),
-                "counts": r.manifest.counts,
-            });
-            println!("{out}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    zdsync::aws::lambda::init_tracing();
+    let env = zdsync::aws::lambda::step_env_from_env()?;
+    let env = &env;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
+        let d = zdsync::steps::plan_step(env, &event.payload)
+            .await
+            .map_err(|e| Diagnostic {
+                error_type: e.error_name().into(),
+                error_message: e.to_string(),
+            })?;
+        Ok::<Value, Diagnostic>(serde_json::to_value(d).expect("descriptor serialises"))
+    }))
+    .await
 }

@@ -1,7 +1,26 @@
-//! write-batch function: its handler arrives with the Zendesk write path; the crate exists so the
-//! workspace, the SAM template and the build already know it.
+//! write-batch Lambda: one item of the Distributed Map (a chunk of the change set) → Zendesk
+//! bulk calls → per-row outcomes in S3. A retried invocation resumes from what is stored.
+//! Glue only: the step is `zdsync::steps::write_step`.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("write-batch: not available in this build yet");
-    std::process::ExitCode::from(2)
+use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
+use serde_json::Value;
+use zdsync::steps::WriteInput;
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    zdsync::aws::lambda::init_tracing();
+    let env = zdsync::aws::lambda::step_env_from_env()?;
+    let env = &env;
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<WriteInput>| async move {
+            let out = zdsync::steps::write_step(env, &event.payload)
+                .await
+                .map_err(|e| Diagnostic {
+                    error_type: e.error_name().into(),
+                    error_message: e.to_string(),
+                })?;
+            Ok::<Value, Diagnostic>(serde_json::to_value(out).expect("output serialises"))
+        },
+    ))
+    .await
 }

@@ -1,0 +1,78 @@
+//! What every Lambda builds once per container: the S3 store of the deployment's bucket, the
+//! Zendesk client factory (credentials from Secrets Manager, cached for the container's life),
+//! and JSON logs.
+
+use super::s3::S3Store;
+use crate::steps::{ClientFactory, StepEnv};
+use crate::write::WriteOptions;
+use crate::zendesk::{credential_store, Client, ClientOptions, CredentialStore};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// JSON logs on stderr (Lambda's JSON log format); `ZDSYNC_LOG` sets the filter (default
+/// `info`). Lambda stamps the time itself.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ZDSYNC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_current_span(false)
+        .without_time()
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The step environment from the function's environment: `ZDSYNC_BUCKET` (required),
+/// `ZDSYNC_CREDENTIALS` (the Zendesk secret, used by syncs whose `credentials` is `env`),
+/// `ZDSYNC_MAX_CONCURRENCY`, and the SDK's own `AWS_REGION` / `AWS_ENDPOINT_URL`.
+pub fn step_env_from_env() -> Result<StepEnv, String> {
+    let bucket = std::env::var("ZDSYNC_BUCKET").map_err(|_| {
+        "ZDSYNC_BUCKET is not set: the template sets it to the stack's bucket".to_string()
+    })?;
+    let region = std::env::var("AWS_REGION")
+        .or_else(|_| std::env::var("AWS_DEFAULT_REGION"))
+        .unwrap_or_else(|_| "us-east-1".into());
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").ok();
+    let store = S3Store::new(&bucket, endpoint.as_deref(), &region)
+        .map_err(|e| format!("cannot set up S3 for bucket `{bucket}`: {e}"))?;
+    let deployment_secret = std::env::var("ZDSYNC_CREDENTIALS").ok();
+    let cache: Arc<Mutex<HashMap<String, Arc<dyn CredentialStore>>>> = Arc::default();
+    let client_for: ClientFactory = Arc::new(move |cfg| {
+        let reference = match (&deployment_secret, cfg.zendesk.credentials.as_str()) {
+            (Some(secret), "env") => secret.clone(),
+            (_, r) => r.to_string(),
+        };
+        let opts = ClientOptions::from_config(&cfg.zendesk);
+        let cache = cache.clone();
+        Box::pin(async move {
+            let creds = {
+                let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+                match c.get(&reference) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = credential_store(&reference, std::path::Path::new("."))?;
+                        c.insert(reference.clone(), s.clone());
+                        s
+                    }
+                }
+            };
+            Client::new(opts, creds).await
+        })
+    });
+    let default_concurrency = std::env::var("ZDSYNC_MAX_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    Ok(StepEnv {
+        store: Arc::new(store),
+        bucket,
+        client_for,
+        default_concurrency,
+        // A run's lock spans plan to finalize; a crashed execution's lock expires after this.
+        lock_ttl: Duration::from_secs(6 * 3600),
+        write: WriteOptions::default(),
+    })
+}
