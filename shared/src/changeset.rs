@@ -212,7 +212,8 @@ pub fn read_jsonl<T: for<'de> Deserialize<'de>>(
     Ok(out)
 }
 
-pub fn read_manifest(store: &dyn ObjectStore, key: &str) -> Result<Manifest, ChangeSetError> {
+/// A whole (small) object as text: manifests, journals, locks, run records.
+pub fn read_text(store: &dyn ObjectStore, key: &str) -> Result<String, ChangeSetError> {
     let mut text = String::new();
     store
         .open(key)
@@ -221,6 +222,11 @@ pub fn read_manifest(store: &dyn ObjectStore, key: &str) -> Result<Manifest, Cha
             key: key.to_string(),
             source,
         })?;
+    Ok(text)
+}
+
+pub fn read_manifest(store: &dyn ObjectStore, key: &str) -> Result<Manifest, ChangeSetError> {
+    let text = read_text(store, key)?;
     serde_json::from_str(&text).map_err(|e| ChangeSetError::Bad {
         key: key.to_string(),
         line: e.line(),

@@ -39,7 +39,6 @@ pub enum LockError {
 /// process dies).
 pub struct LockGuard {
     store: Arc<dyn ObjectStore>,
-    key: String,
     pub info: LockInfo,
     /// A stale lock that was taken over: the run it belonged to may need finishing.
     pub taken_over: Option<LockInfo>,
@@ -105,6 +104,22 @@ fn read(store: &dyn ObjectStore, key: &str) -> io::Result<Option<LockInfo>> {
         acquired_at: String::new(),
         expires_at: 0,
     })))
+}
+
+/// Remove the lock of `sync` if `run_id` still holds it (a run that ends in another process
+/// than the one that took the lock, as finalize does in AWS, releases it by name).
+pub fn release(store: &dyn ObjectStore, sync: &str, run_id: &str) -> Result<(), LockError> {
+    let key = layout::lock_key(sync);
+    let io_err = |source| LockError::Io {
+        key: key.clone(),
+        source,
+    };
+    if let Some(h) = read(store, &key).map_err(io_err)? {
+        if h.run_id == run_id {
+            store.delete(&key).map_err(io_err)?;
+        }
+    }
+    Ok(())
 }
 
 /// Take the lock of `sync` for `run_id`. A held lock is waited for up to `wait` (polling every
@@ -189,7 +204,6 @@ pub async fn acquire(
     };
     Ok(LockGuard {
         store,
-        key,
         info,
         taken_over,
         renew: Some(renew),
@@ -202,19 +216,12 @@ impl LockGuard {
         if let Some(r) = self.renew.take() {
             r.abort();
         }
-        let (store, key, run_id) = (
+        let (store, sync, run_id) = (
             self.store.clone(),
-            self.key.clone(),
+            self.info.sync.clone(),
             self.info.run_id.clone(),
         );
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Ok(Some(h)) = read(store.as_ref(), &key) {
-                if h.run_id == run_id {
-                    let _ = store.delete(&key);
-                }
-            }
-        })
-        .await;
+        let _ = tokio::task::spawn_blocking(move || release(store.as_ref(), &sync, &run_id)).await;
     }
 }
 

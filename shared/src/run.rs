@@ -12,7 +12,6 @@ use crate::write::{ChunkSummary, Progress, WriteError, WriteOptions, Writer};
 use crate::zendesk::{Client, ClientStats, ZendeskError};
 use futures::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
-use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -95,6 +94,20 @@ pub struct Requests {
     pub retries: u64,
     pub token_refreshes: u64,
     pub paused_ms: u64,
+}
+
+impl Requests {
+    /// Sum another invocation's traffic into this one.
+    pub fn add(&mut self, o: &Requests) {
+        self.sent += o.sent;
+        self.rate_limited += o.rate_limited;
+        self.unavailable += o.unavailable;
+        self.server_errors += o.server_errors;
+        self.transport_errors += o.transport_errors;
+        self.retries += o.retries;
+        self.token_refreshes += o.token_refreshes;
+        self.paused_ms += o.paused_ms;
+    }
 }
 
 impl From<ClientStats> for Requests {
@@ -684,14 +697,7 @@ pub fn history(
         .filter(|o| o.key.ends_with(".json"))
         .take(limit)
     {
-        let mut text = String::new();
-        store
-            .open(&o.key)
-            .and_then(|mut r| r.read_to_string(&mut text))
-            .map_err(|source| ChangeSetError::Io {
-                key: o.key.clone(),
-                source,
-            })?;
+        let text = changeset::read_text(store, &o.key)?;
         match serde_json::from_str(&text) {
             Ok(r) => out.push(r),
             Err(e) => tracing::warn!(key = %o.key, "skipping an unreadable run record: {e}"),

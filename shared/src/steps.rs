@@ -3,7 +3,7 @@
 //! release). Plain async functions over the ports, so they are tested without AWS; the Lambda
 //! crates only add the runtime, the S3 store and the Secrets Manager credentials.
 
-use crate::changeset::{self, ChangeSetError, ChunkInfo, Counts, Manifest};
+use crate::changeset::{self, read_text, ChangeSetError, ChunkInfo, Counts, Manifest};
 use crate::config::SyncConfig;
 use crate::layout;
 use crate::lock;
@@ -15,7 +15,6 @@ use crate::zendesk::{Client, ZendeskError};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -112,18 +111,6 @@ pub struct PlanDescriptor {
     pub duplicate: bool,
     pub counts: Counts,
     pub started_at: String,
-}
-
-fn read_text(store: &dyn ObjectStore, key: &str) -> Result<String, ChangeSetError> {
-    let mut text = String::new();
-    store
-        .open(key)
-        .and_then(|mut r| r.read_to_string(&mut text))
-        .map_err(|source| ChangeSetError::Io {
-            key: key.to_string(),
-            source,
-        })?;
-    Ok(text)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -387,14 +374,7 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
             let v: Value =
                 serde_json::from_str(&read_text(store.as_ref(), &o.key)?).unwrap_or(Value::Null);
             if let Ok(r) = serde_json::from_value::<run::Requests>(v["requests"].clone()) {
-                requests.sent += r.sent;
-                requests.rate_limited += r.rate_limited;
-                requests.unavailable += r.unavailable;
-                requests.server_errors += r.server_errors;
-                requests.transport_errors += r.transport_errors;
-                requests.retries += r.retries;
-                requests.token_refreshes += r.token_refreshes;
-                requests.paused_ms += r.paused_ms;
+                requests.add(&r);
             }
             jobs += v["jobs"].as_u64().unwrap_or(0);
         }
@@ -422,7 +402,8 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
         error,
     });
     run::save_record(env.store.clone(), &rec).await?;
-    release_lock(env.store.clone(), &d.sync, &d.run_id).await?;
+    let (store, sync, run_id) = (env.store.clone(), d.sync.clone(), d.run_id.clone());
+    blocking(move || Ok(lock::release(store.as_ref(), &sync, &run_id)?)).await?;
     Ok(Some(rec))
 }
 
@@ -439,39 +420,9 @@ async fn read_invalid_samples(
         Ok(text
             .lines()
             .take(n)
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .map(|v| InvalidSample {
-                file: v["file"].as_str().unwrap_or_default().to_string(),
-                line: v["line"].as_u64().unwrap_or(0),
-                pk: v["pk"].as_str().map(str::to_string),
-                reason: v["reason"].as_str().unwrap_or_default().to_string(),
-                field: v["field"].as_str().map(str::to_string),
-                message: v["message"].as_str().unwrap_or_default().to_string(),
-            })
+            .filter_map(|l| serde_json::from_str::<InvalidSample>(l).ok())
             .collect())
     })
     .await
     .unwrap_or_default()
-}
-
-/// Remove the sync's lock if this run still holds it.
-async fn release_lock(
-    store: Arc<dyn ObjectStore>,
-    sync: &str,
-    run_id: &str,
-) -> Result<(), RunError> {
-    let key = layout::lock_key(sync);
-    let run_id = run_id.to_string();
-    blocking(move || {
-        if let Ok(text) = read_text(store.as_ref(), &key) {
-            let held: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            if held["run_id"] == run_id.as_str() {
-                store
-                    .delete(&key)
-                    .map_err(|source| RunError::ChangeSet(ChangeSetError::Io { key, source }))?;
-            }
-        }
-        Ok(())
-    })
-    .await
 }

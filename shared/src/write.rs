@@ -211,7 +211,7 @@ impl Writer {
         }
         let at: HashMap<u32, usize> = rows.iter().enumerate().map(|(n, r)| (r.i, n)).collect();
         let mut claimed: HashSet<u32> = HashSet::new();
-        let mut batches: Vec<(String, Vec<ChunkRow>, bool)> = Vec::new();
+        let mut batches: Vec<(String, Vec<ChunkRow>, Option<Journal>)> = Vec::new();
         for (stem, j) in journals {
             let mine: Vec<ChunkRow> = j
                 .rows
@@ -220,7 +220,7 @@ impl Writer {
                 .filter_map(|i| at.get(i).map(|&n| rows[n].clone()))
                 .collect();
             if !mine.is_empty() {
-                batches.push((stem, mine, true));
+                batches.push((stem, mine, Some(j)));
             }
         }
         let rest: Vec<&ChunkRow> = rows
@@ -230,10 +230,10 @@ impl Writer {
         let bs = self.opts.batch_size.clamp(1, 100);
         for part in rest.chunks(bs) {
             let stem = format!("r{:06}-{}", part[0].i, self.tag);
-            batches.push((stem, part.iter().map(|r| (*r).clone()).collect(), false));
+            batches.push((stem, part.iter().map(|r| (*r).clone()).collect(), None));
         }
         let mut work = FuturesUnordered::new();
-        for (stem, batch, journaled) in batches {
+        for (stem, batch, journal) in batches {
             let results_key = layout::batch_results_key(&self.sync, &self.run_id, &name, &stem);
             let journal_key = layout::batch_journal_key(&self.sync, &self.run_id, &name, &stem);
             let op = chunk.op;
@@ -244,11 +244,12 @@ impl Writer {
                     .await
                     .map_err(|e| WriteError::Task(e.to_string()))?;
                 self.jobs.active.fetch_add(1, Ordering::SeqCst);
+                let recovered = journal.is_some();
                 let r = self
-                    .write_batch(op, &batch, results_key, journal_key, journaled)
+                    .write_batch(op, &batch, results_key, journal_key, journal)
                     .await;
                 self.jobs.active.fetch_sub(1, Ordering::SeqCst);
-                r.map(|rows| (rows, journaled))
+                r.map(|rows| (rows, recovered))
             });
         }
         while let Some(done) = work.next().await {
@@ -269,11 +270,11 @@ impl Writer {
         rows: &[ChunkRow],
         results_key: String,
         journal_key: String,
-        journaled: bool,
+        journal: Option<Journal>,
     ) -> Result<Vec<ResultRow>, WriteError> {
         let mut out: Vec<Option<Outcome>> = vec![None; rows.len()];
-        if journaled {
-            self.recover(rows, &journal_key, &mut out).await?;
+        if let Some(j) = journal {
+            self.recover(rows, &journal_key, j, &mut out).await?;
         }
         let all: Vec<usize> = (0..rows.len()).filter(|&k| out[k].is_none()).collect();
         if !all.is_empty() {
@@ -793,13 +794,10 @@ impl Writer {
         &self,
         rows: &[ChunkRow],
         journal_key: &str,
+        journal: Journal,
         out: &mut [Option<Outcome>],
     ) -> Result<(), WriteError> {
-        let journal = self.read_journal(journal_key).await?;
         let all: Vec<usize> = (0..rows.len()).collect();
-        let Some(journal) = journal else {
-            return Ok(());
-        };
         tracing::info!(journal = journal_key, job = ?journal.job, "resuming a batch a previous attempt left in flight");
         if let Some(id) = &journal.job {
             match self.jobs.wait(id.clone()).await {
@@ -837,13 +835,7 @@ impl Writer {
     async fn read_journal(&self, key: &str) -> Result<Option<Journal>, WriteError> {
         let key = key.to_string();
         self.blocking(move |store| {
-            let mut text = String::new();
-            use std::io::Read;
-            store
-                .open(&key)
-                .and_then(|mut r| r.read_to_string(&mut text))
-                .map_err(|source| ChangeSetError::Io { key, source })?;
-            Ok(serde_json::from_str(&text).ok())
+            Ok(serde_json::from_str(&changeset::read_text(store, &key)?).ok())
         })
         .await
     }
