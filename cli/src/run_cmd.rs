@@ -24,7 +24,8 @@ pub mod exit {
     pub const STATE: u8 = 4;
     /// Zendesk or the store failed mid-run.
     pub const WRITE: u8 = 5;
-    /// Credentials, subdomain or scopes refused before any write.
+    /// Credentials, subdomain, scopes or account settings (bulk import, tagging) refused before
+    /// any write.
     pub const AUTH: u8 = 6;
     /// Another run of the sync holds the lock.
     pub const LOCKED: u8 = 7;
@@ -35,7 +36,8 @@ pub fn exit_code_for(name: &str) -> u8 {
         "ConfigInvalid" => exit::CONFIG,
         "ExportUnreadable" => exit::EXPORT,
         "StateUnreadable" => exit::STATE,
-        "AuthFailed" | "SubdomainNotFound" | "MissingScope" | "BulkImportDisabled" => exit::AUTH,
+        "AuthFailed" | "SubdomainNotFound" | "MissingScope" | "BulkImportDisabled"
+        | "TaggingDisabled" => exit::AUTH,
         "RunLocked" => exit::LOCKED,
         _ => exit::WRITE,
     }

@@ -20,6 +20,10 @@ pub const MANIFEST_VERSION: u32 = 1;
 pub enum Op {
     Create,
     Update,
+    /// Audience: add the sync's tag to the record.
+    Add,
+    /// Audience: remove the sync's tag from the record.
+    Remove,
 }
 
 impl Op {
@@ -27,6 +31,8 @@ impl Op {
         match self {
             Op::Create => "create",
             Op::Update => "update",
+            Op::Add => "add",
+            Op::Remove => "remove",
         }
     }
 }
@@ -45,6 +51,11 @@ pub struct Counts {
     pub removed: u64,
     /// Rows resent because their write failed last run (included in create/update).
     pub retried: u64,
+    /// Audience: records to tag / untag (their operations failed last run included).
+    #[serde(default)]
+    pub tag_add: u64,
+    #[serde(default)]
+    pub tag_remove: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +89,20 @@ pub struct Manifest {
     pub removed_key: Option<String>,
     /// The state the diff was computed against (its producing run), if any.
     pub base_state_run: Option<String>,
+    /// Set for audience syncs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<AudienceInfo>,
+}
+
+/// What write-batch and finalize need to know of an audience sync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AudienceInfo {
+    pub tag: String,
+    pub tag_writes: crate::config::TagWrites,
+    /// Membership changes that need no write (keys recorded as members, or as gone), folded
+    /// into the state by finalize: `{"h","pk","id","member"}` lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membership_key: Option<String>,
 }
 
 /// One row of a chunk, as write-batch reads it (the payload is kept as parsed JSON).
@@ -99,7 +124,11 @@ pub struct ChunkRow {
     pub id: Option<u64>,
     /// `file:line` of the source row.
     pub src: String,
+    #[serde(default)]
     pub payload: serde_json::Value,
+    /// Audience (users): the member's email, to find a user with no matching external_id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
 }
 
 /// Outcome of one chunk row, as write-batch records it in `results/<chunk>.jsonl`.

@@ -8,16 +8,23 @@ use crate::fields::{self, FieldType, Object};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// How rows are written to Zendesk.
+/// How rows are written to Zendesk. `upsert`, `insert` and `update` are object modes; `add`,
+/// `remove`, `mirror` (and `upsert` with an `[audience]` table) are audience modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// Create new records and update existing ones.
+    /// Create new records and update existing ones (an audience: also add the tag).
     Upsert,
     /// Create new records only; existing keys are left alone.
     Insert,
     /// Update existing records only; keys Zendesk does not know fail.
     Update,
+    /// Audience: members new since the last run get the tag; nobody loses it.
+    Add,
+    /// Audience: members gone since the last run lose the tag; nobody gains it.
+    Remove,
+    /// Audience: new members get the tag, members gone since the last run lose it.
+    Mirror,
 }
 
 impl Mode {
@@ -26,8 +33,52 @@ impl Mode {
             Mode::Upsert => "upsert",
             Mode::Insert => "insert",
             Mode::Update => "update",
+            Mode::Add => "add",
+            Mode::Remove => "remove",
+            Mode::Mirror => "mirror",
         }
     }
+
+    /// Modes that only exist for audience syncs.
+    pub fn audience_only(self) -> bool {
+        matches!(self, Mode::Add | Mode::Remove | Mode::Mirror)
+    }
+}
+
+/// How tag changes reach Zendesk (users and organizations have no bulk tag add/remove).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TagWrites {
+    /// Read the records' tags (`show_many`, 100 a call), then one batch `update_many` job with
+    /// each record's full tag list (its tags plus or minus the audience tag). About three
+    /// requests per 100 records; a tag someone else adds between the read and the job is lost.
+    #[default]
+    Bulk,
+    /// One `PUT`/`DELETE /api/v2/{users|organizations}/{id}/tags` request per record: never
+    /// replaces a tag list, costs one request per record.
+    PerRecord,
+}
+
+impl TagWrites {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TagWrites::Bulk => "bulk",
+            TagWrites::PerRecord => "per_record",
+        }
+    }
+}
+
+/// The `[audience]` table: segment membership kept as a zdsync-owned tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Audience {
+    /// The tag zdsync owns (lower case, no spaces).
+    pub tag: String,
+    /// Users only: an export column with the member's email, used to find users that have no
+    /// matching external_id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email_column: Option<String>,
+    #[serde(default)]
+    pub tag_writes: TagWrites,
 }
 
 /// What a NULL cell does to the mapped field.
@@ -107,6 +158,8 @@ pub struct SyncConfig {
     pub source: Source,
     pub zendesk: Zendesk,
     pub mapping: Vec<FieldMapping>,
+    /// Set for audience syncs (the `[audience]` table).
+    pub audience: Option<Audience>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +175,7 @@ pub enum ConfigError {
 struct RawConfig {
     name: toml::Spanned<String>,
     object: Object,
-    mode: Mode,
+    mode: toml::Spanned<Mode>,
     primary_key: String,
     #[serde(default)]
     chunk_rows: Option<toml::Spanned<usize>>,
@@ -130,7 +183,20 @@ struct RawConfig {
     nulls: Nulls,
     source: RawSource,
     zendesk: RawZendesk,
-    mapping: toml::Spanned<OrderedMapping>,
+    #[serde(default)]
+    mapping: Option<toml::Spanned<OrderedMapping>>,
+    #[serde(default)]
+    audience: Option<toml::Spanned<RawAudience>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudience {
+    tag: toml::Spanned<String>,
+    #[serde(default)]
+    email_column: Option<String>,
+    #[serde(default)]
+    tag_writes: TagWrites,
 }
 
 #[derive(Deserialize)]
@@ -290,20 +356,92 @@ impl SyncConfig {
         })?;
 
         let object = raw.object;
-        let mut mapping = Vec::new();
-        for (key, value) in &raw.mapping.get_ref().0 {
-            let line = line_of(value.span().start);
-            if key == "external_id" {
-                return Err(invalid(format!(
-                    "line {line}: `mapping.external_id` is set by zdsync from `primary_key` (\"{}\"); remove it",
-                    raw.primary_key.trim()
-                )));
-            }
-            let m = parse_mapping(object, key, value.get_ref(), line).map_err(&invalid)?;
-            mapping.push(m);
-        }
+        let mode = *raw.mode.get_ref();
+        let mode_line = line_of(raw.mode.span().start);
         let primary_key = raw.primary_key.trim().to_string();
-        if raw.mode != Mode::Update {
+        let audience = match &raw.audience {
+            None if mode.audience_only() => {
+                return Err(invalid(format!(
+                    "line {mode_line}: `mode` = \"{}\" is an audience mode: add an [audience] table naming the tag zdsync owns, e.g. `[audience]` then `tag = \"segment_vip\"` (object syncs use \"upsert\", \"insert\" or \"update\")",
+                    mode.as_str()
+                )))
+            }
+            None => None,
+            Some(a) => {
+                let line = line_of(a.span().start);
+                if !matches!(mode, Mode::Add | Mode::Remove | Mode::Mirror | Mode::Upsert) {
+                    return Err(invalid(format!(
+                        "line {mode_line}: `mode` = \"{}\" is not an audience mode: with [audience] use \"add\", \"remove\", \"mirror\" or \"upsert\"",
+                        mode.as_str()
+                    )));
+                }
+                if object == Object::Tickets {
+                    return Err(invalid(format!(
+                        "line {line}: [audience] applies to users or organizations, not tickets: set `object = \"users\"` or `\"organizations\"`"
+                    )));
+                }
+                let a = a.get_ref();
+                let tag = validate_tag(a.tag.get_ref()).map_err(|hint| {
+                    invalid(format!(
+                        "line {}: `audience.tag` = {:?} {hint}",
+                        line_of(a.tag.span().start),
+                        a.tag.get_ref()
+                    ))
+                })?;
+                let email_column = match &a.email_column {
+                    Some(c) if object != Object::Users => {
+                        return Err(invalid(format!(
+                            "line {line}: `audience.email_column` = {c:?}: only users are matched by email; remove it for {object}"
+                        )))
+                    }
+                    Some(c) if c.trim().is_empty() => {
+                        return Err(invalid(format!(
+                            "line {line}: `audience.email_column` is empty: name the export column holding each member's email, or remove it"
+                        )))
+                    }
+                    Some(c) => Some(c.trim().to_string()),
+                    None => None,
+                };
+                Some(Audience {
+                    tag,
+                    email_column,
+                    tag_writes: a.tag_writes,
+                })
+            }
+        };
+        let mut mapping = Vec::new();
+        if let Some(raw_mapping) = &raw.mapping {
+            for (key, value) in &raw_mapping.get_ref().0 {
+                let line = line_of(value.span().start);
+                if key == "external_id" {
+                    return Err(invalid(format!(
+                        "line {line}: `mapping.external_id` is set by zdsync from `primary_key` (\"{primary_key}\"); remove it"
+                    )));
+                }
+                if audience.is_some() && key == "tags" {
+                    return Err(invalid(format!(
+                        "line {line}: `mapping.tags` would replace every tag of the record, while an audience sync only adds and removes its own tag (`audience.tag`); remove `tags` from [mapping]"
+                    )));
+                }
+                let m = parse_mapping(object, key, value.get_ref(), line).map_err(&invalid)?;
+                mapping.push(m);
+            }
+        }
+        let mapping_line = raw
+            .mapping
+            .as_ref()
+            .map_or(text.lines().count(), |m| line_of(m.span().start));
+        if audience.is_some() && mode != Mode::Upsert && !mapping.is_empty() {
+            return Err(invalid(format!(
+                "line {mapping_line}: [mapping] only applies to audience syncs in mode \"upsert\" (mode \"{}\" only adds or removes the tag): remove [mapping] or set `mode = \"upsert\"`",
+                mode.as_str()
+            )));
+        }
+        let creates = match (&audience, mode) {
+            (Some(_), m) => m == Mode::Upsert,
+            (None, m) => m != Mode::Update,
+        };
+        if creates {
             let missing: Vec<_> = object
                 .required_fields()
                 .iter()
@@ -312,7 +450,7 @@ impl SyncConfig {
             if !missing.is_empty() {
                 return Err(invalid(format!(
                     "line {}: {object} need {} mapped to create records; add {} under [mapping]",
-                    line_of(raw.mapping.span().start),
+                    mapping_line,
                     object
                         .required_fields()
                         .iter()
@@ -331,7 +469,7 @@ impl SyncConfig {
         Ok(SyncConfig {
             name,
             object,
-            mode: raw.mode,
+            mode,
             primary_key,
             chunk_rows,
             nulls: raw.nulls,
@@ -344,7 +482,13 @@ impl SyncConfig {
                 max_jobs_in_flight: raw.zendesk.max_jobs_in_flight,
             },
             mapping,
+            audience,
         })
+    }
+
+    /// Whether this is an audience sync (an `[audience]` table).
+    pub fn is_audience(&self) -> bool {
+        self.audience.is_some()
     }
 
     /// The export columns to read: the primary key first, then each mapped column once.
@@ -353,6 +497,11 @@ impl SyncConfig {
         for m in &self.mapping {
             if !cols.iter().any(|c| c.eq_ignore_ascii_case(&m.column)) {
                 cols.push(m.column.clone());
+            }
+        }
+        if let Some(c) = self.audience.as_ref().and_then(|a| a.email_column.as_ref()) {
+            if !cols.iter().any(|x| x.eq_ignore_ascii_case(c)) {
+                cols.push(c.clone());
             }
         }
         cols
@@ -380,6 +529,32 @@ fn validate_subdomain(raw: &str) -> Result<String, String> {
         return Err("must be your Zendesk subdomain (lower-case letters, digits and `-`): for https://mycompany.zendesk.com enter \"mycompany\"".into());
     }
     Ok(s.to_string())
+}
+
+/// Zendesk tags are lower case without spaces; a tag that breaks the rules would be rewritten
+/// by Zendesk and never match again.
+fn validate_tag(raw: &str) -> Result<String, String> {
+    let t = raw.trim();
+    if t.is_empty() {
+        return Err("is empty: name the tag zdsync owns, e.g. \"segment_vip\"".into());
+    }
+    if t.chars().any(char::is_whitespace) || t.contains(',') {
+        return Err(format!(
+            "must be one tag without spaces or commas, e.g. \"{}\"",
+            t.to_lowercase()
+                .split(|c: char| c.is_whitespace() || c == ',')
+                .filter(|p| !p.is_empty())
+                .collect::<Vec<_>>()
+                .join("_")
+        ));
+    }
+    if t.chars().any(char::is_uppercase) {
+        return Err(format!(
+            "must be lower case (Zendesk stores tags in lower case): use \"{}\"",
+            t.to_lowercase()
+        ));
+    }
+    Ok(t.to_string())
 }
 
 fn parse_mapping(

@@ -221,6 +221,11 @@ pub fn plan(
         removed_key: (p.counts.removed > 0 && !opts.dry_run)
             .then(|| layout::removed_key(&cfg.name, &opts.run_id)),
         base_state_run: p.state.as_ref().and_then(|s| s.header.run_id.clone()),
+        audience: cfg.audience.as_ref().map(|a| crate::changeset::AudienceInfo {
+            tag: a.tag.clone(),
+            tag_writes: a.tag_writes,
+            membership_key: None,
+        }),
     };
     let manifest_key = if opts.dry_run {
         None
@@ -265,8 +270,8 @@ fn write_chunks(
 
 fn op_slot(op: Op) -> usize {
     match op {
-        Op::Create => 0,
-        Op::Update => 1,
+        Op::Create | Op::Add => 0,
+        Op::Update | Op::Remove => 1,
     }
 }
 
@@ -436,13 +441,16 @@ impl Planner<'_> {
                         self.set_slot(h, Some(i), SLOT_SKIPPED);
                         return Ok(());
                     }
-                    Mode::Upsert | Mode::Update => (Some(Op::Update), id),
+                    // Audience-only modes never reach the object planner (see `audience`).
+                    Mode::Upsert | Mode::Update | Mode::Add | Mode::Remove | Mode::Mirror => {
+                        (Some(Op::Update), id)
+                    }
                 }
             }
             None => match self.cfg.mode {
                 Mode::Upsert | Mode::Insert => (Some(Op::Create), 0),
                 // Keys zdsync never confirmed are updated by external_id; unknown ones fail.
-                Mode::Update => (Some(Op::Update), 0),
+                Mode::Update | Mode::Add | Mode::Remove | Mode::Mirror => (Some(Op::Update), 0),
             },
         };
         let Some(op) = op else {
@@ -450,8 +458,8 @@ impl Planner<'_> {
             return Ok(());
         };
         match op {
-            Op::Create => self.counts.create += 1,
-            Op::Update => self.counts.update += 1,
+            Op::Create | Op::Add => self.counts.create += 1,
+            Op::Update | Op::Remove => self.counts.update += 1,
         }
         if self.opts.dry_run {
             self.set_slot(h, state_pos, 0);
@@ -627,8 +635,8 @@ impl Planner<'_> {
                     }
                 } else {
                     match self.chunks[d.first_slot as usize].op {
-                        Op::Create => self.counts.create -= 1,
-                        Op::Update => self.counts.update -= 1,
+                        Op::Create | Op::Add => self.counts.create -= 1,
+                        Op::Update | Op::Remove => self.counts.update -= 1,
                     }
                     rewrite.entry(d.first_slot).or_default().insert(*h);
                 }

@@ -233,6 +233,7 @@ pub const ERROR_NAMES: &[&str] = &[
     "SubdomainNotFound",
     "MissingScope",
     "BulkImportDisabled",
+    "TaggingDisabled",
     "RateLimited",
     "ZendeskUnavailable",
     "ZendeskRejected",

@@ -25,6 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+mod tags;
+
 #[derive(Debug, Clone)]
 pub struct WriteOptions {
     /// Rows per bulk call (Zendesk's maximum is 100).
@@ -113,6 +115,8 @@ pub struct Writer {
     run_id: String,
     object: Object,
     mode: Mode,
+    /// Audience syncs: the tag and how it is written.
+    audience: Option<changeset::AudienceInfo>,
     opts: WriteOptions,
     jobs: JobTracker,
     slots: Arc<Semaphore>,
@@ -151,6 +155,7 @@ impl Writer {
             run_id: manifest.run_id.clone(),
             object: manifest.object,
             mode: manifest.mode,
+            audience: manifest.audience.clone(),
             opts,
             jobs,
             known_jobs: Default::default(),
@@ -279,6 +284,7 @@ impl Writer {
         let all: Vec<usize> = (0..rows.len()).filter(|&k| out[k].is_none()).collect();
         if !all.is_empty() {
             match (self.object, self.mode, op) {
+                (_, _, Op::Add | Op::Remove) => self.tag_rows(rows, &all, op, &mut out).await?,
                 (Object::Users, Mode::Upsert, _) => {
                     self.bulk(
                         rows,
@@ -292,10 +298,12 @@ impl Writer {
                 (_, Mode::Insert, _) | (_, Mode::Upsert, Op::Create) => {
                     self.create(rows, &all, &journal_key, &mut out).await?
                 }
-                (_, _, Op::Update) | (_, Mode::Update, _) => {
-                    self.update(rows, &all, &journal_key, &mut out).await?
-                }
+                _ => self.update(rows, &all, &journal_key, &mut out).await?,
             }
+        }
+        // Audience upsert: the tag follows the record; a row is confirmed once both are.
+        if self.audience.is_some() && matches!(op, Op::Create | Op::Update) {
+            self.tag_written(rows, &mut out).await?;
         }
         let results: Vec<ResultRow> = rows
             .iter()
@@ -1165,6 +1173,7 @@ mod tests {
             id: None,
             src: "x:1".into(),
             payload: serde_json::json!({"external_id": pk}),
+            email: None,
         }
     }
 

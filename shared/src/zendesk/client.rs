@@ -634,6 +634,42 @@ impl Client {
         })
     }
 
+    /// Audience syncs: whether the account allows tags on `object` (users or organizations).
+    /// Users carry `tags` only while user tagging is on (`users/me` shows it); organizations
+    /// always show `tags`, so their tags endpoint is asked (it answers 403 while tagging is off,
+    /// and 404 for an id that names no organization).
+    pub async fn check_tagging(&self, object: Object) -> Result<(), ZendeskError> {
+        let disabled = || ZendeskError::TaggingDisabled {
+            object: object.as_str().to_string(),
+        };
+        match object {
+            Object::Users => {
+                let me = self.get("/api/v2/users/me.json").await?;
+                if me["user"].get("tags").is_none() {
+                    return Err(disabled());
+                }
+                Ok(())
+            }
+            Object::Organizations => {
+                let page = self
+                    .get("/api/v2/organizations.json?page[size]=1")
+                    .await?;
+                let id = page["organizations"][0]["id"].as_u64().unwrap_or(1);
+                match self
+                    .get(&format!("/api/v2/organizations/{id}/tags.json"))
+                    .await
+                {
+                    Ok(_) | Err(ZendeskError::Api { status: 404, .. }) => Ok(()),
+                    Err(ZendeskError::TaggingDisabled { .. } | ZendeskError::Forbidden { .. }) => {
+                        Err(disabled())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Object::Tickets => Ok(()),
+        }
+    }
+
     pub fn stats(&self) -> ClientStats {
         let s = &self.inner.stats;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -734,6 +770,17 @@ impl Client {
                 let text = format!("{code} {description}").to_ascii_lowercase();
                 if bulk_path && text.contains("bulk") {
                     return ZendeskError::BulkImportDisabled;
+                }
+                let tags_path = path.trim_end_matches(".json").ends_with("/tags");
+                if tags_path && !path.contains("/tickets/") {
+                    let object = if path.contains("/organizations/") {
+                        "organizations"
+                    } else {
+                        "users"
+                    };
+                    return ZendeskError::TaggingDisabled {
+                        object: object.into(),
+                    };
                 }
                 let mut message = if description.is_empty() {
                     code

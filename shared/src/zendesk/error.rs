@@ -24,6 +24,9 @@ pub enum ZendeskError {
     MissingScope { scope: String, hint: String },
     #[error("bulk user import is not enabled on this Zendesk account: the account owner must ask Zendesk Customer Support to turn it on (users `create_many` / `create_or_update_many` answer 403 until then)")]
     BulkImportDisabled,
+    /// An audience sync needs user / organization tagging, which the account has turned off.
+    #[error("{object} tagging is not enabled on this Zendesk account, so an audience sync cannot keep its tag on {object}: an admin turns it on in Admin Center > People > Configuration > End users (\"Allow tagging on users and organizations\"); nothing was written")]
+    TaggingDisabled { object: String },
     /// 403 for any other reason (role, plan).
     #[error("Zendesk refused the request ({path}): {message}")]
     Forbidden { path: String, message: String },
@@ -76,6 +79,7 @@ impl ZendeskError {
             ZendeskError::SubdomainNotFound { .. } => "SubdomainNotFound",
             ZendeskError::MissingScope { .. } | ZendeskError::Forbidden { .. } => "MissingScope",
             ZendeskError::BulkImportDisabled => "BulkImportDisabled",
+            ZendeskError::TaggingDisabled { .. } => "TaggingDisabled",
             ZendeskError::RateLimited { .. } => "RateLimited",
             ZendeskError::Unavailable { .. }
             | ZendeskError::Transport { .. }
@@ -93,6 +97,7 @@ impl ZendeskError {
                 | ZendeskError::SubdomainNotFound { .. }
                 | ZendeskError::MissingScope { .. }
                 | ZendeskError::BulkImportDisabled
+                | ZendeskError::TaggingDisabled { .. }
                 | ZendeskError::Forbidden { .. }
         )
     }
