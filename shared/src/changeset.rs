@@ -274,6 +274,9 @@ pub struct FoldSummary {
     /// Rows of chunks with no recorded outcome (never sent, or the writer died): resent next run.
     pub unknown: u64,
     pub removed: u64,
+    /// Audience: records whose tag was confirmed added / removed.
+    pub tagged: u64,
+    pub untagged: u64,
     pub state_entries: u64,
     /// The first failed rows, with Zendesk's reasons.
     pub failed_samples: Vec<FailedSample>,

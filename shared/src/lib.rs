@@ -5,6 +5,7 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod audience;
 pub mod changeset;
 pub mod config;
 pub mod export;

@@ -1,12 +1,13 @@
 //! A whole run of a sync on one machine: lock → preflight → schema → plan → write → finalize,
 //! leaving a run record. The Lambdas run the same steps one per function.
 
+use crate::audience;
 use crate::changeset::{self, ChangeSetError, FailedSample, FoldSummary, Manifest};
 use crate::config::{ConfigError, Mode, SyncConfig, Target};
 use crate::fields::Object;
 use crate::layout;
 use crate::lock::{self, LockError};
-use crate::plan::{self, InvalidRow, PlanError, PlanOptions, PlanReport};
+use crate::plan::{InvalidRow, PlanError, PlanOptions, PlanReport};
 use crate::store::ObjectStore;
 use crate::write::{ChunkSummary, Progress, WriteError, WriteOptions, Writer};
 use crate::zendesk::{Client, ClientStats, ZendeskError};
@@ -79,6 +80,11 @@ pub struct RowCounts {
     pub failed: u64,
     /// Rows resent because they failed last run.
     pub retried: u64,
+    /// Audience syncs: records whose tag was added / removed (confirmed).
+    #[serde(default)]
+    pub tagged: u64,
+    #[serde(default)]
+    pub untagged: u64,
 }
 
 /// Zendesk traffic of a run.
@@ -361,8 +367,14 @@ async fn run_locked(
         resumed: false,
     };
 
-    // Preflight: credentials, subdomain and scopes before anything is read or written.
-    if let Err(e) = ctx.client.preflight(cfg.object, true).await {
+    // Preflight: credentials, subdomain and scopes (and tagging, for an audience) before
+    // anything is read or written.
+    let checked = match ctx.client.preflight(cfg.object, true).await {
+        Ok(_) if cfg.is_audience() => ctx.client.check_tagging(cfg.object).await,
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = checked {
         phases.preflight = t.elapsed().as_secs_f64();
         let e = RunError::from(e);
         let rec = fail(&phases, &e, RowCounts::default());
@@ -406,7 +418,7 @@ async fn run_locked(
     popts.schema = schema;
     popts.samples_per_reason = opts.samples;
     let (store, pcfg) = (ctx.store.clone(), cfg.clone());
-    let planned = tokio::task::spawn_blocking(move || plan::plan(store.as_ref(), &pcfg, &popts))
+    let planned = tokio::task::spawn_blocking(move || audience::diff(store.as_ref(), &pcfg, &popts))
         .await
         .map_err(|e| RunError::Internal(format!("plan task: {e}")))?;
     phases.plan = t.elapsed().as_secs_f64();
@@ -503,7 +515,7 @@ async fn write_and_finalize(
 
     let t = Instant::now();
     let (store, m) = (ctx.store.clone(), manifest.clone());
-    let fold = tokio::task::spawn_blocking(move || changeset::fold(store.as_ref(), &m))
+    let fold = tokio::task::spawn_blocking(move || audience::fold(store.as_ref(), &m))
         .await
         .map_err(|e| RunError::Internal(format!("finalize task: {e}")))??;
     phases.finalize = t.elapsed().as_secs_f64();
@@ -650,6 +662,8 @@ pub fn build_record(p: RecordParts<'_>) -> RunRecord {
             removed: c.removed,
             failed,
             retried: c.retried,
+            tagged: fold.tagged,
+            untagged: fold.untagged,
         },
         requests: p.requests,
         jobs: p.jobs,

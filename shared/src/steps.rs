@@ -7,7 +7,8 @@ use crate::changeset::{self, read_text, ChangeSetError, ChunkInfo, Counts, Manif
 use crate::config::SyncConfig;
 use crate::layout;
 use crate::lock;
-use crate::plan::{self, PlanOptions};
+use crate::audience;
+use crate::plan::PlanOptions;
 use crate::run::{self, InvalidSample, Phases, RecordParts, RunError, RunErrorInfo, RunRecord};
 use crate::store::ObjectStore;
 use crate::write::{Progress, WriteOptions, Writer};
@@ -222,8 +223,40 @@ async fn plan_locked(
 ) -> Result<PlanDescriptor, RunError> {
     let client = (env.client_for)(cfg).await?;
     client.preflight(cfg.object, true).await?;
+    if cfg.is_audience() {
+        // Tagging is checked before anything is diffed or written; audience-diff plans.
+        client.check_tagging(cfg.object).await?;
+        return Ok(PlanDescriptor {
+            sync: cfg.name.clone(),
+            run_id: run_id.to_string(),
+            bucket: env.bucket.clone(),
+            trigger: trigger.kind.clone(),
+            kind: "audience".into(),
+            manifest_key: String::new(),
+            chunks_key: String::new(),
+            chunks: 0,
+            rows_to_write: 0,
+            max_concurrency: env.default_concurrency.max(1),
+            nothing_to_do: false,
+            duplicate: false,
+            counts: Counts::default(),
+            started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        });
+    }
+    plan_object(env, cfg, &client, run_id, trigger, started).await
+}
+
+/// The object plan (and, for audience upserts, audience-diff's): schema, plan, chunk list.
+async fn plan_object(
+    env: &StepEnv,
+    cfg: &SyncConfig,
+    client: &Client,
+    run_id: &str,
+    trigger: &Trigger,
+    started: chrono::DateTime<chrono::Utc>,
+) -> Result<PlanDescriptor, RunError> {
     let schema = if run::needs_schema(cfg) {
-        let s = crate::schema::fetch(&client, cfg.object).await?;
+        let s = crate::schema::fetch(client, cfg.object).await?;
         s.validate(cfg)?;
         Some(Arc::new(s))
     } else {
@@ -232,7 +265,7 @@ async fn plan_locked(
     let mut popts = PlanOptions::new(run_id);
     popts.schema = schema;
     let (store, pcfg) = (env.store.clone(), cfg.clone());
-    let report = blocking(move || Ok(plan::plan(store.as_ref(), &pcfg, &popts)?)).await?;
+    let report = blocking(move || Ok(audience::diff(store.as_ref(), &pcfg, &popts)?)).await?;
     let m = &report.manifest;
     let chunks_key = format!("{}chunks.json", layout::run_prefix(&m.sync, &m.run_id));
     let body = serde_json::to_vec(&m.chunks).expect("chunk list serialises");
@@ -256,7 +289,11 @@ async fn plan_locked(
         run_id: m.run_id.clone(),
         bucket: env.bucket.clone(),
         trigger: trigger.kind.clone(),
-        kind: "object".into(),
+        kind: if cfg.is_audience() {
+            "audience".into()
+        } else {
+            "object".into()
+        },
         manifest_key: report.manifest_key.clone().unwrap_or_default(),
         chunks_key,
         chunks: m.chunks.len() as u64,
@@ -267,6 +304,37 @@ async fn plan_locked(
         counts: m.counts.clone(),
         started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     })
+}
+
+/// audience-diff: the membership export against the membership state → tag-operation chunks
+/// (audience upsert: the object change set, whose writes also add the tag), under the run plan
+/// opened. The input is plan's descriptor; the answer replaces it.
+pub async fn audience_diff_step(
+    env: &StepEnv,
+    d: &PlanDescriptor,
+) -> Result<PlanDescriptor, RunError> {
+    if d.kind != "audience" || d.nothing_to_do || d.duplicate {
+        return Ok(d.clone());
+    }
+    let cfg = load_config(env.store.clone(), &d.sync).await?;
+    if !cfg.is_audience() {
+        return Err(RunError::Config(crate::config::ConfigError::Invalid {
+            file: format!("config/{}.toml", d.sync),
+            message: "the sync is no longer an audience sync (its [audience] table is gone) while a run of it was planned as one; start the run again".into(),
+        }));
+    }
+    let started = chrono::DateTime::parse_from_rfc3339(&d.started_at)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .unwrap_or_else(|_| chrono::Utc::now());
+    let trigger = Trigger {
+        sync: d.sync.clone(),
+        kind: d.trigger.clone(),
+        object: None,
+    };
+    let client = (env.client_for)(&cfg).await?;
+    let mut out = plan_object(env, &cfg, &client, &d.run_id, &trigger, started).await?;
+    out.started_at = d.started_at.clone();
+    Ok(out)
 }
 
 /// One item of the Distributed Map.
@@ -357,11 +425,15 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
         name: e["Error"].as_str().unwrap_or("Internal").to_string(),
         message: e["Cause"].as_str().unwrap_or_default().to_string(),
     });
+    if d.manifest_key.is_empty() {
+        // audience-diff failed before writing a change set: record the failure, free the lock.
+        return finalize_unplanned(env, &d, error).await.map(Some);
+    }
     let store = env.store.clone();
     let d2 = d.clone();
     let (manifest, fold, requests, jobs) = blocking(move || {
         let manifest = changeset::read_manifest(store.as_ref(), &d2.manifest_key)?;
-        let fold = changeset::fold(store.as_ref(), &manifest)?;
+        let fold = audience::fold(store.as_ref(), &manifest)?;
         // Sum what every write-batch invocation recorded.
         let mut requests = run::Requests::default();
         let mut jobs = 0;
@@ -405,6 +477,50 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
     let (store, sync, run_id) = (env.store.clone(), d.sync.clone(), d.run_id.clone());
     blocking(move || Ok(lock::release(store.as_ref(), &sync, &run_id)?)).await?;
     Ok(Some(rec))
+}
+
+/// A run that ended before its change set existed (audience-diff failed): a failed run record
+/// from the config, and the lock released.
+async fn finalize_unplanned(
+    env: &StepEnv,
+    d: &PlanDescriptor,
+    error: Option<RunErrorInfo>,
+) -> Result<RunRecord, RunError> {
+    let cfg = load_config(env.store.clone(), &d.sync).await;
+    let (object, mode) = match &cfg {
+        Ok(c) => (c.object, c.mode),
+        Err(_) => (crate::fields::Object::Users, crate::config::Mode::Upsert),
+    };
+    let started = chrono::DateTime::parse_from_rfc3339(&d.started_at)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .unwrap_or_else(|_| chrono::Utc::now());
+    let now = chrono::Utc::now();
+    let rec = RunRecord {
+        run_id: d.run_id.clone(),
+        sync: d.sync.clone(),
+        object,
+        mode,
+        trigger: d.trigger.clone(),
+        status: run::RunStatus::Failed,
+        started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        finished_at: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        seconds: (now - started).num_milliseconds().max(0) as f64 / 1000.0,
+        phases: Phases::default(),
+        rows: run::RowCounts::default(),
+        requests: run::Requests::default(),
+        jobs: 0,
+        error: Some(error.unwrap_or(RunErrorInfo {
+            name: "Internal".into(),
+            message: "the run ended before its change set was written".into(),
+        })),
+        failed_samples: Vec::new(),
+        invalid_samples: Vec::new(),
+        resumed: false,
+    };
+    run::save_record(env.store.clone(), &rec).await?;
+    let (store, sync, run_id) = (env.store.clone(), d.sync.clone(), d.run_id.clone());
+    blocking(move || Ok(lock::release(store.as_ref(), &sync, &run_id)?)).await?;
+    Ok(rec)
 }
 
 async fn read_invalid_samples(

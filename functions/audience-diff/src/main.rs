@@ -1,19 +1,29 @@
-//! audience-diff Lambda: membership now vs last run → tag operations in chunks. Audience syncs
-//! arrive with their own issue; until then this function refuses with `ConfigInvalid`, so a
-//! config that asks for one fails clearly instead of doing something else.
+//! audience-diff Lambda: plan's descriptor of an audience run → the membership export against
+//! the membership state → tag-operation chunks in S3 → the descriptor write-batch's Map reads.
+//! Glue only: the step is `zdsync::steps::audience_diff_step`.
 
 use lambda_runtime::{service_fn, Diagnostic, LambdaEvent};
 use serde_json::Value;
+use zdsync::steps::PlanDescriptor;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
     zdsync::aws::lambda::init_tracing();
-    lambda_runtime::run(service_fn(|event: LambdaEvent<Value>| async move {
-        tracing::warn!(sync = %event.payload["sync"], "audience syncs are not available in this build");
-        Err::<Value, Diagnostic>(Diagnostic {
-            error_type: "ConfigInvalid".into(),
-            error_message: "audience syncs (add, remove, mirror, upsert) are not available in this build yet".into(),
-        })
+    let env = zdsync::aws::lambda::step_env_from_env()?;
+    let env = &env;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
+        let input: PlanDescriptor =
+            serde_json::from_value(event.payload).map_err(|e| Diagnostic {
+                error_type: "ConfigInvalid".into(),
+                error_message: format!("audience-diff expects plan's run descriptor: {e}"),
+            })?;
+        let d = zdsync::steps::audience_diff_step(env, &input)
+            .await
+            .map_err(|e| Diagnostic {
+                error_type: e.error_name().into(),
+                error_message: e.to_string(),
+            })?;
+        Ok::<Value, Diagnostic>(serde_json::to_value(d).expect("descriptor serialises"))
     }))
     .await
 }
