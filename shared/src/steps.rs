@@ -60,9 +60,13 @@ pub fn parse_trigger(event: &Value) -> Result<Trigger, RunError> {
         let key = event["detail"]["object"]["key"]
             .as_str()
             .ok_or_else(|| bad("an S3 event without detail.object.key".into()))?;
-        let etag = event["detail"]["object"]["etag"]
+        // AWS sends `etag`; some emitters (moto) spell it `eTag`.
+        let object = &event["detail"]["object"];
+        let etag = object["etag"]
             .as_str()
+            .or_else(|| object["eTag"].as_str())
             .unwrap_or_default()
+            .trim_matches('"')
             .to_string();
         let mut parts = key.split('/');
         let sync = match (parts.next(), parts.next()) {
@@ -344,6 +348,18 @@ pub struct WriteInput {
     pub run_id: String,
     pub manifest_key: String,
     pub chunk: ChunkInfo,
+    /// Set by the item processor's Catch (`{"Error", "Cause"}`): the chunk failed after its
+    /// retries, and this invocation only records that for finalize.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+}
+
+/// What a caught chunk failure leaves next to the chunk's results.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChunkFailure {
+    pub chunk: String,
+    pub error: String,
+    pub cause: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -359,6 +375,9 @@ pub struct WriteOutput {
 /// write-batch: one chunk to Zendesk. A retried invocation resumes from the stored outcomes and
 /// journals. Its request counters land next to the chunk's results for finalize.
 pub async fn write_step(env: &StepEnv, input: &WriteInput) -> Result<WriteOutput, RunError> {
+    if let Some(e) = &input.error {
+        return record_chunk_failure(env, input, e).await;
+    }
     let cfg = load_config(env.store.clone(), &input.sync).await?;
     let (store, key) = (env.store.clone(), input.manifest_key.clone());
     let manifest = blocking(move || Ok(changeset::read_manifest(store.as_ref(), &key)?)).await?;
@@ -405,6 +424,52 @@ pub async fn write_step(env: &StepEnv, input: &WriteInput) -> Result<WriteOutput
     })
 }
 
+/// The item processor caught a chunk failure: store it for finalize, which names it in the run
+/// record. The chunk's rows without an outcome are sent again (creates looked up first) next run.
+async fn record_chunk_failure(
+    env: &StepEnv,
+    input: &WriteInput,
+    error: &Value,
+) -> Result<WriteOutput, RunError> {
+    let name = layout::chunk_name(&input.chunk.key).to_string();
+    let failure = ChunkFailure {
+        chunk: name.clone(),
+        error: error["Error"].as_str().unwrap_or("Internal").to_string(),
+        cause: cause_message(error["Cause"].as_str().unwrap_or_default()),
+    };
+    tracing::warn!(chunk = %name, error = %failure.error, cause = %failure.cause, "chunk failed after its retries");
+    let key = format!(
+        "{}failed-{}.json",
+        layout::results_prefix(&input.sync, &input.run_id, &name),
+        run::new_run_id()
+    );
+    let body = serde_json::to_vec(&failure).expect("failure serialises");
+    let store = env.store.clone();
+    blocking(move || {
+        store
+            .put(&key, &body)
+            .map_err(|source| RunError::ChangeSet(ChangeSetError::Io { key, source }))
+    })
+    .await?;
+    Ok(WriteOutput {
+        chunk: name,
+        rows: input.chunk.rows,
+        created: 0,
+        updated: 0,
+        failed: 0,
+        requests: 0,
+    })
+}
+
+/// A Lambda error reaches a Catch as `Cause` = `{"errorType", "errorMessage", ...}` JSON text;
+/// keep the message only.
+fn cause_message(cause: &str) -> String {
+    serde_json::from_str::<Value>(cause)
+        .ok()
+        .and_then(|v| v["errorMessage"].as_str().map(str::to_string))
+        .unwrap_or_else(|| cause.to_string())
+}
+
 /// finalize: fold the outcomes into the state, write the run record (failed when the execution
 /// caught an error) and release the lock. The input is the execution state: `plan.run` is the
 /// descriptor, `error` what a Catch recorded.
@@ -421,9 +486,9 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
     if d.duplicate {
         return Ok(None);
     }
-    let error = state.get("error").map(|e| RunErrorInfo {
+    let mut error = state.get("error").map(|e| RunErrorInfo {
         name: e["Error"].as_str().unwrap_or("Internal").to_string(),
-        message: e["Cause"].as_str().unwrap_or_default().to_string(),
+        message: cause_message(e["Cause"].as_str().unwrap_or_default()),
     });
     if d.manifest_key.is_empty() {
         // audience-diff failed before writing a change set: record the failure, free the lock.
@@ -431,12 +496,13 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
     }
     let store = env.store.clone();
     let d2 = d.clone();
-    let (manifest, fold, requests, jobs) = blocking(move || {
+    let (manifest, fold, requests, jobs, failures) = blocking(move || {
         let manifest = changeset::read_manifest(store.as_ref(), &d2.manifest_key)?;
         let fold = audience::fold(store.as_ref(), &manifest)?;
         // Sum what every write-batch invocation recorded.
         let mut requests = run::Requests::default();
         let mut jobs = 0;
+        let mut failures: Vec<ChunkFailure> = Vec::new();
         let prefix = format!("{}results/", layout::run_prefix(&d2.sync, &d2.run_id));
         let objects = store.list(&prefix).map_err(|source| ChangeSetError::Io {
             key: prefix,
@@ -450,9 +516,31 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
             }
             jobs += v["jobs"].as_u64().unwrap_or(0);
         }
-        Ok((manifest, fold, requests, jobs))
+        for o in objects.iter().filter(|o| o.key.contains("/failed-")) {
+            if let Ok(f) = serde_json::from_str::<ChunkFailure>(&read_text(store.as_ref(), &o.key)?)
+            {
+                failures.push(f);
+            }
+        }
+        failures.sort_by(|a, b| a.chunk.cmp(&b.chunk));
+        failures.dedup_by(|a, b| a.chunk == b.chunk);
+        Ok((manifest, fold, requests, jobs, failures))
     })
     .await?;
+    if error.is_none() {
+        if let Some(first) = failures.first() {
+            error = Some(RunErrorInfo {
+                name: first.error.clone(),
+                message: format!(
+                    "{} of {} chunks failed after their retries (first: {}: {}); their rows without an outcome are sent again next run, creates looked up first",
+                    failures.len(),
+                    manifest.chunks.len(),
+                    first.chunk,
+                    first.cause
+                ),
+            });
+        }
+    }
     let invalid_samples = read_invalid_samples(env.store.clone(), &manifest, 10).await;
     let started = chrono::DateTime::parse_from_rfc3339(&d.started_at)
         .map(|t| t.with_timezone(&chrono::Utc))

@@ -137,6 +137,7 @@ fn map_chunks(root: &Path, d: &PlanDescriptor) -> Vec<WriteInput> {
             run_id: d.run_id.clone(),
             manifest_key: d.manifest_key.clone(),
             chunk,
+            error: None,
         })
         .collect()
 }
@@ -232,6 +233,33 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
     assert_eq!(err.error_name(), "RunLocked");
     // The Map failed and the Catch hands the error to finalize: a failed record, lock released,
     // rows without outcome flagged to be looked up before they are created again.
+    // One chunk failed after its retries; the item processor's Catch hands the Lambda error
+    // to write-batch, which records it; the other chunks never ran.
+    let mut items = map_chunks(&s.root, &d);
+    let mut failed = items.remove(1);
+    failed.error = Some(json!({
+        "Error": "ZendeskUnavailable",
+        "Cause": "{\"errorType\":\"ZendeskUnavailable\",\"errorMessage\":\"Zendesk answered 500 twice\"}"
+    }));
+    let out = write_step(&s.env, &failed).await.unwrap();
+    assert_eq!((out.rows, out.failed), (100, 0));
+    let rec = finalize_step(&s.env, &json!({"plan": {"run": d.clone()}}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.status, RunStatus::Failed);
+    let e = rec.error.as_ref().unwrap();
+    assert_eq!(e.name, "ZendeskUnavailable");
+    assert!(
+        e.message.contains("1 of 3 chunks failed")
+            && e.message.contains("Zendesk answered 500 twice"),
+        "{}",
+        e.message
+    );
+    assert!(!s.root.join("locks/people.json").exists());
+
+    // The Map itself failed and the Catch hands the error to finalize.
+    let d = plan_step(&s.env, &json!({"sync": "people"})).await.unwrap();
     let state = json!({
         "plan": {"run": d},
         "error": {"Error": "ZendeskUnavailable", "Cause": "Zendesk answered 503 five times"}

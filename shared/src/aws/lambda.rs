@@ -27,7 +27,7 @@ pub fn init_tracing() {
 
 /// The step environment from the function's environment: `ZDSYNC_BUCKET` (required),
 /// `ZDSYNC_CREDENTIALS` (the Zendesk secret, used by syncs whose `credentials` is `env`),
-/// `ZDSYNC_MAX_CONCURRENCY`, and the SDK's own `AWS_REGION` / `AWS_ENDPOINT_URL`.
+/// `ZDSYNC_MAX_CONCURRENCY`, `ZDSYNC_MAX_ATTEMPTS` (per Zendesk request, default 8), and the SDK's own `AWS_REGION` / `AWS_ENDPOINT_URL`.
 pub fn step_env_from_env() -> Result<StepEnv, String> {
     let bucket = std::env::var("ZDSYNC_BUCKET").map_err(|_| {
         "ZDSYNC_BUCKET is not set: the template sets it to the stack's bucket".to_string()
@@ -39,13 +39,22 @@ pub fn step_env_from_env() -> Result<StepEnv, String> {
     let store = S3Store::new(&bucket, endpoint.as_deref(), &region)
         .map_err(|e| format!("cannot set up S3 for bucket `{bucket}`: {e}"))?;
     let deployment_secret = std::env::var("ZDSYNC_CREDENTIALS").ok();
+    // Attempts per Zendesk request inside one invocation; the state machine retries the whole
+    // invocation on top, so a deployment may trade in-invocation waiting for task retries.
+    let max_attempts: Option<u32> = std::env::var("ZDSYNC_MAX_ATTEMPTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 1);
     let cache: Arc<Mutex<HashMap<String, Arc<dyn CredentialStore>>>> = Arc::default();
     let client_for: ClientFactory = Arc::new(move |cfg| {
         let reference = match (&deployment_secret, cfg.zendesk.credentials.as_str()) {
             (Some(secret), "env") => secret.clone(),
             (_, r) => r.to_string(),
         };
-        let opts = ClientOptions::from_config(&cfg.zendesk);
+        let mut opts = ClientOptions::from_config(&cfg.zendesk);
+        if let Some(n) = max_attempts {
+            opts.max_attempts = n;
+        }
         let cache = cache.clone();
         Box::pin(async move {
             let creds = {
