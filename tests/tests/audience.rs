@@ -497,3 +497,131 @@ fn audience_configs_are_validated_with_the_key_and_the_fix() {
     assert!(c.is_audience());
     assert_eq!(c.columns(), ["K", "EMAIL"]);
 }
+
+mod lambda_steps {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use zdsync::changeset::ChunkInfo;
+    use zdsync::steps::{
+        audience_diff_step, finalize_step, plan_step, write_step, ClientFactory, PlanDescriptor,
+        StepEnv, WriteInput,
+    };
+    use zdsync::store::LocalStore;
+    use zdsync::zendesk::{credential_store, Client, ClientOptions};
+    use zdsync_tests::{fast_write_options, write_file};
+
+    fn env(e: &E2e) -> StepEnv {
+        let base = e.root().to_path_buf();
+        let client_for: ClientFactory = Arc::new(move |cfg| {
+            let (z, creds) = (cfg.zendesk.clone(), cfg.zendesk.credentials.clone());
+            let base = base.clone();
+            Box::pin(async move {
+                Client::new(
+                    ClientOptions::from_config(&z),
+                    credential_store(&creds, &base)?,
+                )
+                .await
+            })
+        });
+        StepEnv {
+            store: Arc::new(LocalStore::new(e.root())),
+            bucket: "zdsync-bucket".into(),
+            client_for,
+            default_concurrency: 4,
+            lock_ttl: Duration::from_secs(3600),
+            write: fast_write_options(),
+        }
+    }
+
+    /// What the state machine does after Plan: AudienceDiff, then the Map (write-batch per
+    /// chunk) unless there is nothing to write, then Finalize.
+    async fn execute(env: &StepEnv, e: &E2e) -> (PlanDescriptor, RunRecord) {
+        let d = plan_step(env, &json!({"sync": "aud", "trigger": "manual"}))
+            .await
+            .unwrap();
+        assert_eq!(d.kind, "audience");
+        assert!(!d.nothing_to_do && d.manifest_key.is_empty());
+        let d = audience_diff_step(env, &d).await.unwrap();
+        assert!(serde_json::to_vec(&d).unwrap().len() < 4096);
+        if !d.nothing_to_do {
+            let text = std::fs::read_to_string(e.root().join(&d.chunks_key)).unwrap();
+            let chunks: Vec<ChunkInfo> = serde_json::from_str(&text).unwrap();
+            assert_eq!(chunks.len() as u64, d.chunks);
+            for chunk in chunks {
+                let input = WriteInput {
+                    sync: d.sync.clone(),
+                    run_id: d.run_id.clone(),
+                    manifest_key: d.manifest_key.clone(),
+                    chunk,
+                    error: None,
+                };
+                let out = write_step(env, &input).await.unwrap();
+                assert_eq!(out.failed, 0);
+            }
+        }
+        let rec = finalize_step(env, &json!({"plan": {"run": d}}))
+            .await
+            .unwrap()
+            .expect("a run record");
+        (d, rec)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_audience_runs_through_plan_audience_diff_write_batch_and_finalize() {
+        let e = E2e::start().await;
+        seed(&e, Obj::Users, 230, &[]);
+        let toml = audience_toml(&e, "aud", Obj::Users, "mirror", "", "")
+            .replace("file:creds.json", &format!("file:{}", e.root().join("creds.json").display()));
+        write_file(e.root(), "config/aud.toml", &toml);
+        let env = env(&e);
+        let keys = |r: std::ops::Range<usize>| r.map(key).collect::<Vec<_>>();
+        e.write_export("aud", &members_csv(&keys(0..200)));
+        let (d, rec) = execute(&env, &e).await;
+        assert_eq!(d.counts.tag_add, 200);
+        assert!(d.chunks >= 2, "{d:?}");
+        assert_eq!((rec.status, rec.rows.tagged), (RunStatus::Succeeded, 200));
+        let want: BTreeMap<String, bool> = (0..230).map(|i| (key(i), i < 200)).collect();
+        check_tags(&e, Obj::Users, &want, "steps run 1");
+
+        // Churn: 20 leave, 30 join.
+        e.write_export("aud", &members_csv(&keys(20..230)));
+        let (d, rec) = execute(&env, &e).await;
+        assert_eq!((d.counts.tag_add, d.counts.tag_remove), (30, 20));
+        assert_eq!((rec.rows.tagged, rec.rows.untagged), (30, 20));
+        let want: BTreeMap<String, bool> = (0..230).map(|i| (key(i), i >= 20)).collect();
+        check_tags(&e, Obj::Users, &want, "steps run 2");
+
+        // Nothing changed: AnyTagToWrite goes straight to Finalize.
+        let (d, rec) = execute(&env, &e).await;
+        assert!(d.nothing_to_do);
+        assert_eq!((rec.status, rec.rows.unchanged), (RunStatus::Succeeded, 210));
+
+        // audience-diff fails (the export is gone): finalize records it and frees the lock.
+        std::fs::remove_dir_all(e.root().join("exports/aud")).unwrap();
+        let d = plan_step(&env, &json!({"sync": "aud"})).await.unwrap();
+        let err = audience_diff_step(&env, &d).await.unwrap_err();
+        assert_eq!(err.error_name(), "ExportUnreadable");
+        let state = json!({"plan": {"run": d}, "error": {"Error": err.error_name(), "Cause": err.to_string()}});
+        let rec = finalize_step(&env, &state).await.unwrap().unwrap();
+        assert_eq!(rec.status, RunStatus::Failed);
+        assert_eq!(rec.error.unwrap().name, "ExportUnreadable");
+        assert!(plan_step(&env, &json!({"sync": "aud"})).await.is_ok(), "the lock was released");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plan_refuses_an_audience_when_tagging_is_disabled() {
+        let e = E2e::start().await;
+        e.sim
+            .update_settings(ACCOUNT, |s| s.organization_tagging = false);
+        let toml = audience_toml(&e, "aud", Obj::Orgs, "add", "", "")
+            .replace("file:creds.json", &format!("file:{}", e.root().join("creds.json").display()));
+        write_file(e.root(), "config/aud.toml", &toml);
+        e.write_export("aud", &members_csv(&[key(0)]));
+        let err = plan_step(&env(&e), &json!({"sync": "aud"}))
+            .await
+            .unwrap_err();
+        assert_eq!(err.error_name(), "TaggingDisabled");
+        assert_eq!(write_requests(&e.counters()), 0);
+    }
+}
