@@ -6,6 +6,7 @@
 //! the rows, plans again and checks that exactly the changed rows are in the change set. Each
 //! plan runs in a child process pinned to `--cores` CPUs so its peak RSS is its own.
 
+mod audience;
 mod sync;
 
 use clap::{Parser, Subcommand};
@@ -63,6 +64,23 @@ enum Cmd {
         #[arg(long)]
         storm: bool,
     },
+    /// An audience sync (mirror) of `--members` users, then `--churn` % of them replaced,
+    /// through the bulk and the per-record tag routes, against the simulator's rate limit.
+    Audience {
+        #[arg(long, default_value_t = 50_000)]
+        members: usize,
+        /// Percent of the members that leave (as many join) in the second run.
+        #[arg(long, default_value_t = 2.0)]
+        churn: f64,
+        /// The simulator's account limit and the sync's budget, requests per minute.
+        #[arg(long, default_value_t = 20_000)]
+        rpm: u32,
+        /// `bulk`, `per_record` or `both`.
+        #[arg(long, default_value = "both")]
+        route: String,
+        #[arg(long, default_value = "bench-data")]
+        dir: PathBuf,
+    },
     /// Internal: one plan run in this process, printing JSON figures.
     #[command(hide = true)]
     PlanOnce {
@@ -115,6 +133,19 @@ fn main() {
             job_ms,
             dir,
             storm,
+        }),
+        Cmd::Audience {
+            members,
+            churn,
+            rpm,
+            route,
+            dir,
+        } => audience::bench_audience(audience::AudienceBench {
+            members,
+            churn_percent: churn,
+            rpm,
+            dir,
+            route,
         }),
         Cmd::GunzipOnce { file, cores } => gunzip_once(&file, cores),
     }
