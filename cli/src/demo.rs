@@ -1,6 +1,7 @@
 //! `zdsync demo`: a real sync through the real pipeline against the built-in Zendesk simulator.
-//! It writes an example export and sync configs into a folder, syncs users and organizations,
-//! changes a few rows, syncs again, and prints both run reports.
+//! It writes an example export and sync configs into a folder, syncs users and organizations
+//! and an audience (the `key_account` tag on some organizations), changes a few rows and the
+//! audience's members, syncs again, and prints the run reports.
 
 use crate::run_cmd::{self, RunArgs};
 use std::fmt::Write as _;
@@ -113,6 +114,50 @@ notes = "NOTES"
 "organization_fields.employees" = { column = "EMPLOYEES", type = "integer" }
 "#;
 
+/// Key accounts: an audience sync keeping the `key_account` tag on these organizations.
+fn key_accounts(orgs: usize, round: usize) -> Vec<usize> {
+    (0..orgs)
+        .filter(|i| match round {
+            1 => i % 4 == 0,
+            // Round 2: the first tenth of them leave, and every tenth org from 1 joins.
+            _ => (i % 4 == 0 && *i >= orgs / 10) || i % 10 == 1,
+        })
+        .collect()
+}
+
+fn key_accounts_csv(orgs: usize, round: usize) -> String {
+    let mut s = String::from("ORG_ID\n");
+    for i in key_accounts(orgs, round) {
+        let _ = writeln!(s, "o-{i:04}");
+    }
+    s
+}
+
+fn audience_toml(base_url: &str) -> String {
+    format!(
+        r#"# Written by `zdsync demo`: an audience sync. The export lists member keys; zdsync keeps
+# the `key_account` tag on exactly those organizations (mirror), never touching other tags.
+name = "demo_key_accounts"
+object = "organizations"
+mode = "mirror"
+primary_key = "ORG_ID"
+chunk_rows = 500
+
+[source]
+location = "exports/demo_key_accounts/"
+
+[zendesk]
+subdomain = "acme"
+base_url = "{base_url}"
+credentials = "file:credentials.json"
+rate_limit_rpm = 6000
+
+[audience]
+tag = "key_account"
+"#
+    )
+}
+
 fn write(path: &Path, text: &str) -> std::io::Result<()> {
     if let Some(p) = path.parent() {
         std::fs::create_dir_all(p)?;
@@ -190,6 +235,14 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
         write(
             &dir.join("exports/demo_orgs/part-0000.csv"),
             &orgs_csv(orgs, &[]),
+        )?;
+        write(
+            &dir.join("config/demo_key_accounts.toml"),
+            &audience_toml(&sim.base_url()),
+        )?;
+        write(
+            &dir.join("exports/demo_key_accounts/part-0000.csv"),
+            &key_accounts_csv(orgs, 1),
         )
     };
     if let Err(e) = setup() {
@@ -206,7 +259,7 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
         wait: Duration::ZERO,
         trigger: "demo".into(),
     };
-    let syncs = ["demo_orgs", "demo_users"];
+    let syncs = ["demo_orgs", "demo_users", "demo_key_accounts"];
     let mut worst = run_cmd::exit::OK;
     for round in 1..=2 {
         if round == 2 {
@@ -220,20 +273,28 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
                 write(
                     &dir.join("exports/demo_orgs/part-0000.csv"),
                     &orgs_csv(orgs, &org_changed),
+                )?;
+                write(
+                    &dir.join("exports/demo_key_accounts/part-0000.csv"),
+                    &key_accounts_csv(orgs, 2),
                 )
             };
             if let Err(e) = edit() {
                 eprintln!("error: cannot rewrite the demo exports: {e}");
                 return ExitCode::from(run_cmd::exit::STATE);
             }
+            let (before, after) = (key_accounts(orgs, 1), key_accounts(orgs, 2));
             println!(
-                "── round 2: {} users renamed, 5 users added, {} organizations changed; syncing again\n",
+                "── round 2: {} users renamed, 5 users added, {} organizations changed, key accounts: {} leave and {} join; syncing again\n",
                 changed.len(),
-                org_changed.len()
+                org_changed.len(),
+                before.iter().filter(|i| !after.contains(i)).count(),
+                after.iter().filter(|i| !before.contains(i)).count()
             );
         } else {
             println!(
-                "── round 1: first sync of {users} users and {orgs} organizations (5 user rows are invalid on purpose)\n"
+                "── round 1: first sync of {users} users and {orgs} organizations (5 user rows are invalid on purpose), and {} key accounts tagged `key_account`\n",
+                key_accounts(orgs, 1).len()
             );
         }
         for sync in syncs {
@@ -271,6 +332,26 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
                 .is_some_and(|u| u["name"].as_str().is_some_and(|n| n.ends_with("(renamed)")))
         })
         .count();
+    // The audience: exactly the round-2 key accounts carry the tag, and their other tags stayed.
+    let want = key_accounts(orgs, 2);
+    let mut wrong_tag = 0;
+    let mut tagged = 0;
+    for i in 0..orgs {
+        let Some(o) = state.organization_by_external_id(&format!("o-{i:04}")) else {
+            continue;
+        };
+        let tags: Vec<&str> = o["tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str())
+            .collect();
+        let has = tags.contains(&"key_account");
+        tagged += usize::from(has);
+        if has != want.contains(&i) {
+            wrong_tag += 1;
+        }
+    }
     let counters = sim.counters();
     println!(
         "── the simulator now holds {} users (the admin included) and {} organizations",
@@ -282,6 +363,10 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
         counters.requests, counters.rate_limited
     );
     println!(
+        "   organizations tagged `key_account`: {tagged} (the export lists {}) · tagged wrongly: {wrong_tag}",
+        want.len()
+    );
+    println!(
         "   try: zdsync history {}   ·   files: {}",
         dir.join("config/demo_users.toml").display(),
         dir.display()
@@ -289,6 +374,12 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
     sim.shutdown().await;
     if missing > 0 {
         eprintln!("error: {missing} valid rows are missing from the simulator");
+        return ExitCode::from(run_cmd::exit::WRITE);
+    }
+    if wrong_tag > 0 {
+        eprintln!(
+            "error: {wrong_tag} organizations do not carry `key_account` as the audience says"
+        );
         return ExitCode::from(run_cmd::exit::WRITE);
     }
     ExitCode::from(worst)

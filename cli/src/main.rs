@@ -9,8 +9,9 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
+use zdsync::audience;
 use zdsync::config::SyncConfig;
-use zdsync::plan::{plan, PlanError, PlanOptions, PlanReport};
+use zdsync::plan::{PlanError, PlanOptions, PlanReport};
 use zdsync::store::LocalStore;
 
 #[derive(Parser)]
@@ -292,7 +293,8 @@ fn run_plan(
     let mut opts = PlanOptions::new(new_run_id());
     opts.dry_run = dry_run;
     opts.samples_per_reason = samples;
-    match plan(&store, &cfg, &opts) {
+    // Audience syncs diff membership (audience upsert plans like an object upsert).
+    match audience::diff(&store, &cfg, &opts) {
         Ok(report) => {
             if json {
                 println!(
@@ -371,8 +373,13 @@ fn print_summary(cfg: &SyncConfig, root: &Path, r: &PlanReport) {
             println!("      {at}{pk}: {}", x.message);
         }
     }
-    println!("to create   {:>12}", num(c.create));
-    println!("to update   {:>12}", num(c.update));
+    if cfg.mode.audience_only() {
+        println!("to tag      {:>12}", num(c.tag_add));
+        println!("to untag    {:>12}", num(c.tag_remove));
+    } else {
+        println!("to create   {:>12}", num(c.create));
+        println!("to update   {:>12}", num(c.update));
+    }
     println!("unchanged   {:>12}", num(c.unchanged));
     if c.skipped > 0 {
         println!(

@@ -189,6 +189,20 @@ pub fn render_record(r: &RunRecord) -> String {
     );
     line(&mut s, "created", rows.created, "");
     line(&mut s, "updated", rows.updated, "");
+    if rows.tagged + rows.untagged > 0 || r.mode.audience_only() {
+        line(
+            &mut s,
+            "tagged",
+            rows.tagged,
+            "audience tag added (confirmed)",
+        );
+        line(
+            &mut s,
+            "untagged",
+            rows.untagged,
+            "audience tag removed (confirmed)",
+        );
+    }
     line(&mut s, "unchanged", rows.unchanged, "not sent");
     if rows.skipped > 0 {
         line(

@@ -25,9 +25,7 @@ use crate::export::{self, Next, Record, Value};
 use crate::layout;
 use crate::mapping::{self, Reason};
 use crate::plan::{self, InvalidRow, PlanError, PlanOptions, PlanReport, ReasonSummary};
-use crate::state::{
-    StateHeader, StateIndex, StateReader, StateWriter, FLAG_ABSENT, FLAG_FAILED,
-};
+use crate::state::{StateHeader, StateIndex, StateReader, StateWriter, FLAG_ABSENT, FLAG_FAILED};
 use crate::store::ObjectStore;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -188,8 +186,9 @@ pub fn diff(
                             }
                             _ => (0, 0, 0),
                         };
-                        let confirmed =
-                            pos.is_some() && fp == MEMBER && flags & (FLAG_ABSENT | FLAG_FAILED) == 0;
+                        let confirmed = pos.is_some()
+                            && fp == MEMBER
+                            && flags & (FLAG_ABSENT | FLAG_FAILED) == 0;
                         if confirmed {
                             d.counts.unchanged += 1;
                             continue;
@@ -297,7 +296,8 @@ impl Differ<'_> {
             buf: Vec::with_capacity(chunk_rows * 96),
         });
         let fp = if op == Op::Add { MEMBER } else { 0 };
-        let mut row = serde_json::json!({"h": hex(h), "i": chunk.rows, "pk": pk, "fp": hex(fp), "src": src});
+        let mut row =
+            serde_json::json!({"h": hex(h), "i": chunk.rows, "pk": pk, "fp": hex(fp), "src": src});
         if id != 0 {
             row["id"] = id.into();
         }
@@ -369,15 +369,14 @@ impl Differ<'_> {
             return Ok(());
         }
         let state_key = layout::state_key(&self.cfg.name);
-        let mut reader = StateReader::open(self.store, &state_key)?.ok_or_else(|| {
-            PlanError::Write {
+        let mut reader =
+            StateReader::open(self.store, &state_key)?.ok_or_else(|| PlanError::Write {
                 key: state_key.clone(),
                 source: io::Error::new(
                     io::ErrorKind::NotFound,
                     "the state disappeared while planning",
                 ),
-            }
-        })?;
+            })?;
         let mut i = 0usize;
         while let Some(e) = reader.next_entry()? {
             let seen = state.entry(i).seen != 0;
@@ -440,10 +439,11 @@ impl Differ<'_> {
         }
         let key = layout::invalid_key(&self.cfg.name, &self.opts.run_id);
         if self.invalid_out.is_none() {
-            self.invalid_out = Some(self.store.create(&key).map_err(|source| PlanError::Write {
-                key: key.clone(),
-                source,
-            })?);
+            self.invalid_out =
+                Some(self.store.create(&key).map_err(|source| PlanError::Write {
+                    key: key.clone(),
+                    source,
+                })?);
         }
         let out = self.invalid_out.as_mut().expect("created above");
         serde_json::to_writer(&mut *out, &row)
@@ -460,12 +460,11 @@ impl Differ<'_> {
         }
         if self.membership_rows > 0 && !self.opts.dry_run {
             let key = membership_key(&self.cfg.name, &self.opts.run_id);
-            let packed = zstd::bulk::compress(&self.membership, 1).map_err(|source| {
-                PlanError::Write {
+            let packed =
+                zstd::bulk::compress(&self.membership, 1).map_err(|source| PlanError::Write {
                     key: key.clone(),
                     source,
-                }
-            })?;
+                })?;
             self.store
                 .put(&key, &packed)
                 .map_err(|source| PlanError::Write { key, source })?;

@@ -3,9 +3,9 @@
 //! The whole pipeline as plain code over ports, shared by the `zdsync` CLI and the Lambdas:
 //! [`export`] readers → [`mapping`] and validation → [`state`] and diff → change set ([`plan`]).
 
+pub mod audience;
 #[cfg(feature = "aws")]
 pub mod aws;
-pub mod audience;
 pub mod changeset;
 pub mod config;
 pub mod export;

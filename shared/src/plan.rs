@@ -221,11 +221,14 @@ pub fn plan(
         removed_key: (p.counts.removed > 0 && !opts.dry_run)
             .then(|| layout::removed_key(&cfg.name, &opts.run_id)),
         base_state_run: p.state.as_ref().and_then(|s| s.header.run_id.clone()),
-        audience: cfg.audience.as_ref().map(|a| crate::changeset::AudienceInfo {
-            tag: a.tag.clone(),
-            tag_writes: a.tag_writes,
-            membership_key: None,
-        }),
+        audience: cfg
+            .audience
+            .as_ref()
+            .map(|a| crate::changeset::AudienceInfo {
+                tag: a.tag.clone(),
+                tag_writes: a.tag_writes,
+                membership_key: None,
+            }),
     };
     let manifest_key = if opts.dry_run {
         None

@@ -418,9 +418,10 @@ async fn run_locked(
     popts.schema = schema;
     popts.samples_per_reason = opts.samples;
     let (store, pcfg) = (ctx.store.clone(), cfg.clone());
-    let planned = tokio::task::spawn_blocking(move || audience::diff(store.as_ref(), &pcfg, &popts))
-        .await
-        .map_err(|e| RunError::Internal(format!("plan task: {e}")))?;
+    let planned =
+        tokio::task::spawn_blocking(move || audience::diff(store.as_ref(), &pcfg, &popts))
+            .await
+            .map_err(|e| RunError::Internal(format!("plan task: {e}")))?;
     phases.plan = t.elapsed().as_secs_f64();
     let report = match planned {
         Ok(r) => r,

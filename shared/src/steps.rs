@@ -3,11 +3,11 @@
 //! release). Plain async functions over the ports, so they are tested without AWS; the Lambda
 //! crates only add the runtime, the S3 store and the Secrets Manager credentials.
 
+use crate::audience;
 use crate::changeset::{self, read_text, ChangeSetError, ChunkInfo, Counts, Manifest};
 use crate::config::SyncConfig;
 use crate::layout;
 use crate::lock;
-use crate::audience;
 use crate::plan::PlanOptions;
 use crate::run::{self, InvalidSample, Phases, RecordParts, RunError, RunErrorInfo, RunRecord};
 use crate::store::ObjectStore;

@@ -297,3 +297,26 @@ fn template_substitutes_every_placeholder_and_builds_every_function() {
         assert!(v.is_object());
     }
 }
+
+#[test]
+fn audience_runs_diff_then_skip_the_map_when_nothing_is_left_to_write() {
+    let s = asl()["States"].clone();
+    let plan_choice = s["AnythingToWrite"]["Choices"].as_array().unwrap().clone();
+    assert!(plan_choice
+        .iter()
+        .any(|c| c["Variable"] == "$.plan.run.kind"
+            && c["StringEquals"] == "audience"
+            && c["Next"] == "AudienceDiff"));
+    // audience-diff answers the descriptor the Map reads, in place of plan's.
+    assert_eq!(s["AudienceDiff"]["ResultPath"], "$.plan");
+    assert_eq!(s["AudienceDiff"]["Next"], "AnyTagToWrite");
+    let after = &s["AnyTagToWrite"];
+    assert_eq!(after["Type"], "Choice");
+    assert_eq!(after["Default"], "WriteChunks");
+    assert_eq!(after["Choices"][0]["Variable"], "$.plan.run.nothing_to_do");
+    assert_eq!(after["Choices"][0]["Next"], "Finalize");
+    // Tagging turned off is one clear, final error: plan catches it, nobody retries it.
+    let caught = names_in(&s["Plan"]["Catch"]);
+    assert!(caught.iter().any(|n| n == "TaggingDisabled"));
+    assert!(!RETRYABLE_ERRORS.contains(&"TaggingDisabled"));
+}

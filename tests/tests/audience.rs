@@ -104,7 +104,10 @@ fn check_tags(e: &E2e, obj: Obj, want: &BTreeMap<String, bool>, context: &str) {
             .get(k)
             .unwrap_or_else(|| panic!("{context}: no record {k}"));
         for f in FOREIGN {
-            assert!(tags.contains(f), "{context}: {k} lost foreign tag {f}: {tags:?}");
+            assert!(
+                tags.contains(f),
+                "{context}: {k} lost foreign tag {f}: {tags:?}"
+            );
         }
         assert_eq!(
             tags.contains(TAG),
@@ -139,18 +142,20 @@ async fn churn(obj: Obj, mode: &str, route: &str) {
         &format!("tag_writes = \"{route}\""),
         "",
     );
-    let mut has: BTreeMap<String, bool> = (0..N)
-        .map(|i| (key(i), initially.contains(&i)))
-        .collect();
+    let mut has: BTreeMap<String, bool> =
+        (0..N).map(|i| (key(i), initially.contains(&i))).collect();
     let runs: [Vec<usize>; 3] = [
-        (0..8).collect(),                  // first run
-        (2..10).collect(),                 // m00, m01 leave; m08, m09 join
-        (4..12).chain([0]).collect(),      // m02, m03 leave; m10, m11 join; m00 returns
+        (0..8).collect(),             // first run
+        (2..10).collect(),            // m00, m01 leave; m08, m09 join
+        (4..12).chain([0]).collect(), // m02, m03 leave; m10, m11 join; m00 returns
     ];
     let mut prev: Option<BTreeSet<String>> = None;
     for (n, members) in runs.iter().enumerate() {
         let cur: BTreeSet<String> = members.iter().map(|&i| key(i)).collect();
-        e.write_export(&name, &members_csv(&cur.iter().cloned().collect::<Vec<_>>()));
+        e.write_export(
+            &name,
+            &members_csv(&cur.iter().cloned().collect::<Vec<_>>()),
+        );
         let context = format!("{} {mode} ({route}) run {}", obj.name(), n + 1);
         let rec = ok_record(&e.run(&toml).await, &context);
         let joined: BTreeSet<String> = match &prev {
@@ -181,7 +186,8 @@ async fn churn(obj: Obj, mode: &str, route: &str) {
         // Membership changes only: a member already confirmed is not touched again.
         assert_eq!(
             rec.rows.tagged + rec.rows.untagged,
-            if adds { joined.len() as u64 } else { 0 } + if removes { left.len() as u64 } else { 0 },
+            if adds { joined.len() as u64 } else { 0 }
+                + if removes { left.len() as u64 } else { 0 },
             "{context}: {:?}",
             rec.rows
         );
@@ -260,14 +266,24 @@ async fn upsert(obj: Obj) {
             Obj::Orgs => snap.organizations.clone(),
         };
         list.iter()
-            .filter_map(|r| Some((r["external_id"].as_str()?.into(), r["name"].as_str()?.into())))
+            .filter_map(|r| {
+                Some((
+                    r["external_id"].as_str()?.into(),
+                    r["name"].as_str()?.into(),
+                ))
+            })
             .collect()
     };
     let now = names(&e);
     let tags = tags_by_key(&e, obj);
     for i in 0..6 {
         assert!(now[&key(i)].ends_with("v1"), "{:?}", now);
-        assert!(tags[&key(i)].contains(TAG), "{}: {:?}", key(i), tags[&key(i)]);
+        assert!(
+            tags[&key(i)].contains(TAG),
+            "{}: {:?}",
+            key(i),
+            tags[&key(i)]
+        );
         if i < 3 {
             for f in FOREIGN {
                 assert!(tags[&key(i)].contains(f), "{:?}", tags[&key(i)]);
@@ -279,12 +295,22 @@ async fn upsert(obj: Obj) {
     let csv = export(&[1], "v2") + &export(&[2, 3, 4, 5, 6], "v1")[header.len() + 1..];
     e.write_export(&name, &csv);
     let rec = ok_record(&e.run(&toml).await, "upsert run 2");
-    assert_eq!((rec.rows.created, rec.rows.updated), (1, 1), "{:?}", rec.rows);
+    assert_eq!(
+        (rec.rows.created, rec.rows.updated),
+        (1, 1),
+        "{:?}",
+        rec.rows
+    );
     let now = names(&e);
     let tags = tags_by_key(&e, obj);
     assert!(now[&key(1)].ends_with("v2"));
     for i in 0..7 {
-        assert!(tags[&key(i)].contains(TAG), "{}: {:?}", key(i), tags[&key(i)]);
+        assert!(
+            tags[&key(i)].contains(TAG),
+            "{}: {:?}",
+            key(i),
+            tags[&key(i)]
+        );
     }
     for f in FOREIGN {
         assert!(tags[&key(0)].contains(f) && tags[&key(1)].contains(f));
@@ -306,10 +332,11 @@ async fn a_failed_tag_write_is_retried_next_run() {
         let toml = audience_toml(&e, &name, obj, "mirror", "", "");
         let keys: Vec<String> = (0..40).map(key).collect();
         e.write_export(&name, &members_csv(&keys));
-        e.sim.set_fault_rules(vec![FaultRule::new(FaultKind::FailItems)
-            .path(&format!("/api/v2/{}/update_many", obj.name()))
-            .fraction(0.5)
-            .times(1)]);
+        e.sim
+            .set_fault_rules(vec![FaultRule::new(FaultKind::FailItems)
+                .path(&format!("/api/v2/{}/update_many", obj.name()))
+                .fraction(0.5)
+                .times(1)]);
         let out = e.run(&toml).await;
         assert!(out.error.is_none(), "{:?}", out.error);
         let rec = only_record(&out);
@@ -381,14 +408,19 @@ async fn a_member_missing_in_zendesk_fails_with_a_reason_and_is_retried() {
     let sample = &rec.failed_samples[0];
     assert_eq!(sample.pk, "ghost");
     assert!(
-        sample.reason.contains("no user with external_id `ghost` exists in Zendesk")
+        sample
+            .reason
+            .contains("no user with external_id `ghost` exists in Zendesk")
             && sample.reason.contains("tried again next run"),
         "{}",
         sample.reason
     );
     // Still missing: failed again (and only it is tried).
     let rec = e.run(&toml).await.records[0].clone();
-    assert_eq!((rec.rows.retried, rec.rows.failed, rec.rows.tagged), (1, 1, 0));
+    assert_eq!(
+        (rec.rows.retried, rec.rows.failed, rec.rows.tagged),
+        (1, 1, 0)
+    );
     // Created by someone else: the next run tags it.
     e.sim
         .seed(
@@ -469,25 +501,32 @@ fn audience_configs_are_validated_with_the_key_and_the_fix() {
     let e = err(base);
     assert!(e.contains("line 3") && e.contains("[audience]"), "{e}");
     let e = err(&format!("{base}\n[audience]\ntag = \"Segment VIP\"\n"));
-    assert!(e.contains("audience.tag") && e.contains("segment_vip"), "{e}");
+    assert!(
+        e.contains("audience.tag") && e.contains("segment_vip"),
+        "{e}"
+    );
     let e = err(&format!("{base}\n[audience]\ntag = \"Segment_VIP\"\n"));
     assert!(e.contains("lower case") && e.contains("segment_vip"), "{e}");
-    let e = err(
-        &format!("{base}\n[audience]\ntag = \"vip\"\n").replace("\"users\"", "\"tickets\""),
-    );
+    let e =
+        err(&format!("{base}\n[audience]\ntag = \"vip\"\n").replace("\"users\"", "\"tickets\""));
     assert!(e.contains("not tickets"), "{e}");
     let e = err(&format!("{base}\n[audience]\ntag = \"vip\"\n").replace("mirror", "insert"));
     assert!(e.contains("not an audience mode"), "{e}");
     let e = err(&format!(
         "{base}\n[mapping]\nname = \"N\"\n\n[audience]\ntag = \"vip\"\n"
     ));
-    assert!(e.contains("only applies to audience syncs in mode \"upsert\""), "{e}");
+    assert!(
+        e.contains("only applies to audience syncs in mode \"upsert\""),
+        "{e}"
+    );
     let upsert = base.replace("mirror", "upsert");
     let e = err(&format!(
         "{upsert}\n[mapping]\nname = \"N\"\nemail = \"E\"\ntags = \"T\"\n\n[audience]\ntag = \"vip\"\n"
     ));
     assert!(e.contains("mapping.tags"), "{e}");
-    let e = err(&format!("{upsert}\n[mapping]\nname = \"N\"\n\n[audience]\ntag = \"vip\"\n"));
+    let e = err(&format!(
+        "{upsert}\n[mapping]\nname = \"N\"\n\n[audience]\ntag = \"vip\"\n"
+    ));
     assert!(e.contains("`email = \"<column>\"`"), "{e}");
     let c = zdsync::config::SyncConfig::parse(
         &format!("{base}\n[audience]\ntag = \"vip\"\nemail_column = \"EMAIL\"\ntag_writes = \"per_record\"\n"),
@@ -571,8 +610,10 @@ mod lambda_steps {
     async fn an_audience_runs_through_plan_audience_diff_write_batch_and_finalize() {
         let e = E2e::start().await;
         seed(&e, Obj::Users, 230, &[]);
-        let toml = audience_toml(&e, "aud", Obj::Users, "mirror", "", "")
-            .replace("file:creds.json", &format!("file:{}", e.root().join("creds.json").display()));
+        let toml = audience_toml(&e, "aud", Obj::Users, "mirror", "", "").replace(
+            "file:creds.json",
+            &format!("file:{}", e.root().join("creds.json").display()),
+        );
         write_file(e.root(), "config/aud.toml", &toml);
         let env = env(&e);
         let keys = |r: std::ops::Range<usize>| r.map(key).collect::<Vec<_>>();
@@ -595,7 +636,10 @@ mod lambda_steps {
         // Nothing changed: AnyTagToWrite goes straight to Finalize.
         let (d, rec) = execute(&env, &e).await;
         assert!(d.nothing_to_do);
-        assert_eq!((rec.status, rec.rows.unchanged), (RunStatus::Succeeded, 210));
+        assert_eq!(
+            (rec.status, rec.rows.unchanged),
+            (RunStatus::Succeeded, 210)
+        );
 
         // audience-diff fails (the export is gone): finalize records it and frees the lock.
         std::fs::remove_dir_all(e.root().join("exports/aud")).unwrap();
@@ -606,7 +650,10 @@ mod lambda_steps {
         let rec = finalize_step(&env, &state).await.unwrap().unwrap();
         assert_eq!(rec.status, RunStatus::Failed);
         assert_eq!(rec.error.unwrap().name, "ExportUnreadable");
-        assert!(plan_step(&env, &json!({"sync": "aud"})).await.is_ok(), "the lock was released");
+        assert!(
+            plan_step(&env, &json!({"sync": "aud"})).await.is_ok(),
+            "the lock was released"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -614,8 +661,10 @@ mod lambda_steps {
         let e = E2e::start().await;
         e.sim
             .update_settings(ACCOUNT, |s| s.organization_tagging = false);
-        let toml = audience_toml(&e, "aud", Obj::Orgs, "add", "", "")
-            .replace("file:creds.json", &format!("file:{}", e.root().join("creds.json").display()));
+        let toml = audience_toml(&e, "aud", Obj::Orgs, "add", "", "").replace(
+            "file:creds.json",
+            &format!("file:{}", e.root().join("creds.json").display()),
+        );
         write_file(e.root(), "config/aud.toml", &toml);
         e.write_export("aud", &members_csv(&[key(0)]));
         let err = plan_step(&env(&e), &json!({"sync": "aud"}))

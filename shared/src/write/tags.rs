@@ -192,7 +192,13 @@ impl Writer {
                 for &k in part {
                     if let Some(rec) = by_id.get(&known[&k]) {
                         let tags = check(rec)?;
-                        found.insert(k, Found { id: known[&k], tags });
+                        found.insert(
+                            k,
+                            Found {
+                                id: known[&k],
+                                tags,
+                            },
+                        );
                     }
                 }
             }

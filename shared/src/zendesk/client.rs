@@ -651,9 +651,7 @@ impl Client {
                 Ok(())
             }
             Object::Organizations => {
-                let page = self
-                    .get("/api/v2/organizations.json?page[size]=1")
-                    .await?;
+                let page = self.get("/api/v2/organizations.json?page[size]=1").await?;
                 let id = page["organizations"][0]["id"].as_u64().unwrap_or(1);
                 match self
                     .get(&format!("/api/v2/organizations/{id}/tags.json"))
