@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use zdsync::config::SyncConfig;
+use zdsync::config::{Mode, SyncConfig};
 use zdsync::run::{RunContext, RunError, RunOptions, RunOutcome, RunRecord, RunStatus};
 use zdsync::store::{LocalStore, ObjectStore};
 use zdsync::write::Progress;
@@ -217,7 +217,11 @@ pub fn render_record(r: &RunRecord) -> String {
             &mut s,
             "removed",
             rows.removed,
-            "gone from the export; left in Zendesk",
+            match r.mode {
+                Mode::Remove | Mode::Mirror => "left the audience (their tag is removed)",
+                Mode::Add => "left the audience; add mode keeps their tag",
+                _ => "gone from the export; left in Zendesk",
+            },
         );
     }
     line(&mut s, "failed", rows.failed, "sent again next run");
@@ -240,7 +244,11 @@ pub fn render_record(r: &RunRecord) -> String {
         q.paused_ms as f64 / 1000.0
     );
     let p = &r.phases;
-    let written = rows.created + rows.updated + rows.failed;
+    let written = if rows.tagged + rows.untagged > 0 && rows.created + rows.updated == 0 {
+        rows.tagged + rows.untagged + rows.failed
+    } else {
+        rows.created + rows.updated + rows.failed
+    };
     let rate = if p.write > 0.0 {
         format!(" · {:.0} rows/s", written as f64 / p.write)
     } else {
