@@ -231,6 +231,10 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
         .await
         .unwrap_err();
     assert_eq!(err.error_name(), "RunLocked");
+    // An export event refused that way leaves no dedupe marker: its retry is no duplicate.
+    let event = s3_event("exports/people/part-0000.csv", "etag-locked");
+    let err = plan_step(&s.env, &event).await.unwrap_err();
+    assert_eq!(err.error_name(), "RunLocked");
     // The Map failed and the Catch hands the error to finalize: a failed record, lock released,
     // rows without outcome flagged to be looked up before they are created again.
     // One chunk failed after its retries; the item processor's Catch hands the Lambda error
@@ -257,6 +261,21 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
         e.message
     );
     assert!(!s.root.join("locks/people.json").exists());
+    // The event refused while locked now runs.
+    let d = plan_step(&s.env, &event).await.unwrap();
+    assert!(!d.duplicate && !d.nothing_to_do);
+    // The run fails as a whole: its object's marker is dropped, so the same object (an event
+    // redelivered, or the file put again) starts a run again rather than being skipped.
+    let state =
+        json!({"plan": {"run": d}, "error": {"Error": "ZendeskUnavailable", "Cause": "503"}});
+    finalize_step(&s.env, &state).await.unwrap().unwrap();
+    let d = plan_step(&s.env, &event).await.unwrap();
+    assert!(!d.duplicate);
+    finalize_step(&s.env, &json!({"plan": {"run": d}}))
+        .await
+        .unwrap();
+    // A run that succeeds keeps the marker: the same event is then a duplicate.
+    assert!(plan_step(&s.env, &event).await.unwrap().duplicate);
 
     // The Map itself failed and the Catch hands the error to finalize.
     let d = plan_step(&s.env, &json!({"sync": "people"})).await.unwrap();
