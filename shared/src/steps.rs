@@ -170,6 +170,27 @@ pub async fn plan_step(env: &StepEnv, event: &Value) -> Result<PlanDescriptor, R
         started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     };
 
+    // An export that is one object (a file, or the manifest a multi-part UNLOAD writes after
+    // its parts) starts a run only when that object lands: events for the parts would plan a
+    // half-written export.
+    if let Some((key, _)) = &trigger.object {
+        let location = cfg.source.location.trim_start_matches('/').to_string();
+        if key != &location && !location.ends_with('/') {
+            let (store, l) = (env.store.clone(), location.clone());
+            let single = blocking(move || {
+                store
+                    .head(&l)
+                    .map_err(|source| RunError::ChangeSet(ChangeSetError::Io { key: l, source }))
+            })
+            .await?
+            .is_some();
+            if single {
+                tracing::info!(sync = %cfg.name, %key, %location, "not the export's trigger object (the sync reads {location}); nothing to do");
+                return Ok(descriptor(String::new(), String::new()));
+            }
+        }
+    }
+
     // A run is keyed by its export object: EventBridge may deliver an event twice.
     let mut marker = None;
     if let Some((key, etag)) = &trigger.object {
@@ -455,7 +476,8 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
         // plan failed: it recorded nothing to fold and released the lock itself.
         return Ok(None);
     };
-    if d.duplicate {
+    // A duplicate event, or an object that is not the export's trigger: no run to close.
+    if d.duplicate || d.manifest_key.is_empty() {
         return Ok(None);
     }
     let mut error = state.get("error").map(|e| RunErrorInfo {

@@ -307,3 +307,34 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
     );
     s.sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_that_is_one_object_starts_only_when_that_object_lands() {
+    let s = setup().await;
+    // A multi-part unload: the parts land first, the manifest last; the sync reads the manifest.
+    let config = std::fs::read_to_string(s.root.join("config/people.toml"))
+        .unwrap()
+        .replace("exports/people/", "exports/people/manifest");
+    write(&s.root.join("config/people.toml"), &config);
+    write(
+        &s.root.join("exports/people/manifest"),
+        "{\"entries\":[{\"url\":\"s3://zdsync-bucket/exports/people/part-0000.csv\",\"mandatory\":true}]}",
+    );
+    let before = s.sim.counters().requests;
+    let part = plan_step(&s.env, &s3_event("exports/people/part-0000.csv", "e1"))
+        .await
+        .unwrap();
+    assert!(part.nothing_to_do && !part.duplicate && part.manifest_key.is_empty());
+    assert!(!s.root.join("locks/people.json").exists(), "no lock taken");
+    assert_eq!(s.sim.counters().requests, before, "no Zendesk request");
+    assert!(finalize_step(&s.env, &json!({"plan": {"run": part}}))
+        .await
+        .unwrap()
+        .is_none());
+    let d = plan_step(&s.env, &s3_event("exports/people/manifest", "e2"))
+        .await
+        .unwrap();
+    assert!(!d.nothing_to_do, "{d:?}");
+    assert_eq!(d.rows_to_write, 250);
+    s.sim.shutdown().await;
+}
