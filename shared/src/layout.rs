@@ -65,6 +65,14 @@ pub fn run_record_key(sync: &str, run: &str) -> String {
 }
 
 /// The file name of a chunk key without folder and extension (`create-000001`).
+/// Marks an export object (key + ETag) as synced, so a redelivered S3 event starts no run.
+pub fn trigger_marker_key(sync: &str, key: &str, etag: &str) -> String {
+    format!(
+        "triggers/{sync}/{:016x}.json",
+        xxhash_rust::xxh3::xxh3_64(format!("{key}\n{etag}").as_bytes())
+    )
+}
+
 pub fn chunk_name(chunk_key: &str) -> &str {
     let name = chunk_key.rsplit('/').next().unwrap_or(chunk_key);
     name.strip_suffix(".jsonl.zst").unwrap_or(name)

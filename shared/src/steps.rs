@@ -114,6 +114,10 @@ pub struct PlanDescriptor {
     pub nothing_to_do: bool,
     /// The export object was already synced by an earlier execution.
     pub duplicate: bool,
+    /// The export object's dedupe marker; finalize drops it when the run fails, so the same
+    /// object can start a run again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger_marker: Option<String>,
     pub counts: Counts,
     pub started_at: String,
 }
@@ -162,29 +166,45 @@ pub async fn plan_step(env: &StepEnv, event: &Value) -> Result<PlanDescriptor, R
         max_concurrency: env.default_concurrency.max(1),
         nothing_to_do: true,
         duplicate: false,
+        trigger_marker: None,
         counts: Counts::default(),
         started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     };
 
+    // An export that is one object (a file, or the manifest a multi-part UNLOAD writes after
+    // its parts) starts a run only when that object lands: events for the parts would plan a
+    // half-written export.
+    if let Some((key, _)) = &trigger.object {
+        let location = cfg.source.location.trim_start_matches('/').to_string();
+        if key != &location && !location.ends_with('/') {
+            let (store, l) = (env.store.clone(), location.clone());
+            let single = blocking(move || {
+                store
+                    .head(&l)
+                    .map_err(|source| RunError::ChangeSet(ChangeSetError::Io { key: l, source }))
+            })
+            .await?
+            .is_some();
+            if single {
+                tracing::info!(sync = %cfg.name, %key, %location, "not the export's trigger object (the sync reads {location}); nothing to do");
+                return Ok(descriptor(String::new(), String::new()));
+            }
+        }
+    }
+
     // A run is keyed by its export object: EventBridge may deliver an event twice.
+    let mut marker = None;
     if let Some((key, etag)) = &trigger.object {
-        let marker = format!(
-            "triggers/{}/{:016x}.json",
-            cfg.name,
-            xxhash_rust::xxh3::xxh3_64(format!("{key}\n{etag}").as_bytes())
-        );
+        let m = layout::trigger_marker_key(&cfg.name, key, etag);
         let body = serde_json::to_vec(&serde_json::json!({
             "key": key, "etag": etag, "run_id": run_id,
         }))
         .expect("marker serialises");
-        let store = env.store.clone();
+        let (store, k) = (env.store.clone(), m.clone());
         let fresh = blocking(move || {
-            store.put_if_absent(&marker, &body).map_err(|source| {
-                RunError::ChangeSet(ChangeSetError::Io {
-                    key: marker,
-                    source,
-                })
-            })
+            store
+                .put_if_absent(&k, &body)
+                .map_err(|source| RunError::ChangeSet(ChangeSetError::Io { key: k, source }))
         })
         .await?;
         if !fresh {
@@ -193,17 +213,57 @@ pub async fn plan_step(env: &StepEnv, event: &Value) -> Result<PlanDescriptor, R
             d.duplicate = true;
             return Ok(d);
         }
+        marker = Some(m);
     }
+    let result = plan_with_lock(env, &cfg, &run_id, &trigger, started).await;
+    match result {
+        Ok(mut d) => {
+            d.trigger_marker = marker;
+            Ok(d)
+        }
+        Err(e) => {
+            // No run happened: the object may trigger again (the state machine retries a
+            // RunLocked plan with this very event).
+            if let Some(m) = marker {
+                forget_trigger(env, m).await;
+            }
+            Err(e)
+        }
+    }
+}
 
+/// Drop an export object's marker so the same object (a redelivered event, or the file put
+/// again) starts a run again.
+async fn forget_trigger(env: &StepEnv, marker: String) {
+    let store = env.store.clone();
+    let _ = blocking(move || {
+        store.delete(&marker).map_err(|source| {
+            RunError::ChangeSet(ChangeSetError::Io {
+                key: marker,
+                source,
+            })
+        })
+    })
+    .await
+    .map_err(|e| tracing::warn!(error = %e, "could not drop the trigger marker"));
+}
+
+async fn plan_with_lock(
+    env: &StepEnv,
+    cfg: &SyncConfig,
+    run_id: &str,
+    trigger: &Trigger,
+    started: chrono::DateTime<chrono::Utc>,
+) -> Result<PlanDescriptor, RunError> {
     let guard = lock::acquire(
         env.store.clone(),
         &cfg.name,
-        &run_id,
+        run_id,
         env.lock_ttl,
         Duration::ZERO,
     )
     .await?;
-    let result = plan_locked(env, &cfg, &run_id, &trigger, started).await;
+    let result = plan_locked(env, cfg, run_id, trigger, started).await;
     match result {
         Ok(mut d) => {
             // The lock stays for write-batch and finalize; only its renewal stops here.
@@ -305,6 +365,7 @@ async fn plan_object(
         max_concurrency: env.default_concurrency.clamp(1, by_budget),
         nothing_to_do: m.chunks.is_empty(),
         duplicate: false,
+        trigger_marker: None,
         counts: m.counts.clone(),
         started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     })
@@ -483,7 +544,8 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
         // plan failed: it recorded nothing to fold and released the lock itself.
         return Ok(None);
     };
-    if d.duplicate {
+    // A duplicate event, or an object that is not the export's trigger: no run to close.
+    if d.duplicate || d.manifest_key.is_empty() {
         return Ok(None);
     }
     let mut error = state.get("error").map(|e| RunErrorInfo {
@@ -562,6 +624,11 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
         error,
     });
     run::save_record(env.store.clone(), &rec).await?;
+    if rec.error.is_some() {
+        if let Some(m) = d.trigger_marker.clone() {
+            forget_trigger(env, m).await;
+        }
+    }
     let (store, sync, run_id) = (env.store.clone(), d.sync.clone(), d.run_id.clone());
     blocking(move || Ok(lock::release(store.as_ref(), &sync, &run_id)?)).await?;
     Ok(Some(rec))

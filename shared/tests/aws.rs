@@ -52,7 +52,7 @@ fn moto_binary() -> PathBuf {
     found.unwrap_or_else(|| {
         panic!(
             "moto_server not found: set ZDSYNC_MOTO to a moto_server binary or put one on PATH \
-             (python3 -m venv v && v/bin/pip install 'moto[server]==5.1.22'); scripts/test.sh \
+             (python3 -m venv v && v/bin/pip install 'moto[server]==5.2.5'); scripts/test.sh \
              does this for you"
         )
     })

@@ -232,7 +232,29 @@ fn every_failure_path_finalizes_before_failing() {
             .iter()
             .filter_map(|c| c["Next"].as_str())
             .collect();
-        assert_eq!(targets, ["FinalizeFailed"], "{name}");
+        assert!(
+            !targets.is_empty() && targets.iter().all(|t| *t == "FinalizeFailed"),
+            "{name}: {targets:?}"
+        );
+    }
+    // Step Functions refuses States.ALL beside other names, and anywhere but the last catcher.
+    for (_, name, state) in all_states() {
+        for key in ["Retry", "Catch"] {
+            let Some(list) = state[key].as_array() else {
+                continue;
+            };
+            for (i, r) in list.iter().enumerate() {
+                let names = r["ErrorEquals"].as_array().unwrap();
+                if names.iter().any(|n| n == "States.ALL") {
+                    assert_eq!(
+                        names.len(),
+                        1,
+                        "{name}.{key}[{i}]: States.ALL must be alone"
+                    );
+                    assert_eq!(i, list.len() - 1, "{name}.{key}: States.ALL must come last");
+                }
+            }
+        }
     }
     assert_eq!(s["FinalizeFailed"]["Next"], "SyncFailed");
     assert_eq!(s["SyncFailed"]["Type"], "Fail");

@@ -231,6 +231,10 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
         .await
         .unwrap_err();
     assert_eq!(err.error_name(), "RunLocked");
+    // An export event refused that way leaves no dedupe marker: its retry is no duplicate.
+    let event = s3_event("exports/people/part-0000.csv", "etag-locked");
+    let err = plan_step(&s.env, &event).await.unwrap_err();
+    assert_eq!(err.error_name(), "RunLocked");
     // The Map failed and the Catch hands the error to finalize: a failed record, lock released,
     // rows without outcome flagged to be looked up before they are created again.
     // One chunk failed after its retries; the item processor's Catch hands the Lambda error
@@ -257,6 +261,21 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
         e.message
     );
     assert!(!s.root.join("locks/people.json").exists());
+    // The event refused while locked now runs.
+    let d = plan_step(&s.env, &event).await.unwrap();
+    assert!(!d.duplicate && !d.nothing_to_do);
+    // The run fails as a whole: its object's marker is dropped, so the same object (an event
+    // redelivered, or the file put again) starts a run again rather than being skipped.
+    let state =
+        json!({"plan": {"run": d}, "error": {"Error": "ZendeskUnavailable", "Cause": "503"}});
+    finalize_step(&s.env, &state).await.unwrap().unwrap();
+    let d = plan_step(&s.env, &event).await.unwrap();
+    assert!(!d.duplicate);
+    finalize_step(&s.env, &json!({"plan": {"run": d}}))
+        .await
+        .unwrap();
+    // A run that succeeds keeps the marker: the same event is then a duplicate.
+    assert!(plan_step(&s.env, &event).await.unwrap().duplicate);
 
     // The Map itself failed and the Catch hands the error to finalize.
     let d = plan_step(&s.env, &json!({"sync": "people"})).await.unwrap();
@@ -286,5 +305,36 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
             .unwrap()
             .is_none()
     );
+    s.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_that_is_one_object_starts_only_when_that_object_lands() {
+    let s = setup().await;
+    // A multi-part unload: the parts land first, the manifest last; the sync reads the manifest.
+    let config = std::fs::read_to_string(s.root.join("config/people.toml"))
+        .unwrap()
+        .replace("exports/people/", "exports/people/manifest");
+    write(&s.root.join("config/people.toml"), &config);
+    write(
+        &s.root.join("exports/people/manifest"),
+        "{\"entries\":[{\"url\":\"s3://zdsync-bucket/exports/people/part-0000.csv\",\"mandatory\":true}]}",
+    );
+    let before = s.sim.counters().requests;
+    let part = plan_step(&s.env, &s3_event("exports/people/part-0000.csv", "e1"))
+        .await
+        .unwrap();
+    assert!(part.nothing_to_do && !part.duplicate && part.manifest_key.is_empty());
+    assert!(!s.root.join("locks/people.json").exists(), "no lock taken");
+    assert_eq!(s.sim.counters().requests, before, "no Zendesk request");
+    assert!(finalize_step(&s.env, &json!({"plan": {"run": part}}))
+        .await
+        .unwrap()
+        .is_none());
+    let d = plan_step(&s.env, &s3_event("exports/people/manifest", "e2"))
+        .await
+        .unwrap();
+    assert!(!d.nothing_to_do, "{d:?}");
+    assert_eq!(d.rows_to_write, 250);
     s.sim.shutdown().await;
 }
