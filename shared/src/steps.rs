@@ -303,6 +303,7 @@ async fn plan_locked(
             max_concurrency: env.default_concurrency.max(1),
             nothing_to_do: false,
             duplicate: false,
+            trigger_marker: None,
             counts: Counts::default(),
             started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         });
@@ -399,6 +400,7 @@ pub async fn audience_diff_step(
     let client = (env.client_for)(&cfg).await?;
     let mut out = plan_object(env, &cfg, &client, &d.run_id, &trigger, started).await?;
     out.started_at = d.started_at.clone();
+    out.trigger_marker = d.trigger_marker.clone();
     Ok(out)
 }
 
@@ -545,7 +547,7 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
         return Ok(None);
     };
     // A duplicate event, or an object that is not the export's trigger: no run to close.
-    if d.duplicate || d.manifest_key.is_empty() {
+    if d.duplicate || (d.manifest_key.is_empty() && d.nothing_to_do) {
         return Ok(None);
     }
     let mut error = state.get("error").map(|e| RunErrorInfo {
@@ -673,6 +675,9 @@ async fn finalize_unplanned(
         resumed: false,
     };
     run::save_record(env.store.clone(), &rec).await?;
+    if let Some(m) = d.trigger_marker.clone() {
+        forget_trigger(env, m).await;
+    }
     let (store, sync, run_id) = (env.store.clone(), d.sync.clone(), d.run_id.clone());
     blocking(move || Ok(lock::release(store.as_ref(), &sync, &run_id)?)).await?;
     Ok(rec)
