@@ -658,6 +658,45 @@ async fn the_state_machine_syncs_an_s3_export_through_the_real_lambdas() {
         assert_eq!(u["user_fields"]["plan"], "plan_enterprise");
     }
     assert_eq!(zd.users.len(), 251, "no duplicates");
+    // 5. An audience sync (mirror the `segment_vip` tag) started by hand: plan → AudienceDiff
+    // → the Map of tag writes → finalize.
+    let vip = format!(
+        "name = \"vip\"\nobject = \"users\"\nmode = \"mirror\"\nprimary_key = \"ID\"\nchunk_rows = 100\n\n[source]\nlocation = \"exports/vip/\"\n\n[zendesk]\nsubdomain = \"acme\"\nbase_url = \"{}\"\ncredentials = \"env\"\n\n[audience]\ntag = \"segment_vip\"\n",
+        sim.base_url()
+    );
+    stack.aws.put("config/vip.toml", vip.as_bytes()).await;
+    let members = |r: std::ops::Range<u32>| {
+        let mut csv = String::from("ID\n");
+        r.for_each(|i| csv.push_str(&format!("p{i:04}\n")));
+        csv
+    };
+    stack
+        .aws
+        .put("exports/vip/members.csv", members(0..150).as_bytes())
+        .await;
+    let d = stack.execute(&json!({"sync": "vip"})).await;
+    assert_eq!(d["status"], "SUCCEEDED", "{d:#}\n{}", stack.logs());
+    // Members change: 50 leave, 50 join.
+    stack
+        .aws
+        .put("exports/vip/members.csv", members(50..200).as_bytes())
+        .await;
+    let d = stack.execute(&json!({"sync": "vip"})).await;
+    assert_eq!(d["status"], "SUCCEEDED", "{d:#}\n{}", stack.logs());
+    let zd = sim.state("acme").unwrap();
+    for i in 0..250 {
+        let u = zd.user_by_external_id(&format!("p{i:04}")).unwrap();
+        let tags: Vec<&str> = u["tags"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            tags.contains(&"segment_vip"),
+            (50..200).contains(&i),
+            "p{i:04}: {tags:?}"
+        );
+    }
+
     eprintln!(
         "end to end: first sync of 250 rows {:.1} s; whole test {:.1} s",
         first_run.as_secs_f64(),
