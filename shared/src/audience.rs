@@ -21,6 +21,7 @@ use crate::changeset::{
     FoldSummary, Manifest, Op, ResultRow, RowStatus, FAILED_SAMPLES, MANIFEST_VERSION,
 };
 use crate::config::{Mode, SyncConfig};
+use crate::export::ExportError;
 use crate::export::{self, Next, Record, Value};
 use crate::layout;
 use crate::mapping::{self, Reason};
@@ -207,6 +208,24 @@ pub fn diff(
             }
         }
         d.gone(state.as_ref())?;
+        // An export without a single member is far more often a failed unload than an empty
+        // segment; under mirror or remove it would untag everyone, so it needs a yes.
+        let members = d.counts.rows_read - d.counts.invalid;
+        if members == 0
+            && d.counts.removed > 0
+            && matches!(cfg.mode, Mode::Mirror | Mode::Remove)
+            && !audience.allow_empty_export
+        {
+            return Err(PlanError::Export(ExportError::Unreadable {
+                file: cfg.source.location.clone(),
+                reason: format!(
+                    "the export has no members, so this {} run would remove `{}` from all {} members; nothing was written. If the segment really is empty, set `allow_empty_export = true` under [audience] for this run",
+                    cfg.mode.as_str(),
+                    audience.tag,
+                    d.counts.removed
+                ),
+            }));
+        }
         d.flush(Op::Add)?;
         d.flush(Op::Remove)?;
         d.finish()

@@ -79,6 +79,9 @@ pub struct Audience {
     pub email_column: Option<String>,
     #[serde(default)]
     pub tag_writes: TagWrites,
+    /// mirror / remove: accept an export without a single member (which untags everyone).
+    #[serde(default)]
+    pub allow_empty_export: bool,
 }
 
 /// What a NULL cell does to the mapped field.
@@ -197,6 +200,8 @@ struct RawAudience {
     email_column: Option<String>,
     #[serde(default)]
     tag_writes: TagWrites,
+    #[serde(default)]
+    allow_empty_export: bool,
 }
 
 #[derive(Deserialize)]
@@ -406,6 +411,7 @@ impl SyncConfig {
                     tag,
                     email_column,
                     tag_writes: a.tag_writes,
+                    allow_empty_export: a.allow_empty_export,
                 })
             }
         };

@@ -674,3 +674,41 @@ mod lambda_steps {
         assert_eq!(write_requests(&e.counters()), 0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_export_needs_a_yes_before_mirror_untags_everyone() {
+    let e = E2e::start().await;
+    seed(&e, Obj::Users, 6, &[]);
+    let name = "aud_empty";
+    let keys: Vec<String> = (0..6).map(key).collect();
+    let toml = audience_toml(&e, name, Obj::Users, "mirror", "", "");
+    e.write_export(name, &members_csv(&keys));
+    ok_record(&e.run(&toml).await, "first run");
+    // A failed unload leaves a header and no rows: refused before any write.
+    e.write_export(name, &members_csv(&[]));
+    let before = e.counters();
+    let out = e.run(&toml).await;
+    let err = out.error.as_ref().expect("refused");
+    assert_eq!(err.error_name(), "ExportUnreadable", "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("no members") && msg.contains("allow_empty_export = true"),
+        "{msg}"
+    );
+    assert_eq!(write_requests(&e.counters()) - write_requests(&before), 0);
+    let all: BTreeMap<String, bool> = keys.iter().map(|k| (k.clone(), true)).collect();
+    check_tags(&e, Obj::Users, &all, "after the refused run");
+    // The segment really is empty: with the yes, everyone is untagged.
+    let toml = audience_toml(
+        &e,
+        name,
+        Obj::Users,
+        "mirror",
+        "allow_empty_export = true",
+        "",
+    );
+    let rec = ok_record(&e.run(&toml).await, "allowed");
+    assert_eq!(rec.rows.untagged, 6);
+    let none: BTreeMap<String, bool> = keys.iter().map(|k| (k.clone(), false)).collect();
+    check_tags(&e, Obj::Users, &none, "after the allowed run");
+}
