@@ -25,12 +25,12 @@ use crate::export::ExportError;
 use crate::export::{self, Next, Record, Value};
 use crate::layout;
 use crate::mapping::{self, Reason};
-use crate::plan::{self, InvalidRow, PlanError, PlanOptions, PlanReport, ReasonSummary};
+use crate::plan::{self, InvalidRow, InvalidRows, PlanError, PlanOptions, PlanReport};
 use crate::state::{StateHeader, StateIndex, StateReader, StateWriter, FLAG_ABSENT, FLAG_FAILED};
 use crate::store::ObjectStore;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{self, Write};
+use std::collections::{HashMap, HashSet};
+use std::io;
 use std::time::Instant;
 
 /// The fingerprint of a confirmed member.
@@ -72,8 +72,7 @@ struct Differ<'a> {
     next_index: [usize; 2],
     membership: Vec<u8>,
     membership_rows: u64,
-    invalid: BTreeMap<&'static str, ReasonSummary>,
-    invalid_out: Option<Box<dyn crate::store::ObjectWriter>>,
+    invalid: InvalidRows,
 }
 
 /// Plan one run of an audience sync: the export's members against the membership state →
@@ -105,8 +104,7 @@ pub fn diff(
         next_index: [0, 0],
         membership: Vec::new(),
         membership_rows: 0,
-        invalid: BTreeMap::new(),
-        invalid_out: None,
+        invalid: InvalidRows::new(&cfg.name, opts),
     };
     let result = (|| -> Result<(), PlanError> {
         let columns = cfg.columns();
@@ -280,7 +278,7 @@ pub fn diff(
     Ok(PlanReport {
         manifest,
         manifest_key,
-        invalid_by_reason: d.invalid,
+        invalid_by_reason: d.invalid.by_reason,
         state_rows,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -448,35 +446,11 @@ impl Differ<'_> {
             message,
         };
         self.counts.invalid += 1;
-        let entry = self.invalid.entry(reason.as_str()).or_default();
-        entry.count += 1;
-        if entry.samples.len() < self.opts.samples_per_reason {
-            entry.samples.push(row.clone());
-        }
-        if self.opts.dry_run {
-            return Ok(());
-        }
-        let key = layout::invalid_key(&self.cfg.name, &self.opts.run_id);
-        if self.invalid_out.is_none() {
-            self.invalid_out =
-                Some(self.store.create(&key).map_err(|source| PlanError::Write {
-                    key: key.clone(),
-                    source,
-                })?);
-        }
-        let out = self.invalid_out.as_mut().expect("created above");
-        serde_json::to_writer(&mut *out, &row)
-            .map_err(io::Error::from)
-            .and_then(|_| out.write_all(b"\n"))
-            .map_err(|source| PlanError::Write { key, source })
+        self.invalid.push(self.store, row)
     }
 
     fn finish(&mut self) -> Result<(), PlanError> {
-        if let Some(out) = self.invalid_out.take() {
-            let key = layout::invalid_key(&self.cfg.name, &self.opts.run_id);
-            out.commit()
-                .map_err(|source| PlanError::Write { key, source })?;
-        }
+        self.invalid.commit()?;
         if self.membership_rows > 0 && !self.opts.dry_run {
             let key = membership_key(&self.cfg.name, &self.opts.run_id);
             let packed =

@@ -82,6 +82,70 @@ pub enum PlanError {
     Write { key: String, source: io::Error },
 }
 
+/// Refused rows of one plan: counted and sampled per reason, and written to the run's
+/// `invalid.jsonl` (not on a dry run).
+pub(crate) struct InvalidRows {
+    pub(crate) by_reason: BTreeMap<&'static str, ReasonSummary>,
+    out: Option<Box<dyn crate::store::ObjectWriter>>,
+    key: String,
+    samples: usize,
+    dry_run: bool,
+}
+
+impl InvalidRows {
+    pub(crate) fn new(sync: &str, opts: &PlanOptions) -> Self {
+        InvalidRows {
+            by_reason: BTreeMap::new(),
+            out: None,
+            key: layout::invalid_key(sync, &opts.run_id),
+            samples: opts.samples_per_reason,
+            dry_run: opts.dry_run,
+        }
+    }
+
+    pub(crate) fn push(
+        &mut self,
+        store: &dyn ObjectStore,
+        row: InvalidRow,
+    ) -> Result<(), PlanError> {
+        let entry = self.by_reason.entry(row.reason.as_str()).or_default();
+        entry.count += 1;
+        if entry.samples.len() < self.samples {
+            entry.samples.push(row.clone());
+        }
+        if self.dry_run {
+            return Ok(());
+        }
+        let out = match &mut self.out {
+            Some(out) => out,
+            None => {
+                self.out
+                    .insert(store.create(&self.key).map_err(|source| PlanError::Write {
+                        key: self.key.clone(),
+                        source,
+                    })?)
+            }
+        };
+        serde_json::to_writer(&mut *out, &row)
+            .map_err(io::Error::from)
+            .and_then(|_| out.write_all(b"\n"))
+            .map_err(|source| PlanError::Write {
+                key: self.key.clone(),
+                source,
+            })
+    }
+
+    pub(crate) fn commit(&mut self) -> Result<(), PlanError> {
+        match self.out.take() {
+            Some(out) => out.commit().map_err(|source| PlanError::Write {
+                key: self.key.clone(),
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Identity hasher for keys that are already uniform 64-bit hashes.
 #[derive(Default)]
 struct KeyHasher(u64);
@@ -131,8 +195,7 @@ struct Planner<'a> {
     open: [Option<OpenChunk>; 2],
     op_index: [usize; 2],
     sink: Option<mpsc::SyncSender<(String, Vec<u8>)>>,
-    invalid: BTreeMap<&'static str, ReasonSummary>,
-    invalid_out: Option<Box<dyn crate::store::ObjectWriter>>,
+    invalid: InvalidRows,
     parts: Vec<PartInfo>,
     /// First ordinal of each part, to turn ordinals back into files.
     part_start: Vec<u32>,
@@ -165,8 +228,7 @@ pub fn plan(
         open: [None, None],
         op_index: [0, 0],
         sink: None,
-        invalid: BTreeMap::new(),
-        invalid_out: None,
+        invalid: InvalidRows::new(&cfg.name, opts),
         parts: parts
             .iter()
             .map(|o| PartInfo {
@@ -244,7 +306,7 @@ pub fn plan(
     Ok(PlanReport {
         manifest,
         manifest_key,
-        invalid_by_reason: p.invalid,
+        invalid_by_reason: p.invalid.by_reason,
         state_rows: n as u64,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -580,27 +642,7 @@ impl Planner<'_> {
 
     fn refuse(&mut self, row: InvalidRow) -> Result<(), PlanError> {
         self.counts.invalid += 1;
-        let entry = self.invalid.entry(row.reason.as_str()).or_default();
-        entry.count += 1;
-        if entry.samples.len() < self.opts.samples_per_reason {
-            entry.samples.push(row.clone());
-        }
-        if self.opts.dry_run {
-            return Ok(());
-        }
-        let key = layout::invalid_key(&self.cfg.name, &self.opts.run_id);
-        if self.invalid_out.is_none() {
-            self.invalid_out =
-                Some(self.store.create(&key).map_err(|source| PlanError::Write {
-                    key: key.clone(),
-                    source,
-                })?);
-        }
-        let out = self.invalid_out.as_mut().expect("created above");
-        serde_json::to_writer(&mut *out, &row)
-            .map_err(io::Error::from)
-            .and_then(|_| out.write_all(b"\n"))
-            .map_err(|source| PlanError::Write { key, source })
+        self.invalid.push(self.store, row)
     }
 
     fn part_of(&self, ordinal: u32) -> usize {
@@ -698,12 +740,7 @@ impl Planner<'_> {
         self.chunks.retain(|c| c.rows > 0);
 
         self.write_removed()?;
-        if let Some(out) = self.invalid_out.take() {
-            let key = layout::invalid_key(&self.cfg.name, &self.opts.run_id);
-            out.commit()
-                .map_err(|source| PlanError::Write { key, source })?;
-        }
-        Ok(())
+        self.invalid.commit()
     }
 
     /// Rewrite one chunk without the rows of the given keys.

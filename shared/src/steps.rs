@@ -232,6 +232,17 @@ pub async fn plan_step(env: &StepEnv, event: &Value) -> Result<PlanDescriptor, R
     }
 }
 
+/// Store one small object (chunk list, stats, failure marker).
+async fn put_object(env: &StepEnv, key: String, body: Vec<u8>) -> Result<(), RunError> {
+    let store = env.store.clone();
+    blocking(move || {
+        store
+            .put(&key, &body)
+            .map_err(|source| RunError::ChangeSet(ChangeSetError::Io { key, source }))
+    })
+    .await
+}
+
 /// Drop an export object's marker so the same object (a redelivered event, or the file put
 /// again) starts a run again.
 async fn forget_trigger(env: &StepEnv, marker: String) {
@@ -334,13 +345,7 @@ async fn plan_object(
     let m = &report.manifest;
     let chunks_key = format!("{}chunks.json", layout::run_prefix(&m.sync, &m.run_id));
     let body = serde_json::to_vec(&m.chunks).expect("chunk list serialises");
-    let (store, key) = (env.store.clone(), chunks_key.clone());
-    blocking(move || {
-        store
-            .put(&key, &body)
-            .map_err(|source| RunError::ChangeSet(ChangeSetError::Io { key, source }))
-    })
-    .await?;
+    put_object(env, chunks_key.clone(), body).await?;
     let rows: u64 = m.chunks.iter().map(|c| c.rows).sum();
     // Each write-batch keeps its own share of the budget busy; more invocations than the
     // budget carries only queue on 429s.
@@ -470,13 +475,7 @@ pub async fn write_step(env: &StepEnv, input: &WriteInput) -> Result<WriteOutput
         "jobs": progress.jobs.load(std::sync::atomic::Ordering::Relaxed),
     }))
     .expect("stats serialise");
-    let store = env.store.clone();
-    blocking(move || {
-        store
-            .put(&key, &body)
-            .map_err(|source| RunError::ChangeSet(ChangeSetError::Io { key, source }))
-    })
-    .await?;
+    put_object(env, key, body).await?;
     Ok(WriteOutput {
         chunk: name,
         rows: summary.rows,
@@ -507,13 +506,7 @@ async fn record_chunk_failure(
         run::new_run_id()
     );
     let body = serde_json::to_vec(&failure).expect("failure serialises");
-    let store = env.store.clone();
-    blocking(move || {
-        store
-            .put(&key, &body)
-            .map_err(|source| RunError::ChangeSet(ChangeSetError::Io { key, source }))
-    })
-    .await?;
+    put_object(env, key, body).await?;
     Ok(WriteOutput {
         chunk: name,
         rows: input.chunk.rows,
