@@ -45,7 +45,8 @@ else
     echo "aarch64-unknown-linux-gnu unavailable: building x86_64 instead"
     ARCH=(--x86-64)
 fi
-PATH="$ZDSYNC_VENV/bin:$PATH" cargo lambda build --release "${ARCH[@]}"
+PATH="$ZDSYNC_VENV/bin:$PATH" cargo lambda build --release "${ARCH[@]}" \
+    -p plan -p write-batch -p audience-diff -p finalize
 for f in plan write-batch audience-diff finalize; do
     b="${CARGO_TARGET_DIR:-target}/lambda/$f/bootstrap"
     [ -x "$b" ] || { echo "missing $b"; exit 1; }
