@@ -491,6 +491,26 @@ async fn the_state_machine_syncs_an_s3_export_through_the_real_lambdas() {
         ));
     }
     eprintln!("cold start under cargo lambda watch: {}", cold.join("; "));
+    // Each function logs how long its own init took (logs, S3 client, credential cache).
+    let watch_log = std::fs::read_to_string(logs.path().join("watch.log")).unwrap();
+    let mut inits: Vec<f64> = watch_log
+        .lines()
+        .filter(|l| l.contains("function initialised"))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["fields"]["init_ms"].as_f64())
+        .collect();
+    assert!(
+        inits.len() >= 3,
+        "an init per instance started:\n{watch_log}"
+    );
+    inits.sort_by(f64::total_cmp);
+    eprintln!(
+        "init inside the functions ({} instances): min {:.1} ms, median {:.1} ms, max {:.1} ms",
+        inits.len(),
+        inits[0],
+        inits[inits.len() / 2],
+        inits[inits.len() - 1]
+    );
 
     let created = aws
         .sfn(

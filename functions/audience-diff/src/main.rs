@@ -8,8 +8,7 @@ use zdsync::steps::PlanDescriptor;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    zdsync::aws::lambda::init_tracing();
-    let env = zdsync::aws::lambda::step_env_from_env()?;
+    let env = zdsync::aws::lambda::init()?;
     let env = &env;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
         let input: PlanDescriptor =
@@ -19,10 +18,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
             })?;
         let d = zdsync::steps::audience_diff_step(env, &input)
             .await
-            .map_err(|e| Diagnostic {
-                error_type: e.error_name().into(),
-                error_message: e.to_string(),
-            })?;
+            .map_err(zdsync::aws::lambda::diagnostic)?;
         Ok::<Value, Diagnostic>(serde_json::to_value(d).expect("descriptor serialises"))
     }))
     .await

@@ -7,17 +7,13 @@ use serde_json::Value;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    zdsync::aws::lambda::init_tracing();
-    let env = zdsync::aws::lambda::step_env_from_env()?;
+    let env = zdsync::aws::lambda::init()?;
     let env = &env;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
         let state = event.payload.get("state").cloned().unwrap_or(Value::Null);
         let rec = zdsync::steps::finalize_step(env, &state)
             .await
-            .map_err(|e| Diagnostic {
-                error_type: e.error_name().into(),
-                error_message: e.to_string(),
-            })?;
+            .map_err(zdsync::aws::lambda::diagnostic)?;
         Ok::<Value, Diagnostic>(serde_json::to_value(rec).expect("record serialises"))
     }))
     .await

@@ -10,6 +10,28 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// What every function does before serving: JSON logs, the step environment (built once per
+/// container), and an `init_ms` line, the init time a cold start spends in zdsync.
+pub fn init() -> Result<StepEnv, String> {
+    let started = std::time::Instant::now();
+    init_tracing();
+    let env = step_env_from_env()?;
+    tracing::info!(
+        init_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "function initialised"
+    );
+    Ok(env)
+}
+
+/// A step's error as Lambda reports it: the error type is the closed-set name the state
+/// machine's Retry and Catch match.
+pub fn diagnostic(e: crate::run::RunError) -> lambda_runtime::Diagnostic {
+    lambda_runtime::Diagnostic {
+        error_type: e.error_name().into(),
+        error_message: e.to_string(),
+    }
+}
+
 /// JSON logs on stderr (Lambda's JSON log format); `ZDSYNC_LOG` sets the filter (default
 /// `info`). Lambda stamps the time itself.
 pub fn init_tracing() {
