@@ -1,6 +1,7 @@
 //! `zdsync`: keep Zendesk Support users, organizations and tickets in step with warehouse
 //! exports, from one machine, with a local folder in place of the S3 bucket.
 
+mod connect_cmd;
 mod demo;
 mod run_cmd;
 mod schema_cmd;
@@ -59,6 +60,11 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         wait: u64,
     },
+    /// Connect a Zendesk account: sign in with OAuth (browser, or `--grant client-credentials`)
+    /// or check an admin's API token (`--api-token`), and store the credentials in a local file
+    /// (owner-only) or a Secrets Manager secret. `--check` reports what a stored credential can
+    /// do. Exit code 0 = connected, 2 config, 6 credentials/subdomain/scope refused.
+    Connect(connect_cmd::ConnectArgs),
     /// Read the custom fields of the sync's object from Zendesk, check the mapping against them
     /// and print them (options, types, which column feeds each field).
     Schema {
@@ -174,6 +180,7 @@ fn main() -> ExitCode {
             };
             runtime().block_on(schema(cfg, &config, json))
         }
+        Command::Connect(args) => runtime().block_on(connect_cmd::connect(args)),
         Command::Demo { dir, rows } => demo::demo(demo::DemoArgs { dir, rows }),
         Command::Sim {
             bind,
