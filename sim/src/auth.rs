@@ -494,7 +494,9 @@ impl AuthStore {
             ));
         };
         let Some(redirect) = q.get("redirect_uri").filter(|r| !r.is_empty()) else {
-            return Authorize::Refuse("Invalid authorization request: redirect_uri is missing".into());
+            return Authorize::Refuse(
+                "Invalid authorization request: redirect_uri is missing".into(),
+            );
         };
         if !redirect_registered(&client, redirect) {
             return Authorize::Refuse(format!(
@@ -576,7 +578,11 @@ impl AuthStore {
     /// PKCE verifier of its challenge.
     fn grant_code(&mut self, body: &Map<String, Value>, now_ms: i64) -> Result<Value, GrantError> {
         let client = self.client(body)?;
-        let field = |k: &str| body.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
+        let field = |k: &str| {
+            body.get(k)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+        };
         let code = field("code").ok_or_else(|| {
             grant_err(
                 400,
