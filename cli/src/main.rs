@@ -250,6 +250,11 @@ async fn run_sim(
         "  API token: admin@acme.test / {}",
         zdsync_sim::DEFAULT_API_TOKEN
     );
+    println!(
+        "  OAuth:     client {} / {} (consent approved at once; redirect to any 127.0.0.1 port)",
+        zdsync_sim::DEFAULT_CLIENT_ID,
+        zdsync_sim::DEFAULT_CLIENT_SECRET
+    );
     println!("  state:     {}/__sim/state", sim.base_url());
     let _ = tokio::signal::ctrl_c().await;
     sim.shutdown().await;
