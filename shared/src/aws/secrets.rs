@@ -165,10 +165,7 @@ impl CredentialStore for SecretsManagerCredentials {
                 .as_service_error()
                 .is_some_and(|s| s.is_resource_not_found_exception()));
             let scrubbed = |e: &dyn fmt::Display| {
-                self.err(scrub(
-                    format!("cannot save the credentials ({e})"),
-                    creds,
-                ))
+                self.err(scrub(format!("cannot save the credentials ({e})"), creds))
             };
             if missing && !self.secret_id.starts_with("arn:") {
                 // `zdsync connect` to a secret that does not exist yet: create it.

@@ -128,7 +128,9 @@ impl fmt::Debug for Pkce {
 impl Pkce {
     /// A fresh verifier: 64 characters from a CSPRNG (`rand`'s thread RNG, seeded by the OS).
     pub fn generate() -> Self {
-        Self::from_verifier(Secret::new(Alphanumeric.sample_string(&mut rand::rng(), 64)))
+        Self::from_verifier(Secret::new(
+            Alphanumeric.sample_string(&mut rand::rng(), 64),
+        ))
     }
 
     pub fn from_verifier(verifier: Secret) -> Self {
@@ -193,7 +195,10 @@ impl fmt::Debug for Loopback {
 /// What one request to the loopback listener asked for.
 enum Callback {
     Code(Secret),
-    Error { error: String, description: String },
+    Error {
+        error: String,
+        description: String,
+    },
     StateMismatch,
     /// Another path (`/favicon.ico`) or a request without code or error: keep waiting.
     Other,
@@ -247,12 +252,11 @@ impl Loopback {
                 }
                 Ok(Ok((stream, _))) => stream,
             };
-            let head = match tokio::time::timeout(Duration::from_secs(5), read_head(&mut stream))
-                .await
-            {
-                Ok(Some(h)) => h,
-                _ => continue,
-            };
+            let head =
+                match tokio::time::timeout(Duration::from_secs(5), read_head(&mut stream)).await {
+                    Ok(Some(h)) => h,
+                    _ => continue,
+                };
             let outcome = parse_callback(&head, state);
             let (status, page) = match &outcome {
                 Callback::Code(_) => ("200 OK", PAGE_OK),
@@ -459,12 +463,10 @@ async fn token_request(
         .body(bytes)
         .send()
         .await
-        .map_err(|e| {
-            ZendeskError::Transport {
-                path: PATH.into(),
-                attempts: 1,
-                message: clean(e.without_url().to_string()),
-            }
+        .map_err(|e| ZendeskError::Transport {
+            path: PATH.into(),
+            attempts: 1,
+            message: clean(e.without_url().to_string()),
         })?;
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap_or_default();
@@ -541,9 +543,7 @@ pub struct ConnectionCheck {
 
 impl ConnectionCheck {
     pub fn can_write(&self, object: Object) -> bool {
-        self.writable
-            .iter()
-            .any(|(o, r)| *o == object && r.is_ok())
+        self.writable.iter().any(|(o, r)| *o == object && r.is_ok())
     }
 }
 
@@ -634,7 +634,13 @@ mod tests {
             client_secret: Some(Secret::new("shh-secret")),
         };
         let pkce = Pkce::generate();
-        let url = authorization_url(&app, "http://127.0.0.1:5/callback", SYNC_SCOPES, "st", &pkce);
+        let url = authorization_url(
+            &app,
+            "http://127.0.0.1:5/callback",
+            SYNC_SCOPES,
+            "st",
+            &pkce,
+        );
         assert!(url.starts_with("https://acme.zendesk.com/oauth/authorizations/new?response_type=code&client_id=zdsync&redirect_uri=http%3A%2F%2F127.0.0.1%3A5%2Fcallback&scope=read+users%3Awrite+organizations%3Awrite+tickets%3Awrite&state=st&code_challenge="));
         assert!(url.ends_with("&code_challenge_method=S256"));
         assert!(!url.contains(pkce.verifier().expose()));
