@@ -28,7 +28,7 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo clippy -D warnings (AWS adapters)"
 cargo clippy -p zdsync-shared --features aws --all-targets -- -D warnings
-echo "== cargo test"
+echo "== cargo test (the connect tests of zdsync-tests and the cli use moto too)"
 cargo test --workspace
 echo "== cargo test (AWS adapters, against moto)"
 cargo test -p zdsync-shared --features aws --test aws

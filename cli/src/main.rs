@@ -1,6 +1,7 @@
 //! `zdsync`: keep Zendesk Support users, organizations and tickets in step with warehouse
 //! exports, from one machine, with a local folder in place of the S3 bucket.
 
+mod connect_cmd;
 mod demo;
 mod run_cmd;
 mod schema_cmd;
@@ -60,6 +61,11 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         wait: u64,
     },
+    /// Connect a Zendesk account: sign in with OAuth (browser, or `--grant client-credentials`)
+    /// or check an admin's API token (`--api-token`), and store the credentials in a local file
+    /// (owner-only) or a Secrets Manager secret. `--check` reports what a stored credential can
+    /// do. Exit code 0 = connected, 2 config, 6 credentials/subdomain/scope refused.
+    Connect(connect_cmd::ConnectArgs),
     /// Read the custom fields of the sync's object from Zendesk, check the mapping against them
     /// and print them (options, types, which column feeds each field).
     Schema {
@@ -175,6 +181,7 @@ fn main() -> ExitCode {
             };
             runtime().block_on(schema(cfg, &config, json))
         }
+        Command::Connect(args) => runtime().block_on(connect_cmd::connect(args)),
         Command::Demo { dir, rows } => demo::demo(demo::DemoArgs { dir, rows }),
         Command::Sim {
             bind,
@@ -243,6 +250,11 @@ async fn run_sim(
     println!(
         "  API token: admin@acme.test / {}",
         zdsync_sim::DEFAULT_API_TOKEN
+    );
+    println!(
+        "  OAuth:     client {} / {} (consent approved at once; redirect to any 127.0.0.1 port)",
+        zdsync_sim::DEFAULT_CLIENT_ID,
+        zdsync_sim::DEFAULT_CLIENT_SECRET
     );
     println!("  state:     {}/__sim/state", sim.base_url());
     let _ = tokio::signal::ctrl_c().await;

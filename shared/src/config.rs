@@ -515,7 +515,7 @@ impl SyncConfig {
 }
 
 /// Accepts `mycompany`; explains what to enter for `https://mycompany.zendesk.com`.
-fn validate_subdomain(raw: &str) -> Result<String, String> {
+pub fn validate_subdomain(raw: &str) -> Result<String, String> {
     let s = raw.trim();
     let bare = s
         .trim_start_matches("https://")

@@ -25,6 +25,7 @@ pub(crate) enum TagVerb {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Route {
     OAuthTokens,
+    OAuthAuthorize,
     Me,
     TokenCurrent,
     List(Target),
@@ -81,6 +82,7 @@ impl Route {
     pub fn name(&self) -> String {
         match self {
             Route::OAuthTokens => "oauth.tokens".into(),
+            Route::OAuthAuthorize => "oauth.authorizations.new".into(),
             Route::Me => "users.me".into(),
             Route::TokenCurrent => "oauth.tokens.current".into(),
             Route::List(t) => format!("{}.list", plural(*t)),
@@ -120,7 +122,11 @@ impl Route {
     /// the right access. `Some(Some(r))`: `read`/`write` or `r:read`/`r:write`.
     pub fn scope_resource(&self) -> Option<Option<&'static str>> {
         match self {
-            Route::OAuthTokens | Route::Me | Route::TokenCurrent | Route::NotFound => None,
+            Route::OAuthTokens
+            | Route::OAuthAuthorize
+            | Route::Me
+            | Route::TokenCurrent
+            | Route::NotFound => None,
             Route::JobsList | Route::JobsShowMany | Route::JobShow(_) | Route::GlobalSearch => {
                 Some(None)
             }
@@ -149,6 +155,13 @@ pub(crate) fn route(method: &Method, path: &str) -> Route {
     if path == "/oauth/tokens" {
         return if method == Method::POST {
             Route::OAuthTokens
+        } else {
+            Route::NotFound
+        };
+    }
+    if path == "/oauth/authorizations/new" {
+        return if method == Method::GET {
+            Route::OAuthAuthorize
         } else {
             Route::NotFound
         };
@@ -252,7 +265,7 @@ fn record_route(t: Target, op: &str, m: &Method) -> Route {
 
 pub(crate) fn dispatch(req: &mut Req, route: Route) -> Reply {
     let r = match route {
-        Route::OAuthTokens => Err(Reply::invalid_endpoint()),
+        Route::OAuthTokens | Route::OAuthAuthorize => Err(Reply::invalid_endpoint()),
         Route::Me => me(req),
         Route::TokenCurrent => token_current(req),
         Route::List(t) => list(req, t),

@@ -1,8 +1,10 @@
 //! Credentials of one account: API tokens (HTTP Basic `email/token:TOKEN`), OAuth clients and
 //! OAuth tokens with scopes, expiry and refresh-token rotation.
 //!
-//! Clients and tokens are plain records so the authorization-code and PKCE grants can be added
-//! next to `grant_refresh` / `grant_client_credentials` without changing the token model.
+//! The authorization-code flow: `GET /oauth/authorizations/new` stands in for the consent page
+//! (approved or denied by an account setting, so tests need no browser) and redirects to the
+//! client's redirect URI with a single-use code; `grant_type=authorization_code` exchanges it,
+//! checking the PKCE verifier (S256) and the code's expiry (120 s, as Zendesk documents).
 
 use crate::config::{AccountConfig, ClientKind};
 use crate::util::as_id;
@@ -51,10 +53,8 @@ pub struct OAuthClient {
     pub identifier: String,
     pub secret: Option<String>,
     pub kind: ClientKind,
-    // Display name and redirect URIs serve the authorization-code flow (not built yet).
-    #[allow(dead_code)]
+    #[allow(dead_code)] // kept for a consent page; the auto-approving one shows no name
     pub name: String,
-    #[allow(dead_code)]
     pub redirect_uris: Vec<String>,
     pub access_ttl_secs: Option<u64>,
     pub refresh_ttl_secs: u64,
@@ -153,6 +153,80 @@ pub fn check_scope(scopes: &[String], resource: Option<&str>, write: bool) -> Re
     }
 }
 
+/// An authorization code waiting to be exchanged.
+#[derive(Debug, Clone)]
+struct AuthCode {
+    client_id: u64,
+    redirect_uri: String,
+    scopes: Vec<String>,
+    /// PKCE `code_challenge` (S256), when the request carried one.
+    challenge: Option<String>,
+    user_id: u64,
+    expires_ms: i64,
+}
+
+/// What the consent page does with an authorization request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consent {
+    /// The admin clicks "Allow" at once (tests, demo).
+    #[default]
+    Approve,
+    /// The admin clicks "Deny": the redirect carries `error=access_denied`.
+    Deny,
+}
+
+/// The answer of `GET /oauth/authorizations/new`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Authorize {
+    /// 302 to this URL (a code, or an error the client must see).
+    Redirect(String),
+    /// A request that must not be redirected (unknown client, unregistered redirect URI):
+    /// RFC 6749 §4.1.2.1 says to show the error to the user instead.
+    Refuse(String),
+}
+
+/// The `redirect_uri` with `params` appended to its query.
+fn with_query(uri: &str, params: &[(&str, &str)]) -> String {
+    let mut ser = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in params {
+        ser.append_pair(k, v);
+    }
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    format!("{uri}{sep}{}", ser.finish())
+}
+
+/// `http://127.0.0.1:8123/cb` -> (`http`, `127.0.0.1`, `/cb`): loopback redirect URIs match a
+/// registered one whatever their port (RFC 8252 §7.3: native apps pick a free port).
+fn loopback_parts(uri: &str) -> Option<(&str, &str, &str)> {
+    let (scheme, rest) = uri.split_once("://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let host = match authority.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    matches!(host, "127.0.0.1" | "localhost" | "[::1]").then_some((scheme, host, path))
+}
+
+fn redirect_registered(client: &OAuthClient, uri: &str) -> bool {
+    client.redirect_uris.iter().any(|r| {
+        r == uri
+            || matches!(
+                (loopback_parts(r), loopback_parts(uri)),
+                (Some(a), Some(b)) if a == b
+            )
+    })
+}
+
+/// BASE64URL(SHA-256(verifier)) without padding (RFC 7636 §4.2).
+pub fn s256(verifier: &str) -> String {
+    use sha2::Digest;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier))
+}
+
 #[derive(Debug)]
 pub struct AuthStore {
     /// Lower-case staff email -> (user id, role).
@@ -161,6 +235,7 @@ pub struct AuthStore {
     pub clients: Vec<OAuthClient>,
     pub tokens: HashMap<String, OAuthToken>,
     refresh_index: HashMap<String, String>,
+    codes: HashMap<String, AuthCode>,
     next_token_id: u64,
     rng: SmallRng,
 }
@@ -180,6 +255,7 @@ impl AuthStore {
             clients: Vec::new(),
             tokens: HashMap::new(),
             refresh_index: HashMap::new(),
+            codes: HashMap::new(),
             next_token_id: 1_000_001,
             rng: SmallRng::seed_from_u64(seed),
         };
@@ -387,11 +463,7 @@ impl AuthStore {
         match field("grant_type").as_deref() {
             Some("refresh_token") => self.grant_refresh(body, now_ms),
             Some("client_credentials") => self.grant_client_credentials(body, now_ms),
-            Some("authorization_code") => Err(grant_err(
-                400,
-                "unsupported_grant_type",
-                "The authorization grant type is not supported by the authorization server.",
-            )),
+            Some("authorization_code") => self.grant_code(body, now_ms),
             Some(_) => Err(grant_err(
                 400,
                 "unsupported_grant_type",
@@ -403,6 +475,143 @@ impl AuthStore {
                 "The request is missing a required parameter, includes an unsupported parameter value, or is otherwise malformed.",
             )),
         }
+    }
+
+    /// `GET /oauth/authorizations/new`: validates the request, then approves or denies it as
+    /// the admin `user_id` would on the consent page.
+    pub fn authorize(
+        &mut self,
+        q: &crate::util::Query,
+        consent: Consent,
+        user_id: u64,
+        code_ttl_secs: u64,
+        now_ms: i64,
+    ) -> Authorize {
+        let ident = q.get("client_id").unwrap_or("");
+        let Some(client) = self.clients.iter().find(|c| c.identifier == ident).cloned() else {
+            return Authorize::Refuse(format!(
+                "Invalid authorization request: no OAuth client with the unique identifier \"{ident}\""
+            ));
+        };
+        let Some(redirect) = q.get("redirect_uri").filter(|r| !r.is_empty()) else {
+            return Authorize::Refuse(
+                "Invalid authorization request: redirect_uri is missing".into(),
+            );
+        };
+        if !redirect_registered(&client, redirect) {
+            return Authorize::Refuse(format!(
+                "Invalid authorization request: the redirect URI is not one of the client's \
+                 redirect URLs ({})",
+                client.redirect_uris.join(", ")
+            ));
+        }
+        let state = q.get("state").unwrap_or("");
+        let fail = |error: &str, description: &str| {
+            let mut p = vec![("error", error), ("error_description", description)];
+            if !state.is_empty() {
+                p.push(("state", state));
+            }
+            Authorize::Redirect(with_query(redirect, &p))
+        };
+        if q.get("response_type") != Some("code") {
+            return fail(
+                "unsupported_response_type",
+                "The authorization server does not support this response type.",
+            );
+        }
+        let scopes: Vec<String> = q
+            .get("scope")
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect();
+        if scopes.is_empty() || scopes.iter().any(|s| !scope_is_valid(s)) {
+            return fail(
+                "invalid_scope",
+                "The requested scope is invalid, unknown, or malformed.",
+            );
+        }
+        let challenge = q.get("code_challenge").filter(|c| !c.is_empty());
+        match (challenge, q.get("code_challenge_method")) {
+            (Some(_), Some("S256")) => {}
+            (Some(_), _) => {
+                return fail(
+                    "invalid_request",
+                    "Only the S256 code_challenge_method is supported.",
+                )
+            }
+            (None, _) if client.kind == ClientKind::Public => {
+                return fail(
+                    "invalid_request",
+                    "Public clients must send a PKCE code_challenge.",
+                )
+            }
+            (None, _) => {}
+        }
+        if consent == Consent::Deny {
+            return fail(
+                "access_denied",
+                "The resource owner or authorization server denied the request.",
+            );
+        }
+        let code = self.random_token();
+        self.codes.insert(
+            code.clone(),
+            AuthCode {
+                client_id: client.id,
+                redirect_uri: redirect.to_string(),
+                scopes,
+                challenge: challenge.map(str::to_string),
+                user_id,
+                expires_ms: now_ms + code_ttl_secs as i64 * 1000,
+            },
+        );
+        let mut p = vec![("code", code.as_str())];
+        if !state.is_empty() {
+            p.push(("state", state));
+        }
+        Authorize::Redirect(with_query(redirect, &p))
+    }
+
+    /// `grant_type=authorization_code`: a code is used once (a second attempt fails even when
+    /// the first did), within its lifetime, by its client, with the same redirect URI and the
+    /// PKCE verifier of its challenge.
+    fn grant_code(&mut self, body: &Map<String, Value>, now_ms: i64) -> Result<Value, GrantError> {
+        let client = self.client(body)?;
+        let field = |k: &str| {
+            body.get(k)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+        };
+        let code = field("code").ok_or_else(|| {
+            grant_err(
+                400,
+                "invalid_request",
+                "The request is missing a required parameter: code.",
+            )
+        })?;
+        let stored = self
+            .codes
+            .remove(code)
+            .ok_or_else(|| grant_err(400, "invalid_grant", INVALID_GRANT))?;
+        if stored.client_id != client.id
+            || now_ms >= stored.expires_ms
+            || field("redirect_uri").is_some_and(|r| r != stored.redirect_uri)
+        {
+            return Err(grant_err(400, "invalid_grant", INVALID_GRANT));
+        }
+        if let Some(challenge) = &stored.challenge {
+            let ok = field("code_verifier").is_some_and(|v| s256(v) == *challenge);
+            if !ok {
+                return Err(grant_err(
+                    400,
+                    "invalid_grant",
+                    "The code_verifier does not match the code_challenge of the authorization request.",
+                ));
+            }
+        }
+        let ttl = Self::ttls(body, &client)?;
+        Ok(self.issue(&client, stored.user_id, stored.scopes, ttl, true, now_ms))
     }
 
     /// Looks the client up by identifier and checks the secret (required for confidential

@@ -170,6 +170,11 @@ pub struct AccountConfig {
     pub organization_tagging: bool,
     /// Requests per window for this account (overrides `rate_limit.rpm`; 0 = unlimited).
     pub rpm: Option<u32>,
+    /// What the consent page of `/oauth/authorizations/new` answers: `approve` (redirect with a
+    /// code) or `deny` (redirect with `error=access_denied`).
+    pub oauth_consent: crate::auth::Consent,
+    /// Lifetime of an authorization code in seconds (Zendesk: 120).
+    pub oauth_code_ttl_secs: u64,
     pub fields: Option<FieldsFixture>,
     pub fields_path: Option<PathBuf>,
     /// Records created at start (and after a reset), through the same validation as the API.
@@ -196,6 +201,8 @@ impl AccountConfig {
             user_tagging: true,
             organization_tagging: true,
             rpm: None,
+            oauth_consent: crate::auth::Consent::Approve,
+            oauth_code_ttl_secs: 120,
             fields: None,
             fields_path: None,
             seed: SeedData::default(),

@@ -31,6 +31,7 @@ mod store;
 mod util;
 
 pub use admin::{AccountSnapshot, MintRequest, MintedToken, SeedIds};
+pub use auth::{s256, Consent};
 pub use config::{
     AccountConfig, Behavior, ClientKind, DateReadback, InvalidDropdown, JobConfig, MatchConflict,
     OAuthClientConfig, OAuthTokenConfig, RateLimitConfig, SeedData, SimConfig, StaffConfig,

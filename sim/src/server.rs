@@ -2,7 +2,7 @@
 //! checks, dispatch, headers, counters and the request log.
 
 use crate::api::{self, Route};
-use crate::auth::{check_scope, AuthError, AuthKind, AuthStore, Principal};
+use crate::auth::{check_scope, AuthError, AuthKind, AuthStore, Authorize, Consent, Principal};
 use crate::config::{AccountConfig, Behavior, JobConfig, RateLimitConfig, SimConfig};
 use crate::faults::{FaultConfig, FaultEngine, FaultKind, RequestFaults};
 use crate::fields::{default_fixture, FieldSet, FieldsFixture};
@@ -45,6 +45,10 @@ pub struct AccountSettings {
     pub organization_tagging: bool,
     /// Overrides the simulator-wide `rate_limit.rpm` (0 = unlimited).
     pub rpm: Option<u32>,
+    /// What the admin answers on the OAuth consent page (`approve` or `deny`).
+    pub oauth_consent: Consent,
+    /// Lifetime of an authorization code (Zendesk: 120 s).
+    pub oauth_code_ttl_secs: u64,
 }
 
 impl Default for AccountSettings {
@@ -54,6 +58,8 @@ impl Default for AccountSettings {
             user_tagging: true,
             organization_tagging: true,
             rpm: None,
+            oauth_consent: Consent::Approve,
+            oauth_code_ttl_secs: 120,
         }
     }
 }
@@ -129,6 +135,8 @@ impl Account {
             user_tagging: cfg.user_tagging,
             organization_tagging: cfg.organization_tagging,
             rpm: cfg.rpm,
+            oauth_consent: cfg.oauth_consent,
+            oauth_code_ttl_secs: cfg.oauth_code_ttl_secs,
         };
         let mut store = Store::new(&self.fields);
         let ctx = self.ctx(behavior, now_ms, 0);
@@ -565,6 +573,29 @@ fn process(
     base: &str,
     now: i64,
 ) -> Outcome {
+    if route == Route::OAuthAuthorize {
+        let s = account.settings();
+        let admin = *lock(&account.admin_id);
+        let answer = lock(&account.auth).authorize(
+            &Query::parse(query),
+            s.oauth_consent,
+            admin,
+            s.oauth_code_ttl_secs,
+            now,
+        );
+        let reply = match answer {
+            Authorize::Redirect(to) => Reply::empty(302).header(header::LOCATION, to),
+            Authorize::Refuse(text) => Reply {
+                body: ReplyBody::Raw("text/plain; charset=utf-8", text),
+                ..Reply::empty(400)
+            },
+        };
+        return Outcome {
+            reply,
+            auth: None,
+            rate: None,
+        };
+    }
     if route == Route::OAuthTokens {
         let Some(mut b) = token_request(&bytes) else {
             return Outcome {

@@ -528,3 +528,160 @@ async fn token_endpoint_takes_form_bodies_and_basic_client_auth() {
     assert_eq!(r.status, 400);
     assert_eq!(r.json["error"], "invalid_request");
 }
+
+/// `GET /oauth/authorizations/new` without following the redirect: (status, Location, body).
+async fn authorize(t: &T, query: &[(&str, &str)]) -> (u16, String, String) {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut url = reqwest::Url::parse(&t.url("/oauth/authorizations/new")).unwrap();
+    url.query_pairs_mut().extend_pairs(query);
+    let r = http.get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    let location = r
+        .headers()
+        .get("location")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (status, location, r.text().await.unwrap())
+}
+
+fn query_param(url: &str, key: &str) -> Option<String> {
+    let q = url.split_once('?')?.1;
+    form_urlencoded_pairs(q)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+fn form_urlencoded_pairs(q: &str) -> Vec<(String, String)> {
+    reqwest::Url::parse(&format!("http://x/?{q}"))
+        .unwrap()
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn authorization_code_flow_with_pkce() {
+    let t = T::new().await;
+    let verifier = "a-verifier-that-is-long-enough-for-pkce-0123456789abcdefghijklmnop";
+    let challenge = s256(verifier);
+    let redirect = "http://127.0.0.1:4567/callback";
+    let base = [
+        ("response_type", "code"),
+        ("client_id", DEFAULT_CLIENT_ID),
+        ("redirect_uri", redirect),
+        ("scope", "read tickets:write"),
+        ("state", "xyz"),
+        ("code_challenge", challenge.as_str()),
+        ("code_challenge_method", "S256"),
+    ];
+    let (status, location, _) = authorize(&t, &base).await;
+    assert_eq!(status, 302);
+    assert!(
+        location.starts_with(&format!("{redirect}?code=")),
+        "{location}"
+    );
+    assert_eq!(query_param(&location, "state").as_deref(), Some("xyz"));
+    let code = query_param(&location, "code").unwrap();
+    let grant = |code: &str, verifier: &str| {
+        json!({"grant_type": "authorization_code", "code": code, "client_id": DEFAULT_CLIENT_ID,
+               "client_secret": DEFAULT_CLIENT_SECRET, "redirect_uri": redirect, "code_verifier": verifier})
+    };
+    let r = t
+        .send_as(
+            &Auth::None,
+            "POST",
+            "/oauth/tokens",
+            Some(grant(&code, verifier)),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.json["scope"], "read tickets:write");
+    assert!(r.json["refresh_token"].is_string());
+    let bearer = Auth::Bearer(r.json["access_token"].as_str().unwrap().into());
+    let cur = t
+        .send_as(&bearer, "GET", "/api/v2/oauth/tokens/current", None)
+        .await;
+    assert_eq!(
+        cur.json["token"]["scopes"],
+        json!(["read", "tickets:write"])
+    );
+    // Single use.
+    let again = t
+        .send_as(
+            &Auth::None,
+            "POST",
+            "/oauth/tokens",
+            Some(grant(&code, verifier)),
+        )
+        .await;
+    assert_eq!(
+        (again.status, again.json["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+
+    // A wrong verifier.
+    let (_, location, _) = authorize(&t, &base).await;
+    let code = query_param(&location, "code").unwrap();
+    let r = t
+        .send_as(
+            &Auth::None,
+            "POST",
+            "/oauth/tokens",
+            Some(grant(&code, "wrong")),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+
+    // Expired after 120 s on the simulator clock.
+    let (_, location, _) = authorize(&t, &base).await;
+    let code = query_param(&location, "code").unwrap();
+    t.sim.advance_clock(std::time::Duration::from_secs(120));
+    let r = t
+        .send_as(
+            &Auth::None,
+            "POST",
+            "/oauth/tokens",
+            Some(grant(&code, verifier)),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.json["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+
+    // Refused without a redirect: unknown client, unregistered redirect URI.
+    let mut q = base.to_vec();
+    q[1] = ("client_id", "nope");
+    let (status, location, body) = authorize(&t, &q).await;
+    assert_eq!((status, location.as_str()), (400, ""));
+    assert!(body.contains("nope"), "{body}");
+    let mut q = base.to_vec();
+    q[2] = ("redirect_uri", "https://evil.example/callback");
+    let (status, location, _) = authorize(&t, &q).await;
+    assert_eq!((status, location.as_str()), (400, ""));
+    // Errors the client must see come back on the redirect, with the state.
+    let mut q = base.to_vec();
+    q[6] = ("code_challenge_method", "plain");
+    let (status, location, _) = authorize(&t, &q).await;
+    assert_eq!(status, 302);
+    assert_eq!(
+        query_param(&location, "error").as_deref(),
+        Some("invalid_request")
+    );
+    assert_eq!(query_param(&location, "state").as_deref(), Some("xyz"));
+    t.sim
+        .update_settings("acme", |s| s.oauth_consent = Consent::Deny);
+    let (_, location, _) = authorize(&t, &base).await;
+    assert_eq!(
+        query_param(&location, "error").as_deref(),
+        Some("access_denied")
+    );
+    assert!(query_param(&location, "code").is_none());
+}

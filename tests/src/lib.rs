@@ -2,6 +2,8 @@
 //! store folder (the bucket) with a credentials file, exports and sync configs, and a run of the
 //! real pipeline (`zdsync::run::run`) against the simulator.
 
+pub mod moto;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,7 +3,8 @@
 //! The secret string holds the same JSON as a credentials file (`{"email", "api_token"}` or
 //! `{"access_token", "refresh_token", "client_id", "client_secret", "expires_at"}`). It is read
 //! once per process (a Lambda container) and cached; rotated OAuth tokens are written back with
-//! `PutSecretValue` and replace the cache. Error messages name the secret, never its value.
+//! `PutSecretValue` and replace the cache. Saving to a secret that does not exist creates it
+//! (`zdsync connect` to a new secret name). Error messages name the secret, never its value.
 
 use super::AwsConfig;
 use crate::zendesk::auth::{merge_credentials_json, parse_credentials_json};
@@ -152,23 +153,44 @@ impl CredentialStore for SecretsManagerCredentials {
             };
             merge_credentials_json(&mut obj, creds);
             let text = serde_json::Value::Object(obj).to_string();
-            self.client()
+            let put = self
+                .client()
                 .await
                 .put_secret_value()
                 .secret_id(&self.secret_id)
-                .secret_string(text)
+                .secret_string(text.clone())
                 .send()
-                .await
-                .map_err(|e| {
-                    let message = scrub(
-                        format!(
-                            "cannot save the rotated tokens ({})",
-                            DisplayErrorContext(&e)
-                        ),
-                        creds,
-                    );
-                    self.err(message)
-                })?;
+                .await;
+            let missing = matches!(&put, Err(e) if e
+                .as_service_error()
+                .is_some_and(|s| s.is_resource_not_found_exception()));
+            let scrubbed = |e: &dyn fmt::Display| {
+                self.err(scrub(format!("cannot save the credentials ({e})"), creds))
+            };
+            if missing && !self.secret_id.starts_with("arn:") {
+                // `zdsync connect` to a secret that does not exist yet: create it.
+                self.client()
+                    .await
+                    .create_secret()
+                    .name(&self.secret_id)
+                    .description("Zendesk credentials for zdsync (written by `zdsync connect`)")
+                    .secret_string(text)
+                    .send()
+                    .await
+                    .map_err(|e| scrubbed(&DisplayErrorContext(&e)))?;
+                tracing::info!(secret = %self.secret_id, "Secrets Manager secret created");
+            } else if let Err(e) = put {
+                let mut err = scrubbed(&DisplayErrorContext(&e));
+                if missing {
+                    if let ZendeskError::Credentials { message } = &mut err {
+                        message.push_str(
+                            "; the secret does not exist: create it, or name it \
+                             `secretsmanager:<name>` so zdsync creates it",
+                        );
+                    }
+                }
+                return Err(err);
+            }
             *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(creds.clone());
             Ok(())
         })

@@ -253,6 +253,53 @@ impl CredentialStore for EnvCredentials {
     }
 }
 
+/// Credentials held in memory only: for checking a credential before it is stored
+/// (`zdsync connect`). Rotated tokens replace the held ones.
+pub struct MemoryCredentials {
+    creds: Mutex<Credentials>,
+    what: String,
+}
+
+impl fmt::Debug for MemoryCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryCredentials")
+            .field("what", &self.what)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryCredentials {
+    /// `what` names the credential in messages, e.g. "the API token being connected".
+    pub fn new(creds: Credentials, what: impl Into<String>) -> Self {
+        MemoryCredentials {
+            creds: Mutex::new(creds),
+            what: what.into(),
+        }
+    }
+
+    /// The credentials now held (rotated ones included).
+    pub fn current(&self) -> Credentials {
+        self.creds.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl CredentialStore for MemoryCredentials {
+    fn load(&self) -> BoxFuture<'_, Result<Credentials, ZendeskError>> {
+        Box::pin(async move { Ok(self.current()) })
+    }
+
+    fn save<'a>(&'a self, creds: &'a Credentials) -> BoxFuture<'a, Result<(), ZendeskError>> {
+        Box::pin(async move {
+            *self.creds.lock().unwrap_or_else(|e| e.into_inner()) = creds.clone();
+            Ok(())
+        })
+    }
+
+    fn describe(&self) -> String {
+        self.what.clone()
+    }
+}
+
 /// Credentials in a JSON file: `{"email", "api_token"}` or `{"access_token", "refresh_token",
 /// "client_id", "client_secret", "expires_at"}`. Rotated tokens are written back atomically
 /// (temporary file + rename, mode 0600); keys the file holds besides these are kept.

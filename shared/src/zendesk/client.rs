@@ -103,6 +103,44 @@ pub struct Preflight {
     pub role: String,
     /// OAuth scopes, when the credential is a token.
     pub scopes: Option<Vec<String>>,
+    /// When the OAuth access token expires (ISO 8601), as Zendesk reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_expires_at: Option<String>,
+    /// The email sent with an API token (for messages).
+    #[serde(skip)]
+    api_token_login: Option<String>,
+    #[serde(skip)]
+    credentials_source: String,
+}
+
+impl Preflight {
+    /// Whether a sync of `object` (a write when `write`) may run with this credential: an API
+    /// token must be an admin's, an OAuth token needs the read and write scopes. The errors are
+    /// the troubleshooting messages a run stops with.
+    pub fn check(&self, object: Object, write: bool) -> Result<(), ZendeskError> {
+        if let Some(login) = &self.api_token_login {
+            if self.role != "admin" {
+                return Err(ZendeskError::Forbidden {
+                    path: "/api/v2/users/me.json".into(),
+                    message: format!(
+                        "`{login}` is a Zendesk {} and zdsync needs an admin: use an admin's \
+                         email with the API token (credentials from {}), or connect with OAuth \
+                         as an admin (`zdsync connect`)",
+                        if self.role.is_empty() {
+                            "user"
+                        } else {
+                            &self.role
+                        },
+                        self.credentials_source
+                    ),
+                });
+            }
+        }
+        if let Some(scopes) = &self.scopes {
+            check_scopes(scopes, object, write)?;
+        }
+        Ok(())
+    }
 }
 
 /// A cheap-to-clone handle: every clone shares the connection pool, the credentials, the
@@ -565,6 +603,15 @@ impl Client {
 
     /// Check credentials, subdomain and the scopes a write to `object` needs, before any write.
     pub async fn preflight(&self, object: Object, write: bool) -> Result<Preflight, ZendeskError> {
+        let who = self.whoami().await?;
+        who.check(object, write)?;
+        Ok(who)
+    }
+
+    /// Who the credential authenticates as (`users/me`) and, for OAuth, the token's scopes and
+    /// expiry (`oauth/tokens/current`); fails on refused credentials or an unknown subdomain.
+    /// [`Preflight::check`] then says whether a sync of an object may run.
+    pub async fn whoami(&self) -> Result<Preflight, ZendeskError> {
         const ME: &str = "/api/v2/users/me.json";
         let me = self.get(ME).await?;
         let user = me.get("user").cloned().unwrap_or(Value::Null);
@@ -591,27 +638,13 @@ impl Client {
                 },
             });
         }
-        let scopes = match &creds {
-            Credentials::ApiToken { email: login, .. } => {
-                if role != "admin" {
-                    return Err(ZendeskError::Forbidden {
-                        path: ME.into(),
-                        message: format!(
-                            "`{login}` is a Zendesk {} and zdsync needs an admin: use an \
-                             admin's email with the API token (credentials from {}), or \
-                             connect with OAuth as an admin (`zdsync connect`)",
-                            if role.is_empty() { "user" } else { &role },
-                            self.inner.store.describe()
-                        ),
-                    });
-                }
-                None
-            }
+        let (login, scopes, token_expires_at) = match &creds {
+            Credentials::ApiToken { email: login, .. } => (Some(login.clone()), None, None),
             Credentials::OAuth { .. } => {
                 const CURRENT: &str = "/api/v2/oauth/tokens/current.json";
                 let t = self.get(CURRENT).await?;
-                let scopes: Vec<String> = t
-                    .get("token")
+                let token = t.get("token");
+                let scopes: Vec<String> = token
                     .and_then(|t| t.get("scopes"))
                     .and_then(Value::as_array)
                     .ok_or_else(|| ZendeskError::Protocol {
@@ -622,8 +655,11 @@ impl Client {
                     .filter_map(Value::as_str)
                     .map(str::to_string)
                     .collect();
-                check_scopes(&scopes, object, write)?;
-                Some(scopes)
+                let expires = token
+                    .and_then(|t| t.get("expires_at"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                (None, Some(scopes), expires)
             }
         };
         Ok(Preflight {
@@ -631,6 +667,9 @@ impl Client {
             email,
             role,
             scopes,
+            token_expires_at,
+            api_token_login: login,
+            credentials_source: self.inner.store.describe(),
         })
     }
 

@@ -3,12 +3,14 @@
 
 pub mod auth;
 pub mod client;
+pub mod connect;
 pub mod error;
 pub mod jobs;
 pub mod limiter;
 
 pub use auth::{
-    credential_store, CredentialStore, Credentials, EnvCredentials, FileCredentials, Secret,
+    credential_store, CredentialStore, Credentials, EnvCredentials, FileCredentials,
+    MemoryCredentials, Secret,
 };
 pub use client::{Client, ClientOptions, ClientStats, Idempotency, Preflight};
 pub use error::{AuthMethod, ZendeskError};
