@@ -28,10 +28,8 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo clippy -D warnings (AWS adapters)"
 cargo clippy -p zdsync-shared --features aws --all-targets -- -D warnings
-echo "== cargo test (the connect tests of zdsync-tests and the cli use moto too)"
+echo "== cargo test (the AWS adapter and connect tests run against moto)"
 cargo test --workspace
-echo "== cargo test (AWS adapters, against moto)"
-cargo test -p zdsync-shared --features aws --test aws
 echo "== the state machine end to end: moto's Step Functions engine, the Lambdas under cargo lambda watch"
 # watch runs `cargo run --bin <function>`: built here so no invocation waits for a compile.
 cargo build -p plan -p write-batch -p audience-diff -p finalize

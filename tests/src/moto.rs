@@ -1,4 +1,4 @@
-//! A moto server (local AWS emulator) for tests of the Secrets Manager credential store.
+//! A moto server (local AWS emulator) for the tests of the AWS adapters.
 //!
 //! `ZDSYNC_MOTO` names the `moto_server` binary (scripts/test.sh installs it in a venv), else it
 //! is looked up on `PATH`. Without it the tests fail with the fix: they never skip silently.
@@ -25,7 +25,8 @@ impl Drop for Moto {
     }
 }
 
-fn binary() -> PathBuf {
+/// The `moto_server` binary: `ZDSYNC_MOTO`, else the one on `PATH`.
+pub fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("ZDSYNC_MOTO").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
         assert!(
@@ -45,7 +46,7 @@ fn binary() -> PathBuf {
         .unwrap_or_else(|| {
             panic!(
                 "moto_server not found: set ZDSYNC_MOTO to a moto_server binary or put one on \
-                 PATH (python3 -m venv v && v/bin/pip install 'moto[server]==5.1.22'); \
+                 PATH (python3 -m venv v && v/bin/pip install 'moto[server]==5.2.5'); \
                  scripts/test.sh does this for you"
             )
         })

@@ -98,7 +98,7 @@ fn wait_for_port(port: u16, what: &str, proc: &mut Proc, within: Duration) {
     }
 }
 
-/// Tools from the moto venv: moto_server (ZDSYNC_MOTO), its python3, and cargo-lambda.
+/// Tools from the moto venv: moto_server, its python3, and cargo-lambda beside it.
 struct Tools {
     moto: PathBuf,
     python: PathBuf,
@@ -106,10 +106,7 @@ struct Tools {
 }
 
 fn tools() -> Tools {
-    let moto = std::env::var_os("ZDSYNC_MOTO").map(PathBuf::from).expect(
-        "ZDSYNC_MOTO is not set: run scripts/test.sh, which installs moto and cargo-lambda in a \
-         venv and runs this test",
-    );
+    let moto = zdsync_tests::moto::binary();
     let bin = moto.parent().unwrap().to_path_buf();
     let t = Tools {
         moto,

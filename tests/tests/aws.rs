@@ -3,123 +3,20 @@
 //!
 //! Needs `moto_server`: `ZDSYNC_MOTO` names it (scripts/test.sh installs it in a venv), else it
 //! is looked up on `PATH`. Without it the tests fail: they never skip silently.
-#![cfg(feature = "aws")]
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 use zdsync::aws::s3::S3Store;
 use zdsync::aws::secrets::SecretsManagerCredentials;
-use zdsync::aws::AwsConfig;
 use zdsync::config::SyncConfig;
 use zdsync::plan::{plan, PlanOptions};
 use zdsync::store::ObjectStore;
 use zdsync::zendesk::{credential_store, CredentialStore, Credentials, Secret};
 
-const REGION: &str = "us-east-1";
+use zdsync_tests::moto::Moto;
 
-/// A moto server on a free loopback port, killed (by PID) when dropped.
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn moto_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("ZDSYNC_MOTO").filter(|p| !p.is_empty()) {
-        let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "ZDSYNC_MOTO={} does not exist: run scripts/test.sh (it installs moto[server] in a \
-             venv) or point ZDSYNC_MOTO at a moto_server binary",
-            p.display()
-        );
-        return p;
-    }
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("moto_server"))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "moto_server not found: set ZDSYNC_MOTO to a moto_server binary or put one on PATH \
-             (python3 -m venv v && v/bin/pip install 'moto[server]==5.2.5'); scripts/test.sh \
-             does this for you"
-        )
-    })
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn answers(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /moto-api/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && &head[9..12] == b"200"
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let bin = moto_binary();
-        let port = free_port();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .env("MOTO_PORT", port.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        let mut moto = Moto {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !answers(port) {
-            if let Some(status) = moto.child.try_wait().unwrap() {
-                panic!("{} exited before answering ({status})", bin.display());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not answer on {} within 60 s",
-                moto.url
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        moto
-    }
-
-    fn config(&self) -> AwsConfig {
-        AwsConfig::new(Some(&self.url), Some(REGION)).with_static_credentials("testing", "testing")
-    }
-
-    fn store(&self, bucket: &str) -> S3Store {
-        let store = S3Store::with_config(bucket, self.config()).unwrap();
-        store.ensure_bucket().unwrap();
-        store
-    }
+fn store(moto: &Moto, bucket: &str) -> S3Store {
+    let store = S3Store::with_config(bucket, moto.config()).unwrap();
+    store.ensure_bucket().unwrap();
+    store
 }
 
 fn pattern(len: usize, seed: u32) -> Vec<u8> {
@@ -137,7 +34,7 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
 #[test]
 fn s3_store_round_trip() {
     let moto = Moto::start();
-    let store = moto.store("zdsync-test");
+    let store = store(&moto, "zdsync-test");
 
     // put + streamed open, read in small pieces across several body chunks.
     let big = pattern(3 * 1024 * 1024 + 17, 1);
