@@ -26,7 +26,7 @@ use crate::export::{self, Next, Record, Value};
 use crate::layout;
 use crate::mapping::{self, Reason};
 use crate::plan::{self, InvalidRow, InvalidRows, PlanError, PlanOptions, PlanReport};
-use crate::state::{StateHeader, StateIndex, StateReader, StateWriter, FLAG_ABSENT, FLAG_FAILED};
+use crate::state::{StateIndex, StateReader, FLAG_ABSENT, FLAG_FAILED};
 use crate::store::ObjectStore;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -264,17 +264,7 @@ pub fn diff(
             membership_key: (d.membership_rows > 0 && !opts.dry_run).then_some(mkey),
         }),
     };
-    let manifest_key = if opts.dry_run {
-        None
-    } else {
-        let key = layout::manifest_key(&cfg.name, &opts.run_id);
-        let body = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
-        store.put(&key, &body).map_err(|source| PlanError::Write {
-            key: key.clone(),
-            source,
-        })?;
-        Some(key)
-    };
+    let manifest_key = plan::write_manifest(store, &manifest, opts.dry_run)?;
     Ok(PlanReport {
         manifest,
         manifest_key,
@@ -573,18 +563,7 @@ pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary,
     }
     changes.sort_unstable_by_key(|c| c.h);
 
-    let state_key = layout::state_key(&manifest.sync);
-    let mut old = StateReader::open(store, &state_key)?;
-    let header = StateHeader {
-        version: 1,
-        sync: manifest.sync.clone(),
-        object: manifest.object.as_str().to_string(),
-        mapping_hash: manifest.mapping_hash.clone(),
-        count_hint: old.as_ref().map_or(0, |o| o.header.count_hint) + changes.len() as u64,
-        written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        run_id: Some(manifest.run_id.clone()),
-    };
-    let mut out = StateWriter::create(store, &state_key, &header)?;
+    let (mut old, mut out) = changeset::rewrite_state(store, manifest, changes.len())?;
     let mut next_old = match old.as_mut() {
         Some(r) => r.next_entry()?,
         None => None,

@@ -336,6 +336,28 @@ pub fn read_results(
 /// Fold a run's outcomes into the sync's next state: confirmed rows advance to their new
 /// fingerprint and Zendesk id; failed rows (and rows with no outcome) keep their previous
 /// state and are flagged to go again; removed keys are flagged absent.
+/// The sync's state as it is (if any) and a writer of its next version, for a fold that merges
+/// `changes` changed keys into it.
+pub(crate) fn rewrite_state(
+    store: &dyn ObjectStore,
+    manifest: &Manifest,
+    changes: usize,
+) -> Result<(Option<StateReader>, StateWriter), ChangeSetError> {
+    let state_key = layout::state_key(&manifest.sync);
+    let old = StateReader::open(store, &state_key)?;
+    let header = StateHeader {
+        version: 1,
+        sync: manifest.sync.clone(),
+        object: manifest.object.as_str().to_string(),
+        mapping_hash: manifest.mapping_hash.clone(),
+        count_hint: old.as_ref().map_or(0, |o| o.header.count_hint) + changes as u64,
+        written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        run_id: Some(manifest.run_id.clone()),
+    };
+    let out = StateWriter::create(store, &state_key, &header)?;
+    Ok((old, out))
+}
+
 pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary, ChangeSetError> {
     let mut summary = FoldSummary::default();
     let mut changes: Vec<Change> = Vec::new();
@@ -424,18 +446,7 @@ pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary,
             .unwrap_or_default()
     };
 
-    let state_key = layout::state_key(&manifest.sync);
-    let mut old = StateReader::open(store, &state_key)?;
-    let header = StateHeader {
-        version: 1,
-        sync: manifest.sync.clone(),
-        object: manifest.object.as_str().to_string(),
-        mapping_hash: manifest.mapping_hash.clone(),
-        count_hint: old.as_ref().map_or(0, |o| o.header.count_hint) + changes.len() as u64,
-        written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        run_id: Some(manifest.run_id.clone()),
-    };
-    let mut out = StateWriter::create(store, &state_key, &header)?;
+    let (mut old, mut out) = rewrite_state(store, manifest, changes.len())?;
     let mut next_old = match old.as_mut() {
         Some(r) => r.next_entry()?,
         None => None,

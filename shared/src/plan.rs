@@ -146,6 +146,24 @@ impl InvalidRows {
     }
 }
 
+/// Store a plan's manifest, the last object a plan writes (none on a dry run).
+pub(crate) fn write_manifest(
+    store: &dyn ObjectStore,
+    manifest: &Manifest,
+    dry_run: bool,
+) -> Result<Option<String>, PlanError> {
+    if dry_run {
+        return Ok(None);
+    }
+    let key = layout::manifest_key(&manifest.sync, &manifest.run_id);
+    let body = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
+    store.put(&key, &body).map_err(|source| PlanError::Write {
+        key: key.clone(),
+        source,
+    })?;
+    Ok(Some(key))
+}
+
 /// Identity hasher for keys that are already uniform 64-bit hashes.
 #[derive(Default)]
 struct KeyHasher(u64);
@@ -292,17 +310,7 @@ pub fn plan(
                 membership_key: None,
             }),
     };
-    let manifest_key = if opts.dry_run {
-        None
-    } else {
-        let key = layout::manifest_key(&cfg.name, &opts.run_id);
-        let body = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
-        store.put(&key, &body).map_err(|source| PlanError::Write {
-            key: key.clone(),
-            source,
-        })?;
-        Some(key)
-    };
+    let manifest_key = write_manifest(store, &manifest, opts.dry_run)?;
     Ok(PlanReport {
         manifest,
         manifest_key,
