@@ -66,6 +66,7 @@ fn oauth(access: &str, refresh: Option<&str>, expires_at: Option<i64>) -> Creden
         client_id: Some(DEFAULT_CLIENT_ID.into()),
         client_secret: Some(Secret::new(DEFAULT_CLIENT_SECRET)),
         expires_at,
+        grant_scope: None,
     }
 }
 

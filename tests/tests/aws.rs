@@ -206,6 +206,7 @@ fn oauth(access: &str, refresh: &str, expires_at: i64) -> Credentials {
         client_id: Some("zdsync".into()),
         client_secret: Some(Secret::new("client-secret-1")),
         expires_at: Some(expires_at),
+        grant_scope: None,
     }
 }
 

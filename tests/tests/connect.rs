@@ -236,11 +236,34 @@ async fn confidential_clients_and_client_credentials() {
     let (_, refresh, expires_at) = oauth_parts(&cc);
     assert!(refresh.is_none());
     assert!(expires_at.unwrap() > unix_now() + 3500);
-    let report = connect::verify(opts(&sim, ACCOUNT), cc, "cc")
+    let report = connect::verify(opts(&sim, ACCOUNT), cc.clone(), "cc")
         .await
         .unwrap();
     assert_eq!(report.who.email.as_deref(), Some(ADMIN_EMAIL));
     assert!(report.can_write(Object::Tickets));
+    // A headless set-up keeps working past the token's life: with no refresh token, the client
+    // grants a new token the same way and stores it.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FileCredentials::new(dir.path().join("cc.json")));
+    store.save(&cc).await.unwrap();
+    let stored: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("cc.json")).unwrap()).unwrap();
+    assert_eq!(stored["grant_scope"], connect::SYNC_SCOPES);
+    let (access, _, _) = oauth_parts(&cc);
+    assert!(sim.expire_token(ACCOUNT, &access));
+    let client = Client::new(opts(&sim, ACCOUNT), store.clone())
+        .await
+        .unwrap();
+    client.preflight(Object::Tickets, true).await.unwrap();
+    assert_eq!(client.stats().token_refreshes, 1);
+    let renewed = store.load().await.unwrap();
+    let (access2, refresh2, _) = oauth_parts(&renewed);
+    assert_ne!(access2, access);
+    assert!(refresh2.is_none());
+    assert!(matches!(
+        &renewed,
+        Credentials::OAuth { grant_scope: Some(g), .. } if g == connect::SYNC_SCOPES
+    ));
 
     // A public client cannot use it.
     let mut public = public_app(&sim);

@@ -46,6 +46,9 @@ pub enum Credentials {
         client_secret: Option<Secret>,
         /// Unix seconds when the access token expires, when known.
         expires_at: Option<i64>,
+        /// Set when the token came from the `client_credentials` grant (no refresh token): the
+        /// scopes it asked for, so the client grants a fresh token the same way on expiry.
+        grant_scope: Option<String>,
     },
 }
 
@@ -185,6 +188,7 @@ impl EnvCredentials {
                 client_id: env_nonempty(ENV_CLIENT_ID),
                 client_secret: env_nonempty(ENV_CLIENT_SECRET).map(Secret::new),
                 expires_at,
+                grant_scope: None,
             });
         }
         match (env_nonempty(ENV_EMAIL), env_nonempty(ENV_API_TOKEN)) {
@@ -316,7 +320,7 @@ impl fmt::Debug for FileCredentials {
     }
 }
 
-const FILE_KEYS: [&str; 7] = [
+const FILE_KEYS: [&str; 8] = [
     "email",
     "api_token",
     "access_token",
@@ -324,6 +328,7 @@ const FILE_KEYS: [&str; 7] = [
     "client_id",
     "client_secret",
     "expires_at",
+    "grant_scope",
 ];
 
 impl FileCredentials {
@@ -434,6 +439,7 @@ pub fn parse_credentials_json(bytes: &[u8], context: &str) -> Result<Credentials
             client_id: text("client_id")?,
             client_secret: text("client_secret")?.map(Secret::new),
             expires_at,
+            grant_scope: text("grant_scope")?,
         });
     }
     match (text("email")?, text("api_token")?) {
@@ -469,6 +475,7 @@ pub fn merge_credentials_json(
             client_id,
             client_secret,
             expires_at,
+            grant_scope,
         } => {
             obj.insert(
                 "access_token".into(),
@@ -485,6 +492,9 @@ pub fn merge_credentials_json(
             }
             if let Some(e) = expires_at {
                 obj.insert("expires_at".into(), Value::from(*e));
+            }
+            if let Some(g) = grant_scope {
+                obj.insert("grant_scope".into(), Value::String(g.clone()));
             }
         }
     }
@@ -539,6 +549,24 @@ impl Credentials {
         match self {
             Credentials::ApiToken { .. } => super::error::AuthMethod::ApiToken,
             Credentials::OAuth { .. } => super::error::AuthMethod::OAuth,
+        }
+    }
+
+    /// An OAuth credential zdsync can renew by itself: a refresh token, or a confidential
+    /// client's `client_credentials` grant.
+    pub(crate) fn renewable(&self) -> bool {
+        match self {
+            Credentials::ApiToken { .. } => false,
+            Credentials::OAuth {
+                refresh_token,
+                client_id,
+                client_secret,
+                grant_scope,
+                ..
+            } => {
+                refresh_token.is_some()
+                    || (grant_scope.is_some() && client_id.is_some() && client_secret.is_some())
+            }
         }
     }
 

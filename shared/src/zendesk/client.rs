@@ -865,12 +865,7 @@ impl Client {
             let header = auth_header(&creds, &self.inner.store.describe())?;
             let answer = self.run(req, Some(&header)).await?;
             if answer.status == 401 && !refreshed {
-                if let Credentials::OAuth {
-                    access_token,
-                    refresh_token: Some(_),
-                    ..
-                } = &creds
-                {
+                if let Credentials::OAuth { access_token, .. } = &creds {
                     let invalid_token = answer.json().is_some_and(|v| {
                         v.get("error").and_then(Value::as_str) == Some("invalid_token")
                     }) || answer
@@ -878,7 +873,7 @@ impl Client {
                         .get(reqwest::header::WWW_AUTHENTICATE)
                         .and_then(|h| h.to_str().ok())
                         .is_some_and(|h| h.contains("invalid_token"));
-                    if invalid_token {
+                    if invalid_token && creds.renewable() {
                         tracing::warn!(
                             path = %req.path,
                             "Zendesk refused the OAuth access token: refreshing it"
@@ -899,10 +894,11 @@ impl Client {
             match &*c {
                 Credentials::OAuth {
                     access_token,
-                    refresh_token: Some(_),
                     expires_at: Some(at),
                     ..
-                } if *at - now_unix() <= REFRESH_MARGIN_SECS => access_token.expose().to_string(),
+                } if c.renewable() && *at - now_unix() <= REFRESH_MARGIN_SECS => {
+                    access_token.expose().to_string()
+                }
                 _ => return Ok(()),
             }
         };
@@ -914,36 +910,51 @@ impl Client {
     /// replaced `used`; saves the new pair to the credential store.
     async fn refresh(&self, used: &str) -> Result<(), ZendeskError> {
         let _guard = self.inner.refresh_lock.lock().await;
-        let (refresh_token, client_id, client_secret) = {
+        let (refresh_token, client_id, client_secret, grant_scope) = {
             let c = self.inner.creds.read().unwrap_or_else(|e| e.into_inner());
+            if !c.renewable() {
+                return match &*c {
+                    Credentials::OAuth { .. } => Err(ZendeskError::AuthFailed {
+                        method: AuthMethod::OAuth,
+                        message: self.oauth_refused(),
+                    }),
+                    Credentials::ApiToken { .. } => Ok(()),
+                };
+            }
             match &*c {
                 Credentials::OAuth {
                     access_token,
                     refresh_token,
                     client_id,
                     client_secret,
+                    grant_scope,
                     ..
                 } => {
                     if access_token.expose() != used {
                         return Ok(()); // another task refreshed meanwhile
                     }
-                    match refresh_token {
-                        Some(r) => (r.clone(), client_id.clone(), client_secret.clone()),
-                        None => {
-                            return Err(ZendeskError::AuthFailed {
-                                method: AuthMethod::OAuth,
-                                message: self.oauth_refused(),
-                            })
-                        }
-                    }
+                    (
+                        refresh_token.clone(),
+                        client_id.clone(),
+                        client_secret.clone(),
+                        grant_scope.clone(),
+                    )
                 }
                 Credentials::ApiToken { .. } => return Ok(()),
             }
         };
-        let mut body = serde_json::json!({
-            "grant_type": "refresh_token",
-            "refresh_token": refresh_token.expose(),
-        });
+        // A refresh token is exchanged (and rotated); a client_credentials token has none and
+        // is granted anew with the scopes it was first granted.
+        let mut body = match (&refresh_token, &grant_scope) {
+            (Some(r), _) => serde_json::json!({
+                "grant_type": "refresh_token",
+                "refresh_token": r.expose(),
+            }),
+            (None, scope) => serde_json::json!({
+                "grant_type": "client_credentials",
+                "scope": scope.clone().unwrap_or_default(),
+            }),
+        };
         if let Some(id) = &client_id {
             body["client_id"] = Value::String(id.clone());
         }
@@ -1003,7 +1014,7 @@ impl Client {
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(Secret::new)
-            .or(Some(refresh_token));
+            .or(refresh_token);
         let expires_at = v
             .get("expires_in")
             .and_then(Value::as_i64)
@@ -1014,6 +1025,7 @@ impl Client {
             client_id,
             client_secret,
             expires_at,
+            grant_scope,
         };
         {
             let mut secrets = self.inner.secrets.lock().unwrap_or_else(|e| e.into_inner());
@@ -1027,7 +1039,7 @@ impl Client {
         bump(&self.inner.stats.token_refreshes);
         tracing::info!(
             expires_at = ?expires_at,
-            "OAuth access token refreshed (the refresh token was rotated)"
+            "OAuth access token renewed (a refresh token is rotated; a client_credentials token is granted anew)"
         );
         if let Err(e) = self.inner.store.save(&new).await {
             tracing::warn!(

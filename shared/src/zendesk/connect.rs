@@ -418,7 +418,11 @@ pub async fn client_credentials(
     if let Some(e) = expires_in {
         body["expires_in"] = Value::from(e);
     }
-    token_request(app, body, &[], Some(scopes)).await
+    let mut creds = token_request(app, body, &[], Some(scopes)).await?;
+    if let Credentials::OAuth { grant_scope, .. } = &mut creds {
+        *grant_scope = Some(scopes.to_string());
+    }
+    Ok(creds)
 }
 
 fn now_unix() -> i64 {
@@ -527,6 +531,7 @@ async fn token_request(
         client_id: Some(app.client_id.clone()),
         client_secret: app.client_secret.clone(),
         expires_at,
+        grant_scope: None,
     })
 }
 
