@@ -11,12 +11,7 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::sync::Arc;
-use zdsync::config::SyncConfig;
-use zdsync::run::{run, RunContext, RunOptions, RunRecord};
-use zdsync::store::LocalStore;
-use zdsync::write::Progress;
-use zdsync::zendesk::{credential_store, Client, ClientOptions};
+use zdsync::run::RunRecord;
 use zdsync_sim::{Counters, SeedData, SimConfig, Simulator};
 
 pub struct AudienceBench {
@@ -42,29 +37,8 @@ fn write(path: &Path, text: &str) {
 }
 
 async fn one_run(dir: &Path, sync: &str, sim: &zdsync_sim::SimHandle) -> (RunRecord, Counters) {
-    let cfg = SyncConfig::load(&dir.join(format!("{sync}.toml"))).expect("bench config");
-    let creds = credential_store(&cfg.zendesk.credentials, dir).expect("credentials");
-    let client = Client::new(ClientOptions::from_config(&cfg.zendesk), creds)
-        .await
-        .expect("client");
-    let ctx = RunContext {
-        store: Arc::new(LocalStore::new(dir)),
-        config: cfg,
-        client,
-        progress: Arc::new(Progress::default()),
-    };
     let before = sim.counters();
-    let outcome = run(
-        &ctx,
-        &RunOptions {
-            trigger: "bench".into(),
-            ..Default::default()
-        },
-    )
-    .await;
-    if let Some(e) = &outcome.error {
-        panic!("bench run of {sync} failed: {e}");
-    }
+    let outcome = crate::sync::run_once(dir, sync).await;
     let after = sim.counters();
     let mut by = String::new();
     for (k, v) in &after.by_endpoint {

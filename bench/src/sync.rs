@@ -77,7 +77,9 @@ struct Measured {
     sim: Counters,
 }
 
-async fn one_run(dir: &Path, sync: &str, sim: &zdsync_sim::SimHandle) -> Measured {
+/// One run of the sync `<dir>/<sync>.toml` through the whole pipeline, as `zdsync run` does it;
+/// a run error ends the bench.
+pub(crate) async fn run_once(dir: &Path, sync: &str) -> zdsync::run::RunOutcome {
     let path = dir.join(format!("{sync}.toml"));
     let cfg = SyncConfig::load(&path).expect("bench config is valid");
     let creds = credential_store(&cfg.zendesk.credentials, dir).expect("credentials");
@@ -90,7 +92,6 @@ async fn one_run(dir: &Path, sync: &str, sim: &zdsync_sim::SimHandle) -> Measure
         client,
         progress: Arc::new(Progress::default()),
     };
-    let before = sim.counters();
     let outcome = run(
         &ctx,
         &RunOptions {
@@ -102,6 +103,12 @@ async fn one_run(dir: &Path, sync: &str, sim: &zdsync_sim::SimHandle) -> Measure
     if let Some(e) = &outcome.error {
         panic!("bench run of {sync} failed: {e}");
     }
+    outcome
+}
+
+async fn one_run(dir: &Path, sync: &str, sim: &zdsync_sim::SimHandle) -> Measured {
+    let before = sim.counters();
+    let outcome = run_once(dir, sync).await;
     let after = sim.counters();
     Measured {
         record: outcome.records.last().expect("a record").clone(),
