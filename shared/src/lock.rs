@@ -240,44 +240,31 @@ mod tests {
     use super::*;
     use crate::store::LocalStore;
 
+    /// Sync `s`'s lock for `run`, one minute long, no waiting.
+    async fn take(store: &Arc<dyn ObjectStore>, run: &str) -> Result<LockGuard, LockError> {
+        acquire(
+            store.clone(),
+            "s",
+            run,
+            Duration::from_secs(60),
+            Duration::ZERO,
+        )
+        .await
+    }
+
     #[tokio::test]
     async fn second_run_is_refused_then_takes_over_an_expired_lock() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path()));
-        let first = acquire(
-            store.clone(),
-            "s",
-            "r1",
-            Duration::from_secs(60),
-            Duration::ZERO,
-        )
-        .await
-        .unwrap();
-        let err = acquire(
-            store.clone(),
-            "s",
-            "r2",
-            Duration::from_secs(60),
-            Duration::ZERO,
-        )
-        .await
-        .err()
-        .unwrap();
+        let first = take(&store, "r1").await.unwrap();
+        let err = take(&store, "r2").await.err().unwrap();
         let msg = err.to_string();
         assert!(
             msg.contains("already running") && msg.contains("r1"),
             "{msg}"
         );
         first.release().await;
-        let second = acquire(
-            store.clone(),
-            "s",
-            "r2",
-            Duration::from_secs(60),
-            Duration::ZERO,
-        )
-        .await
-        .unwrap();
+        let second = take(&store, "r2").await.unwrap();
         assert!(second.taken_over.is_none());
         drop(second); // a crash: the lock stays until it expires
 
@@ -287,15 +274,7 @@ mod tests {
         store
             .put("locks/s.json", &serde_json::to_vec(&info).unwrap())
             .unwrap();
-        let third = acquire(
-            store.clone(),
-            "s",
-            "r3",
-            Duration::from_secs(60),
-            Duration::ZERO,
-        )
-        .await
-        .unwrap();
+        let third = take(&store, "r3").await.unwrap();
         assert_eq!(third.taken_over.as_ref().unwrap().run_id, "r2");
         third.release().await;
         assert!(store.head("locks/s.json").unwrap().is_none());

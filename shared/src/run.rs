@@ -88,48 +88,7 @@ pub struct RowCounts {
 }
 
 /// Zendesk traffic of a run.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Requests {
-    /// Requests sent (job-status polls and retries included).
-    pub sent: u64,
-    /// 429 answers met (each followed by a pause of every request of the run).
-    pub rate_limited: u64,
-    pub unavailable: u64,
-    pub server_errors: u64,
-    pub transport_errors: u64,
-    pub retries: u64,
-    pub token_refreshes: u64,
-    pub paused_ms: u64,
-}
-
-impl Requests {
-    /// Sum another invocation's traffic into this one.
-    pub fn add(&mut self, o: &Requests) {
-        self.sent += o.sent;
-        self.rate_limited += o.rate_limited;
-        self.unavailable += o.unavailable;
-        self.server_errors += o.server_errors;
-        self.transport_errors += o.transport_errors;
-        self.retries += o.retries;
-        self.token_refreshes += o.token_refreshes;
-        self.paused_ms += o.paused_ms;
-    }
-}
-
-impl From<ClientStats> for Requests {
-    fn from(s: ClientStats) -> Self {
-        Requests {
-            sent: s.requests,
-            rate_limited: s.rate_limited,
-            unavailable: s.unavailable,
-            server_errors: s.server_errors,
-            transport_errors: s.transport_errors,
-            retries: s.retries,
-            token_refreshes: s.token_refreshes,
-            paused_ms: s.paused_ms,
-        }
-    }
-}
+pub type Requests = ClientStats;
 
 /// A row refused before sending.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -356,7 +315,7 @@ async fn run_locked(
         seconds: clock.elapsed().as_secs_f64(),
         phases: phases.clone(),
         rows,
-        requests: ctx.client.stats().into(),
+        requests: ctx.client.stats(),
         jobs: 0,
         error: Some(RunErrorInfo {
             name: e.error_name().to_string(),
@@ -606,7 +565,7 @@ fn record(
         phases,
         started,
         seconds: clock.elapsed().as_secs_f64(),
-        requests: ctx.client.stats().into(),
+        requests: ctx.client.stats(),
         jobs: ctx.progress.jobs.load(std::sync::atomic::Ordering::Relaxed),
         trigger: &opts.trigger,
         error: error.map(|e| RunErrorInfo {

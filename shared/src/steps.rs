@@ -463,7 +463,7 @@ pub async fn write_step(env: &StepEnv, input: &WriteInput) -> Result<WriteOutput
         progress.clone(),
     );
     let summary = writer.write_chunk(&input.chunk).await?;
-    let stats = run::Requests::from(client.stats());
+    let stats = client.stats();
     let name = layout::chunk_name(&input.chunk.key).to_string();
     let key = format!(
         "{}stats-{}.json",

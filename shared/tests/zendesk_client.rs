@@ -134,7 +134,7 @@ async fn api_token_preflight_and_requests() {
 
     let log = sim.request_log();
     assert!(log.iter().all(|e| e.auth == "basic"), "{log:?}");
-    assert_eq!(c.stats().requests, 4);
+    assert_eq!(c.stats().sent, 4);
     assert_eq!(c.stats().retries, 0);
     sim.shutdown().await;
 }
@@ -418,7 +418,7 @@ async fn rate_limit_storm_pauses_every_task() {
     assert!(started.elapsed() >= Duration::from_secs(2));
     let s = c.stats();
     assert_eq!(s.rate_limited, 2);
-    assert_eq!(s.requests, 18);
+    assert_eq!(s.sent, 18);
     assert_eq!(s.retries, 2);
     assert!(s.paused_ms >= 1900, "{s:?}");
     sim.shutdown().await;
@@ -447,7 +447,7 @@ async fn account_window_limit_is_respected() {
     }
     assert_eq!(sim.counters().early_requests, 0, "{:?}", sim.request_log());
     let s = c.stats();
-    assert_eq!(s.requests - s.rate_limited, 8);
+    assert_eq!(s.sent - s.rate_limited, 8);
     sim.shutdown().await;
 }
 
@@ -602,7 +602,7 @@ async fn token_bucket_spaces_requests() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(c.stats().requests, 20);
+    assert_eq!(c.stats().sent, 20);
     sim.shutdown().await;
 }
 

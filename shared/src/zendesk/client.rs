@@ -82,10 +82,13 @@ pub enum Idempotency {
     Unsafe,
 }
 
-/// Counters of one client (one run), for the run record and the bench.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+/// Zendesk traffic of one client (one run, or one Lambda invocation): the run record's
+/// `requests`, summed over invocations with [`ClientStats::add`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClientStats {
-    pub requests: u64,
+    /// Requests sent (job-status polls and retries included).
+    pub sent: u64,
+    /// 429 answers met (each followed by a pause of every request of the run).
     pub rate_limited: u64,
     pub unavailable: u64,
     pub server_errors: u64,
@@ -93,6 +96,20 @@ pub struct ClientStats {
     pub retries: u64,
     pub token_refreshes: u64,
     pub paused_ms: u64,
+}
+
+impl ClientStats {
+    /// Sum another invocation's traffic into this one.
+    pub fn add(&mut self, o: &ClientStats) {
+        self.sent += o.sent;
+        self.rate_limited += o.rate_limited;
+        self.unavailable += o.unavailable;
+        self.server_errors += o.server_errors;
+        self.transport_errors += o.transport_errors;
+        self.retries += o.retries;
+        self.token_refreshes += o.token_refreshes;
+        self.paused_ms += o.paused_ms;
+    }
 }
 
 /// What the preflight learned.
@@ -711,7 +728,7 @@ impl Client {
         let s = &self.inner.stats;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         ClientStats {
-            requests: get(&s.requests),
+            sent: get(&s.requests),
             rate_limited: get(&s.rate_limited),
             unavailable: get(&s.unavailable),
             server_errors: get(&s.server_errors),
@@ -1065,6 +1082,39 @@ impl Client {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 
+    /// A transport failure of one attempt: an unsafe request that may have reached Zendesk
+    /// (`reached`) has an unknown outcome and is never resent; otherwise it is retried after a
+    /// backoff until the attempts run out.
+    async fn retry_transport(
+        &self,
+        req: &Req<'_>,
+        attempt: u32,
+        max: u32,
+        message: String,
+        reached: bool,
+        what: &str,
+    ) -> Result<(), ZendeskError> {
+        if reached && req.idempotency == Idempotency::Unsafe {
+            return Err(ZendeskError::OutcomeUnknown {
+                path: req.path.clone(),
+                message,
+            });
+        }
+        if attempt >= max {
+            return Err(ZendeskError::Transport {
+                path: req.path.clone(),
+                attempts: attempt,
+                message,
+            });
+        }
+        tracing::warn!(
+            method = %req.method, path = %req.path, attempt,
+            error = %message, "{what}: retrying"
+        );
+        self.backoff(attempt).await;
+        Ok(())
+    }
+
     /// The retry loop of one request: takes a token and passes the pause gate before every
     /// attempt, pauses the whole client on 429/503, backs off on 5xx and transport errors.
     async fn run(&self, req: &Req<'_>, auth: Option<&HeaderValue>) -> Result<Answer, ZendeskError> {
@@ -1106,24 +1156,16 @@ impl Client {
                     );
                     // A connect error happens before anything is written; anything else may
                     // have reached Zendesk.
-                    if !e.is_connect() && req.idempotency == Idempotency::Unsafe {
-                        return Err(ZendeskError::OutcomeUnknown {
-                            path: req.path.clone(),
-                            message,
-                        });
-                    }
-                    if attempt >= max {
-                        return Err(ZendeskError::Transport {
-                            path: req.path.clone(),
-                            attempts: attempt,
-                            message,
-                        });
-                    }
-                    tracing::warn!(
-                        method = %req.method, path = %req.path, attempt,
-                        error = %message, "cannot reach Zendesk: retrying"
-                    );
-                    self.backoff(attempt).await;
+                    let reached = !e.is_connect();
+                    self.retry_transport(
+                        req,
+                        attempt,
+                        max,
+                        message,
+                        reached,
+                        "cannot reach Zendesk",
+                    )
+                    .await?;
                     continue;
                 }
             };
@@ -1155,24 +1197,9 @@ impl Client {
                 Err(e) => {
                     bump(&stats.transport_errors);
                     let message = format!("HTTP {status}, then {}", transport_message(&e));
-                    if req.idempotency == Idempotency::Unsafe {
-                        return Err(ZendeskError::OutcomeUnknown {
-                            path: req.path.clone(),
-                            message,
-                        });
-                    }
-                    if attempt >= max {
-                        return Err(ZendeskError::Transport {
-                            path: req.path.clone(),
-                            attempts: attempt,
-                            message,
-                        });
-                    }
-                    tracing::warn!(
-                        method = %req.method, path = %req.path, attempt,
-                        error = %message, "the Zendesk answer was cut off: retrying"
-                    );
-                    self.backoff(attempt).await;
+                    let what = "the Zendesk answer was cut off";
+                    self.retry_transport(req, attempt, max, message, true, what)
+                        .await?;
                     continue;
                 }
             };
