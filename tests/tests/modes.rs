@@ -1050,92 +1050,90 @@ async fn delete_in_zendesk(e: &E2e, plural: &str, id: u64) {
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn organizations_upsert_recreates_an_org_deleted_in_zendesk() {
+/// One object's upsert after its record 42 was deleted in Zendesk: the changed row is created
+/// again under a new id (a ticket with its description as the first comment, like any new
+/// ticket), nothing else is sent, and a rerun writes nothing.
+async fn upsert_recreates_a_deleted_record<R>(
+    (sync, object, pk, mapping, plural): (&str, &str, &str, &str, &str),
+    mut rows: Vec<R>,
+    key: &str,
+    csv: fn(&[R]) -> String,
+    change: fn(&mut R),
+    check: fn(&E2e, &[R]) -> BTreeMap<String, u64>,
+) {
+    let n = rows.len() as u64;
     let e = E2e::with_config(sim_config()).await;
-    let toml = e.toml(
-        "orgs_gone",
-        "organizations",
-        "upsert",
-        "ORG_ID",
-        ORG_MAPPING,
-    );
-    let mut rows = orgs(120);
-    e.write_export("orgs_gone", &orgs_csv(&rows));
+    let toml = e.toml(sync, object, "upsert", pk, mapping);
+    e.write_export(sync, &csv(&rows));
     run_expect(
         &e,
         &toml,
         Expect {
-            read: 120,
-            created: 120,
+            read: n,
+            created: n,
             ..Expect::default()
         },
     )
     .await;
-    let ids = assert_orgs(&e, &rows);
-    delete_in_zendesk(&e, "organizations", ids["o-0042"]).await;
-    rows[42].notes = "changed after the delete".into();
-    e.write_export("orgs_gone", &orgs_csv(&rows));
+    let ids = check(&e, &rows);
+    delete_in_zendesk(&e, plural, ids[key]).await;
+    change(&mut rows[42]);
+    e.write_export(sync, &csv(&rows));
     let (rec, _, _) = run_expect(
         &e,
         &toml,
         Expect {
-            read: 120,
+            read: n,
             created: 1,
-            unchanged: 119,
+            unchanged: n - 1,
             ..Expect::default()
         },
     )
     .await;
     assert!(rec.failed_samples.is_empty(), "{:?}", rec.failed_samples);
-    let ids2 = assert_orgs(&e, &rows);
-    assert_ne!(ids2["o-0042"], ids["o-0042"], "a new organization");
-    assert_rerun_writes_nothing(&e, &toml, 120, 0).await;
+    let ids2 = check(&e, &rows);
+    assert_ne!(ids2[key], ids[key], "a new {object} record");
+    assert_rerun_writes_nothing(&e, &toml, n, 0).await;
 }
 
-/// BUG (shared/src/write.rs, `Writer::update`, the "Upsert: a record deleted in Zendesk since
-/// it was confirmed is created again" branch): the recreate sends the row's *update* payload to
-/// `tickets/create_many`, and a ticket's update payload has no `comment` (the description is
-/// create-only, left out by `Mapper::write_payload(row, false)` in the plan), so Zendesk refuses
-/// it ("Description: cannot be blank"). The fold keeps the old ticket id with FLAG_FAILED, so
-/// every later run updates the deleted id again and fails the same way: the ticket is never
-/// recreated. Run with `--ignored` to see it fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn organizations_upsert_recreates_an_org_deleted_in_zendesk() {
+    upsert_recreates_a_deleted_record(
+        (
+            "orgs_gone",
+            "organizations",
+            "ORG_ID",
+            ORG_MAPPING,
+            "organizations",
+        ),
+        orgs(120),
+        "o-0042",
+        orgs_csv,
+        |r| r.notes = "changed after the delete".into(),
+        assert_orgs,
+    )
+    .await;
+}
+
+/// The recreate carries the create payload (with the description as the first comment): an
+/// update payload has none, and Zendesk would refuse it ("Description: cannot be blank").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tickets_upsert_recreates_a_ticket_deleted_in_zendesk() {
-    let e = E2e::with_config(sim_config()).await;
-    let toml = e.toml("tix_gone", "tickets", "upsert", "TICKET_ID", TICKET_MAPPING);
-    let mut rows = tickets(110);
-    e.write_export("tix_gone", &tickets_csv(&rows));
-    run_expect(
-        &e,
-        &toml,
-        Expect {
-            read: 110,
-            created: 110,
-            ..Expect::default()
-        },
+    upsert_recreates_a_deleted_record(
+        (
+            "tix_gone",
+            "tickets",
+            "TICKET_ID",
+            TICKET_MAPPING,
+            "tickets",
+        ),
+        tickets(110),
+        "t-0042",
+        tickets_csv,
+        |r| r.subject = "Changed after the delete".into(),
+        assert_tickets,
     )
     .await;
-    let ids = assert_tickets(&e, &rows);
-    delete_in_zendesk(&e, "tickets", ids["t-0042"]).await;
-    rows[42].subject = "Changed after the delete".into();
-    e.write_export("tix_gone", &tickets_csv(&rows));
-    let (rec, _, _) = run_expect(
-        &e,
-        &toml,
-        Expect {
-            read: 110,
-            created: 1,
-            unchanged: 109,
-            ..Expect::default()
-        },
-    )
-    .await;
-    assert!(rec.failed_samples.is_empty(), "{:?}", rec.failed_samples);
-    // Recreated with its description as the first comment, like any new ticket.
-    let ids2 = assert_tickets(&e, &rows);
-    assert_ne!(ids2["t-0042"], ids["t-0042"], "a new ticket");
-    assert_rerun_writes_nothing(&e, &toml, 110, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
