@@ -236,11 +236,13 @@ pub fn render_record(r: &RunRecord) -> String {
     let q = &r.requests;
     let _ = writeln!(
         s,
-        "  requests    {:>12}  {} jobs · {} × 429 · {} retries · paused {:.1} s",
+        "  requests    {:>12}  {} job{} · {} × 429 · {} retr{} · paused {:.1} s",
         num(q.sent),
         r.jobs,
+        if r.jobs == 1 { "" } else { "s" },
         q.rate_limited,
         q.retries,
+        if q.retries == 1 { "y" } else { "ies" },
         q.paused_ms as f64 / 1000.0
     );
     let p = &r.phases;
