@@ -213,16 +213,16 @@ pub fn render_record(r: &RunRecord) -> String {
         );
     }
     if rows.removed > 0 {
-        line(
-            &mut s,
-            "removed",
-            rows.removed,
-            match r.mode {
-                Mode::Remove | Mode::Mirror => "left the audience (their tag is removed)",
-                Mode::Add => "left the audience; add mode keeps their tag",
-                _ => "gone from the export; left in Zendesk",
-            },
-        );
+        // Audience syncs count members who left; object syncs, keys gone from the export.
+        let (label, note) = match r.mode {
+            Mode::Remove | Mode::Mirror => ("left", "members gone since the last run (untagged)"),
+            Mode::Add => (
+                "left",
+                "members gone since the last run; add keeps their tag",
+            ),
+            _ => ("removed", "gone from the export; left in Zendesk"),
+        };
+        line(&mut s, label, rows.removed, note);
     }
     line(&mut s, "failed", rows.failed, "sent again next run");
     if rows.retried > 0 {
