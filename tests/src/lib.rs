@@ -245,6 +245,23 @@ impl E2e {
         write_file(self.root(), "creds.json", &body.to_string());
     }
 
+    /// Mints an OAuth token with `scopes` (no refresh token) on account `acme` and makes it
+    /// the credential of the runs.
+    pub fn use_minted_token(&self, scopes: &[&str]) -> zdsync_sim::MintedToken {
+        let token = self
+            .sim
+            .mint_token(
+                "acme",
+                &zdsync_sim::MintRequest {
+                    scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                    ..zdsync_sim::MintRequest::default()
+                },
+            )
+            .expect("mint a token");
+        self.write_oauth_creds(&token.access_token, None);
+        token
+    }
+
     /// The whole export of a sync: `exports/<sync>/part-0000.csv`.
     pub fn write_export(&self, sync: &str, csv: &str) {
         write_file(self.root(), &format!("exports/{sync}/part-0000.csv"), csv);

@@ -5,7 +5,7 @@
 use std::time::Duration;
 use zdsync::lock::{host_name, LockInfo};
 use zdsync::run::{RunOutcome, RunStatus};
-use zdsync_sim::{MintRequest, SimConfig};
+use zdsync_sim::SimConfig;
 use zdsync_tests::{
     endpoint_delta, fast_run_options, parse_config, run_parsed, sync_toml, write_file,
     write_requests, E2e, ADMIN_EMAIL,
@@ -153,18 +153,8 @@ async fn api_token_of_an_agent_is_refused_before_any_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_oauth_token_without_refresh_token_says_reconnect() {
     let e = E2e::start().await;
-    let token = e
-        .sim
-        .mint_token(
-            "acme",
-            &MintRequest {
-                scopes: vec!["read".into(), "write".into()],
-                ..MintRequest::default()
-            },
-        )
-        .unwrap();
+    let token = e.use_minted_token(&["read", "write"]);
     assert!(e.sim.expire_token("acme", &token.access_token));
-    e.write_oauth_creds(&token.access_token, None);
     e.write_export("e_exp", &users_csv(30));
     let toml = e.toml("e_exp", "users", "upsert", "USER_ID", USER_MAPPING);
     let outcome = e.run(&toml).await;
@@ -230,17 +220,7 @@ async fn unknown_subdomain_says_what_to_enter() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oauth_token_without_tickets_write_fails_with_missing_scope() {
     let e = E2e::start().await;
-    let token = e
-        .sim
-        .mint_token(
-            "acme",
-            &MintRequest {
-                scopes: vec!["read".into(), "users:write".into()],
-                ..MintRequest::default()
-            },
-        )
-        .unwrap();
-    e.write_oauth_creds(&token.access_token, None);
+    let token = e.use_minted_token(&["read", "users:write"]);
     e.write_export("e_tix", &tickets_csv(40));
     let toml = e.toml("e_tix", "tickets", "insert", "TICKET_ID", TICKET_MAPPING);
     let outcome = e.run(&toml).await;

@@ -575,29 +575,40 @@ async fn unavailable_and_server_errors_on_bulk_calls_and_polls_are_retried() {
 // Lost answers
 // ---------------------------------------------------------------------------------------------
 
-/// The connection drops after Zendesk created the job (tickets `create_many` is not
-/// idempotent): the rows are looked up by external id, never created twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropped_answer_to_tickets_create_many_creates_no_duplicates() {
-    let t = Instant::now();
-    let fx = Fx::new(Obj::Tickets, 300).await;
+/// The connection drops twice after Zendesk created the job (`create_many` is not idempotent):
+/// the rows are looked up by external id, never created twice. Returns the simulator's counters.
+async fn dropped_create_many_answers(obj: Obj, endpoint: &str) -> zdsync_sim::Counters {
+    let fx = Fx::new(obj, 300).await;
     fx.sim
         .set_fault_rules(vec![FaultRule::new(FaultKind::DropConnection)
-            .path("/api/v2/tickets/create_many")
+            .path(&format!("/api/v2/{endpoint}"))
             .times(2)]);
     let ctx = fx.ctx().await;
     let out = run(&ctx, &run_opts()).await;
     let rec = only_record(&out);
     assert_all_created(rec, fx.n);
+    assert!(rec.requests.transport_errors >= 2, "{:?}", rec.requests);
     fx.check_complete();
     let c = fx.counters();
     assert_eq!(c.faults.get("drop_connection").copied(), Some(2));
     // Four batches, four calls: the two lost answers were settled by lookups, not resends.
-    assert_eq!(c.by_endpoint.get("tickets.create_many"), Some(&4));
+    assert_eq!(
+        c.by_endpoint.get(&endpoint.replace('/', ".")),
+        Some(&4),
+        "{:?}",
+        c.by_endpoint
+    );
     assert_eq!(c.job_items, fx.n as u64);
-    assert!(c.by_endpoint.get("tickets.list").copied().unwrap_or(0) >= 100);
-    assert!(rec.requests.transport_errors >= 2, "{:?}", rec.requests);
     assert_rerun_unchanged(&fx).await;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_answer_to_tickets_create_many_creates_no_duplicates() {
+    let t = Instant::now();
+    let c = dropped_create_many_answers(Obj::Tickets, "tickets/create_many").await;
+    // Ticket `show_many` has no external_ids: the lookups list tickets.
+    assert!(c.by_endpoint.get("tickets.list").copied().unwrap_or(0) >= 100);
     eprintln!("drop_tickets: {}", elapsed(t));
 }
 
@@ -632,25 +643,10 @@ async fn dropped_answers_to_safe_calls_are_resent() {
     eprintln!("drop_safe: {}", elapsed(t));
 }
 
-/// Same for organizations `create_many`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_answer_to_organizations_create_many_creates_no_duplicates() {
     let t = Instant::now();
-    let fx = Fx::new(Obj::Orgs, 300).await;
-    fx.sim
-        .set_fault_rules(vec![FaultRule::new(FaultKind::DropConnection)
-            .path("/api/v2/organizations/create_many")
-            .times(2)]);
-    let ctx = fx.ctx().await;
-    let out = run(&ctx, &run_opts()).await;
-    let rec = only_record(&out);
-    assert_all_created(rec, fx.n);
-    fx.check_complete();
-    let c = fx.counters();
-    assert_eq!(c.faults.get("drop_connection").copied(), Some(2));
-    assert_eq!(c.by_endpoint.get("organizations.create_many"), Some(&4));
-    assert_eq!(c.job_items, fx.n as u64);
-    assert_rerun_unchanged(&fx).await;
+    dropped_create_many_answers(Obj::Orgs, "organizations/create_many").await;
     eprintln!("drop_orgs: {}", elapsed(t));
 }
 
