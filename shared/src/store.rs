@@ -164,11 +164,23 @@ impl ObjectStore for LocalStore {
         if !dir.is_dir() {
             return Ok(out);
         }
+        // Other writers work while we list (atomic puts rename temporary files into place,
+        // cleared change sets remove folders): an entry or folder that is gone by the time it
+        // is read was removed concurrently and is skipped, as an S3 listing would.
+        let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
         let mut stack = vec![(dir, dir_key.to_string())];
         while let Some((dir, key_base)) = stack.pop() {
-            for entry in fs::read_dir(&dir).map_err(|e| with_path(e, &dir))? {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(with_path(e, &dir)),
+            };
+            for entry in entries {
                 let entry = entry?;
                 let name = entry.file_name().to_string_lossy().into_owned();
+                if name.contains(".tmp-") {
+                    continue;
+                }
                 let key = if key_base.is_empty() {
                     name.clone()
                 } else {
@@ -177,10 +189,14 @@ impl ObjectStore for LocalStore {
                 if !key.starts_with(prefix) && !prefix.starts_with(&format!("{key}/")) {
                     continue;
                 }
-                let meta = entry.metadata()?;
+                let meta = match entry.metadata() {
+                    Ok(meta) => meta,
+                    Err(e) if gone(&e) => continue,
+                    Err(e) => return Err(with_path(e, &entry.path())),
+                };
                 if meta.is_dir() {
                     stack.push((entry.path(), key));
-                } else if key.starts_with(prefix) && !name.contains(".tmp-") {
+                } else if key.starts_with(prefix) {
                     out.push(ObjectMeta {
                         key,
                         size: meta.len(),
@@ -310,6 +326,35 @@ fn with_path(e: io::Error, path: &Path) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Listing while another writer puts objects (temporary file, then rename) and clears
+    /// folders never fails: what vanished mid-listing is skipped.
+    #[test]
+    fn listing_tolerates_concurrent_puts_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        store.put("runs/s/r/keep.json", b"{}").unwrap();
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..400 {
+                    let key = format!("runs/s/r/results/c{}/{i}.json", i % 7);
+                    store.put(&key, b"{}").unwrap();
+                    if i % 5 == 4 {
+                        store
+                            .delete_prefix(&format!("runs/s/r/results/c{}/", i % 7))
+                            .unwrap();
+                    }
+                }
+            })
+        };
+        while !writer.is_finished() {
+            let keys = store.list("runs/s/r/").expect("a listing during writes");
+            assert!(keys.iter().any(|o| o.key == "runs/s/r/keep.json"));
+            assert!(keys.iter().all(|o| !o.key.contains(".tmp-")), "{keys:?}");
+        }
+        writer.join().unwrap();
+    }
 
     #[test]
     fn put_list_open_and_delete_round_trip() {
