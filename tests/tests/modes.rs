@@ -1054,7 +1054,7 @@ async fn delete_in_zendesk(e: &E2e, plural: &str, id: u64) {
 /// again under a new id (a ticket with its description as the first comment, like any new
 /// ticket), nothing else is sent, and a rerun writes nothing.
 async fn upsert_recreates_a_deleted_record<R>(
-    (sync, object, pk, mapping, plural): (&str, &str, &str, &str, &str),
+    (sync, object, pk, mapping): (&str, &str, &str, &str),
     mut rows: Vec<R>,
     key: &str,
     csv: fn(&[R]) -> String,
@@ -1076,7 +1076,7 @@ async fn upsert_recreates_a_deleted_record<R>(
     )
     .await;
     let ids = check(&e, &rows);
-    delete_in_zendesk(&e, plural, ids[key]).await;
+    delete_in_zendesk(&e, object, ids[key]).await;
     change(&mut rows[42]);
     e.write_export(sync, &csv(&rows));
     let (rec, _, _) = run_expect(
@@ -1099,13 +1099,7 @@ async fn upsert_recreates_a_deleted_record<R>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn organizations_upsert_recreates_an_org_deleted_in_zendesk() {
     upsert_recreates_a_deleted_record(
-        (
-            "orgs_gone",
-            "organizations",
-            "ORG_ID",
-            ORG_MAPPING,
-            "organizations",
-        ),
+        ("orgs_gone", "organizations", "ORG_ID", ORG_MAPPING),
         orgs(120),
         "o-0042",
         orgs_csv,
@@ -1120,13 +1114,7 @@ async fn organizations_upsert_recreates_an_org_deleted_in_zendesk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tickets_upsert_recreates_a_ticket_deleted_in_zendesk() {
     upsert_recreates_a_deleted_record(
-        (
-            "tix_gone",
-            "tickets",
-            "TICKET_ID",
-            TICKET_MAPPING,
-            "tickets",
-        ),
+        ("tix_gone", "tickets", "TICKET_ID", TICKET_MAPPING),
         tickets(110),
         "t-0042",
         tickets_csv,
