@@ -29,6 +29,8 @@ pub mod exit {
     pub const AUTH: u8 = 6;
     /// Another run of the sync holds the lock.
     pub const LOCKED: u8 = 7;
+    /// Stopped by Ctrl-C / SIGTERM (128 + SIGINT); the next run finishes it.
+    pub const INTERRUPTED: u8 = 130;
 }
 
 pub fn exit_code_for(name: &str) -> u8 {
@@ -44,6 +46,9 @@ pub fn exit_code_for(name: &str) -> u8 {
 }
 
 pub fn outcome_code(outcome: &RunOutcome) -> u8 {
+    if outcome.interrupted() {
+        return exit::INTERRUPTED;
+    }
     if let Some(e) = &outcome.error {
         return exit_code_for(e.error_name());
     }
@@ -105,17 +110,55 @@ pub async fn run_sync(
         lock_wait: args.wait,
         ..RunOptions::default()
     };
+    let signals = tokio::spawn(on_signals(opts.stop.clone(), opts.grace));
     let show = !args.quiet
         && !args.json
         && std::io::stderr().is_terminal()
         && std::env::var_os("CI").is_none();
     let bar = show.then(|| spawn_progress(progress.clone()));
     let outcome = zdsync::run::run(&ctx, &opts).await;
+    signals.abort();
     if let Some((bar, task)) = bar {
         task.abort();
         bar.finish_and_clear();
     }
     outcome
+}
+
+/// Ctrl-C or SIGTERM: stop sending and let calls in flight finish (the run then records itself
+/// `interrupted` and releases its lock); a second one exits at once, leaving the lock and the
+/// journals to the next run.
+async fn on_signals(stop: zdsync::write::Stop, grace: Duration) {
+    #[cfg(unix)]
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let next = async {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    next.await;
+    eprintln!(
+        "zdsync: interrupted: nothing new is sent; waiting up to {} s for the calls in flight \
+         (press Ctrl-C again to exit at once)",
+        grace.as_secs()
+    );
+    stop.request();
+    #[cfg(unix)]
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    eprintln!("zdsync: exiting now; the next run finishes this one from its journals");
+    std::process::exit(exit::INTERRUPTED as i32);
 }
 
 /// A progress bar on stderr with rows/s and ETA, fed from the writer's counters.
@@ -164,6 +207,7 @@ pub fn render_record(r: &RunRecord) -> String {
         RunStatus::Succeeded => "succeeded",
         RunStatus::CompletedWithFailures => "completed with failures",
         RunStatus::Failed => "FAILED",
+        RunStatus::Interrupted => "INTERRUPTED (the next run finishes it)",
     };
     let _ = writeln!(
         s,
@@ -176,6 +220,12 @@ pub fn render_record(r: &RunRecord) -> String {
         if r.resumed { " (resumed)" } else { "" },
         r.trigger
     );
+    if let Some(old) = &r.resumed_run {
+        let _ = writeln!(
+            s,
+            "  first finished run {old}, left unfinished by an earlier process (its own record)"
+        );
+    }
     let rows = &r.rows;
     let line = |s: &mut String, k: &str, v: u64, note: &str| {
         let _ = writeln!(s, "  {k:<12}{:>12}  {note}", num(v));
@@ -347,6 +397,7 @@ pub fn history(root: &Path, cfg: &SyncConfig, limit: usize, json: bool) -> ExitC
                 "failed: {}",
                 r.error.as_ref().map_or("?", |e| e.name.as_str())
             ),
+            RunStatus::Interrupted => "interrupted".to_string(),
         };
         println!(
             "{:<22} {:<20} {:<9} {:<24} {:>9} {:>7} {:>8} {:>8} {:>9} {:>7} {:>8} {:>5} {:>8.1}",

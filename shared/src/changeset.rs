@@ -154,6 +154,9 @@ pub struct ResultRow {
 pub enum Action {
     Created,
     Updated,
+    /// Insert mode: the record was already in Zendesk (found by external id after a create
+    /// refused as a duplicate); left as it is.
+    Existing,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -270,6 +273,8 @@ pub struct FoldSummary {
     /// chunk's op).
     pub created: u64,
     pub updated: u64,
+    /// Insert mode: keys found already in Zendesk (left alone, counted as skipped).
+    pub existing: u64,
     pub failed: u64,
     /// Rows of chunks with no recorded outcome (never sent, or the writer died): resent next run.
     pub unknown: u64,
@@ -392,6 +397,7 @@ pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary,
                     summary.confirmed += 1;
                     match (r.action, chunk.op) {
                         (Some(Action::Updated), _) | (None, Op::Update) => summary.updated += 1,
+                        (Some(Action::Existing), _) => summary.existing += 1,
                         _ => summary.created += 1,
                     }
                     let id = r.id.or(row.id).unwrap_or(0);

@@ -9,7 +9,7 @@ use crate::layout;
 use crate::lock::{self, LockError};
 use crate::plan::{InvalidRow, PlanError, PlanOptions, PlanReport};
 use crate::store::ObjectStore;
-use crate::write::{ChunkSummary, Progress, WriteError, WriteOptions, Writer};
+use crate::write::{ChunkSummary, Progress, Stop, WriteError, WriteOptions, Writer};
 use crate::zendesk::{Client, ClientStats, ZendeskError};
 use futures::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,10 @@ pub struct RunOptions {
     pub lock_wait: Duration,
     /// Invalid-row samples per reason in the record.
     pub samples: usize,
+    /// Requested on Ctrl-C / SIGTERM: nothing new is sent, calls in flight get `grace` to
+    /// finish, the run is recorded `interrupted` and the next run finishes it.
+    pub stop: Stop,
+    pub grace: Duration,
 }
 
 impl Default for RunOptions {
@@ -42,6 +46,8 @@ impl Default for RunOptions {
             lock_ttl: Duration::from_secs(15 * 60),
             lock_wait: Duration::ZERO,
             samples: 5,
+            stop: Stop::default(),
+            grace: Duration::from_secs(30),
         }
     }
 }
@@ -55,6 +61,8 @@ pub enum RunStatus {
     CompletedWithFailures,
     /// The run stopped on an error (config, credentials, Zendesk unreachable, ...).
     Failed,
+    /// Stopped by Ctrl-C / SIGTERM; the next run of the sync finishes it.
+    Interrupted,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -151,6 +159,10 @@ pub struct RunRecord {
     /// This run finished one that an earlier process left unfinished.
     #[serde(default)]
     pub resumed: bool,
+    /// The unfinished run this run finished before its own work (its figures are not counted
+    /// here: they are in that run's record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_run: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +263,15 @@ pub struct RunOutcome {
     pub error: Option<RunError>,
 }
 
+impl RunOutcome {
+    /// The run was stopped by a signal (its record says `interrupted`).
+    pub fn interrupted(&self) -> bool {
+        self.records
+            .last()
+            .is_some_and(|r| r.status == RunStatus::Interrupted)
+    }
+}
+
 /// Everything a run needs from its caller.
 pub struct RunContext {
     pub store: Arc<dyn ObjectStore>,
@@ -299,23 +320,22 @@ async fn run_locked(
     records: &mut Vec<RunRecord>,
 ) -> Result<(), RunError> {
     let cfg = &ctx.config;
-    let started = chrono::Utc::now();
-    let clock = Instant::now();
+    let mut base = Base::now(ctx);
     let mut phases = Phases::default();
     let mut t = Instant::now();
-    let fail = |phases: &Phases, e: &RunError, rows: RowCounts| RunRecord {
+    let fail = |phases: &Phases, e: &RunError, rows: RowCounts, base: &Base| RunRecord {
         run_id: run_id.to_string(),
         sync: cfg.name.clone(),
         object: cfg.object,
         mode: cfg.mode,
         trigger: opts.trigger.clone(),
         status: RunStatus::Failed,
-        started_at: rfc3339(started),
+        started_at: rfc3339(base.started),
         finished_at: rfc3339(chrono::Utc::now()),
-        seconds: clock.elapsed().as_secs_f64(),
+        seconds: base.clock.elapsed().as_secs_f64(),
         phases: phases.clone(),
         rows,
-        requests: ctx.client.stats(),
+        requests: ctx.client.stats().since(&base.requests),
         jobs: 0,
         error: Some(RunErrorInfo {
             name: e.error_name().to_string(),
@@ -324,6 +344,7 @@ async fn run_locked(
         failed_samples: Vec::new(),
         invalid_samples: Vec::new(),
         resumed: false,
+        resumed_run: None,
     };
 
     // Preflight: credentials, subdomain and scopes (and tagging, for an audience) before
@@ -336,18 +357,30 @@ async fn run_locked(
     if let Err(e) = checked {
         phases.preflight = t.elapsed().as_secs_f64();
         let e = RunError::from(e);
-        let rec = fail(&phases, &e, RowCounts::default());
+        let rec = fail(&phases, &e, RowCounts::default(), &base);
         save_record(ctx.store.clone(), &rec).await?;
         records.push(rec);
         return Err(e);
     }
     phases.preflight = t.elapsed().as_secs_f64();
 
-    // A run a crashed process left between plan and finalize is finished first, so nothing it
-    // created is created again.
-    if let Some(stale) = taken_over {
-        if let Some(rec) = resume(ctx, opts, &stale.run_id).await? {
+    // A run a crashed or interrupted process left between plan and finalize is finished
+    // first, so nothing it created is created again. Its work goes to its own record; this
+    // run's figures start after it.
+    let unfinished = match taken_over {
+        Some(stale) => Some(stale.run_id),
+        None => last_interrupted(ctx).await?,
+    };
+    let mut resumed_run = None;
+    if let Some(old) = unfinished {
+        if let Some(rec) = resume(ctx, opts, &old).await? {
+            resumed_run = Some(rec.run_id.clone());
+            let interrupted = rec.status == RunStatus::Interrupted;
             records.push(rec);
+            if interrupted {
+                return Ok(());
+            }
+            base = Base::now(ctx);
         }
     }
 
@@ -361,7 +394,7 @@ async fn run_locked(
             Ok(s) => Some(Arc::new(s)),
             Err(e) => {
                 phases.schema = t.elapsed().as_secs_f64();
-                let rec = fail(&phases, &e, RowCounts::default());
+                let rec = fail(&phases, &e, RowCounts::default(), &base);
                 save_record(ctx.store.clone(), &rec).await?;
                 records.push(rec);
                 return Err(e);
@@ -386,23 +419,28 @@ async fn run_locked(
         Ok(r) => r,
         Err(e) => {
             let e = RunError::from(e);
-            let rec = fail(&phases, &e, RowCounts::default());
+            let rec = fail(&phases, &e, RowCounts::default(), &base);
             save_record(ctx.store.clone(), &rec).await?;
             records.push(rec);
             return Err(e);
         }
     };
 
-    let (rec, error) = write_and_finalize(
+    let (mut rec, error) = write_and_finalize(
         ctx,
         opts,
         &report.manifest,
         Some(&report),
         phases,
-        started,
-        clock,
+        base.started,
+        base.clock,
+        &base,
     )
     .await?;
+    if resumed_run.is_some() {
+        rec.resumed_run = resumed_run;
+        save_record(ctx.store.clone(), &rec).await?;
+    }
     records.push(rec);
     match error {
         Some(e) => Err(e),
@@ -418,24 +456,33 @@ async fn resume(
 ) -> Result<Option<RunRecord>, RunError> {
     let sync = ctx.config.name.clone();
     let (store, rid) = (ctx.store.clone(), run_id.to_string());
-    let manifest =
-        tokio::task::spawn_blocking(move || -> Result<Option<Manifest>, ChangeSetError> {
+    type Found = Option<(Manifest, Option<RunRecord>)>;
+    let manifest = tokio::task::spawn_blocking(move || -> Result<Found, ChangeSetError> {
             let key = layout::manifest_key(&sync, &rid);
             let record = layout::run_record_key(&sync, &rid);
             let io = |key: &str, source| ChangeSetError::Io {
                 key: key.to_string(),
                 source,
             };
-            if store.head(&record).map_err(|e| io(&record, e))?.is_some()
-                || store.head(&key).map_err(|e| io(&key, e))?.is_none()
-            {
+            if store.head(&key).map_err(|e| io(&key, e))?.is_none() {
                 return Ok(None);
             }
-            changeset::read_manifest(store.as_ref(), &key).map(Some)
+            // A recorded run is finished, unless it was interrupted.
+            let earlier = match store.head(&record).map_err(|e| io(&record, e))? {
+                None => None,
+                Some(_) => {
+                    let text = changeset::read_text(store.as_ref(), &record)?;
+                    match serde_json::from_str::<RunRecord>(&text) {
+                        Ok(r) if r.status == RunStatus::Interrupted => Some(r),
+                        _ => return Ok(None),
+                    }
+                }
+            };
+            changeset::read_manifest(store.as_ref(), &key).map(|m| Some((m, earlier)))
         })
         .await
         .map_err(|e| RunError::Internal(format!("resume task: {e}")))??;
-    let Some(manifest) = manifest else {
+    let Some((manifest, earlier)) = manifest else {
         return Ok(None);
     };
     tracing::info!(
@@ -444,7 +491,8 @@ async fn resume(
     );
     let mut opts = opts.clone();
     opts.trigger = "resume".into();
-    let (rec, error) = write_and_finalize(
+    let base = Base::now(ctx);
+    let (mut rec, error) = write_and_finalize(
         ctx,
         &opts,
         &manifest,
@@ -452,14 +500,58 @@ async fn resume(
         Phases::default(),
         chrono::Utc::now(),
         Instant::now(),
+        &base,
     )
     .await?;
+    // The interrupted part and the part that finished it make one run.
+    if let Some(e) = earlier {
+        rec.requests.add(&e.requests);
+        rec.jobs += e.jobs;
+        rec.seconds += e.seconds;
+        rec.started_at = e.started_at;
+        rec.trigger = e.trigger;
+        rec.invalid_samples = e.invalid_samples;
+        rec.rows.invalid = rec.rows.invalid.max(e.rows.invalid);
+        save_record(ctx.store.clone(), &rec).await?;
+    }
     match error {
         Some(e) => Err(e),
         None => Ok(Some(rec)),
     }
 }
 
+/// The sync's newest run, when it was interrupted (the next run finishes it).
+async fn last_interrupted(ctx: &RunContext) -> Result<Option<String>, RunError> {
+    let (store, sync) = (ctx.store.clone(), ctx.config.name.clone());
+    let newest = tokio::task::spawn_blocking(move || history(store.as_ref(), &sync, 1))
+        .await
+        .map_err(|e| RunError::Internal(format!("history task: {e}")))??;
+    Ok(newest
+        .into_iter()
+        .find(|r| r.status == RunStatus::Interrupted)
+        .map(|r| r.run_id))
+}
+
+/// Counters at the start of a run, so its record holds only its own traffic.
+struct Base {
+    requests: ClientStats,
+    jobs: u64,
+    started: chrono::DateTime<chrono::Utc>,
+    clock: Instant,
+}
+
+impl Base {
+    fn now(ctx: &RunContext) -> Base {
+        Base {
+            requests: ctx.client.stats(),
+            jobs: ctx.progress.jobs.load(std::sync::atomic::Ordering::Relaxed),
+            started: chrono::Utc::now(),
+            clock: Instant::now(),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn write_and_finalize(
     ctx: &RunContext,
     opts: &RunOptions,
@@ -468,10 +560,42 @@ async fn write_and_finalize(
     mut phases: Phases,
     started: chrono::DateTime<chrono::Utc>,
     clock: Instant,
+    base: &Base,
 ) -> Result<(RunRecord, Option<RunError>), RunError> {
     let t = Instant::now();
-    let (_, error) = write_all(ctx, opts, manifest).await;
+    let write = write_all(ctx, opts, manifest);
+    tokio::pin!(write);
+    // On a stop, calls in flight get `grace` to finish; past it they are cut off and left to
+    // their journals.
+    let grace = async {
+        opts.stop.wait().await;
+        tokio::time::sleep(opts.grace).await;
+    };
+    let (_, error) = tokio::select! {
+        r = &mut write => r,
+        _ = grace => (Vec::new(), Some(RunError::Write(WriteError::Stopped))),
+    };
     phases.write = t.elapsed().as_secs_f64();
+    if opts.stop.requested() {
+        // Not folded: the next run finishes this one from its change set and journals.
+        let p = &ctx.progress;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let fold = FoldSummary {
+            confirmed: load(&p.confirmed),
+            created: load(&p.confirmed),
+            failed: load(&p.failed),
+            ..FoldSummary::default()
+        };
+        let mut rec = record(
+            ctx, opts, manifest, report, &fold, phases, started, clock, base, None,
+        );
+        rec.status = RunStatus::Interrupted;
+        rec.rows.created = 0;
+        rec.rows.failed = 0;
+        rec.rows.unchanged = manifest.counts.unchanged;
+        save_record(ctx.store.clone(), &rec).await?;
+        return Ok((rec, None));
+    }
 
     let t = Instant::now();
     let (store, m) = (ctx.store.clone(), manifest.clone());
@@ -489,6 +613,7 @@ async fn write_and_finalize(
         phases,
         started,
         clock,
+        base,
         error.as_ref(),
     );
     save_record(ctx.store.clone(), &rec).await?;
@@ -519,7 +644,8 @@ pub async fn write_all(
         manifest,
         wopts,
         ctx.progress.clone(),
-    );
+    )
+    .with_stop(opts.stop.clone());
     let mut summaries = Vec::new();
     let mut error = None;
     let mut chunks = stream::iter(manifest.chunks.iter())
@@ -528,6 +654,8 @@ pub async fn write_all(
     while let Some(r) = chunks.next().await {
         match r {
             Ok(s) => summaries.push(s),
+            // The other chunks finish what they have in flight.
+            Err(WriteError::Stopped) => error = Some(RunError::Write(WriteError::Stopped)),
             Err(e) => {
                 tracing::error!(error = %e, "writing stopped");
                 error = Some(RunError::from(e));
@@ -548,6 +676,7 @@ fn record(
     phases: Phases,
     started: chrono::DateTime<chrono::Utc>,
     clock: Instant,
+    base: &Base,
     error: Option<&RunError>,
 ) -> RunRecord {
     let invalid_samples = report
@@ -565,8 +694,12 @@ fn record(
         phases,
         started,
         seconds: clock.elapsed().as_secs_f64(),
-        requests: ctx.client.stats(),
-        jobs: ctx.progress.jobs.load(std::sync::atomic::Ordering::Relaxed),
+        requests: ctx.client.stats().since(&base.requests),
+        jobs: ctx
+            .progress
+            .jobs
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(base.jobs),
         trigger: &opts.trigger,
         error: error.map(|e| RunErrorInfo {
             name: e.error_name().to_string(),
@@ -618,7 +751,7 @@ pub fn build_record(p: RecordParts<'_>) -> RunRecord {
             created: fold.created,
             updated: fold.updated,
             unchanged: c.unchanged,
-            skipped: c.skipped,
+            skipped: c.skipped + fold.existing,
             removed: c.removed,
             failed,
             retried: c.retried,
@@ -631,6 +764,7 @@ pub fn build_record(p: RecordParts<'_>) -> RunRecord {
         failed_samples: fold.failed_samples.clone(),
         invalid_samples: p.invalid_samples,
         resumed: p.trigger == "resume",
+        resumed_run: None,
     }
 }
 

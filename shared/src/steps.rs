@@ -666,6 +666,7 @@ async fn finalize_unplanned(
         failed_samples: Vec::new(),
         invalid_samples: Vec::new(),
         resumed: false,
+        resumed_run: None,
     };
     run::save_record(env.store.clone(), &rec).await?;
     if let Some(m) = d.trigger_marker.clone() {

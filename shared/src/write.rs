@@ -80,6 +80,40 @@ pub enum WriteError {
     ChangeSet(#[from] ChangeSetError),
     #[error("the write task stopped unexpectedly: {0}")]
     Task(String),
+    /// The run was asked to stop (Ctrl-C, SIGTERM) before this batch was sent.
+    #[error("interrupted: batches not yet sent were left for the next run")]
+    Stopped,
+}
+
+/// Asks a run to stop sending: batches not yet on the wire are left unsent (no outcome, so the
+/// next run sends them), calls in flight finish and record their outcomes.
+#[derive(Debug, Clone)]
+pub struct Stop {
+    tx: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for Stop {
+    fn default() -> Self {
+        Stop {
+            tx: Arc::new(tokio::sync::watch::channel(false).0),
+        }
+    }
+}
+
+impl Stop {
+    pub fn request(&self) {
+        self.tx.send_replace(true);
+    }
+
+    pub fn requested(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Resolves once a stop is requested.
+    pub async fn wait(&self) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|v| *v).await;
+    }
 }
 
 /// What one chunk came to.
@@ -89,6 +123,9 @@ pub struct ChunkSummary {
     pub rows: u64,
     pub created: u64,
     pub updated: u64,
+    /// Insert mode: keys that were already in Zendesk.
+    #[serde(default)]
+    pub existing: u64,
     pub failed: u64,
     /// Batches whose outcome was already stored by an earlier attempt.
     pub batches_reused: u64,
@@ -126,6 +163,7 @@ pub struct Writer {
     /// Names this writer's batches apart from an earlier attempt's.
     tag: String,
     pub progress: Arc<Progress>,
+    stop: Stop,
 }
 
 /// The failure code of rows whose create may or may not have happened.
@@ -161,7 +199,14 @@ impl Writer {
             known_jobs: Default::default(),
             tag: format!("{:04x}", rand::random::<u16>()),
             progress,
+            stop: Stop::default(),
         }
+    }
+
+    /// Stop sending new batches once `stop` is requested.
+    pub fn with_stop(mut self, stop: Stop) -> Writer {
+        self.stop = stop;
+        self
     }
 
     pub fn client(&self) -> &Client {
@@ -199,6 +244,14 @@ impl Writer {
             if let Some(stem) = key.strip_suffix(".job.json") {
                 let stem = stem.rsplit('/').next().unwrap_or(stem).to_string();
                 if let Some(j) = self.read_journal(&key).await? {
+                    // A journaled job is resolved by polling it: never a candidate for
+                    // another batch's lost call.
+                    if let Some(job) = &j.job {
+                        self.known_jobs
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(job.clone());
+                    }
                     journals.push((stem, j));
                 }
             } else if key.ends_with(".jsonl") {
@@ -248,6 +301,9 @@ impl Writer {
                     .acquire()
                     .await
                     .map_err(|e| WriteError::Task(e.to_string()))?;
+                if self.stop.requested() && journal.is_none() {
+                    return Err(WriteError::Stopped);
+                }
                 self.jobs.active.fetch_add(1, Ordering::SeqCst);
                 let recovered = journal.is_some();
                 let r = self
@@ -257,14 +313,25 @@ impl Writer {
                 r.map(|rows| (rows, recovered))
             });
         }
+        let mut stopped = false;
         while let Some(done) = work.next().await {
             // The first error ends the chunk: batches not yet sent stay unsent, and a batch cut
-            // off mid-call is left to its journal, as after a crash.
-            let (results, recovered) = done?;
+            // off mid-call is left to its journal, as after a crash. A stop lets the batches in
+            // flight finish and record their outcomes.
+            let (results, recovered) = match done {
+                Err(WriteError::Stopped) => {
+                    stopped = true;
+                    continue;
+                }
+                other => other?,
+            };
             summary.batches_recovered += recovered as u64;
             for r in &results {
                 count(&mut summary, r);
             }
+        }
+        if stopped {
+            return Err(WriteError::Stopped);
         }
         Ok(summary)
     }
@@ -379,7 +446,14 @@ impl Writer {
         }
         self.bulk(rows, idx, Bulk::CreateMany, journal_key, out)
             .await?;
-        if self.object == Object::Organizations && self.mode == Mode::Upsert {
+        // A key Zendesk already holds (state lost, or created by someone else): an organization
+        // upsert updates it; an insert leaves it as it is and records its id.
+        let resolve = match (self.object, self.mode) {
+            (Object::Organizations, Mode::Upsert) => true,
+            (Object::Users | Object::Organizations, Mode::Insert) => true,
+            _ => false,
+        };
+        if resolve {
             let dups: Vec<usize> = idx
                 .iter()
                 .copied()
@@ -387,6 +461,7 @@ impl Writer {
                     Some(Outcome::Failed { code, reason }) => {
                         code == "DuplicateValue"
                             || reason.contains("already been taken")
+                            || reason.contains("already being used")
                             || reason.contains("already exists")
                     }
                     _ => false,
@@ -402,8 +477,16 @@ impl Writer {
                         again.push(k);
                     }
                 }
-                // Keys not found by external id collide on the name: leave Zendesk's reason.
-                if !again.is_empty() {
+                // Keys not found by external id collide on another key (an organization's
+                // name, a user's email): Zendesk's reason stays.
+                if self.mode == Mode::Insert {
+                    for &k in &again {
+                        out[k] = Some(Outcome::Confirmed {
+                            id: ids[&k],
+                            action: Action::Existing,
+                        });
+                    }
+                } else if !again.is_empty() {
                     for &k in &again {
                         out[k] = None;
                     }
@@ -531,13 +614,20 @@ impl Writer {
             } else {
                 self.body(rows, &todo, &kind)
             };
+            // The journal names the rows only once the call has its rate-limit token and goes
+            // on the wire next: a batch still waiting for its turn when the process dies is
+            // not looked up on resume, just sent.
+            let reserved = tokio::select! {
+                r = self.client.reserve() => r,
+                _ = self.stop.wait() => return Err(WriteError::Stopped),
+            };
             if creates {
                 let ids = todo.iter().map(|&k| rows[k].i).collect();
                 self.journal(journal_key, &path, None, ids).await?;
             }
             let answer = self
                 .client
-                .send(method.clone(), &path, body, idempotency)
+                .send_reserved(reserved, method.clone(), &path, body, idempotency)
                 .await;
             let lost = match answer {
                 Ok(v) => {
@@ -629,6 +719,9 @@ impl Writer {
         idx: &[usize],
         out: &mut [Option<Outcome>],
     ) -> Result<bool, WriteError> {
+        if self.object == Object::Tickets {
+            return self.settle_tickets(rows, idx, out).await;
+        }
         let unfinished = |v: &Value| -> HashSet<String> {
             let known = self.known_jobs.lock().unwrap_or_else(|e| e.into_inner());
             v["job_statuses"]
@@ -664,6 +757,118 @@ impl Writer {
             });
         }
         Ok(settled)
+    }
+
+    /// Tickets after a create whose outcome is unknown (`idx` in the order the call carried
+    /// them). A ticket's external_id is neither unique nor looked up in bulk, so the lost call's
+    /// job is looked for among the account's recent jobs: every job this writer did not submit
+    /// is a candidate; once finished, the ticket of each candidate's first result is read (one
+    /// `show_many` for all of them), and the job whose first ticket carries the external id of
+    /// the batch's row at that position is the lost call's. Its results are then applied as if
+    /// the answer had come back. No candidate left (twice in a row, so a job queued late is
+    /// still seen) means nothing was created. `false` when candidates were still unfinished
+    /// at `unknown_wait`.
+    async fn settle_tickets(
+        &self,
+        rows: &[ChunkRow],
+        idx: &[usize],
+        out: &mut [Option<Outcome>],
+    ) -> Result<bool, WriteError> {
+        let deadline = Instant::now() + self.opts.unknown_wait;
+        let mut delay = self.opts.lookup_delay;
+        let mut checked: HashSet<String> = HashSet::new();
+        let mut quiet = 0;
+        loop {
+            tokio::time::sleep(delay).await;
+            let jobs = self
+                .client
+                .list_pages("/api/v2/job_statuses.json?page[size]=100", "job_statuses", 2)
+                .await?;
+            let candidates: Vec<JobStatus> = {
+                let known = self.known_jobs.lock().unwrap_or_else(|e| e.into_inner());
+                jobs.into_iter()
+                    .filter_map(|v| serde_json::from_value::<JobStatus>(v).ok())
+                    .filter(|j| !known.contains(&j.id) && !checked.contains(&j.id))
+                    .collect()
+            };
+            let (finished, running): (Vec<JobStatus>, Vec<JobStatus>) =
+                candidates.into_iter().partition(JobStatus::is_terminal);
+            checked.extend(finished.iter().map(|j| j.id.clone()));
+            if let Some(job) = self.ticket_job_of(rows, idx, &finished).await? {
+                tracing::info!(job = %job.id, rows = idx.len(), "found the job of a create call whose answer was lost");
+                self.known_jobs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(job.id.clone());
+                self.apply_job(rows, idx, &job, true, out).await?;
+                return Ok(true);
+            }
+            if running.is_empty() {
+                quiet += 1;
+                if quiet >= 2 {
+                    return Ok(true);
+                }
+            } else {
+                quiet = 0;
+            }
+            if Instant::now() + delay > deadline {
+                return Ok(false);
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// Among finished jobs, the one that created the batch `idx`: its first created ticket
+    /// carries the external id of the row at the same position.
+    async fn ticket_job_of(
+        &self,
+        rows: &[ChunkRow],
+        idx: &[usize],
+        jobs: &[JobStatus],
+    ) -> Result<Option<JobStatus>, WriteError> {
+        let mut firsts: Vec<(usize, usize, u64)> = Vec::new();
+        for (c, job) in jobs.iter().enumerate() {
+            let mapped = map_results(rows, idx, &job.results);
+            let first = mapped.iter().enumerate().find_map(|(pos, r)| {
+                r.filter(|r| !r.failed())
+                    .and_then(|r| r.id)
+                    .map(|id| (pos, id))
+            });
+            if let Some((pos, id)) = first {
+                firsts.push((c, pos, id));
+            }
+        }
+        if firsts.is_empty() {
+            return Ok(None);
+        }
+        let ids: Vec<u64> = firsts.iter().map(|f| f.2).collect();
+        let external = self.tickets_by_id(&ids).await?;
+        Ok(firsts
+            .into_iter()
+            .find(|(_, pos, id)| external.get(id).map(String::as_str) == Some(&rows[idx[*pos]].pk))
+            .map(|(c, _, _)| jobs[c].clone()))
+    }
+
+    /// The external id of each ticket of `ids` that exists (`show_many`, 100 a call).
+    async fn tickets_by_id(&self, ids: &[u64]) -> Result<HashMap<u64, String>, WriteError> {
+        let mut out = HashMap::new();
+        for part in ids.chunks(100) {
+            let list = part
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            let v = self
+                .client
+                .get(&format!("/api/v2/tickets/show_many.json?ids={list}"))
+                .await?;
+            for t in v["tickets"].as_array().into_iter().flatten() {
+                if let (Some(id), Some(x)) = (t["id"].as_u64(), t["external_id"].as_str()) {
+                    out.insert(id, x.to_string());
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Map a finished job's results onto the rows; rows the job left without a result fail
@@ -897,6 +1102,7 @@ fn count(summary: &mut ChunkSummary, r: &ResultRow) {
     match (r.status, r.action) {
         (RowStatus::Failed, _) => summary.failed += 1,
         (RowStatus::Confirmed, Some(Action::Updated)) => summary.updated += 1,
+        (RowStatus::Confirmed, Some(Action::Existing)) => summary.existing += 1,
         (RowStatus::Confirmed, _) => summary.created += 1,
     }
 }

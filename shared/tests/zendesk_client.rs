@@ -467,12 +467,48 @@ async fn unavailable_and_server_errors_are_retried() {
     assert_eq!((s.unavailable, s.server_errors, s.retries), (1, 2, 3));
     assert_eq!(sim.counters().requests, 5);
 
-    // An Unsafe create is retried on a 500: the answer is complete, nothing was created.
+    // A create answered 500 is never resent: a gateway may have given up on work Zendesk did,
+    // so the outcome is unknown and the caller looks the records up.
     sim.set_fault_rules(vec![FaultRule::new(FaultKind::InternalError)
         .path("/api/v2/users")
         .method("POST")
         .times(1)]);
+    let sent = sim.counters().requests;
     let body = serde_json::to_vec(&json!({"user": {"name": "B", "email": "b@x.io"}})).unwrap();
+    let err = c
+        .send(
+            Method::POST,
+            "/api/v2/users.json",
+            body.clone(),
+            Idempotency::Unsafe,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ZendeskError::OutcomeUnknown { message, .. } if message.contains("HTTP 500")),
+        "{err:?}"
+    );
+    assert_eq!(sim.counters().requests, sent + 1, "the create was sent once");
+    // A 503 without `Retry-After` is as unknown; with it (Zendesk did nothing) it is resent.
+    sim.set_fault_rules(vec![FaultRule::new(FaultKind::Unavailable)
+        .path("/api/v2/users")
+        .method("POST")
+        .times(1)]);
+    let err = c
+        .send(
+            Method::POST,
+            "/api/v2/users.json",
+            body.clone(),
+            Idempotency::Unsafe,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ZendeskError::OutcomeUnknown { .. }), "{err:?}");
+    sim.set_fault_rules(vec![FaultRule::new(FaultKind::Unavailable)
+        .path("/api/v2/users")
+        .method("POST")
+        .retry_after(0)
+        .times(1)]);
     c.send(
         Method::POST,
         "/api/v2/users.json",

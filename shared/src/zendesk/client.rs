@@ -4,7 +4,7 @@
 use super::auth::{CredentialStore, Credentials, Secret};
 use super::error::{AuthMethod, ZendeskError};
 use super::jobs::JobStatus;
-use super::limiter::Limiter;
+use super::limiter::{Limiter, Permit};
 use crate::fields::Object;
 use base64::Engine as _;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
@@ -26,7 +26,9 @@ pub struct ClientOptions {
     pub retry_after_cap: Duration,
     /// Wait when a 429/503 has no `Retry-After`.
     pub retry_after_default: Duration,
-    /// Attempts per request before giving up (429, 503, 5xx, timeouts, connection errors).
+    /// Attempts per request before giving up (429, 503, 5xx, timeouts, connection errors;
+    /// requests that may create records are resent only after a 429, a 503 with
+    /// `Retry-After` or a connection that never opened).
     pub max_attempts: u32,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
@@ -78,7 +80,8 @@ const REFRESH_MARGIN_SECS: i64 = 60;
 pub enum Idempotency {
     /// Reads, updates, create-or-update: repeating is harmless.
     Safe,
-    /// Creates: a lost answer becomes `ZendeskError::OutcomeUnknown` instead of a resend.
+    /// Creates: a lost answer, a timeout, or a 5xx other than a 503 with `Retry-After`
+    /// becomes `ZendeskError::OutcomeUnknown` instead of a resend (the work may be done).
     Unsafe,
 }
 
@@ -99,6 +102,21 @@ pub struct ClientStats {
 }
 
 impl ClientStats {
+    /// The traffic since `earlier` (a snapshot of the same client): one run's own share when
+    /// a client served several.
+    pub fn since(&self, earlier: &ClientStats) -> ClientStats {
+        ClientStats {
+            sent: self.sent.saturating_sub(earlier.sent),
+            rate_limited: self.rate_limited.saturating_sub(earlier.rate_limited),
+            unavailable: self.unavailable.saturating_sub(earlier.unavailable),
+            server_errors: self.server_errors.saturating_sub(earlier.server_errors),
+            transport_errors: self.transport_errors.saturating_sub(earlier.transport_errors),
+            retries: self.retries.saturating_sub(earlier.retries),
+            token_refreshes: self.token_refreshes.saturating_sub(earlier.token_refreshes),
+            paused_ms: self.paused_ms.saturating_sub(earlier.paused_ms),
+        }
+    }
+
     /// Sum another invocation's traffic into this one.
     pub fn add(&mut self, o: &ClientStats) {
         self.sent += o.sent;
@@ -215,6 +233,11 @@ struct Req<'a> {
     body: Option<&'a [u8]>,
     idempotency: Idempotency,
 }
+
+/// A request's place in the rate budget, taken before the request is built: the caller records
+/// what it is about to send (a journal) only once the request may go on the wire at once.
+#[must_use]
+pub struct Reserved<'a>(Permit<'a>);
 
 /// A complete answer: status, headers, the whole body.
 struct Answer {
@@ -496,6 +519,36 @@ impl Client {
         body: Vec<u8>,
         idempotency: Idempotency,
     ) -> Result<serde_json::Value, ZendeskError> {
+        self.send_with(None, method, path, body, idempotency).await
+    }
+
+    /// Waits for a rate-limit token (and any `Retry-After` pause) without sending anything.
+    /// [`Client::send_reserved`] then sends at once with it.
+    pub async fn reserve(&self) -> Reserved<'_> {
+        Reserved(self.inner.limiter.acquire().await)
+    }
+
+    /// [`Client::send`] whose first attempt uses a token taken by [`Client::reserve`].
+    pub async fn send_reserved(
+        &self,
+        reserved: Reserved<'_>,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+        idempotency: Idempotency,
+    ) -> Result<serde_json::Value, ZendeskError> {
+        self.send_with(Some(reserved.0), method, path, body, idempotency)
+            .await
+    }
+
+    async fn send_with(
+        &self,
+        first: Option<Permit<'_>>,
+        method: reqwest::Method,
+        path: &str,
+        body: Vec<u8>,
+        idempotency: Idempotency,
+    ) -> Result<serde_json::Value, ZendeskError> {
         let req = Req {
             method,
             url: self.url(path),
@@ -503,7 +556,7 @@ impl Client {
             body: (!body.is_empty()).then_some(body.as_slice()),
             idempotency,
         };
-        let answer = self.execute(&req).await?;
+        let answer = self.execute_with(&req, first).await?;
         self.answer_json(&req, answer)
     }
 
@@ -513,6 +566,17 @@ impl Client {
         path: &str,
         root: &str,
     ) -> Result<Vec<serde_json::Value>, ZendeskError> {
+        self.list_pages(path, root, usize::MAX).await
+    }
+
+    /// The items under `root` of at most `max_pages` pages of a paginated list.
+    pub async fn list_pages(
+        &self,
+        path: &str,
+        root: &str,
+        max_pages: usize,
+    ) -> Result<Vec<serde_json::Value>, ZendeskError> {
+        let mut pages = 0usize;
         let first = if path.contains("page[size]")
             || path.contains("page%5Bsize%5D")
             || path.contains("per_page")
@@ -552,6 +616,10 @@ impl Client {
                 }
             };
             items.extend(list);
+            pages += 1;
+            if pages >= max_pages {
+                return Ok(items);
+            }
             let next = match page.get("meta").and_then(|m| m.get("has_more")) {
                 Some(has_more) => {
                     if has_more.as_bool() == Some(true) {
@@ -875,12 +943,24 @@ impl Client {
     /// Sends with credentials: proactive OAuth refresh near expiry, one refresh + retry on a
     /// 401 `invalid_token`. Returns the final complete answer (any status).
     async fn execute(&self, req: &Req<'_>) -> Result<Answer, ZendeskError> {
+        self.execute_with(req, None).await
+    }
+
+    async fn execute_with(
+        &self,
+        req: &Req<'_>,
+        mut first: Option<Permit<'_>>,
+    ) -> Result<Answer, ZendeskError> {
         let mut refreshed = false;
         loop {
+            if self.expiring() {
+                // The refresh takes a token of its own: never hold one while waiting for it.
+                first = None;
+            }
             self.refresh_if_expiring().await?;
             let creds = self.creds();
             let header = auth_header(&creds, &self.inner.store.describe())?;
-            let answer = self.run(req, Some(&header)).await?;
+            let answer = self.run(req, Some(&header), first.take()).await?;
             if answer.status == 401 && !refreshed {
                 if let Credentials::OAuth { access_token, .. } = &creds {
                     let invalid_token = answer.json().is_some_and(|v| {
@@ -903,6 +983,13 @@ impl Client {
             }
             return Ok(answer);
         }
+    }
+
+    /// Whether the OAuth access token is due for a refresh.
+    fn expiring(&self) -> bool {
+        let c = self.inner.creds.read().unwrap_or_else(|e| e.into_inner());
+        matches!(&*c, Credentials::OAuth { expires_at: Some(at), .. }
+            if c.renewable() && *at - now_unix() <= REFRESH_MARGIN_SECS)
     }
 
     async fn refresh_if_expiring(&self) -> Result<(), ZendeskError> {
@@ -996,7 +1083,7 @@ impl Client {
                 self.inner.store.describe()
             ),
         };
-        let answer = match self.run(&req, None).await {
+        let answer = match self.run(&req, None, None).await {
             Ok(a) => a,
             Err(ZendeskError::OutcomeUnknown { message, .. }) => {
                 return Err(failed(format!(
@@ -1117,17 +1204,26 @@ impl Client {
 
     /// The retry loop of one request: takes a token and passes the pause gate before every
     /// attempt, pauses the whole client on 429/503, backs off on 5xx and transport errors.
-    async fn run(&self, req: &Req<'_>, auth: Option<&HeaderValue>) -> Result<Answer, ZendeskError> {
+    async fn run(
+        &self,
+        req: &Req<'_>,
+        auth: Option<&HeaderValue>,
+        mut first: Option<Permit<'_>>,
+    ) -> Result<Answer, ZendeskError> {
         let opts = &self.inner.opts;
         let stats = &self.inner.stats;
         let max = opts.max_attempts.max(1);
+        let unsafe_req = req.idempotency == Idempotency::Unsafe;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
             if attempt > 1 {
                 bump(&stats.retries);
             }
-            let permit = self.inner.limiter.acquire().await;
+            let permit = match first.take() {
+                Some(p) => p,
+                None => self.inner.limiter.acquire().await,
+            };
             let mut rb = self
                 .inner
                 .http
@@ -1170,11 +1266,16 @@ impl Client {
                 }
             };
             let status = resp.status().as_u16();
-            let throttled = status == 429 || status == 503;
+            let told_to_wait = retry_after(resp.headers());
+            // Zendesk documents that a 429, or a 503 with `Retry-After`, did nothing. A 503
+            // without it may come from a gateway that gave up on a request Zendesk still ran:
+            // for a create that is an unknown outcome, like any other 5xx.
+            let throttled =
+                status == 429 || (status == 503 && (told_to_wait.is_some() || !unsafe_req));
             let mut wait = None;
             if throttled {
                 // Pause first, before reading the body: no other task may send meanwhile.
-                let w = retry_after(resp.headers())
+                let w = told_to_wait
                     .map(|d| d.min(opts.retry_after_cap))
                     .unwrap_or(opts.retry_after_default);
                 self.inner.limiter.pause(w);
@@ -1234,6 +1335,26 @@ impl Client {
             }
             if status >= 500 {
                 bump(&stats.server_errors);
+                if unsafe_req {
+                    // The work may be done (a gateway timing out after Zendesk queued the job):
+                    // the caller looks it up instead of sending it a second time.
+                    let detail = parse_envelope(status, &body).description;
+                    tracing::warn!(
+                        method = %req.method, path = %req.path, status, attempt,
+                        "Zendesk server error on a request that may create records: its outcome is unknown"
+                    );
+                    return Err(ZendeskError::OutcomeUnknown {
+                        path: req.path.clone(),
+                        message: self.scrub(format!(
+                            "HTTP {status}{}",
+                            if detail.is_empty() {
+                                String::new()
+                            } else {
+                                format!(": {}", truncate(&detail, 200))
+                            }
+                        )),
+                    });
+                }
                 if attempt >= max {
                     return Err(ZendeskError::Unavailable {
                         path: req.path.clone(),

@@ -12,6 +12,6 @@ pub use auth::{
     credential_store, CredentialStore, Credentials, EnvCredentials, FileCredentials,
     MemoryCredentials, Secret,
 };
-pub use client::{Client, ClientOptions, ClientStats, Idempotency, Preflight};
+pub use client::{Client, ClientOptions, ClientStats, Idempotency, Preflight, Reserved};
 pub use error::{AuthMethod, ZendeskError};
 pub use jobs::{JobResult, JobStatus};
