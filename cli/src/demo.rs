@@ -258,6 +258,7 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
         quiet: false,
         wait: Duration::ZERO,
         trigger: "demo".into(),
+        full_resync: false,
     };
     let syncs = ["demo_orgs", "demo_users", "demo_key_accounts"];
     let mut worst = run_cmd::exit::OK;

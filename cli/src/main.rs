@@ -60,6 +60,10 @@ enum Command {
         /// Seconds to wait for another run of the same sync to finish before giving up.
         #[arg(long, default_value_t = 0)]
         wait: u64,
+        /// Send every row again, changed or not, without creating any record twice (tickets:
+        /// their ids are first read back from Zendesk with the incremental export).
+        #[arg(long)]
+        full_resync: bool,
     },
     /// Connect a Zendesk account: sign in with OAuth (browser, or `--grant client-credentials`)
     /// or check an admin's API token (`--api-token`), and store the credentials in a local file
@@ -146,6 +150,7 @@ fn main() -> ExitCode {
             json,
             quiet,
             wait,
+            full_resync,
         } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
@@ -157,6 +162,7 @@ fn main() -> ExitCode {
                 quiet,
                 wait: Duration::from_secs(wait),
                 trigger: "cli".into(),
+                full_resync,
             };
             let outcome = runtime().block_on(run_cmd::run_sync(cfg, &config, &root, &args));
             run_cmd::report(&outcome, json);

@@ -68,6 +68,7 @@ pub struct RunArgs {
     pub quiet: bool,
     pub wait: Duration,
     pub trigger: String,
+    pub full_resync: bool,
 }
 
 /// Build the client for a config: credentials from its `credentials` reference (relative file
@@ -108,6 +109,7 @@ pub async fn run_sync(
     let opts = RunOptions {
         trigger: args.trigger.clone(),
         lock_wait: args.wait,
+        full_resync: args.full_resync,
         ..RunOptions::default()
     };
     let signals = tokio::spawn(on_signals(opts.stop.clone(), opts.grace));

@@ -132,3 +132,121 @@ fn run_exit_codes_tell_failed_runs_from_failed_rows() {
     assert!(t.contains("completed with failures"), "{t}");
     rt.block_on(sim.shutdown());
 }
+
+/// Ctrl-C in the middle of a run: nothing new is sent, the jobs in flight finish, the run is
+/// recorded `interrupted`, its lock released, exit 130. The next run finishes it first (the
+/// interrupted run's record then holds both parts) and records only its own work; every
+/// ticket exists exactly once.
+#[test]
+fn ctrl_c_records_an_interrupted_run_that_the_next_run_finishes() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut cfg = SimConfig::default();
+    cfg.jobs.queued_ms = 150;
+    cfg.jobs.working_ms = 150;
+    let sim = rt.block_on(Simulator::start(cfg)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(
+        &root.join("creds.json"),
+        &format!(
+            "{{\"email\":\"admin@acme.test\",\"api_token\":\"{}\"}}",
+            zdsync_sim::DEFAULT_API_TOKEN
+        ),
+    );
+    let n = 3000;
+    let mut csv = String::from("ID,SUBJECT,BODY\n");
+    for i in 0..n {
+        csv.push_str(&format!("t{i},Subject {i},Body {i}\n"));
+    }
+    write(&root.join("exports/tix/part-0.csv"), &csv);
+    let toml = |rpm: u32| {
+        format!(
+            "name = \"tix\"\nobject = \"tickets\"\nmode = \"insert\"\nprimary_key = \"ID\"\n\n[source]\nlocation = \"exports/tix/\"\n\n[zendesk]\nsubdomain = \"acme\"\nbase_url = \"{}\"\ncredentials = \"file:creds.json\"\nrate_limit_rpm = {rpm}\n\n[mapping]\nsubject = \"SUBJECT\"\ndescription = \"BODY\"\n",
+            sim.base_url()
+        )
+    };
+    let cfg_path = root.join("tix.toml");
+    // Slow enough (two requests a second) to be stopped halfway.
+    write(&cfg_path, &toml(120));
+    let child = zdsync()
+        .arg("run")
+        .arg(&cfg_path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while sim.counters().jobs_created < 4 {
+        assert!(std::time::Instant::now() < deadline, "the run made no progress");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(130), "{t}");
+    assert!(t.contains("interrupted"), "{t}");
+    assert!(
+        !root.join(zdsync::layout::lock_key("tix")).exists(),
+        "the lock was released"
+    );
+    let first_id = std::fs::read_dir(root.join("runs/tix"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name()
+        .into_string()
+        .unwrap();
+    let rec_path = root.join(zdsync::layout::run_record_key("tix", &first_id));
+    let first: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&rec_path).unwrap()).unwrap();
+    assert_eq!(first["status"], "interrupted", "{first:#}");
+    let first_sent = first["requests"]["sent"].as_u64().unwrap();
+    let created_before = sim.state("acme").unwrap().tickets.len();
+    assert!(created_before > 0 && created_before < n, "{created_before}");
+
+    // The next run, at full speed: finishes the first, then does its own (nothing left).
+    write(&cfg_path, &toml(0));
+    let before = sim.counters().requests;
+    let out = zdsync().arg("run").arg(&cfg_path).output().unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains(&format!("first finished run {first_id}")), "{t}");
+    let used = sim.counters().requests - before;
+    let first: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&rec_path).unwrap()).unwrap();
+    assert_eq!(first["status"], "succeeded", "{first:#}");
+    assert_eq!(first["resumed"], true);
+    let mut runs: Vec<String> = std::fs::read_dir(root.join("runs/tix"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    runs.sort();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let second_id = runs.iter().find(|r| **r != first_id).unwrap();
+    let second: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.join(zdsync::layout::run_record_key("tix", second_id))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(second["resumed_run"], first_id.as_str(), "{second:#}");
+    // Each record holds its own requests: the resumed part plus the new run's are what the
+    // second process sent.
+    let resumed_part = first["requests"]["sent"].as_u64().unwrap() - first_sent;
+    let own = second["requests"]["sent"].as_u64().unwrap();
+    assert_eq!(resumed_part + own, used, "{first:#}\n{second:#}");
+    assert_eq!(second["rows"]["created"], 0, "{second:#}");
+    let tickets = sim.state("acme").unwrap().tickets;
+    assert_eq!(tickets.len(), n, "every ticket once");
+    let mut keys: Vec<&str> = tickets
+        .iter()
+        .filter_map(|t| t["external_id"].as_str())
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), n);
+    rt.block_on(sim.shutdown());
+}

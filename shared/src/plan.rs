@@ -29,6 +29,8 @@ pub struct PlanOptions {
     /// Zendesk's field definitions: dropdown labels become option values, unknown options and
     /// pattern mismatches are refused (see `Mapper::with_schema`).
     pub schema: Option<std::sync::Arc<crate::schema::Schema>>,
+    /// Send every row, changed or not (keys in the state are updated, never created again).
+    pub full_resync: bool,
 }
 
 impl PlanOptions {
@@ -38,6 +40,7 @@ impl PlanOptions {
             dry_run: false,
             samples_per_reason: 3,
             schema: None,
+            full_resync: false,
         }
     }
 }
@@ -501,7 +504,9 @@ impl Planner<'_> {
                     .entry(i);
                 let (fp, id, flags) = (e.fingerprint, e.zendesk_id(), e.flags());
                 let failed = flags & FLAG_FAILED != 0;
-                let same = fp == row.fingerprint && flags & (FLAG_FAILED | FLAG_ABSENT) == 0;
+                let same = !self.opts.full_resync
+                    && fp == row.fingerprint
+                    && flags & (FLAG_FAILED | FLAG_ABSENT) == 0;
                 if failed {
                     self.counts.retried += 1;
                 }

@@ -34,6 +34,11 @@ pub struct RunOptions {
     /// finish, the run is recorded `interrupted` and the next run finishes it.
     pub stop: Stop,
     pub grace: Duration,
+    /// Send every row again, changed or not, without creating any record twice (tickets: the
+    /// ids are read back from Zendesk first, see `rebuild`).
+    pub full_resync: bool,
+    /// Requests a minute the incremental ticket export allows (10; 30 with High Volume API).
+    pub export_rpm: u32,
 }
 
 impl Default for RunOptions {
@@ -48,6 +53,8 @@ impl Default for RunOptions {
             samples: 5,
             stop: Stop::default(),
             grace: Duration::from_secs(30),
+            full_resync: false,
+            export_rpm: 10,
         }
     }
 }
@@ -405,10 +412,28 @@ async fn run_locked(
     };
     phases.schema = t.elapsed().as_secs_f64();
 
+    // A tickets sync without its state, or asked to resync in full, learns from Zendesk which
+    // ticket carries each key before anything is created.
     t = Instant::now();
+    let rebuilt = rebuild_if_needed(
+        &ctx.store,
+        cfg,
+        &ctx.client,
+        opts.full_resync,
+        opts.export_rpm,
+    )
+    .await;
+    if let Err(e) = rebuilt {
+        phases.plan = t.elapsed().as_secs_f64();
+        let rec = fail(&phases, &e, RowCounts::default(), &base);
+        save_record(ctx.store.clone(), &rec).await?;
+        records.push(rec);
+        return Err(e);
+    }
     let mut popts = PlanOptions::new(run_id);
     popts.schema = schema;
     popts.samples_per_reason = opts.samples;
+    popts.full_resync = opts.full_resync;
     let (store, pcfg) = (ctx.store.clone(), cfg.clone());
     let planned =
         tokio::task::spawn_blocking(move || audience::diff(store.as_ref(), &pcfg, &popts))
@@ -518,6 +543,50 @@ async fn resume(
         Some(e) => Err(e),
         None => Ok(Some(rec)),
     }
+}
+
+/// Tickets only (their external ids are not unique, and creating one twice is permanent): with
+/// no state, or on a full resync, the ticket ids are read back from Zendesk into the state.
+pub async fn rebuild_if_needed(
+    store: &Arc<dyn ObjectStore>,
+    cfg: &SyncConfig,
+    client: &Client,
+    full_resync: bool,
+    export_rpm: u32,
+) -> Result<(), RunError> {
+    if cfg.object != Object::Tickets || cfg.is_audience() {
+        return Ok(());
+    }
+    let (st, key) = (store.clone(), layout::state_key(&cfg.name));
+    let has_state = tokio::task::spawn_blocking(move || st.head(&key))
+        .await
+        .map_err(|e| RunError::Internal(format!("state task: {e}")))?
+        .map_err(|source| {
+            RunError::ChangeSet(ChangeSetError::Io {
+                key: layout::state_key(&cfg.name),
+                source,
+            })
+        })?
+        .is_some();
+    if has_state && !full_resync {
+        return Ok(());
+    }
+    tracing::info!(
+        sync = %cfg.name,
+        "reading the account's tickets back (no state, or a full resync) so no ticket is created twice"
+    );
+    let scan = crate::rebuild::scan_tickets(client, 0, export_rpm).await?;
+    let (store, sync) = (store.clone(), cfg.name.clone());
+    let tickets = scan.tickets;
+    let pages = scan.pages;
+    let added = tokio::task::spawn_blocking(move || {
+        crate::rebuild::merge_ticket_ids(store.as_ref(), &sync, "tickets", &scan)
+    })
+    .await
+    .map_err(|e| RunError::Internal(format!("state task: {e}")))?
+    .map_err(|e| RunError::Plan(PlanError::State(e)))?;
+    tracing::info!(sync = %cfg.name, tickets, pages, keys = added, "ticket ids read back into the state");
+    Ok(())
 }
 
 /// The sync's newest run, when it was interrupted (the next run finishes it).

@@ -45,6 +45,9 @@ pub struct Trigger {
     pub kind: String,
     /// The export object (key, ETag) of an S3 trigger: a run is keyed by it.
     pub object: Option<(String, String)>,
+    /// `{"sync": "...", "full_resync": true}`: send every row again (see `RunOptions`).
+    #[serde(default)]
+    pub full_resync: bool,
 }
 
 /// Read the execution input: an EventBridge S3 "Object Created" event under `exports/<sync>/`,
@@ -81,6 +84,7 @@ pub fn parse_trigger(event: &Value) -> Result<Trigger, RunError> {
             sync,
             kind: "s3".into(),
             object: Some((key.to_string(), etag)),
+            full_resync: false,
         });
     }
     match event["sync"].as_str() {
@@ -88,6 +92,7 @@ pub fn parse_trigger(event: &Value) -> Result<Trigger, RunError> {
             sync: s.to_string(),
             kind: event["trigger"].as_str().unwrap_or("manual").to_string(),
             object: None,
+            full_resync: event["full_resync"].as_bool().unwrap_or(false),
         }),
         _ => Err(bad(
             "expected an S3 Object Created event or {\"sync\": \"<name>\"}".into(),
@@ -338,8 +343,10 @@ async fn plan_object(
     } else {
         None
     };
+    run::rebuild_if_needed(&env.store, cfg, client, trigger.full_resync, 10).await?;
     let mut popts = PlanOptions::new(run_id);
     popts.schema = schema;
+    popts.full_resync = trigger.full_resync;
     let (store, pcfg) = (env.store.clone(), cfg.clone());
     let report = blocking(move || Ok(audience::diff(store.as_ref(), &pcfg, &popts)?)).await?;
     let m = &report.manifest;
@@ -401,6 +408,7 @@ pub async fn audience_diff_step(
         sync: d.sync.clone(),
         kind: d.trigger.clone(),
         object: None,
+        full_resync: false,
     };
     let client = (env.client_for)(&cfg).await?;
     let mut out = plan_object(env, &cfg, &client, &d.run_id, &trigger, started).await?;

@@ -162,9 +162,16 @@ pub struct Writer {
     known_jobs: std::sync::Mutex<HashSet<String>>,
     /// Names this writer's batches apart from an earlier attempt's.
     tag: String,
+    /// Unix seconds before which no ticket of this run (or of the unknown creates of the run
+    /// before) can have been created: where a ticket scan starts.
+    lookup_since: i64,
     pub progress: Arc<Progress>,
     stop: Stop,
 }
+
+/// Up to this many tickets are looked up one `?external_id=` call each; more are read back
+/// with a scan of the tickets changed since the run started.
+const TICKET_LOOKUPS_ONE_BY_ONE: usize = 8;
 
 /// The failure code of rows whose create may or may not have happened.
 const UNKNOWN: &str = "OutcomeUnknown";
@@ -185,7 +192,26 @@ impl Writer {
         progress: Arc<Progress>,
     ) -> Writer {
         let jobs = JobTracker::start(client.clone(), &opts);
+        let run_start = |id: &str| {
+            chrono::NaiveDateTime::parse_from_str(id.get(..16).unwrap_or(""), "%Y%m%dT%H%M%SZ")
+                .ok()
+                .map(|t| t.and_utc().timestamp())
+        };
+        let created = chrono::DateTime::parse_from_rfc3339(&manifest.created_at)
+            .ok()
+            .map(|t| t.timestamp());
+        // Fifteen minutes to spare for clocks apart; no time known: the whole account.
+        let lookup_since = [
+            created,
+            manifest.base_state_run.as_deref().and_then(run_start),
+            run_start(&manifest.run_id),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map_or(0, |t| t - 900);
         Writer {
+            lookup_since,
             slots: Arc::new(Semaphore::new(opts.max_jobs_in_flight.max(1))),
             client,
             store,
@@ -649,6 +675,18 @@ impl Writer {
                             continue;
                         }
                         Err(ZendeskError::Api { status: 404, .. }) if creates => {
+                            // Zendesk no longer keeps the job: the rows are read back.
+                            let found = self.lookup(rows, &todo).await?;
+                            for (&k, &id) in &found {
+                                out[k] = Some(Outcome::Confirmed {
+                                    id,
+                                    action: Action::Created,
+                                });
+                            }
+                            todo.retain(|&k| out[k].is_none());
+                            if todo.is_empty() {
+                                return Ok(());
+                            }
                             format!("job {} expired before it was polled", job.id)
                         }
                         Err(e) => return Err(e.into()),
@@ -943,7 +981,8 @@ impl Writer {
     }
 
     /// Zendesk ids of rows found by external id (users and organizations: `show_many`, 100 a
-    /// call; tickets: one lookup a row, taking the oldest ticket with that external id).
+    /// call; tickets: the oldest ticket with that external id, one lookup a row for a few rows,
+    /// else a scan of the tickets changed since the run started).
     async fn lookup(
         &self,
         rows: &[ChunkRow],
@@ -951,6 +990,17 @@ impl Writer {
     ) -> Result<HashMap<usize, u64>, WriteError> {
         let mut found = HashMap::new();
         let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+        if self.object == Object::Tickets && idx.len() > TICKET_LOOKUPS_ONE_BY_ONE {
+            // No bulk look-up by external id: the tickets changed since the run started are
+            // read back (export pages of 1,000, then the newest through the ticket list).
+            let scan = crate::rebuild::scan_tickets(&self.client, self.lookup_since, 10).await?;
+            for &k in idx {
+                if let Some(&id) = scan.by_key.get(&rows[k].pk) {
+                    found.insert(k, id);
+                }
+            }
+            return Ok(found);
+        }
         if self.object == Object::Tickets {
             for &k in idx {
                 let v = self
@@ -1023,6 +1073,17 @@ impl Writer {
                         if matches!(o, Some(Outcome::Failed { .. })) {
                             *o = None;
                         }
+                    }
+                    return Ok(());
+                }
+                // The job is gone, and with it its results: the rows are read back.
+                Err(ZendeskError::Api { status: 404, .. }) if self.object == Object::Tickets => {
+                    let found = self.lookup(rows, &all).await?;
+                    for (k, id) in found {
+                        out[k] = Some(Outcome::Confirmed {
+                            id,
+                            action: Action::Created,
+                        });
                     }
                     return Ok(());
                 }

@@ -624,7 +624,8 @@ async fn dropped_answer_to_tickets_create_many_creates_no_duplicates() {
     let c = dropped_create_many_answers(Obj::Tickets, "tickets/create_many").await;
     // Tickets have no bulk external-id look-up: the lost calls' jobs are found in the job list
     // and their first tickets read with `show_many`, not one `?external_id=` call a row.
-    assert_eq!(c.endpoint("tickets.list"), 0, "{:?}", c.by_endpoint);
+    // (One list page is the first run's scan of the account for tickets it already holds.)
+    assert!(c.endpoint("tickets.list") <= 1, "{:?}", c.by_endpoint);
     assert!(c.endpoint("job_statuses.list") >= 2, "{:?}", c.by_endpoint);
     assert!(c.endpoint("tickets.show_many") <= 4, "{:?}", c.by_endpoint);
     eprintln!("drop_tickets: {}", elapsed(t));
@@ -1046,7 +1047,10 @@ async fn a_create_job_expired_before_its_poll_is_settled_by_lookup() {
     let c = fx.counters();
     assert_eq!(c.by_endpoint.get("tickets.create_many"), Some(&2));
     assert_eq!(c.job_items, fx.n as u64);
-    assert!(c.by_endpoint.get("tickets.list").copied().unwrap_or(0) >= fx.n as u64);
+    // The expired job's tickets were read back with one export page and the ticket list, not
+    // one lookup a row.
+    assert!(c.endpoint("incremental.tickets.cursor") >= 2, "{:?}", c.by_endpoint);
+    assert!(c.endpoint("tickets.list") <= 6, "{:?}", c.by_endpoint);
     fx.check_complete();
     assert_rerun_unchanged(&fx).await;
     eprintln!("expired_job: {}", elapsed(t));
@@ -1323,5 +1327,90 @@ async fn organizations_5xx_after_commit_upsert_insert_update() {
 async fn tickets_5xx_after_commit_upsert_insert_update() {
     for mode in ["upsert", "insert", "update"] {
         five_hundreds_after_commit(Obj::Tickets, mode).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// State that can be lost
+// ---------------------------------------------------------------------------------------------
+
+/// The state file deleted between two runs (a wiped prefix, a restored bucket): nothing is
+/// created twice. Tickets read their ids back from Zendesk first (right after the first run, so
+/// the export's last minute is covered by the ticket list); users and organizations resolve the
+/// records that exist by external id.
+async fn state_deleted_between_runs(obj: Obj, mode: &str) {
+    let fx = Fx::with_mode(obj, 300, sim_config(), mode).await;
+    let ctx = fx.ctx().await;
+    let out = run(&ctx, &run_opts()).await;
+    assert_all_created(only_record(&out), fx.n);
+    let created = fx.counters().job_items;
+    fx.store()
+        .delete(&layout::state_key(obj.sync()))
+        .expect("state deleted");
+    let ctx = fx.ctx().await;
+    let out = run(&ctx, &run_opts()).await;
+    let rec = only_record(&out);
+    assert_eq!(rec.status, RunStatus::Succeeded, "{rec:#?}");
+    assert_eq!(rec.rows.failed, 0, "{:#?}", rec.failed_samples);
+    assert_eq!(rec.rows.created, 0, "{} {mode}: {rec:#?}", obj.object());
+    fx.assert_no_duplicates();
+    fx.check_complete();
+    if obj == Obj::Tickets {
+        let c = fx.counters();
+        assert!(c.endpoint("incremental.tickets.cursor") >= 1, "{:?}", c.by_endpoint);
+        // Upsert resends each row as an update (the payload is not known to match), insert
+        // leaves them: no create either way.
+        let sent = c.job_items - created;
+        match mode {
+            "insert" => assert_eq!(sent, 0, "{rec:#?}"),
+            _ => assert_eq!(rec.rows.updated, fx.n as u64, "{rec:#?}"),
+        }
+    }
+    if mode == "insert" && obj == Obj::Tickets {
+        // Insert mode leaves the tickets it found as they are: skipped, never sent.
+        let before = fx.counters().job_items;
+        let out = run(&fx.ctx().await, &run_opts()).await;
+        let rec = only_record(&out);
+        assert_eq!(rec.rows.skipped + rec.rows.unchanged, fx.n as u64, "{rec:#?}");
+        assert_eq!(fx.counters().job_items, before);
+    } else {
+        assert_rerun_unchanged(&fx).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_state_creates_nothing_twice() {
+    for obj in [Obj::Tickets, Obj::Users, Obj::Orgs] {
+        for mode in ["upsert", "insert"] {
+            state_deleted_between_runs(obj, mode).await;
+        }
+    }
+}
+
+/// `--full-resync`: every row is sent again, as an update, and nothing is created; with the
+/// state gone as well, tickets are found through the export once its minute has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_resync_resends_every_row_and_creates_nothing() {
+    for obj in [Obj::Tickets, Obj::Orgs, Obj::Users] {
+        let fx = Fx::new(obj, 250).await;
+        let ctx = fx.ctx().await;
+        assert_all_created(only_record(&run(&ctx, &run_opts()).await), fx.n);
+        if obj == Obj::Tickets {
+            fx.store()
+                .delete(&layout::state_key(obj.sync()))
+                .expect("state deleted");
+            fx.sim.advance_clock(Duration::from_secs(600));
+        }
+        let mut opts = run_opts();
+        opts.full_resync = true;
+        let ctx = fx.ctx().await;
+        let out = run(&ctx, &opts).await;
+        let rec = only_record(&out);
+        assert_eq!(rec.status, RunStatus::Succeeded, "{rec:#?}");
+        assert_eq!(rec.rows.unchanged, 0, "{rec:#?}");
+        assert_eq!(rec.rows.created, 0, "{} {rec:#?}", obj.object());
+        assert_eq!(rec.rows.updated, fx.n as u64, "{rec:#?}");
+        fx.check_complete();
+        assert_rerun_unchanged(&fx).await;
     }
 }

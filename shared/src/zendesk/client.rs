@@ -576,7 +576,6 @@ impl Client {
         root: &str,
         max_pages: usize,
     ) -> Result<Vec<serde_json::Value>, ZendeskError> {
-        let mut pages = 0usize;
         let first = if path.contains("page[size]")
             || path.contains("page%5Bsize%5D")
             || path.contains("per_page")
@@ -587,60 +586,76 @@ impl Client {
         } else {
             format!("{path}?page[size]=100")
         };
-        let mut url = self.url(&first);
+        let mut link = first;
         let mut items = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        loop {
-            if !seen.insert(url.clone()) {
-                return Err(ZendeskError::Protocol {
-                    path: path_only(path).to_string(),
-                    message: "the pagination links go round in a circle".into(),
-                });
-            }
-            let req = Req {
-                method: Method::GET,
-                url: url.clone(),
-                path: path_only(path).to_string(),
-                body: None,
-                idempotency: Idempotency::Safe,
-            };
-            let answer = self.execute(&req).await?;
-            let mut page = self.answer_json(&req, answer)?;
-            let list = match page.get_mut(root).map(Value::take) {
-                Some(Value::Array(list)) => list,
-                _ => {
+        for _ in 0..max_pages {
+            let (list, next) = self.page(&link, root).await?;
+            items.extend(list);
+            match next {
+                Some(next) if seen.insert(next.clone()) => link = next,
+                Some(_) => {
                     return Err(ZendeskError::Protocol {
-                        path: req.path,
-                        message: format!("the answer has no `{root}` list"),
+                        path: path_only(path).to_string(),
+                        message: "the pagination links go round in a circle".into(),
                     })
                 }
-            };
-            items.extend(list);
-            pages += 1;
-            if pages >= max_pages {
-                return Ok(items);
-            }
-            let next = match page.get("meta").and_then(|m| m.get("has_more")) {
-                Some(has_more) => {
-                    if has_more.as_bool() == Some(true) {
-                        page.get("links")
-                            .and_then(|l| l.get("next"))
-                            .and_then(Value::as_str)
-                            .map(str::to_string)
-                    } else {
-                        None
-                    }
-                }
-                None => page
-                    .get("next_page")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-            };
-            match next {
-                Some(next) if !next.is_empty() => url = self.follow(&next, &req.path)?,
-                _ => return Ok(items),
+                None => break,
             }
         }
+        Ok(items)
+    }
+
+    /// One page of a list: the items under `root` and the link to the next page, if any.
+    /// `path_or_link` is a path (`/api/v2/...`) or a link an earlier page gave (accepted only
+    /// on this client's base URL).
+    pub async fn page(
+        &self,
+        path_or_link: &str,
+        root: &str,
+    ) -> Result<(Vec<serde_json::Value>, Option<String>), ZendeskError> {
+        let (url, path) = if path_or_link.starts_with('/') {
+            (self.url(path_or_link), path_only(path_or_link).to_string())
+        } else {
+            let url = self.follow(path_or_link, root)?;
+            let path = url[self.inner.opts.base_url.len()..].to_string();
+            (url, path_only(&path).to_string())
+        };
+        let req = Req {
+            method: Method::GET,
+            url,
+            path,
+            body: None,
+            idempotency: Idempotency::Safe,
+        };
+        let answer = self.execute(&req).await?;
+        let mut page = self.answer_json(&req, answer)?;
+        let list = match page.get_mut(root).map(Value::take) {
+            Some(Value::Array(list)) => list,
+            _ => {
+                return Err(ZendeskError::Protocol {
+                    path: req.path,
+                    message: format!("the answer has no `{root}` list"),
+                })
+            }
+        };
+        let next = match page.get("meta").and_then(|m| m.get("has_more")) {
+            Some(has_more) => {
+                if has_more.as_bool() == Some(true) {
+                    page.get("links")
+                        .and_then(|l| l.get("next"))
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                } else {
+                    None
+                }
+            }
+            None => page
+                .get("next_page")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        };
+        Ok((list, next.filter(|n| !n.is_empty())))
     }
 
     /// A pagination link, accepted only on this client's base URL (credentials never go to
