@@ -135,7 +135,11 @@ pub async fn scan_tickets(
                 older = true;
             }
         }
-        next = if older || items.is_empty() { None } else { more };
+        next = if older || items.is_empty() {
+            None
+        } else {
+            more
+        };
     }
     Ok(scan)
 }

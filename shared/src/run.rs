@@ -483,30 +483,30 @@ async fn resume(
     let (store, rid) = (ctx.store.clone(), run_id.to_string());
     type Found = Option<(Manifest, Option<RunRecord>)>;
     let manifest = tokio::task::spawn_blocking(move || -> Result<Found, ChangeSetError> {
-            let key = layout::manifest_key(&sync, &rid);
-            let record = layout::run_record_key(&sync, &rid);
-            let io = |key: &str, source| ChangeSetError::Io {
-                key: key.to_string(),
-                source,
-            };
-            if store.head(&key).map_err(|e| io(&key, e))?.is_none() {
-                return Ok(None);
-            }
-            // A recorded run is finished, unless it was interrupted.
-            let earlier = match store.head(&record).map_err(|e| io(&record, e))? {
-                None => None,
-                Some(_) => {
-                    let text = changeset::read_text(store.as_ref(), &record)?;
-                    match serde_json::from_str::<RunRecord>(&text) {
-                        Ok(r) if r.status == RunStatus::Interrupted => Some(r),
-                        _ => return Ok(None),
-                    }
+        let key = layout::manifest_key(&sync, &rid);
+        let record = layout::run_record_key(&sync, &rid);
+        let io = |key: &str, source| ChangeSetError::Io {
+            key: key.to_string(),
+            source,
+        };
+        if store.head(&key).map_err(|e| io(&key, e))?.is_none() {
+            return Ok(None);
+        }
+        // A recorded run is finished, unless it was interrupted.
+        let earlier = match store.head(&record).map_err(|e| io(&record, e))? {
+            None => None,
+            Some(_) => {
+                let text = changeset::read_text(store.as_ref(), &record)?;
+                match serde_json::from_str::<RunRecord>(&text) {
+                    Ok(r) if r.status == RunStatus::Interrupted => Some(r),
+                    _ => return Ok(None),
                 }
-            };
-            changeset::read_manifest(store.as_ref(), &key).map(|m| Some((m, earlier)))
-        })
-        .await
-        .map_err(|e| RunError::Internal(format!("resume task: {e}")))??;
+            }
+        };
+        changeset::read_manifest(store.as_ref(), &key).map(|m| Some((m, earlier)))
+    })
+    .await
+    .map_err(|e| RunError::Internal(format!("resume task: {e}")))??;
     let Some((manifest, earlier)) = manifest else {
         return Ok(None);
     };

@@ -173,6 +173,9 @@ pub struct Writer {
 /// with a scan of the tickets changed since the run started.
 const TICKET_LOOKUPS_ONE_BY_ONE: usize = 8;
 
+/// Pages of the account's job list read when a create's outcome is unknown (100 jobs a page).
+const JOB_LIST_PAGES: usize = 10;
+
 /// The failure code of rows whose create may or may not have happened.
 const UNKNOWN: &str = "OutcomeUnknown";
 
@@ -760,23 +763,19 @@ impl Writer {
         if self.object == Object::Tickets {
             return self.settle_tickets(rows, idx, out).await;
         }
-        let unfinished = |v: &Value| -> HashSet<String> {
+        let unfinished = |jobs: &[JobStatus]| -> HashSet<String> {
             let known = self.known_jobs.lock().unwrap_or_else(|e| e.into_inner());
-            v["job_statuses"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|j| matches!(j["status"].as_str(), Some("queued" | "working")))
-                .filter_map(|j| j["id"].as_str().map(str::to_string))
-                .filter(|id| !known.contains(id))
+            jobs.iter()
+                .filter(|j| !j.is_terminal() && !known.contains(&j.id))
+                .map(|j| j.id.clone())
                 .collect()
         };
-        let list = "/api/v2/job_statuses.json?page[size]=100";
         let deadline = Instant::now() + self.opts.unknown_wait;
         let mut delay = self.opts.lookup_delay;
-        let mut waiting = unfinished(&self.client.get(list).await?);
+        let (jobs, complete) = self.recent_jobs().await?;
+        let mut waiting = unfinished(&jobs);
         let settled = loop {
-            if waiting.is_empty() {
+            if waiting.is_empty() && complete {
                 break true;
             }
             if Instant::now() + delay > deadline {
@@ -784,8 +783,15 @@ impl Writer {
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(10));
-            let now = unfinished(&self.client.get(list).await?);
+            let (jobs, complete_now) = self.recent_jobs().await?;
+            if !complete_now {
+                continue;
+            }
+            let now = unfinished(&jobs);
             waiting.retain(|id| now.contains(id));
+            if waiting.is_empty() {
+                break true;
+            }
         };
         let found = self.lookup(rows, idx).await?;
         for (k, id) in found {
@@ -818,14 +824,10 @@ impl Writer {
         let mut quiet = 0;
         loop {
             tokio::time::sleep(delay).await;
-            let jobs = self
-                .client
-                .list_pages("/api/v2/job_statuses.json?page[size]=100", "job_statuses", 2)
-                .await?;
+            let (jobs, complete) = self.recent_jobs().await?;
             let candidates: Vec<JobStatus> = {
                 let known = self.known_jobs.lock().unwrap_or_else(|e| e.into_inner());
                 jobs.into_iter()
-                    .filter_map(|v| serde_json::from_value::<JobStatus>(v).ok())
                     .filter(|j| !known.contains(&j.id) && !checked.contains(&j.id))
                     .collect()
             };
@@ -841,7 +843,9 @@ impl Writer {
                 self.apply_job(rows, idx, &job, true, out).await?;
                 return Ok(true);
             }
-            if running.is_empty() {
+            // Unfinished jobs may sort after the finished ones: only a whole list shows that
+            // none is left.
+            if running.is_empty() && complete {
                 quiet += 1;
                 if quiet >= 2 {
                     return Ok(true);
@@ -854,6 +858,27 @@ impl Writer {
             }
             delay = (delay * 2).min(Duration::from_secs(10));
         }
+    }
+
+    /// The account's retained jobs (newest first), and whether that is all of them: at most
+    /// `JOB_LIST_PAGES` pages are read, so an account keeping more jobs than that never has a
+    /// lost create resent (its rows fail as unknown and are looked up next run).
+    async fn recent_jobs(&self) -> Result<(Vec<JobStatus>, bool), WriteError> {
+        let mut link = "/api/v2/job_statuses.json?page[size]=100".to_string();
+        let mut jobs = Vec::new();
+        for _ in 0..JOB_LIST_PAGES {
+            let (items, next) = self.client.page(&link, "job_statuses").await?;
+            jobs.extend(
+                items
+                    .into_iter()
+                    .filter_map(|v| serde_json::from_value::<JobStatus>(v).ok()),
+            );
+            match next {
+                Some(n) => link = n,
+                None => return Ok((jobs, true)),
+            }
+        }
+        Ok((jobs, false))
     }
 
     /// Among finished jobs, the one that created the batch `idx`: its first created ticket

@@ -488,7 +488,11 @@ async fn unavailable_and_server_errors_are_retried() {
         matches!(&err, ZendeskError::OutcomeUnknown { message, .. } if message.contains("HTTP 500")),
         "{err:?}"
     );
-    assert_eq!(sim.counters().requests, sent + 1, "the create was sent once");
+    assert_eq!(
+        sim.counters().requests,
+        sent + 1,
+        "the create was sent once"
+    );
     // A 503 without `Retry-After` is as unknown; with it (Zendesk did nothing) it is resent.
     sim.set_fault_rules(vec![FaultRule::new(FaultKind::Unavailable)
         .path("/api/v2/users")
@@ -503,7 +507,10 @@ async fn unavailable_and_server_errors_are_retried() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(err, ZendeskError::OutcomeUnknown { .. }), "{err:?}");
+    assert!(
+        matches!(err, ZendeskError::OutcomeUnknown { .. }),
+        "{err:?}"
+    );
     sim.set_fault_rules(vec![FaultRule::new(FaultKind::Unavailable)
         .path("/api/v2/users")
         .method("POST")

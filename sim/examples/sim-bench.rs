@@ -114,7 +114,9 @@ async fn bulk(base: &str, http: &reqwest::Client, secs: u64, concurrency: u64) -
                     requests.fetch_add(1, Ordering::Relaxed);
                     let text = r.text().await.expect("body");
                     if text.contains(r#""status":"completed""#) {
-                        let ok = text.matches(r#""success":true"#).count();
+                        // Documented create results: `{"id","index"}`, failures add `error`.
+                        let ok = text.matches(r#""index":"#).count()
+                            - text.matches(r#""error":"#).count();
                         rows.fetch_add(ok as u64, Ordering::Relaxed);
                         break;
                     }

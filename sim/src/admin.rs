@@ -2,7 +2,7 @@
 //! started as a separate process can be driven like an in-process one.
 
 use crate::api::render;
-use crate::config::{Behavior, JobConfig, RateLimitConfig, SeedData};
+use crate::config::{Behavior, IncrementalConfig, JobConfig, RateLimitConfig, SeedData};
 use crate::faults::FaultConfig;
 use crate::fields::Target;
 use crate::observe::{Counters, LogEntry};
@@ -438,6 +438,15 @@ pub(crate) async fn handle(sim: &Arc<Sim>, parts: &Parts, body: Body) -> Respons
             (Method::PUT, "/__sim/behavior") => {
                 let v: Behavior = parse(&bytes)?;
                 sim.update_runtime(|rt| rt.behavior = v);
+                reply(StatusCode::OK, json!({"ok": true}))
+            }
+            (Method::GET, "/__sim/incremental") => reply(
+                StatusCode::OK,
+                serde_json::to_value(sim.runtime().incremental.clone()).unwrap_or_default(),
+            ),
+            (Method::PUT, "/__sim/incremental") => {
+                let v: IncrementalConfig = parse(&bytes)?;
+                sim.update_runtime(|rt| rt.incremental = v);
                 reply(StatusCode::OK, json!({"ok": true}))
             }
             _ => reply(

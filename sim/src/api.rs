@@ -43,6 +43,8 @@ pub(crate) enum Route {
     Tags(Target, u64, TagVerb),
     JobsList,
     JobsShowMany,
+    /// `GET /api/v2/incremental/tickets/cursor`.
+    IncrementalTickets,
     JobShow(String),
     FieldsList(Target),
     FieldShow(Target, String),
@@ -53,7 +55,7 @@ pub(crate) enum Route {
     NotFound,
 }
 
-fn plural(t: Target) -> &'static str {
+pub(crate) fn plural(t: Target) -> &'static str {
     match t {
         Target::User => "users",
         Target::Organization => "organizations",
@@ -108,6 +110,7 @@ impl Route {
                 }
             ),
             Route::JobsList => "job_statuses.list".into(),
+            Route::IncrementalTickets => "incremental.tickets.cursor".into(),
             Route::JobsShowMany => "job_statuses.show_many".into(),
             Route::JobShow(_) => "job_statuses.show".into(),
             Route::FieldsList(t) => format!("{}.list", t.root()),
@@ -130,6 +133,7 @@ impl Route {
             Route::JobsList | Route::JobsShowMany | Route::JobShow(_) | Route::GlobalSearch => {
                 Some(None)
             }
+            Route::IncrementalTickets => Some(Some("tickets")),
             Route::List(t)
             | Route::Create(t)
             | Route::CreateOrUpdate(t)
@@ -223,6 +227,7 @@ pub(crate) fn route(method: &Method, path: &str) -> Route {
         ["oauth", "tokens", "current"] if get => Route::TokenCurrent,
         ["search"] if get => Route::GlobalSearch,
         ["job_statuses"] if get => Route::JobsList,
+        ["incremental", "tickets", "cursor"] if get => Route::IncrementalTickets,
         ["job_statuses", "show_many"] if get => Route::JobsShowMany,
         ["job_statuses", id] if get => Route::JobShow(id.to_string()),
         _ => Route::NotFound,
@@ -281,7 +286,11 @@ pub(crate) fn dispatch(req: &mut Req, route: Route) -> Reply {
         Route::Update(t, id) => update(req, t, id),
         Route::Delete(t, id) => delete(req, t, id),
         Route::Tags(t, id, verb) => tags(req, t, id, verb),
-        Route::JobsList => jobs_list(req),
+        Route::JobsList => {
+            let ret = retention_ms(req.rt);
+            crate::export::jobs_list(req, ret)
+        }
+        Route::IncrementalTickets => crate::export::incremental_tickets(req),
         Route::JobsShowMany => jobs_show_many(req),
         Route::JobShow(id) => job_show(req, &id),
         Route::FieldsList(t) => fields_list(req, t),
@@ -294,7 +303,7 @@ pub(crate) fn dispatch(req: &mut Req, route: Route) -> Reply {
     r.unwrap_or_else(|e| e)
 }
 
-type Res = Result<Reply, Reply>;
+pub(crate) type Res = Result<Reply, Reply>;
 
 fn missing_param(name: &str) -> Reply {
     Reply::error(
@@ -405,6 +414,25 @@ fn paginate(req: &Req, t: Target, ids: Vec<u64>, root: &str) -> Res {
             },
         })));
     }
+    offset_page(req, t, &store, &ids, root, "")
+}
+
+/// One offset page (`page`, `per_page` ≤ 100; 400 past 10 000 records) of `ids` in the order
+/// given; `extra` query parameters are repeated in `next_page` / `previous_page`.
+pub(crate) fn offset_page(
+    req: &Req,
+    t: Target,
+    store: &Store,
+    ids: &[u64],
+    root: &str,
+    extra: &str,
+) -> Res {
+    let list_url = format!("{}/api/v2/{}.json", req.base, plural(t));
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!("&{extra}")
+    };
     let per_page: usize = req
         .query
         .get("per_page")
@@ -429,11 +457,12 @@ fn paginate(req: &Req, t: Target, ids: Vec<u64>, root: &str) -> Res {
         .iter()
         .skip((page - 1) * per_page)
         .take(per_page)
-        .filter_map(|id| render(&store, req.account, t, *id, req.base))
+        .filter_map(|id| render(store, req.account, t, *id, req.base))
         .collect();
     let next = (page * per_page < count)
-        .then(|| format!("{list_url}?page={}&per_page={per_page}", page + 1));
-    let prev = (page > 1).then(|| format!("{list_url}?page={}&per_page={per_page}", page - 1));
+        .then(|| format!("{list_url}?page={}&per_page={per_page}{extra}", page + 1));
+    let prev =
+        (page > 1).then(|| format!("{list_url}?page={}&per_page={per_page}{extra}", page - 1));
     Ok(Reply::ok(
         json!({root: items, "next_page": next, "previous_page": prev, "count": count}),
     ))
@@ -461,6 +490,9 @@ fn list(req: &mut Req, t: Target) -> Res {
             (Target::Ticket, None) => store.tickets.keys().copied().collect(),
         }
     };
+    if let Some(sort) = crate::export::sort_param(req)? {
+        return crate::export::sorted_list(req, t, ids, sort);
+    }
     paginate(req, t, ids, plural(t))
 }
 
@@ -975,7 +1007,9 @@ fn delete(req: &mut Req, t: Target, id: u64) -> Res {
             Ok(Reply::empty(204))
         }
         Target::Ticket => {
-            store.delete_ticket(id).ok_or_else(Reply::not_found)?;
+            store
+                .delete_ticket(id, &crate::util::iso(req.now))
+                .ok_or_else(Reply::not_found)?;
             Ok(Reply::empty(204))
         }
     }
@@ -1039,20 +1073,6 @@ fn tags(req: &mut Req, t: Target, id: u64, verb: TagVerb) -> Res {
 
 fn retention_ms(rt: &Runtime) -> i64 {
     rt.jobs.retention_secs as i64 * 1000
-}
-
-fn jobs_list(req: &mut Req) -> Res {
-    let jobs = lock(&req.account.jobs);
-    let list: Vec<Value> = jobs
-        .list(req.now, retention_ms(req.rt))
-        .iter()
-        .map(|j| j.render())
-        .collect();
-    Ok(Reply::ok(json!({
-        "job_statuses": list,
-        "meta": {"has_more": false, "after_cursor": null, "before_cursor": null},
-        "links": {"next": null, "prev": null},
-    })))
 }
 
 fn jobs_show_many(req: &mut Req) -> Res {
@@ -1242,10 +1262,13 @@ impl JobTask {
                 return;
             }
             let ctx = acct.ctx(&self.rt.behavior, clock.now_ms(), self.actor);
+            let b = &self.rt.behavior;
             let opts = RunOpts {
-                index_base: self.rt.behavior.result_index_base,
-                failed_id_is_index: self.rt.behavior.failed_item_id_is_index,
-                org_batch_by_external_id: self.rt.behavior.org_batch_by_external_id,
+                index_base: b.result_index_base,
+                failed_id_is_index: b.failed_item_id_is_index,
+                org_batch_by_external_id: b.org_batch_by_external_id,
+                verbose: b.job_results == crate::config::JobResults::Verbose,
+                upsert_echoes_external_id: b.upsert_echoes_external_id,
             };
             run_work(
                 &mut store,

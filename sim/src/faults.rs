@@ -1,6 +1,9 @@
-//! Fault injection: rules that turn matching requests into 429 storms, 503s, 500s, dropped
-//! connections or slow answers, and jobs into failed / killed ones or partial item failures.
-//! Every random choice comes from one seeded generator, so a sequential test replays exactly.
+//! Fault injection: rules that turn matching requests into 429 storms, 503s, 500s, gateway
+//! 502s / 504s, dropped connections or slow answers, and jobs into failed / killed ones or
+//! partial item failures. A rule with `after_commit` lets the request do its work first and
+//! only then replaces (or delays) the answer, as a gateway timing out after Zendesk queued the
+//! job would. Every random choice comes from one seeded generator, so a sequential test replays
+//! exactly.
 
 use crate::util::glob_match;
 use rand::rngs::SmallRng;
@@ -28,8 +31,12 @@ pub enum FaultKind {
     RateLimit,
     /// 503 with `Retry-After` when `retry_after_secs` is set.
     Unavailable,
-    /// 500.
+    /// 500 `{"errors":[{"code":"Unavailable","title":"Internal Server Error"}]}`.
     InternalError,
+    /// 502 with a short `text/html` gateway error page (no JSON, no Zendesk headers).
+    BadGateway,
+    /// 504 with a short `text/html` gateway error page (no JSON, no Zendesk headers).
+    GatewayTimeout,
     /// The request is processed, then the response body is cut after `after_bytes` bytes and
     /// the connection closed.
     DropConnection,
@@ -49,12 +56,43 @@ impl FaultKind {
             FaultKind::RateLimit => "rate_limit",
             FaultKind::Unavailable => "unavailable",
             FaultKind::InternalError => "internal_error",
+            FaultKind::BadGateway => "bad_gateway",
+            FaultKind::GatewayTimeout => "gateway_timeout",
             FaultKind::DropConnection => "drop_connection",
             FaultKind::Slow => "slow",
             FaultKind::FailJob => "fail_job",
             FaultKind::KillJob => "kill_job",
             FaultKind::FailItems => "fail_items",
         }
+    }
+
+    /// The name counted and logged for a fired rule: `<name>_after_commit` when the request was
+    /// processed before the fault replaced or delayed its answer.
+    pub fn label(self, after_commit: bool) -> &'static str {
+        if !after_commit || !self.honours_after_commit() {
+            return self.name();
+        }
+        match self {
+            FaultKind::Unavailable => "unavailable_after_commit",
+            FaultKind::InternalError => "internal_error_after_commit",
+            FaultKind::BadGateway => "bad_gateway_after_commit",
+            FaultKind::GatewayTimeout => "gateway_timeout_after_commit",
+            FaultKind::Slow => "slow_after_commit",
+            other => other.name(),
+        }
+    }
+
+    /// Kinds that `after_commit` changes. A 429 always means "not done" (it ignores the
+    /// flag), `drop_connection` always processes first, and job faults act on the job.
+    fn honours_after_commit(self) -> bool {
+        matches!(
+            self,
+            FaultKind::Unavailable
+                | FaultKind::InternalError
+                | FaultKind::BadGateway
+                | FaultKind::GatewayTimeout
+                | FaultKind::Slow
+        )
     }
 
     fn is_job_fault(self) -> bool {
@@ -86,6 +124,11 @@ pub struct FaultRule {
     pub fraction: f64,
     pub error: Option<String>,
     pub details: Option<String>,
+    /// Process the request normally first (records written, jobs queued and run), then replace
+    /// the answer (`internal_error`, `bad_gateway`, `gateway_timeout`, `unavailable` without
+    /// `Retry-After`) or delay it (`slow`). Ignored by `rate_limit`, `drop_connection` (which
+    /// always processes first) and the job faults.
+    pub after_commit: bool,
 }
 
 impl Default for FaultRule {
@@ -111,6 +154,7 @@ impl FaultRule {
             fraction: 0.0,
             error: None,
             details: None,
+            after_commit: false,
         }
     }
 
@@ -158,6 +202,11 @@ impl FaultRule {
         self.fraction = f;
         self
     }
+    /// See [`FaultRule::after_commit`].
+    pub fn after_commit(mut self, yes: bool) -> Self {
+        self.after_commit = yes;
+        self
+    }
 
     fn matches(&self, account: &str, method: &str, path: &str) -> bool {
         self.account.as_deref().is_none_or(|a| a == account)
@@ -172,11 +221,17 @@ impl FaultRule {
 /// What the request pipeline must do for one request.
 #[derive(Debug, Default, Clone)]
 pub struct RequestFaults {
+    /// Delay before the request is processed.
     pub delay_ms: u64,
-    /// A fault that replaces the answer: (kind, retry_after).
+    /// Delay after the request was processed, before the answer is sent.
+    pub post_delay_ms: u64,
+    /// A fault that replaces the answer instead of processing: (kind, retry_after).
     pub terminal: Option<(FaultKind, Option<u64>)>,
+    /// A fault that replaces the answer after the request was processed.
+    pub after_commit: Option<FaultKind>,
     pub drop_after: Option<usize>,
-    pub fired: Vec<FaultKind>,
+    /// Labels of the rules that fired (`internal_error`, `gateway_timeout_after_commit`, ...).
+    pub fired: Vec<&'static str>,
 }
 
 /// What happens to a job created by one request.
@@ -234,10 +289,15 @@ impl FaultEngine {
                 continue;
             }
             let r = &self.rules[i].0;
+            let after = r.after_commit && kind.honours_after_commit();
             match kind {
+                FaultKind::Slow if after => out.post_delay_ms += r.delay_ms,
                 FaultKind::Slow => out.delay_ms += r.delay_ms,
                 FaultKind::DropConnection => {
                     out.drop_after.get_or_insert(r.after_bytes);
+                }
+                _ if after => {
+                    out.after_commit.get_or_insert(kind);
                 }
                 _ => {
                     if out.terminal.is_none() {
@@ -245,7 +305,7 @@ impl FaultEngine {
                     }
                 }
             }
-            out.fired.push(kind);
+            out.fired.push(kind.label(after));
         }
         out
     }
@@ -319,6 +379,44 @@ mod tests {
             .on_request("a", "GET", "/api/v2/tickets")
             .terminal
             .is_none());
+    }
+
+    #[test]
+    fn after_commit_rules() {
+        let cfg = FaultConfig::with_rules(vec![
+            FaultRule::new(FaultKind::GatewayTimeout)
+                .after_commit(true)
+                .times(1),
+            FaultRule::new(FaultKind::Slow)
+                .delay_ms(5)
+                .after_commit(true)
+                .times(1),
+            FaultRule::new(FaultKind::RateLimit)
+                .after_commit(true)
+                .skip(1),
+        ]);
+        let mut e = FaultEngine::new(&cfg, 1);
+        let f = e.on_request("a", "POST", "/api/v2/tickets/create_many");
+        assert!(f.terminal.is_none());
+        assert_eq!(f.after_commit, Some(FaultKind::GatewayTimeout));
+        assert_eq!((f.delay_ms, f.post_delay_ms), (0, 5));
+        assert_eq!(
+            f.fired,
+            ["gateway_timeout_after_commit", "slow_after_commit"]
+        );
+        // rate_limit ignores after_commit: a 429 never follows work.
+        let f = e.on_request("a", "POST", "/api/v2/tickets/create_many");
+        assert_eq!(f.terminal, Some((FaultKind::RateLimit, None)));
+        assert_eq!(f.fired, ["rate_limit"]);
+        let text = r#"{"rules":[{"kind":"bad_gateway","after_commit":true}]}"#;
+        let parsed: FaultConfig = serde_json::from_str(text).unwrap();
+        assert!(parsed.rules[0].after_commit);
+        assert!(
+            !serde_json::from_str::<FaultConfig>(r#"{"rules":[{"kind":"gateway_timeout"}]}"#)
+                .unwrap()
+                .rules[0]
+                .after_commit
+        );
     }
 
     #[test]

@@ -74,6 +74,12 @@ impl Job {
         }
     }
 
+    /// The job list sorts by this, descending: completion time (unfinished jobs last), then
+    /// creation time, then id.
+    pub fn list_key(&self) -> (i64, i64, &str) {
+        (self.finished_ms.unwrap_or(-1), self.created_ms, &self.id)
+    }
+
     pub fn render(&self) -> Value {
         json!({
             "id": self.id,
@@ -128,11 +134,7 @@ impl JobStore {
             .values()
             .filter(|j| j.state.is_active() || now - j.created_ms < retention_ms)
             .collect();
-        v.sort_by(|a, b| {
-            b.finished_ms
-                .cmp(&a.finished_ms)
-                .then(b.created_ms.cmp(&a.created_ms))
-        });
+        v.sort_by(|a, b| b.list_key().cmp(&a.list_key()));
         v
     }
 }
@@ -198,17 +200,163 @@ pub struct RunOpts {
     pub index_base: usize,
     pub failed_id_is_index: bool,
     pub org_batch_by_external_id: bool,
+    /// `Behavior::job_results == Verbose`: `index`, `action`, `success` and `status` on every
+    /// item (the simulator's older shapes) instead of the documented ones.
+    pub verbose: bool,
+    /// Users create_or_update_many results echo the item's `external_id`.
+    pub upsert_echoes_external_id: bool,
 }
 
-fn failed(index: usize, action: &str, error: &str, details: &str) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("index".into(), json!(index));
-    m.insert("action".into(), json!(action));
-    m.insert("success".into(), json!(false));
-    m.insert("status".into(), json!("Failed"));
-    m.insert("error".into(), json!(error));
-    m.insert("details".into(), json!(details));
-    m
+/// Builds per-item results in the documented shapes (zendesk-api.md §8) or the verbose ones.
+struct Shapes<'a>(&'a RunOpts);
+
+impl Shapes<'_> {
+    /// Documented: `{"id", "index"}` (OAS CreateResourceResult).
+    fn create_ok(&self, id: u64, index: usize) -> Value {
+        if self.0.verbose {
+            json!({"id": id, "index": index, "action": "create", "success": true, "status": "Created"})
+        } else {
+            json!({"id": id, "index": index})
+        }
+    }
+
+    /// Documented: `{"index", "error", "details"}`.
+    fn create_fail(&self, index: usize, error: &str, details: &str) -> Value {
+        let mut m = Map::new();
+        m.insert("index".into(), json!(index));
+        if self.0.verbose {
+            m.insert("action".into(), json!("create"));
+            m.insert("success".into(), json!(false));
+            m.insert("status".into(), json!("Failed"));
+        }
+        m.insert("error".into(), json!(error));
+        m.insert("details".into(), json!(details));
+        Value::Object(m)
+    }
+
+    /// update / delete success. Documented: `{"id", "action", "success": true, "status"}`.
+    fn change_ok(
+        &self,
+        action: &str,
+        status: &str,
+        id: u64,
+        index: usize,
+        ext: Option<&str>,
+    ) -> Value {
+        let mut m = Map::new();
+        m.insert("id".into(), json!(id));
+        if self.0.verbose {
+            m.insert("index".into(), json!(index));
+        }
+        m.insert("action".into(), json!(action));
+        m.insert("success".into(), json!(true));
+        m.insert("status".into(), json!(status));
+        if self.0.verbose {
+            if let Some(e) = ext {
+                m.insert("external_id".into(), json!(e));
+            }
+        }
+        Value::Object(m)
+    }
+
+    /// update / delete failure (OAS FailedResult): `{"id", "action", "success": false, "error",
+    /// "details"}`; no `id` when the record is unknown, `external_id` instead when that was
+    /// the key.
+    fn change_fail(
+        &self,
+        action: &str,
+        index: usize,
+        id: Option<u64>,
+        ext: Option<&str>,
+        error: &str,
+        details: &str,
+    ) -> Value {
+        let mut m = Map::new();
+        match (id, ext) {
+            (Some(id), _) => {
+                m.insert("id".into(), json!(id));
+            }
+            (None, Some(e)) => {
+                m.insert("external_id".into(), json!(e));
+            }
+            (None, None) => {}
+        }
+        if self.0.verbose {
+            m.insert("index".into(), json!(index));
+        }
+        m.insert("action".into(), json!(action));
+        m.insert("success".into(), json!(false));
+        if self.0.verbose {
+            m.insert("status".into(), json!("Failed"));
+        }
+        m.insert("error".into(), json!(error));
+        m.insert("details".into(), json!(details));
+        Value::Object(m)
+    }
+
+    fn echo(&self, m: &mut Map<String, Value>, input: Option<&Map<String, Value>>, email: bool) {
+        let Some(inp) = input else { return };
+        if email {
+            if let Some(e) = inp.get("email").filter(|v| !v.is_null()) {
+                m.insert("email".into(), e.clone());
+            }
+        }
+        if self.0.upsert_echoes_external_id {
+            if let Some(x) = inp.get("external_id").and_then(as_text) {
+                m.insert("external_id".into(), json!(x));
+            }
+        }
+    }
+
+    /// Users create_or_update_many success. Documented: `{"id", "status", "email"?}`.
+    fn upsert_ok(
+        &self,
+        id: u64,
+        index: usize,
+        created: bool,
+        input: Option<&Map<String, Value>>,
+    ) -> Value {
+        let mut m = Map::new();
+        m.insert("id".into(), json!(id));
+        if self.0.verbose {
+            m.insert("index".into(), json!(index));
+        }
+        m.insert(
+            "status".into(),
+            json!(if created { "Created" } else { "Updated" }),
+        );
+        if self.0.verbose {
+            m.insert("success".into(), json!(true));
+        }
+        self.echo(&mut m, input, true);
+        Value::Object(m)
+    }
+
+    /// Users create_or_update_many failure. Documented:
+    /// `{"id": <input position>, "status": "Failed", "error", "details"}`.
+    fn upsert_fail(
+        &self,
+        index: usize,
+        error: &str,
+        details: &str,
+        input: Option<&Map<String, Value>>,
+    ) -> Value {
+        let mut m = Map::new();
+        if self.0.failed_id_is_index {
+            m.insert("id".into(), json!(index));
+        }
+        if self.0.verbose {
+            m.insert("index".into(), json!(index));
+        }
+        m.insert("status".into(), json!("Failed"));
+        if self.0.verbose {
+            m.insert("success".into(), json!(false));
+        }
+        m.insert("error".into(), json!(error));
+        m.insert("details".into(), json!(details));
+        self.echo(&mut m, input, self.0.verbose);
+        Value::Object(m)
+    }
 }
 
 fn job_code(inv: &Invalid) -> &'static str {
@@ -227,6 +375,21 @@ fn resolve(store: &Store, target: Target, key: &Key) -> Option<u64> {
         (Target::User, Key::External(e)) => store.user_id_by_external(e),
         (Target::Organization, Key::External(e)) => store.org_id_by_external(e),
         (Target::Ticket, Key::External(_)) => None,
+    }
+}
+
+/// The id a result names: the one sent, else the record an external id points at.
+fn known_id(store: &Store, target: Target, key: &Key) -> Option<u64> {
+    match key {
+        Key::Id(id) => Some(*id),
+        Key::External(_) => resolve(store, target, key),
+    }
+}
+
+fn key_ext(key: &Key) -> Option<&str> {
+    match key {
+        Key::External(e) => Some(e),
+        Key::Id(_) => None,
     }
 }
 
@@ -254,40 +417,23 @@ fn update_one(
 fn update_result(
     store: &mut Store,
     ctx: &Ctx,
+    sh: &Shapes,
     target: Target,
     index: usize,
     key: &Key,
     input: &Map<String, Value>,
 ) -> (Value, bool) {
-    let ext = match key {
-        Key::External(e) => Some(e.clone()),
-        Key::Id(_) => None,
-    };
+    let ext = key_ext(key);
     let Some(id) = resolve(store, target, key) else {
-        let mut m = failed(index, "update", "RecordNotFound", "RecordNotFound");
-        match key {
-            Key::Id(id) => {
-                m.insert("id".into(), json!(id));
-            }
-            Key::External(e) => {
-                m.insert("external_id".into(), json!(e));
-            }
-        }
-        return (Value::Object(m), false);
+        let id = match key {
+            Key::Id(id) => Some(*id),
+            Key::External(_) => None,
+        };
+        let v = sh.change_fail("update", index, id, ext, "RecordNotFound", "RecordNotFound");
+        return (v, false);
     };
     match update_one(store, ctx, target, id, input) {
-        Ok(()) => {
-            let mut m = Map::new();
-            m.insert("id".into(), json!(id));
-            m.insert("index".into(), json!(index));
-            m.insert("action".into(), json!("update"));
-            m.insert("success".into(), json!(true));
-            m.insert("status".into(), json!("Updated"));
-            if let Some(e) = ext {
-                m.insert("external_id".into(), json!(e));
-            }
-            (Value::Object(m), true)
-        }
+        Ok(()) => (sh.change_ok("update", "Updated", id, index, ext), true),
         Err(e) => {
             let (code, text) = match &e {
                 OpError::NotFound => ("RecordNotFound".to_string(), "RecordNotFound".to_string()),
@@ -297,15 +443,15 @@ fn update_result(
                     "Safe Update prevented the update due to outdated ticket data".to_string(),
                 ),
             };
-            let mut m = failed(index, "update", &code, &text);
-            m.insert("id".into(), json!(id));
-            (Value::Object(m), false)
+            let v = sh.change_fail("update", index, Some(id), ext, &code, &text);
+            (v, false)
         }
     }
 }
 
 /// Applies a job's items to the store. `failing[i]` forces item `i` to fail (fault injection).
-/// `limit` stops after that many items (a killed job). Returns results and the failure count.
+/// `limit` stops after that many items (a killed job). Returns results (one per item applied,
+/// in input order) and the failure count.
 pub fn run_work(
     store: &mut Store,
     ctx: &Ctx,
@@ -318,34 +464,24 @@ pub fn run_work(
     let mut failures = 0;
     let forced = |i: usize| failing.get(i).and_then(|f| f.as_ref());
     let base = opts.index_base;
+    let sh = Shapes(opts);
     let mut record = |v: Value, ok: bool, out: &mut Vec<Value>| {
         if !ok {
             failures += 1;
         }
         out.push(v);
     };
-    let not_object = |i: usize, action: &str| {
-        Value::Object(failed(
-            i,
-            action,
-            "RecordInvalid",
-            "Record validation errors",
-        ))
-    };
+    const INVALID: (&str, &str) = ("RecordInvalid", "Record validation errors");
     match work {
         JobWork::Create { target, items } => {
             for (i, item) in items.iter().enumerate().take(limit) {
                 let index = i + base;
                 if let Some((e, d)) = forced(i) {
-                    record(
-                        Value::Object(failed(index, "create", e, d)),
-                        false,
-                        &mut out,
-                    );
+                    record(sh.create_fail(index, e, d), false, &mut out);
                     continue;
                 }
                 let Some(input) = item.as_object() else {
-                    record(not_object(index, "create"), false, &mut out);
+                    record(sh.create_fail(index, INVALID.0, INVALID.1), false, &mut out);
                     continue;
                 };
                 let res = match target {
@@ -354,13 +490,9 @@ pub fn run_work(
                     Target::Ticket => store.create_ticket(ctx, input),
                 };
                 match res {
-                    Ok(id) => record(
-                        json!({"id": id, "index": index, "action": "create", "success": true, "status": "Created"}),
-                        true,
-                        &mut out,
-                    ),
+                    Ok(id) => record(sh.create_ok(id, index), true, &mut out),
                     Err(inv) => record(
-                        Value::Object(failed(index, "create", job_code(&inv), &inv.text())),
+                        sh.create_fail(index, job_code(&inv), &inv.text()),
                         false,
                         &mut out,
                     ),
@@ -371,55 +503,29 @@ pub fn run_work(
             for (i, item) in items.iter().enumerate().take(limit) {
                 let index = i + base;
                 let input = item.as_object();
-                let echo = |m: &mut Map<String, Value>| {
-                    if let Some(inp) = input {
-                        if let Some(e) = inp.get("email").filter(|v| !v.is_null()) {
-                            m.insert("email".into(), e.clone());
-                        }
-                        if let Some(x) = inp.get("external_id").and_then(as_text) {
-                            m.insert("external_id".into(), json!(x));
-                        }
-                    }
-                };
-                let fail = |code: &str, details: &str| {
-                    let mut m = Map::new();
-                    if opts.failed_id_is_index {
-                        m.insert("id".into(), json!(index));
-                    }
-                    m.insert("index".into(), json!(index));
-                    m.insert("status".into(), json!("Failed"));
-                    m.insert("success".into(), json!(false));
-                    m.insert("error".into(), json!(code));
-                    m.insert("details".into(), json!(details));
-                    echo(&mut m);
-                    Value::Object(m)
-                };
                 if let Some((e, d)) = forced(i) {
-                    record(fail(e, d), false, &mut out);
+                    record(sh.upsert_fail(index, e, d, input), false, &mut out);
                     continue;
                 }
                 let Some(inp) = input else {
                     record(
-                        fail("UserUpdateError", "Record validation errors"),
+                        sh.upsert_fail(index, "UserUpdateError", INVALID.1, input),
                         false,
                         &mut out,
                     );
                     continue;
                 };
                 match store.upsert_user(ctx, inp) {
-                    Ok(up) => {
-                        let mut m = Map::new();
-                        m.insert("id".into(), json!(up.id));
-                        m.insert("index".into(), json!(index));
-                        m.insert(
-                            "status".into(),
-                            json!(if up.created { "Created" } else { "Updated" }),
-                        );
-                        m.insert("success".into(), json!(true));
-                        echo(&mut m);
-                        record(Value::Object(m), true, &mut out);
-                    }
-                    Err(inv) => record(fail("UserUpdateError", &inv.text()), false, &mut out),
+                    Ok(up) => record(
+                        sh.upsert_ok(up.id, index, up.created, input),
+                        true,
+                        &mut out,
+                    ),
+                    Err(inv) => record(
+                        sh.upsert_fail(index, "UserUpdateError", &inv.text(), input),
+                        false,
+                        &mut out,
+                    ),
                 }
             }
         }
@@ -431,14 +537,12 @@ pub fn run_work(
             for (i, key) in keys.iter().enumerate().take(limit) {
                 let index = i + base;
                 if let Some((e, d)) = forced(i) {
-                    let mut m = failed(index, "update", e, d);
-                    if let Key::Id(id) = key {
-                        m.insert("id".into(), json!(id));
-                    }
-                    record(Value::Object(m), false, &mut out);
+                    let id = known_id(store, *target, key);
+                    let v = sh.change_fail("update", index, id, key_ext(key), e, d);
+                    record(v, false, &mut out);
                     continue;
                 }
-                let (v, ok) = update_result(store, ctx, *target, index, key, change);
+                let (v, ok) = update_result(store, ctx, &sh, *target, index, key, change);
                 record(v, ok, &mut out);
             }
         }
@@ -446,7 +550,8 @@ pub fn run_work(
             for (i, item) in items.iter().enumerate().take(limit) {
                 let index = i + base;
                 let Some(input) = item.as_object() else {
-                    record(not_object(index, "update"), false, &mut out);
+                    let v = sh.change_fail("update", index, None, None, INVALID.0, INVALID.1);
+                    record(v, false, &mut out);
                     continue;
                 };
                 let by_ext = match target {
@@ -463,73 +568,85 @@ pub fn run_work(
                     None => None,
                 };
                 if let Some((e, d)) = forced(i) {
-                    let mut m = failed(index, "update", e, d);
-                    if let Some(Key::Id(id)) = &key {
-                        m.insert("id".into(), json!(id));
-                    }
-                    record(Value::Object(m), false, &mut out);
-                    continue;
-                }
-                let Some(key) = key else {
+                    let id = key.as_ref().and_then(|k| known_id(store, *target, k));
+                    let ext = key.as_ref().and_then(key_ext);
                     record(
-                        Value::Object(failed(index, "update", "RecordNotFound", "RecordNotFound")),
+                        sh.change_fail("update", index, id, ext, e, d),
                         false,
                         &mut out,
                     );
                     continue;
+                }
+                let Some(key) = key else {
+                    let v = sh.change_fail(
+                        "update",
+                        index,
+                        None,
+                        None,
+                        "RecordNotFound",
+                        "RecordNotFound",
+                    );
+                    record(v, false, &mut out);
+                    continue;
                 };
                 let mut input = input.clone();
                 input.remove("id");
-                let (v, ok) = update_result(store, ctx, *target, index, &key, &input);
+                let (v, ok) = update_result(store, ctx, &sh, *target, index, &key, &input);
                 record(v, ok, &mut out);
             }
         }
         JobWork::Destroy { target, keys } => {
             for (i, key) in keys.iter().enumerate().take(limit) {
                 let index = i + base;
+                let ext = key_ext(key);
                 if let Some((e, d)) = forced(i) {
-                    let mut m = failed(index, "delete", e, d);
-                    if let Key::Id(id) = key {
-                        m.insert("id".into(), json!(id));
-                    }
-                    record(Value::Object(m), false, &mut out);
+                    let id = known_id(store, *target, key);
+                    record(
+                        sh.change_fail("delete", index, id, ext, e, d),
+                        false,
+                        &mut out,
+                    );
                     continue;
                 }
                 let id = resolve(store, *target, key);
-                let deleted = id.is_some_and(|id| match target {
-                    Target::User => store.delete_user(id).is_some(),
-                    Target::Organization => store.delete_org(id).is_some(),
-                    Target::Ticket => store.delete_ticket(id).is_some(),
+                let deleted = id.filter(|id| match target {
+                    Target::User => store.delete_user(*id).is_some(),
+                    Target::Organization => store.delete_org(*id).is_some(),
+                    Target::Ticket => store.delete_ticket(*id, &ctx.now).is_some(),
                 });
-                if deleted {
-                    record(
-                        json!({"id": id, "index": index, "action": "delete", "success": true, "status": "Deleted"}),
+                match deleted {
+                    Some(id) => record(
+                        sh.change_ok("delete", "Deleted", id, index, None),
                         true,
                         &mut out,
-                    );
-                } else {
-                    let mut m = failed(index, "delete", "RecordNotFound", "RecordNotFound");
-                    match key {
-                        Key::Id(id) => m.insert("id".into(), json!(id)),
-                        Key::External(e) => m.insert("external_id".into(), json!(e)),
-                    };
-                    record(Value::Object(m), false, &mut out);
+                    ),
+                    None => {
+                        let id = match key {
+                            Key::Id(id) => Some(*id),
+                            Key::External(_) => None,
+                        };
+                        let v = sh.change_fail(
+                            "delete",
+                            index,
+                            id,
+                            ext,
+                            "RecordNotFound",
+                            "RecordNotFound",
+                        );
+                        record(v, false, &mut out);
+                    }
                 }
             }
         }
         JobWork::TicketAsync { id, item } => {
             if limit > 0 {
                 if let Some((e, d)) = forced(0) {
-                    record(Value::Object(failed(base, "create", e, d)), false, &mut out);
+                    record(sh.create_fail(base, e, d), false, &mut out);
                 } else {
                     match store.create_ticket_with_id(ctx, *id, item) {
-                        Ok(id) => record(
-                            json!({"id": id, "index": base, "action": "create", "success": true, "status": "Created"}),
-                            true,
-                            &mut out,
-                        ),
+                        Ok(id) => record(sh.create_ok(id, base), true, &mut out),
                         Err(inv) => record(
-                            Value::Object(failed(base, "create", job_code(&inv), &inv.text())),
+                            sh.create_fail(base, job_code(&inv), &inv.text()),
                             false,
                             &mut out,
                         ),

@@ -21,6 +21,7 @@ mod admin;
 mod api;
 mod auth;
 pub mod config;
+mod export;
 pub mod faults;
 pub mod fields;
 mod jobs;
@@ -33,10 +34,10 @@ mod util;
 pub use admin::{AccountSnapshot, MintRequest, MintedToken, SeedIds};
 pub use auth::{s256, Consent};
 pub use config::{
-    AccountConfig, Behavior, ClientKind, DateReadback, InvalidDropdown, JobConfig, MatchConflict,
-    OAuthClientConfig, OAuthTokenConfig, RateLimitConfig, SeedData, SimConfig, StaffConfig,
-    WindowLimit, DEFAULT_ACCESS_TOKEN, DEFAULT_API_TOKEN, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET,
-    DEFAULT_REFRESH_TOKEN,
+    AccountConfig, Behavior, ClientKind, DateReadback, IncrementalConfig, InvalidDropdown,
+    JobConfig, JobResults, MatchConflict, OAuthClientConfig, OAuthTokenConfig, RateLimitConfig,
+    SeedData, SimConfig, StaffConfig, WindowLimit, DEFAULT_ACCESS_TOKEN, DEFAULT_API_TOKEN,
+    DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, DEFAULT_REFRESH_TOKEN,
 };
 pub use faults::{FaultConfig, FaultKind, FaultRule};
 pub use fields::{FieldDef, FieldOption, FieldsFixture};
@@ -201,6 +202,11 @@ impl SimHandle {
 
     pub fn update_behavior(&self, f: impl FnOnce(&mut Behavior)) {
         self.sim.update_runtime(|rt| f(&mut rt.behavior));
+    }
+
+    /// Changes the incremental export's lag horizon and per-minute limit.
+    pub fn update_incremental(&self, f: impl FnOnce(&mut IncrementalConfig)) {
+        self.sim.update_runtime(|rt| f(&mut rt.incremental));
     }
 
     /// Moves the simulator clock forward (token expiry, job retention, rate windows).

@@ -32,6 +32,12 @@ struct Args {
     /// JSON or TOML custom-field fixture.
     #[arg(long)]
     fields: Option<PathBuf>,
+    /// Incremental export: tickets updated less than this many seconds ago are not listed yet.
+    #[arg(long)]
+    export_lag_secs: Option<u64>,
+    /// Incremental export: requests per minute per account (0 = no endpoint limit).
+    #[arg(long)]
+    export_rpm: Option<u32>,
 }
 
 #[tokio::main]
@@ -63,6 +69,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(v) = args.seed {
         cfg.seed = v;
+    }
+    if let Some(v) = args.export_lag_secs {
+        cfg.incremental.lag_secs = v;
+    }
+    if let Some(v) = args.export_rpm {
+        cfg.incremental.rpm = v;
     }
     if args.fields.is_some() {
         cfg.fields_path = args.fields.clone();

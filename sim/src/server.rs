@@ -3,7 +3,9 @@
 
 use crate::api::{self, Route};
 use crate::auth::{check_scope, AuthError, AuthKind, AuthStore, Authorize, Consent, Principal};
-use crate::config::{AccountConfig, Behavior, JobConfig, RateLimitConfig, SimConfig};
+use crate::config::{
+    AccountConfig, Behavior, IncrementalConfig, JobConfig, RateLimitConfig, SimConfig,
+};
 use crate::faults::{FaultConfig, FaultEngine, FaultKind, RequestFaults};
 use crate::fields::{default_fixture, FieldSet, FieldsFixture};
 use crate::jobs::JobStore;
@@ -34,6 +36,7 @@ pub(crate) struct Runtime {
     pub rate: RateLimitConfig,
     pub jobs: JobConfig,
     pub behavior: Behavior,
+    pub incremental: IncrementalConfig,
 }
 
 /// Per-account switches that tests may flip at run time.
@@ -263,6 +266,7 @@ impl Sim {
                 rate: config.rate_limit.clone(),
                 jobs: config.jobs.clone(),
                 behavior: config.behavior.clone(),
+                incremental: config.incremental.clone(),
             })),
             accounts: RwLock::new(accounts),
             default_account: RwLock::new(default),
@@ -383,6 +387,8 @@ pub(crate) struct Reply {
     pub headers: Vec<(HeaderName, String)>,
     pub retry_after: Option<u64>,
     pub limit_kind: Option<LimitKind>,
+    /// Sent without Zendesk's headers (rate limit, request id): an answer from the edge.
+    pub bare: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -407,6 +413,7 @@ impl Reply {
             headers: Vec::new(),
             retry_after: None,
             limit_kind: None,
+            bare: false,
         }
     }
 
@@ -509,6 +516,8 @@ fn fault_reply(kind: FaultKind, retry_after: Option<u64>) -> Reply {
             "ServiceUnavailable",
             "Zendesk is temporarily unavailable (maintenance). Please retry later.",
         ),
+        FaultKind::BadGateway => gateway_page(502, "Bad Gateway"),
+        FaultKind::GatewayTimeout => gateway_page(504, "Gateway Time-out"),
         _ => Reply::json(
             500,
             json!({"errors": [{"code": "Unavailable", "title": "Internal Server Error"}]}),
@@ -516,6 +525,19 @@ fn fault_reply(kind: FaultKind, retry_after: Option<u64>) -> Reply {
     };
     r.retry_after = retry_after;
     r
+}
+
+/// What a CDN / load balancer in front of Zendesk answers: a small HTML page, none of
+/// Zendesk's headers.
+fn gateway_page(status: u16, title: &str) -> Reply {
+    let body = format!(
+        "<html>\r\n<head><title>{status} {title}</title></head>\r\n<body>\r\n<center><h1>{status} {title}</h1></center>\r\n<hr><center>cloudflare</center>\r\n</body>\r\n</html>\r\n"
+    );
+    Reply {
+        body: ReplyBody::Raw("text/html", body),
+        bare: true,
+        ..Reply::empty(status)
+    }
 }
 
 /// Strips `.json` and a trailing slash: `/api/v2/users.json` == `/api/v2/users`.
@@ -754,6 +776,9 @@ fn into_response(
     if let Some(ct) = content_type {
         set(h, header::CONTENT_TYPE, ct);
     }
+    if reply.bare {
+        return resp;
+    }
     set(
         h,
         HeaderName::from_static("x-rate-limit"),
@@ -897,7 +922,18 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
             )
         }
     };
-    let Outcome { reply, auth, rate } = outcome;
+    let Outcome {
+        mut reply,
+        auth,
+        rate,
+    } = outcome;
+    if faults.terminal.is_none() {
+        // The work is done (records written, jobs queued); now the edge loses the answer.
+        if let Some(kind) = faults.after_commit {
+            // A Retry-After would promise that nothing happened: never sent after the work.
+            reply = fault_reply(kind, None);
+        }
+    }
     let rpm = account.settings().rpm.unwrap_or(rt.rate.rpm);
     let rate = rate.unwrap_or_else(|| {
         lock(&account.rate).peek(now, rpm, rt.rate.window_ms, rt.rate.advertised_when_off)
@@ -928,7 +964,7 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
             c.early_requests += 1;
         }
         for f in &faults.fired {
-            *c.faults.entry(f.name().to_string()).or_default() += 1;
+            *c.faults.entry(f.to_string()).or_default() += 1;
         }
     }
     lock(&sim.log).push(LogEntry {
@@ -942,10 +978,15 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
         endpoint,
         auth: auth.map_or("none", |a| a.0.name()).to_string(),
         user_id: auth.map(|a| a.1),
-        faults: faults.fired.iter().map(|f| f.name().to_string()).collect(),
+        faults: faults.fired.iter().map(|f| f.to_string()).collect(),
         early,
         retry_after,
         duration_us: started.elapsed().as_micros() as u64,
     });
+    if faults.terminal.is_none() && faults.post_delay_ms > 0 {
+        // Counted and logged first: a client that times out meanwhile closes the connection,
+        // which cancels this handler.
+        tokio::time::sleep(std::time::Duration::from_millis(faults.post_delay_ms)).await;
+    }
     into_response(reply, rate, seq, faults.drop_after)
 }

@@ -312,6 +312,9 @@ pub struct Store {
     org_name: FastMap<String, u64>,
     org_ext: FastMap<String, u64>,
     pub tickets: BTreeMap<u64, Ticket>,
+    /// Deleted tickets (`status: "deleted"`, `updated_at` = deletion time), kept for the
+    /// incremental export as Zendesk keeps them in its soft-delete bin.
+    pub deleted_tickets: BTreeMap<u64, Ticket>,
     ticket_ext: FastMap<String, Vec<u64>>,
     /// Every active field key with a null value: records store only the values set, and
     /// rendering fills in the rest (saves a map per record on bulk creates).
@@ -333,6 +336,7 @@ impl Default for Store {
             org_name: FastMap::default(),
             org_ext: FastMap::default(),
             tickets: BTreeMap::new(),
+            deleted_tickets: BTreeMap::new(),
             ticket_ext: FastMap::default(),
             user_blank: Map::new(),
             org_blank: Map::new(),
@@ -1315,13 +1319,18 @@ impl Store {
         Ok(())
     }
 
-    pub fn delete_ticket(&mut self, id: u64) -> Option<Ticket> {
+    /// Deletes a ticket at `now` (ISO time); the incremental export lists it as `deleted`.
+    pub fn delete_ticket(&mut self, id: u64, now: &str) -> Option<Ticket> {
         let t = self.tickets.remove(&id)?;
         if let Some(e) = &t.external_id {
             if let Some(ids) = self.ticket_ext.get_mut(e) {
                 ids.retain(|x| *x != id);
             }
         }
+        let mut gone = t.clone();
+        gone.status = "deleted".into();
+        gone.updated_at = now.to_string();
+        self.deleted_tickets.insert(id, gone);
         Some(t)
     }
 

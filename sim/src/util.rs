@@ -51,6 +51,30 @@ pub fn iso(ms: i64) -> String {
     }
 }
 
+/// Unix seconds of an ISO 8601 timestamp written by [`iso`] (0 when it does not parse).
+pub fn iso_secs(s: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp())
+        .unwrap_or(0)
+}
+
+/// An opaque cursor: URL-safe base64 of `text`.
+pub fn encode_cursor(text: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+}
+
+/// The text inside a cursor made by [`encode_cursor`] (standard base64 is accepted too).
+pub fn decode_cursor(cursor: &str) -> Option<String> {
+    use base64::Engine;
+    let c = cursor.trim().trim_end_matches('=');
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(c))
+        .ok()?;
+    String::from_utf8(raw).ok()
+}
+
 /// The job-status message format seen in the OAS examples (`Completed at 2018-03-08 10:07:04 +0000`).
 pub fn job_message_time(ms: i64) -> String {
     match chrono::DateTime::from_timestamp_millis(ms) {
@@ -257,7 +281,22 @@ mod tests {
     }
 
     #[test]
+    fn cursors() {
+        let c = encode_cursor("1580753798.0||432|");
+        assert!(c
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        assert_eq!(decode_cursor(&c).as_deref(), Some("1580753798.0||432|"));
+        assert_eq!(
+            decode_cursor("MTU4MDc1Mzc5OC4wfHw0MzJ8").as_deref(),
+            Some("1580753798.0||432|")
+        );
+        assert_eq!(decode_cursor("!!"), None);
+    }
+
+    #[test]
     fn times() {
+        assert_eq!(iso_secs(&iso(1_700_000_000_123)), 1_700_000_000);
         assert_eq!(iso(0), "1970-01-01T00:00:00Z");
         assert_eq!(job_message_time(1_000), "1970-01-01 00:00:01 +0000");
     }

@@ -110,7 +110,9 @@ impl ClientStats {
             rate_limited: self.rate_limited.saturating_sub(earlier.rate_limited),
             unavailable: self.unavailable.saturating_sub(earlier.unavailable),
             server_errors: self.server_errors.saturating_sub(earlier.server_errors),
-            transport_errors: self.transport_errors.saturating_sub(earlier.transport_errors),
+            transport_errors: self
+                .transport_errors
+                .saturating_sub(earlier.transport_errors),
             retries: self.retries.saturating_sub(earlier.retries),
             token_refreshes: self.token_refreshes.saturating_sub(earlier.token_refreshes),
             paused_ms: self.paused_ms.saturating_sub(earlier.paused_ms),
