@@ -7,6 +7,7 @@
 //! plan runs in a child process pinned to `--cores` CPUs so its peak RSS is its own.
 
 mod audience;
+mod recovery;
 mod sync;
 
 use clap::{Parser, Subcommand};
@@ -81,6 +82,23 @@ enum Cmd {
         #[arg(long, default_value = "bench-data")]
         dir: PathBuf,
     },
+    /// A tickets insert run clean, then killed halfway and finished by the next run: the
+    /// requests and wall time of killed + resumed ÷ the clean run, against the simulator's
+    /// rate limit.
+    Recovery {
+        #[arg(long, default_value_t = 5_000)]
+        tickets: usize,
+        /// The simulator's account limit and the sync's budget, requests per minute.
+        #[arg(long, default_value_t = 700)]
+        rpm: u32,
+        /// Milliseconds a job stays queued, and again working, in the simulator.
+        #[arg(long, default_value_t = 200)]
+        job_ms: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value = "bench-data")]
+        dir: PathBuf,
+    },
     /// Internal: one plan run in this process, printing JSON figures.
     #[command(hide = true)]
     PlanOnce {
@@ -146,6 +164,19 @@ fn main() {
             rpm,
             dir,
             route,
+        }),
+        Cmd::Recovery {
+            tickets,
+            rpm,
+            job_ms,
+            rounds,
+            dir,
+        } => recovery::bench_recovery(recovery::RecoveryBench {
+            tickets,
+            rpm,
+            job_ms,
+            rounds,
+            dir,
         }),
         Cmd::GunzipOnce { file, cores } => gunzip_once(&file, cores),
     }

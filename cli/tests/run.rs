@@ -177,7 +177,10 @@ fn ctrl_c_records_an_interrupted_run_that_the_next_run_finishes() {
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while sim.counters().jobs_created < 4 {
-        assert!(std::time::Instant::now() < deadline, "the run made no progress");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run made no progress"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let status = Command::new("kill")

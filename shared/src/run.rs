@@ -380,6 +380,7 @@ async fn run_locked(
     };
     let mut resumed_run = None;
     if let Some(old) = unfinished {
+        let before = Base::now(ctx);
         if let Some(rec) = resume(ctx, opts, &old).await? {
             resumed_run = Some(rec.run_id.clone());
             let interrupted = rec.status == RunStatus::Interrupted;
@@ -387,7 +388,12 @@ async fn run_locked(
             if interrupted {
                 return Ok(());
             }
-            base = Base::now(ctx);
+            // This run's figures: its preflight and what follows, not the finished run's part.
+            let after = Base::now(ctx);
+            base.requests.add(&after.requests.since(&before.requests));
+            base.jobs += after.jobs.saturating_sub(before.jobs);
+            base.started = after.started;
+            base.clock = after.clock;
         }
     }
 

@@ -1049,7 +1049,11 @@ async fn a_create_job_expired_before_its_poll_is_settled_by_lookup() {
     assert_eq!(c.job_items, fx.n as u64);
     // The expired job's tickets were read back with one export page and the ticket list, not
     // one lookup a row.
-    assert!(c.endpoint("incremental.tickets.cursor") >= 2, "{:?}", c.by_endpoint);
+    assert!(
+        c.endpoint("incremental.tickets.cursor") >= 2,
+        "{:?}",
+        c.by_endpoint
+    );
     assert!(c.endpoint("tickets.list") <= 6, "{:?}", c.by_endpoint);
     fx.check_complete();
     assert_rerun_unchanged(&fx).await;
@@ -1357,7 +1361,11 @@ async fn state_deleted_between_runs(obj: Obj, mode: &str) {
     fx.check_complete();
     if obj == Obj::Tickets {
         let c = fx.counters();
-        assert!(c.endpoint("incremental.tickets.cursor") >= 1, "{:?}", c.by_endpoint);
+        assert!(
+            c.endpoint("incremental.tickets.cursor") >= 1,
+            "{:?}",
+            c.by_endpoint
+        );
         // Upsert resends each row as an update (the payload is not known to match), insert
         // leaves them: no create either way.
         let sent = c.job_items - created;
@@ -1371,7 +1379,11 @@ async fn state_deleted_between_runs(obj: Obj, mode: &str) {
         let before = fx.counters().job_items;
         let out = run(&fx.ctx().await, &run_opts()).await;
         let rec = only_record(&out);
-        assert_eq!(rec.rows.skipped + rec.rows.unchanged, fx.n as u64, "{rec:#?}");
+        assert_eq!(
+            rec.rows.skipped + rec.rows.unchanged,
+            fx.n as u64,
+            "{rec:#?}"
+        );
         assert_eq!(fx.counters().job_items, before);
     } else {
         assert_rerun_unchanged(&fx).await;
