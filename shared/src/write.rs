@@ -477,11 +477,11 @@ impl Writer {
             .await?;
         // A key Zendesk already holds (state lost, or created by someone else): an organization
         // upsert updates it; an insert leaves it as it is and records its id.
-        let resolve = match (self.object, self.mode) {
-            (Object::Organizations, Mode::Upsert) => true,
-            (Object::Users | Object::Organizations, Mode::Insert) => true,
-            _ => false,
-        };
+        let resolve = matches!(
+            (self.object, self.mode),
+            (Object::Organizations, Mode::Upsert)
+                | (Object::Users | Object::Organizations, Mode::Insert)
+        );
         if resolve {
             let dups: Vec<usize> = idx
                 .iter()
