@@ -1426,3 +1426,31 @@ async fn full_resync_resends_every_row_and_creates_nothing() {
         assert_rerun_unchanged(&fx).await;
     }
 }
+
+/// A create whose answer comes after the client gave up (a timeout, the work done): looked up,
+/// never sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_timed_out_after_the_work_was_done_is_not_sent_again() {
+    for obj in [Obj::Tickets, Obj::Orgs] {
+        let fx = Fx::with_mode(obj, 250, sim_config(), "insert").await;
+        fx.sim.set_fault_rules(vec![FaultRule::new(FaultKind::Slow)
+            .after_commit(true)
+            .path("/api/v2/*/create_many")
+            .delay_ms(1500)
+            .times(1)]);
+        let ctx = fx
+            .ctx_with(|o| o.request_timeout = Duration::from_millis(700))
+            .await;
+        let out = run(&ctx, &run_opts()).await;
+        let rec = only_record(&out);
+        assert_all_created(rec, fx.n);
+        assert!(rec.requests.transport_errors >= 1, "{:?}", rec.requests);
+        let c = fx.counters();
+        assert_eq!(
+            c.jobs_created, 3,
+            "three batches, three jobs: {:?}",
+            c.by_endpoint
+        );
+        fx.check_complete();
+    }
+}
