@@ -136,7 +136,7 @@ async fn on_signals(stop: zdsync::write::Stop, grace: Duration) {
         Ok(s) => s,
         Err(_) => return,
     };
-    let next = async {
+    for second in [false, true] {
         #[cfg(unix)]
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -144,23 +144,17 @@ async fn on_signals(stop: zdsync::write::Stop, grace: Duration) {
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
-    };
-    next.await;
-    eprintln!(
-        "zdsync: interrupted: nothing new is sent; waiting up to {} s for the calls in flight \
-         (press Ctrl-C again to exit at once)",
-        grace.as_secs()
-    );
-    stop.request();
-    #[cfg(unix)]
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        if second {
+            eprintln!("zdsync: exiting now; the next run finishes this one from its journals");
+            std::process::exit(exit::INTERRUPTED as i32);
+        }
+        eprintln!(
+            "zdsync: interrupted: nothing new is sent; waiting up to {} s for the calls in \
+             flight (press Ctrl-C again to exit at once)",
+            grace.as_secs()
+        );
+        stop.request();
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-    eprintln!("zdsync: exiting now; the next run finishes this one from its journals");
-    std::process::exit(exit::INTERRUPTED as i32);
 }
 
 /// A progress bar on stderr with rows/s and ETA, fed from the writer's counters.
