@@ -542,7 +542,6 @@ async fn resume(
         rec.started_at = e.started_at;
         rec.trigger = e.trigger;
         rec.invalid_samples = e.invalid_samples;
-        rec.rows.invalid = rec.rows.invalid.max(e.rows.invalid);
         save_record(ctx.store.clone(), &rec).await?;
     }
     match error {
@@ -652,22 +651,21 @@ async fn write_and_finalize(
     };
     phases.write = t.elapsed().as_secs_f64();
     if opts.stop.requested() {
-        // Not folded: the next run finishes this one from its change set and journals.
-        let p = &ctx.progress;
-        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        let fold = FoldSummary {
-            confirmed: load(&p.confirmed),
-            created: load(&p.confirmed),
-            failed: load(&p.failed),
-            ..FoldSummary::default()
-        };
+        // Not folded (no counts of written rows yet): the next run finishes this one from its
+        // change set and journals.
         let mut rec = record(
-            ctx, opts, manifest, report, &fold, phases, started, clock, base, None,
+            ctx,
+            opts,
+            manifest,
+            report,
+            &FoldSummary::default(),
+            phases,
+            started,
+            clock,
+            base,
+            None,
         );
         rec.status = RunStatus::Interrupted;
-        rec.rows.created = 0;
-        rec.rows.failed = 0;
-        rec.rows.unchanged = manifest.counts.unchanged;
         save_record(ctx.store.clone(), &rec).await?;
         return Ok((rec, None));
     }

@@ -169,6 +169,16 @@ pub struct Writer {
     stop: Stop,
 }
 
+/// Rows found in Zendesk after a create whose outcome was unknown: created.
+fn confirm_created(found: &HashMap<usize, u64>, out: &mut [Option<Outcome>]) {
+    for (&k, &id) in found {
+        out[k] = Some(Outcome::Confirmed {
+            id,
+            action: Action::Created,
+        });
+    }
+}
+
 /// Up to this many tickets are looked up one `?external_id=` call each; more are read back
 /// with a scan of the tickets changed since the run started.
 const TICKET_LOOKUPS_ONE_BY_ONE: usize = 8;
@@ -679,13 +689,7 @@ impl Writer {
                         }
                         Err(ZendeskError::Api { status: 404, .. }) if creates => {
                             // Zendesk no longer keeps the job: the rows are read back.
-                            let found = self.lookup(rows, &todo).await?;
-                            for (&k, &id) in &found {
-                                out[k] = Some(Outcome::Confirmed {
-                                    id,
-                                    action: Action::Created,
-                                });
-                            }
+                            confirm_created(&self.lookup(rows, &todo).await?, out);
                             todo.retain(|&k| out[k].is_none());
                             if todo.is_empty() {
                                 return Ok(());
@@ -793,13 +797,7 @@ impl Writer {
                 break true;
             }
         };
-        let found = self.lookup(rows, idx).await?;
-        for (k, id) in found {
-            out[k] = Some(Outcome::Confirmed {
-                id,
-                action: Action::Created,
-            });
-        }
+        confirm_created(&self.lookup(rows, idx).await?, out);
         Ok(settled)
     }
 
@@ -864,21 +862,19 @@ impl Writer {
     /// `JOB_LIST_PAGES` pages are read, so an account keeping more jobs than that never has a
     /// lost create resent (its rows fail as unknown and are looked up next run).
     async fn recent_jobs(&self) -> Result<(Vec<JobStatus>, bool), WriteError> {
-        let mut link = "/api/v2/job_statuses.json?page[size]=100".to_string();
-        let mut jobs = Vec::new();
-        for _ in 0..JOB_LIST_PAGES {
-            let (items, next) = self.client.page(&link, "job_statuses").await?;
-            jobs.extend(
-                items
-                    .into_iter()
-                    .filter_map(|v| serde_json::from_value::<JobStatus>(v).ok()),
-            );
-            match next {
-                Some(n) => link = n,
-                None => return Ok((jobs, true)),
-            }
-        }
-        Ok((jobs, false))
+        let (items, complete) = self
+            .client
+            .list_pages(
+                "/api/v2/job_statuses.json?page[size]=100",
+                "job_statuses",
+                JOB_LIST_PAGES,
+            )
+            .await?;
+        let jobs = items
+            .into_iter()
+            .filter_map(|v| serde_json::from_value::<JobStatus>(v).ok())
+            .collect();
+        Ok((jobs, complete))
     }
 
     /// Among finished jobs, the one that created the batch `idx`: its first created ticket
@@ -984,15 +980,7 @@ impl Writer {
             )
         };
         if creates {
-            let found = self.lookup(rows, &missing).await?;
-            for &k in &missing {
-                if let Some(&id) = found.get(&k) {
-                    out[k] = Some(Outcome::Confirmed {
-                        id,
-                        action: Action::Created,
-                    });
-                }
-            }
+            confirm_created(&self.lookup(rows, &missing).await?, out);
         }
         for &k in &missing {
             if out[k].is_none() {
@@ -1103,13 +1091,7 @@ impl Writer {
                 }
                 // The job is gone, and with it its results: the rows are read back.
                 Err(ZendeskError::Api { status: 404, .. }) if self.object == Object::Tickets => {
-                    let found = self.lookup(rows, &all).await?;
-                    for (k, id) in found {
-                        out[k] = Some(Outcome::Confirmed {
-                            id,
-                            action: Action::Created,
-                        });
-                    }
+                    confirm_created(&self.lookup(rows, &all).await?, out);
                     return Ok(());
                 }
                 Err(ZendeskError::Api { status: 404, .. }) => {}

@@ -568,16 +568,17 @@ impl Client {
         path: &str,
         root: &str,
     ) -> Result<Vec<serde_json::Value>, ZendeskError> {
-        self.list_pages(path, root, usize::MAX).await
+        Ok(self.list_pages(path, root, usize::MAX).await?.0)
     }
 
-    /// The items under `root` of at most `max_pages` pages of a paginated list.
+    /// The items under `root` of at most `max_pages` pages of a paginated list, and whether
+    /// they are the whole list.
     pub async fn list_pages(
         &self,
         path: &str,
         root: &str,
         max_pages: usize,
-    ) -> Result<Vec<serde_json::Value>, ZendeskError> {
+    ) -> Result<(Vec<serde_json::Value>, bool), ZendeskError> {
         let first = if path.contains("page[size]")
             || path.contains("page%5Bsize%5D")
             || path.contains("per_page")
@@ -602,10 +603,10 @@ impl Client {
                         message: "the pagination links go round in a circle".into(),
                     })
                 }
-                None => break,
+                None => return Ok((items, true)),
             }
         }
-        Ok(items)
+        Ok((items, false))
     }
 
     /// One page of a list: the items under `root` and the link to the next page, if any.
