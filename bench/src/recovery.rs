@@ -7,6 +7,7 @@
 //! (targets: ≤ 1.1× the requests, < 2× the time), the minimum over `--rounds`, and the load
 //! average.
 
+use crate::sync::{start_sim, write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use zdsync::run::{run, RunContext, RunOptions, RunStatus};
 use zdsync::store::{LocalStore, ObjectStore};
 use zdsync::write::Progress;
 use zdsync::zendesk::{credential_store, Client, ClientOptions};
-use zdsync_sim::{SimConfig, SimHandle, Simulator};
+use zdsync_sim::SimHandle;
 
 pub struct RecoveryBench {
     pub tickets: usize,
@@ -28,27 +29,9 @@ pub struct RecoveryBench {
 
 const SYNC: &str = "bench_tickets";
 
-fn write(path: &Path, text: &str) {
-    std::fs::create_dir_all(path.parent().expect("has a parent")).expect("mkdir");
-    std::fs::write(path, text).expect("write");
-}
-
 async fn setup(b: &RecoveryBench, dir: &Path) -> SimHandle {
     let _ = std::fs::remove_dir_all(dir);
-    let mut sc = SimConfig::default();
-    sc.rate_limit.rpm = b.rpm;
-    sc.rate_limit.window_ms = 60_000;
-    sc.jobs.queued_ms = b.job_ms;
-    sc.jobs.working_ms = b.job_ms;
-    sc.request_log_limit = 1000;
-    let sim = Simulator::start(sc).await.expect("simulator");
-    write(
-        &dir.join("credentials.json"),
-        &format!(
-            "{{\"email\":\"admin@acme.test\",\"api_token\":\"{}\"}}",
-            zdsync_sim::DEFAULT_API_TOKEN
-        ),
-    );
+    let sim = start_sim(dir, b.rpm, b.job_ms).await;
     write(
         &dir.join(format!("{SYNC}.toml")),
         &format!(

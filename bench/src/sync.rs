@@ -67,9 +67,29 @@ const USER_MAPPING: &str = "name = \"full_name\"\nemail = \"email\"\n\"user_fiel
 const ORG_MAPPING: &str =
     "name = \"name\"\ndomain_names = { column = \"domain\", split = \"comma\" }\nnotes = \"notes\"\n";
 
-fn write(path: &Path, text: &str) {
+pub(crate) fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().expect("has a parent")).expect("mkdir");
     std::fs::write(path, text).expect("write export");
+}
+
+/// A simulator with the account limit `rpm` (one-minute window) and jobs `job_ms` queued and
+/// again working, and the API-token `credentials.json` bench configs read in `dir`.
+pub(crate) async fn start_sim(dir: &Path, rpm: u32, job_ms: u64) -> zdsync_sim::SimHandle {
+    let mut sc = SimConfig::default();
+    sc.rate_limit.rpm = rpm;
+    sc.rate_limit.window_ms = 60_000;
+    sc.jobs.queued_ms = job_ms;
+    sc.jobs.working_ms = job_ms;
+    sc.request_log_limit = 1000;
+    let sim = Simulator::start(sc).await.expect("simulator");
+    write(
+        &dir.join("credentials.json"),
+        &format!(
+            "{{\"email\":\"admin@acme.test\",\"api_token\":\"{}\"}}",
+            zdsync_sim::DEFAULT_API_TOKEN
+        ),
+    );
+    sim
 }
 
 struct Measured {
@@ -147,21 +167,8 @@ pub fn bench_sync(b: SyncBench) {
 async fn bench_async(b: SyncBench) {
     let dir = b.dir.join(format!("sync-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut sc = SimConfig::default();
-    sc.rate_limit.rpm = b.rpm;
-    sc.rate_limit.window_ms = 60_000;
-    sc.jobs.queued_ms = b.job_ms;
-    sc.jobs.working_ms = b.job_ms;
-    sc.request_log_limit = 1000;
-    let sim = Simulator::start(sc).await.expect("simulator");
+    let sim = start_sim(&dir, b.rpm, b.job_ms).await;
     let base = sim.base_url();
-    write(
-        &dir.join("credentials.json"),
-        &format!(
-            "{{\"email\":\"admin@acme.test\",\"api_token\":\"{}\"}}",
-            zdsync_sim::DEFAULT_API_TOKEN
-        ),
-    );
     write(
         &dir.join("bench_users.toml"),
         &config(
