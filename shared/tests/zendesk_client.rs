@@ -468,20 +468,22 @@ async fn unavailable_and_server_errors_are_retried() {
     assert_eq!(sim.counters().requests, 5);
 
     // A create answered 500 is never resent: a gateway may have given up on work Zendesk did,
-    // so the outcome is unknown and the caller looks the records up.
-    sim.set_fault_rules(vec![FaultRule::new(FaultKind::InternalError)
-        .path("/api/v2/users")
-        .method("POST")
-        .times(1)]);
-    let sent = sim.counters().requests;
+    // so the outcome is unknown and the caller looks the records up. A 503 without
+    // `Retry-After` is as unknown; with it (Zendesk did nothing) it is resent.
     let body = serde_json::to_vec(&json!({"user": {"name": "B", "email": "b@x.io"}})).unwrap();
-    let err = c
-        .send(
+    let create_answered = |kind: FaultKind, retry_after: Option<u64>| {
+        let mut rule = FaultRule::new(kind).path("/api/v2/users").method("POST");
+        rule.retry_after_secs = retry_after;
+        sim.set_fault_rules(vec![rule.times(1)]);
+        c.send(
             Method::POST,
             "/api/v2/users.json",
             body.clone(),
             Idempotency::Unsafe,
         )
+    };
+    let sent = sim.counters().requests;
+    let err = create_answered(FaultKind::InternalError, None)
         .await
         .unwrap_err();
     assert!(
@@ -493,37 +495,16 @@ async fn unavailable_and_server_errors_are_retried() {
         sent + 1,
         "the create was sent once"
     );
-    // A 503 without `Retry-After` is as unknown; with it (Zendesk did nothing) it is resent.
-    sim.set_fault_rules(vec![FaultRule::new(FaultKind::Unavailable)
-        .path("/api/v2/users")
-        .method("POST")
-        .times(1)]);
-    let err = c
-        .send(
-            Method::POST,
-            "/api/v2/users.json",
-            body.clone(),
-            Idempotency::Unsafe,
-        )
+    let err = create_answered(FaultKind::Unavailable, None)
         .await
         .unwrap_err();
     assert!(
         matches!(err, ZendeskError::OutcomeUnknown { .. }),
         "{err:?}"
     );
-    sim.set_fault_rules(vec![FaultRule::new(FaultKind::Unavailable)
-        .path("/api/v2/users")
-        .method("POST")
-        .retry_after(0)
-        .times(1)]);
-    c.send(
-        Method::POST,
-        "/api/v2/users.json",
-        body,
-        Idempotency::Unsafe,
-    )
-    .await
-    .unwrap();
+    create_answered(FaultKind::Unavailable, Some(0))
+        .await
+        .unwrap();
 
     // The budget runs out: Unavailable, after max_attempts.
     sim.set_fault_rules(vec![FaultRule::new(FaultKind::InternalError)

@@ -330,23 +330,8 @@ async fn slow_after_commit_times_out_after_the_work() {
 #[tokio::test]
 async fn after_commit_over_admin_json_and_config() {
     let t = T::new().await;
-    let r = t
-        .http
-        .put(t.url("/__sim/faults"))
-        .json(&json!({"rules": [{"kind": "gateway_timeout", "path": "/api/v2/tickets/create_many", "after_commit": true, "times": 1}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let v: Value = t
-        .http
-        .get(t.url("/__sim/faults"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(t.put("/__sim/faults", json!({"rules": [{"kind": "gateway_timeout", "path": "/api/v2/tickets/create_many", "after_commit": true, "times": 1}]})).await.status, 200);
+    let v: Value = t.get("/__sim/faults").await.json;
     assert_eq!(v["rules"][0]["kind"], "gateway_timeout");
     assert_eq!(v["rules"][0]["after_commit"], true);
     let r = t

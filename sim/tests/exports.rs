@@ -207,24 +207,14 @@ async fn incremental_export_has_its_own_limit() {
     // The limit is a switch.
     t.sim.update_incremental(|i| i.rpm = 1);
     assert_eq!(t.get(&q).await.status, 429);
-    let v: Value = t
-        .http
-        .get(t.url("/__sim/incremental"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = t.get("/__sim/incremental").await.json;
     assert_eq!(v, json!({"lag_secs": 60, "rpm": 1, "window_ms": 60000}));
-    let r = t
-        .http
-        .put(t.url("/__sim/incremental"))
-        .json(&json!({"rpm": 0, "lag_secs": 0}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(
+        t.put("/__sim/incremental", json!({"rpm": 0, "lag_secs": 0}))
+            .await
+            .status,
+        200
+    );
     // No lag: a ticket is exported at once.
     let id = ticket(&t, "now").await;
     t.sim.advance_clock(Duration::from_secs(1));

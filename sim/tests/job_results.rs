@@ -278,15 +278,7 @@ async fn verbose_switch_restores_the_older_shapes() {
         set(&["id", "index", "status", "success", "error", "details", "email"])
     );
     // The switch is in the admin JSON too.
-    let v: Value = t
-        .http
-        .get(t.url("/__sim/behavior"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = t.get("/__sim/behavior").await.json;
     assert_eq!(v["job_results"], "verbose");
     assert_eq!(v["upsert_echoes_external_id"], false);
     t.sim

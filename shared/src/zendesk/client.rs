@@ -971,7 +971,7 @@ impl Client {
     ) -> Result<Answer, ZendeskError> {
         let mut refreshed = false;
         loop {
-            if self.expiring() {
+            if self.expiring_token().is_some() {
                 // The refresh takes a token of its own: never hold one while waiting for it.
                 first = None;
             }
@@ -1003,26 +1003,24 @@ impl Client {
         }
     }
 
-    /// Whether the OAuth access token is due for a refresh.
-    fn expiring(&self) -> bool {
+    /// The OAuth access token, when it is due for a refresh.
+    fn expiring_token(&self) -> Option<String> {
         let c = self.inner.creds.read().unwrap_or_else(|e| e.into_inner());
-        matches!(&*c, Credentials::OAuth { expires_at: Some(at), .. }
-            if c.renewable() && *at - now_unix() <= REFRESH_MARGIN_SECS)
+        match &*c {
+            Credentials::OAuth {
+                access_token,
+                expires_at: Some(at),
+                ..
+            } if c.renewable() && *at - now_unix() <= REFRESH_MARGIN_SECS => {
+                Some(access_token.expose().to_string())
+            }
+            _ => None,
+        }
     }
 
     async fn refresh_if_expiring(&self) -> Result<(), ZendeskError> {
-        let used = {
-            let c = self.inner.creds.read().unwrap_or_else(|e| e.into_inner());
-            match &*c {
-                Credentials::OAuth {
-                    access_token,
-                    expires_at: Some(at),
-                    ..
-                } if c.renewable() && *at - now_unix() <= REFRESH_MARGIN_SECS => {
-                    access_token.expose().to_string()
-                }
-                _ => return Ok(()),
-            }
+        let Some(used) = self.expiring_token() else {
+            return Ok(());
         };
         tracing::debug!("the OAuth access token expires within a minute: refreshing it");
         self.refresh(&used).await
