@@ -16,7 +16,7 @@ use crate::state::{StateError, StateHeader, StateReader, StateWriter};
 use crate::store::ObjectStore;
 use crate::zendesk::{Client, ZendeskError};
 use serde_json::Value;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -24,7 +24,8 @@ use tokio::time::Instant;
 #[derive(Debug, Default)]
 pub struct TicketScan {
     pub by_key: HashMap<String, u64>,
-    /// Tickets read (each once, deleted ones left out).
+    /// Ticket records read, deleted ones left out (one in both the export and the list counts
+    /// twice).
     pub tickets: u64,
     /// Export pages and list pages requested.
     pub pages: u64,
@@ -156,7 +157,7 @@ pub fn merge_ticket_ids(
     let key = layout::state_key(sync);
     let mut old = StateReader::open(store, &key)?;
     let mut entries: Vec<(u64, u64, u64, u8, String)> = Vec::new();
-    let mut seen: HashMap<u64, ()> = HashMap::new();
+    let mut seen: HashSet<u64> = HashSet::new();
     let mut changed = 0u64;
     let header = match &old {
         Some(r) => r.header.clone(),
@@ -182,13 +183,13 @@ pub fn merge_ticket_ids(
                     changed += 1;
                 }
             }
-            seen.insert(e.key_hash, ());
+            seen.insert(e.key_hash);
             entries.push((e.key_hash, e.fingerprint, id, flags, e.key));
         }
     }
     for (k, &id) in &scan.by_key {
         let h = key_hash(crate::fields::Object::Tickets, k);
-        if seen.insert(h, ()).is_none() {
+        if seen.insert(h) {
             entries.push((h, 0, id, 0, k.clone()));
             changed += 1;
         }

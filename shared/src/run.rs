@@ -457,17 +457,8 @@ async fn run_locked(
         }
     };
 
-    let (mut rec, error) = write_and_finalize(
-        ctx,
-        opts,
-        &report.manifest,
-        Some(&report),
-        phases,
-        base.started,
-        base.clock,
-        &base,
-    )
-    .await?;
+    let (mut rec, error) =
+        write_and_finalize(ctx, opts, &report.manifest, Some(&report), phases, &base).await?;
     if resumed_run.is_some() {
         rec.resumed_run = resumed_run;
         save_record(ctx.store.clone(), &rec).await?;
@@ -523,17 +514,8 @@ async fn resume(
     let mut opts = opts.clone();
     opts.trigger = "resume".into();
     let base = Base::now(ctx);
-    let (mut rec, error) = write_and_finalize(
-        ctx,
-        &opts,
-        &manifest,
-        None,
-        Phases::default(),
-        chrono::Utc::now(),
-        Instant::now(),
-        &base,
-    )
-    .await?;
+    let (mut rec, error) =
+        write_and_finalize(ctx, &opts, &manifest, None, Phases::default(), &base).await?;
     // The interrupted part and the part that finished it make one run.
     if let Some(e) = earlier {
         rec.requests.add(&e.requests);
@@ -625,15 +607,12 @@ impl Base {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn write_and_finalize(
     ctx: &RunContext,
     opts: &RunOptions,
     manifest: &Manifest,
     report: Option<&PlanReport>,
     mut phases: Phases,
-    started: chrono::DateTime<chrono::Utc>,
-    clock: Instant,
     base: &Base,
 ) -> Result<(RunRecord, Option<RunError>), RunError> {
     let t = Instant::now();
@@ -660,8 +639,6 @@ async fn write_and_finalize(
             report,
             &FoldSummary::default(),
             phases,
-            started,
-            clock,
             base,
             None,
         );
@@ -684,8 +661,6 @@ async fn write_and_finalize(
         report,
         &fold,
         phases,
-        started,
-        clock,
         base,
         error.as_ref(),
     );
@@ -747,8 +722,6 @@ fn record(
     report: Option<&PlanReport>,
     fold: &FoldSummary,
     phases: Phases,
-    started: chrono::DateTime<chrono::Utc>,
-    clock: Instant,
     base: &Base,
     error: Option<&RunError>,
 ) -> RunRecord {
@@ -765,8 +738,8 @@ fn record(
         fold,
         invalid_samples,
         phases,
-        started,
-        seconds: clock.elapsed().as_secs_f64(),
+        started: base.started,
+        seconds: base.clock.elapsed().as_secs_f64(),
         requests: ctx.client.stats().since(&base.requests),
         jobs: ctx
             .progress
