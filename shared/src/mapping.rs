@@ -656,16 +656,17 @@ fn coerce(f: &Compiled, value: &Value, nulls: Nulls, out: &mut MappedRow) -> Res
                 ))
             }
         },
-        FieldType::Datetime => match parse_datetime(text.trim()) {
-            Some(d) => json_str(buf, &d),
+        FieldType::Datetime => match datetime_utc(text.trim()) {
+            Some(d) => {
+                buf.push(b'"');
+                buf.extend_from_slice(&d);
+                buf.push(b'"');
+            }
             None => {
                 return Err(refuse(
                     f,
                     Reason::InvalidValue,
-                    format!(
-                        "{} is not a date-time (expected RFC 3339, e.g. 2024-05-01T12:00:00Z)",
-                        shown(text)
-                    ),
+                    format!("{} is not a date-time; {DATETIME_FORMS}", shown(text)),
                 ))
             }
         },
@@ -918,26 +919,116 @@ fn date_into(s: &str, out: &mut [u8; 10]) -> Option<()> {
     Some(())
 }
 
-/// RFC 3339 (converted to UTC), a naive date-time (taken as UTC), or a date (midnight UTC).
-fn parse_datetime(s: &str) -> Option<String> {
-    const OUT: &str = "%Y-%m-%dT%H:%M:%SZ";
-    if let Ok(dt) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Some(dt.with_timezone(&chrono::Utc).format(OUT).to_string());
-    }
-    for fmt in [
-        "%Y-%m-%dT%H:%M:%S%.f",
-        "%Y-%m-%d %H:%M:%S%.f",
-        "%Y-%m-%d %H:%M:%S%.f%:z",
-    ] {
-        if let Ok(dt) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
-            return Some(dt.format(OUT).to_string());
+/// [`datetime_utc`] as a string, for tests.
+#[cfg(test)]
+pub(crate) fn parse_datetime(s: &str) -> Option<String> {
+    datetime_utc(s).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// What a date-time refusal says is accepted.
+const DATETIME_FORMS: &str = "accepted: 2024-05-01T12:00:00Z, 2024-05-01 12:00:00[.fff] with an offset (-0800, +05:30, +00) or UTC/Z, without a zone (taken as UTC), or a date 2024-05-01 (midnight UTC)";
+
+/// Convert the date-time text every warehouse writes by default to `YYYY-MM-DDTHH:MM:SSZ` in
+/// UTC, exactly, or refuse it:
+///
+/// `YYYY-MM-DD`, then `T` or one space, `HH:MM:SS`, optionally `.` and 1 to 9 digits of
+/// fraction (truncated: Zendesk takes seconds), then optionally, right after or after one
+/// space, a zone: `Z`, `UTC`, or an offset `±HH`, `±HHMM`, `±HH:MM` or `±HH:MM:SS` (under 24
+/// hours). Without a zone the time is taken as UTC; a bare `YYYY-MM-DD` is midnight UTC.
+/// Named zones (`PST`, `America/Los_Angeles`), bare numbers and anything else are refused.
+///
+/// A small hand parser rather than chrono's format strings, whose lenient `%z` once read
+/// `23:30:00.000 -0800` as a naive time; and it runs per cell without allocating.
+fn datetime_utc(s: &str) -> Option<[u8; 20]> {
+    use chrono::Datelike as _;
+    let b = s.as_bytes();
+    let two = |i: usize| -> Option<u32> {
+        match b.get(i..i + 2)? {
+            [x @ b'0'..=b'9', y @ b'0'..=b'9'] => Some(((x - b'0') * 10 + (y - b'0')) as u32),
+            _ => None,
         }
+    };
+    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
     }
-    if let Ok(dt) = chrono::DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%#z") {
-        return Some(dt.with_timezone(&chrono::Utc).format(OUT).to_string());
+    let year = two(0)? * 100 + two(2)?;
+    let date = chrono::NaiveDate::from_ymd_opt(year as i32, two(5)?, two(8)?)?;
+    // Seconds from the date's midnight to the instant in UTC.
+    let mut secs = 0i64;
+    if b.len() > 10 {
+        if !matches!(b[10], b'T' | b't' | b' ') || b.len() < 19 || b[13] != b':' || b[16] != b':' {
+            return None;
+        }
+        let (h, m, sec) = (two(11)?, two(14)?, two(17)?);
+        if h > 23 || m > 59 || sec > 59 {
+            return None;
+        }
+        let mut rest = &b[19..];
+        if let [b'.', frac @ ..] = rest {
+            let n = frac.iter().take_while(|c| c.is_ascii_digit()).count();
+            if !(1..=9).contains(&n) {
+                return None;
+            }
+            rest = &frac[n..];
+        }
+        if let [b' ', zone @ ..] = rest {
+            if zone.is_empty() {
+                return None;
+            }
+            rest = zone;
+        }
+        secs = i64::from(h * 3600 + m * 60 + sec) - zone_offset(rest)?;
     }
-    let d = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
-    Some(d.and_hms_opt(0, 0, 0)?.format(OUT).to_string())
+    // Offsets are under a day, so the date moves by at most one day.
+    let date = match secs.div_euclid(86_400) {
+        0 => date,
+        1 => date.succ_opt()?,
+        _ => date.pred_opt()?,
+    };
+    let secs = secs.rem_euclid(86_400) as u32;
+    let year = u32::try_from(date.year()).ok().filter(|&y| y <= 9999)?;
+    let mut out = *b"0000-00-00T00:00:00Z";
+    let mut put = |at: usize, v: u32| {
+        out[at] = b'0' + (v / 10) as u8;
+        out[at + 1] = b'0' + (v % 10) as u8;
+    };
+    put(0, year / 100);
+    put(2, year % 100);
+    put(5, date.month());
+    put(8, date.day());
+    put(11, secs / 3600);
+    put(14, secs / 60 % 60);
+    put(17, secs % 60);
+    Some(out)
+}
+
+/// The UTC offset in seconds of a zone suffix: none, `Z`, `UTC`, `±HH`, `±HHMM`, `±HH:MM` or
+/// `±HH:MM:SS`.
+fn zone_offset(z: &[u8]) -> Option<i64> {
+    let (sign, d) = match z {
+        [] | [b'Z' | b'z'] => return Some(0),
+        _ if z.eq_ignore_ascii_case(b"UTC") => return Some(0),
+        [b'+', d @ ..] => (1, d),
+        [b'-', d @ ..] => (-1, d),
+        _ => return None,
+    };
+    let two = |i: usize| -> Option<i64> {
+        match d.get(i..i + 2)? {
+            [x @ b'0'..=b'9', y @ b'0'..=b'9'] => Some(((x - b'0') * 10 + (y - b'0')) as i64),
+            _ => None,
+        }
+    };
+    let (h, m, s) = match d {
+        [_, _] => (two(0)?, 0, 0),
+        [_, _, _, _] => (two(0)?, two(2)?, 0),
+        [_, _, b':', _, _] => (two(0)?, two(3)?, 0),
+        [_, _, b':', _, _, b':', _, _] => (two(0)?, two(3)?, two(6)?),
+        _ => return None,
+    };
+    if h > 23 || m > 59 || s > 59 {
+        return None;
+    }
+    Some(sign * (h * 3600 + m * 60 + s))
 }
 
 #[cfg(test)]
@@ -1139,6 +1230,153 @@ mod tests {
         );
         assert_eq!(parse_integer("42.000"), Some(42));
         assert_eq!(parse_integer("42.5"), None);
+    }
+
+    /// Every warehouse's default timestamp text, converted exactly to UTC (None: refused).
+    const CASES: &[(&str, Option<&str>)] = &[
+        // Snowflake TIMESTAMP_TZ / LTZ default output, with and without fractions.
+        (
+            "2024-03-10 23:30:00.000 -0800",
+            Some("2024-03-11T07:30:00Z"),
+        ),
+        ("2024-03-10 23:30:00 -0800", Some("2024-03-11T07:30:00Z")),
+        ("2024-03-10 23:30:00 +0530", Some("2024-03-10T18:00:00Z")),
+        (
+            "2024-03-10 23:30:00.000 +0530",
+            Some("2024-03-10T18:00:00Z"),
+        ),
+        ("2024-03-10 23:30:00 +05:30", Some("2024-03-10T18:00:00Z")),
+        ("2024-03-10 23:30:00+0530", Some("2024-03-10T18:00:00Z")),
+        ("2024-03-10 23:30:00-08:00", Some("2024-03-11T07:30:00Z")),
+        ("2024-03-10 23:30:00Z", Some("2024-03-10T23:30:00Z")),
+        (
+            "2024-03-10 23:30:00.123456789 -0800",
+            Some("2024-03-11T07:30:00Z"),
+        ),
+        (
+            "2024-03-10T23:30:00.000 -0800",
+            Some("2024-03-11T07:30:00Z"),
+        ),
+        ("2024-03-10T23:30:00-0800", Some("2024-03-11T07:30:00Z")),
+        // Snowflake TIMESTAMP_NTZ: no zone, taken as UTC.
+        ("2024-03-10 23:30:00.000", Some("2024-03-10T23:30:00Z")),
+        ("2024-03-10 23:30:00", Some("2024-03-10T23:30:00Z")),
+        // BigQuery.
+        ("2024-03-10 23:30:00 UTC", Some("2024-03-10T23:30:00Z")),
+        (
+            "2024-03-10 23:30:00.123456 UTC",
+            Some("2024-03-10T23:30:00Z"),
+        ),
+        ("2024-03-10 23:30:00+00", Some("2024-03-10T23:30:00Z")),
+        ("2024-03-10T23:30:00Z", Some("2024-03-10T23:30:00Z")),
+        // Redshift timestamptz.
+        (
+            "2024-03-10 23:30:00.123+05:30",
+            Some("2024-03-10T18:00:00Z"),
+        ),
+        ("2024-03-10 23:30:00-08", Some("2024-03-11T07:30:00Z")),
+        ("2024-03-10 23:30:00 +00", Some("2024-03-10T23:30:00Z")),
+        ("1900-01-01 00:00:00+05:53:28", Some("1899-12-31T18:06:32Z")),
+        // Databricks / Spark, and the Parquet reader's text.
+        ("2024-03-10T23:30:00.000Z", Some("2024-03-10T23:30:00Z")),
+        (
+            "2024-03-10T23:30:00.000+05:30",
+            Some("2024-03-10T18:00:00Z"),
+        ),
+        ("2024-03-10T23:30:00", Some("2024-03-10T23:30:00Z")),
+        (
+            "2024-03-10T23:30:00.123456789",
+            Some("2024-03-10T23:30:00Z"),
+        ),
+        ("2024-03-10t23:30:00z", Some("2024-03-10T23:30:00Z")),
+        ("2024-03-10 23:30:00 Z", Some("2024-03-10T23:30:00Z")),
+        // A date is midnight UTC.
+        ("2024-03-10", Some("2024-03-10T00:00:00Z")),
+        // Offsets that move the day, month, year, across a leap day.
+        ("2024-01-01 00:15:00 +0100", Some("2023-12-31T23:15:00Z")),
+        ("2023-12-31 23:00:00 -0200", Some("2024-01-01T01:00:00Z")),
+        ("2024-02-28 22:00:00 -0300", Some("2024-02-29T01:00:00Z")),
+        ("2023-02-28 22:00:00 -0300", Some("2023-03-01T01:00:00Z")),
+        ("2024-03-01 01:00:00+02:00", Some("2024-02-29T23:00:00Z")),
+        // Offsets out of range or malformed.
+        ("2024-03-10 23:30:00 +2500", None),
+        ("2024-03-10 23:30:00+25:00", None),
+        ("2024-03-10 23:30:00 +0560", None),
+        ("2024-03-10 23:30:00+8", None),
+        ("2024-03-10 23:30:00 +08:0", None),
+        ("2024-03-10 23:30:00 +08:00:60", None),
+        // Named zones other than UTC / Z.
+        ("2024-03-10 23:30:00 PST", None),
+        ("2024-03-10 23:30:00 America/Los_Angeles", None),
+        ("2024-03-10 23:30:00 GMT", None),
+        ("2024-03-10T23:30:00-08:00[America/Los_Angeles]", None),
+        // Garbage after the time, odd spacing, bad fractions.
+        ("2024-03-10 23:30:00 -0800 x", None),
+        ("2024-03-10 23:30:00abc", None),
+        ("2024-03-10 23:30:00  -0800", None),
+        ("2024-03-10 23:30:00 ", None),
+        ("2024-03-10 23:30:00.", None),
+        ("2024-03-10 23:30:00.Z", None),
+        ("2024-03-10 23:30:00.1234567890", None),
+        // Impossible dates and times.
+        ("2024-02-30 10:00:00", None),
+        ("2023-02-29", None),
+        ("2024-13-01", None),
+        ("2024-03-10 24:00:00", None),
+        ("2024-03-10 23:60:00", None),
+        ("2024-03-10 23:30:61", None),
+        ("9999-12-31 23:00:00 -0800", None),
+        ("0000-01-01 00:30:00 +0100", None),
+        // Not date-times: bare numbers are never guessed as epochs.
+        ("1710113400", None),
+        ("1710113400000", None),
+        ("", None),
+        ("2024-03-10T", None),
+        ("2024-03-10 23:30", None),
+        ("2024-3-10", None),
+        ("03/10/2024", None),
+        ("2024/03/10 23:30:00", None),
+        ("2024-03-10 UTC", None),
+    ];
+
+    #[test]
+    fn datetimes_convert_exactly_to_utc_or_are_refused() {
+        for &(input, want) in CASES {
+            assert_eq!(parse_datetime(input).as_deref(), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn due_at_is_sent_in_utc_and_refusals_name_the_accepted_forms() {
+        let m = Mapper::new(&config(
+            "tickets",
+            "subject = \"s\"\ndescription = \"d\"\ndue_at = \"due\"\n",
+        ));
+        let mut row = MappedRow::default();
+        let rec = |due: &str| record(&[Some("T-1"), Some("Help"), Some("It broke"), Some(due)]);
+        m.map(&rec(" 2024-03-10 23:30:00.000 -0800 "), &mut row)
+            .unwrap();
+        assert_eq!(payload(&m, &row, false)["due_at"], "2024-03-11T07:30:00Z");
+        for bad in [
+            "2024-03-10 23:30:00 PST",
+            "2024-03-10 23:30:00 +2500",
+            "1710113400",
+        ] {
+            let e = m.map(&rec(bad), &mut row).unwrap_err();
+            assert_eq!(
+                (e.reason, e.field.as_deref()),
+                (Reason::InvalidValue, Some("due_at"))
+            );
+            assert!(
+                e.message.contains("column `due`")
+                    && e.message.contains(&format!("{bad:?} is not a date-time"))
+                    && e.message.contains("accepted: 2024-05-01T12:00:00Z")
+                    && e.message.contains("(-0800, +05:30, +00) or UTC/Z")
+                    && e.message.contains("without a zone (taken as UTC)"),
+                "{}",
+                e.message
+            );
+        }
     }
 
     #[test]

@@ -576,4 +576,92 @@ mod tests {
         write_days(&mut out, 19_783);
         assert_eq!(out, "2024-03-01");
     }
+
+    /// Timestamps with a zone (instants) and without (wall-clock times) in every unit: the
+    /// text written for each cell is read exactly, to the second, as UTC by the mapper.
+    #[test]
+    fn timestamps_in_every_unit_read_exactly_by_the_mapper() {
+        use crate::mapping::parse_datetime;
+        use arrow_array::{
+            TimestampMicrosecondArray, TimestampMillisecondArray, TimestampNanosecondArray,
+            TimestampSecondArray,
+        };
+        use std::sync::Arc;
+        // 2024-03-10T23:30:00Z, and half a second before the epoch.
+        let s = 1_710_113_400i64;
+        let arrays = |tz: Option<&str>| -> Vec<(ArrayRef, [&'static str; 3])> {
+            vec![
+                (
+                    Arc::new(
+                        TimestampSecondArray::from(vec![s, -1, i64::MAX]).with_timezone_opt(tz),
+                    ),
+                    [
+                        "2024-03-10T23:30:00",
+                        "1969-12-31T23:59:59",
+                        "9223372036854775807",
+                    ],
+                ),
+                (
+                    Arc::new(
+                        TimestampMillisecondArray::from(vec![s * 1_000 + 123, -500, i64::MAX])
+                            .with_timezone_opt(tz),
+                    ),
+                    [
+                        "2024-03-10T23:30:00.123",
+                        "1969-12-31T23:59:59.500",
+                        "9223372036854775807",
+                    ],
+                ),
+                (
+                    Arc::new(
+                        TimestampMicrosecondArray::from(vec![
+                            s * 1_000_000 + 123_456,
+                            -500_000,
+                            i64::MAX,
+                        ])
+                        .with_timezone_opt(tz),
+                    ),
+                    [
+                        "2024-03-10T23:30:00.123456",
+                        "1969-12-31T23:59:59.500",
+                        "9223372036854775807",
+                    ],
+                ),
+                (
+                    Arc::new(
+                        TimestampNanosecondArray::from(vec![
+                            s * 1_000_000_000 + 123_456_789,
+                            -500_000_000,
+                            i64::MAX,
+                        ])
+                        .with_timezone_opt(tz),
+                    ),
+                    [
+                        "2024-03-10T23:30:00.123456789",
+                        "1969-12-31T23:59:59.500",
+                        "2262-04-11T23:47:16.854775807",
+                    ],
+                ),
+            ]
+        };
+        for tz in [None, Some("UTC"), Some("+05:30")] {
+            for (array, texts) in arrays(tz) {
+                let c = cells(&array).unwrap();
+                for (i, want) in texts.iter().enumerate() {
+                    let mut out = String::new();
+                    c.write(i, &mut out);
+                    let is_number = want.bytes().all(|b| b.is_ascii_digit());
+                    let want = match tz {
+                        Some(_) if !is_number => format!("{want}Z"),
+                        _ => want.to_string(),
+                    };
+                    assert_eq!(out, want, "{:?} cell {i}", array.data_type());
+                    // Out of chrono's range the raw number is written, which is refused
+                    // rather than guessed; everything else is read to the second, as UTC.
+                    let utc = (!is_number).then(|| format!("{}Z", &want[..19]));
+                    assert_eq!(parse_datetime(&out), utc, "{out}");
+                }
+            }
+        }
+    }
 }
