@@ -19,6 +19,48 @@ const PLANS: [&str; 3] = ["Free", "Pro", "Enterprise"];
 pub struct DemoArgs {
     pub dir: Option<PathBuf>,
     pub rows: Option<usize>,
+    /// A running simulator's URL; default: start one for the demo.
+    pub sim: Option<String>,
+}
+
+/// The demo's simulator: its own, or one already running (read through its admin API).
+enum Sim {
+    Own(zdsync_sim::SimHandle),
+    Running(String),
+}
+
+impl Sim {
+    fn base_url(&self) -> String {
+        match self {
+            Sim::Own(s) => s.base_url(),
+            Sim::Running(url) => url.trim_end_matches('/').to_string(),
+        }
+    }
+
+    async fn admin<T: serde::de::DeserializeOwned>(url: &str, path: &str) -> Result<T, String> {
+        let full = format!("{}{path}", url.trim_end_matches('/'));
+        let answer = reqwest::get(&full)
+            .await
+            .map_err(|e| format!("{full}: {e}"))?;
+        if !answer.status().is_success() {
+            return Err(format!("{full}: HTTP {}", answer.status()));
+        }
+        answer.json().await.map_err(|e| format!("{full}: {e}"))
+    }
+
+    async fn state(&self) -> Result<zdsync_sim::AccountSnapshot, String> {
+        match self {
+            Sim::Own(s) => s.state("acme").ok_or_else(|| "no account acme".to_string()),
+            Sim::Running(url) => Self::admin(url, "/__sim/state").await,
+        }
+    }
+
+    async fn counters(&self) -> Result<zdsync_sim::Counters, String> {
+        match self {
+            Sim::Own(s) => Ok(s.counters()),
+            Sim::Running(url) => Self::admin(url, "/__sim/counters").await,
+        }
+    }
 }
 
 fn users_csv(n: usize, changed: &[usize], added: usize) -> String {
@@ -158,6 +200,19 @@ tag = "key_account"
     )
 }
 
+/// `zdsync plan` for one of the demo's syncs, reading the simulator as the run does.
+async fn preview_of(
+    cfg: &SyncConfig,
+    path: &Path,
+    dir: &Path,
+) -> Result<zdsync::preview::Preview, zdsync::run::RunError> {
+    let client = run_cmd::client_for(cfg, path).await?;
+    let store: std::sync::Arc<dyn zdsync::store::ObjectStore> =
+        std::sync::Arc::new(zdsync::store::LocalStore::new(dir));
+    let opts = zdsync::preview::PreviewOptions::new(zdsync::run::new_run_id());
+    zdsync::preview::preview(store, cfg, Some(&client), &opts, None).await
+}
+
 fn write(path: &Path, text: &str) -> std::io::Result<()> {
     if let Some(p) = path.parent() {
         std::fs::create_dir_all(p)?;
@@ -182,15 +237,27 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
             chrono::Utc::now().format("%Y%m%dT%H%M%S")
         ))
     });
-    let mut sim_cfg = SimConfig::default();
-    // Jobs take a moment, as Zendesk's do.
-    sim_cfg.jobs.queued_ms = 20;
-    sim_cfg.jobs.working_ms = 20;
-    let sim = match Simulator::start(sim_cfg).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot start the Zendesk simulator: {e}");
-            return ExitCode::from(run_cmd::exit::WRITE);
+    let sim = match &args.sim {
+        Some(url) => {
+            let sim = Sim::Running(url.clone());
+            if let Err(e) = Sim::admin::<serde_json::Value>(url, "/__sim/health").await {
+                eprintln!("error: no Zendesk simulator answers at {url} ({e}); start one with `zdsync sim`");
+                return ExitCode::from(run_cmd::exit::WRITE);
+            }
+            sim
+        }
+        None => {
+            let mut sim_cfg = SimConfig::default();
+            // Jobs take a moment, as Zendesk's do.
+            sim_cfg.jobs.queued_ms = 20;
+            sim_cfg.jobs.working_ms = 20;
+            match Simulator::start(sim_cfg).await {
+                Ok(s) => Sim::Own(s),
+                Err(e) => {
+                    eprintln!("error: cannot start the Zendesk simulator: {e}");
+                    return ExitCode::from(run_cmd::exit::WRITE);
+                }
+            }
         }
     };
     println!("zdsync demo");
@@ -259,6 +326,7 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
         wait: Duration::ZERO,
         trigger: "demo".into(),
         full_resync: false,
+        max_rows: None,
     };
     let syncs = ["demo_orgs", "demo_users", "demo_key_accounts"];
     let mut worst = run_cmd::exit::OK;
@@ -307,8 +375,43 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
                     return ExitCode::from(run_cmd::exit::CONFIG);
                 }
             };
+            // Round 2 previews each run first (`zdsync plan`), and checks the run did just that.
+            let preview = if round == 2 {
+                match preview_of(&cfg, &path, &dir).await {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        eprintln!("error: the preview of {sync} failed: {e}");
+                        return ExitCode::from(run_cmd::exit_code_for(e.error_name()));
+                    }
+                }
+            } else {
+                None
+            };
             let outcome = run_cmd::run_sync(cfg, &path, &dir, &args).await;
             run_cmd::report(&outcome, false);
+            if let (Some(p), Some(rec)) = (&preview, outcome.records.last()) {
+                let key = zdsync::layout::manifest_key(sync, &rec.run_id);
+                let store = zdsync::store::LocalStore::new(&dir);
+                match zdsync::changeset::read_manifest(&store, &key) {
+                    Ok(m) if m.counts == p.report.manifest.counts => println!(
+                        "  the preview (`zdsync plan`) said the same: {} to write, {} unchanged, {} invalid\n",
+                        run_cmd::num(p.cost.rows),
+                        run_cmd::num(m.counts.unchanged),
+                        run_cmd::num(m.counts.invalid)
+                    ),
+                    Ok(m) => {
+                        eprintln!(
+                            "error: the preview of {sync} said {:?}, the run planned {:?}",
+                            p.report.manifest.counts, m.counts
+                        );
+                        worst = run_cmd::exit::WRITE;
+                    }
+                    Err(e) => {
+                        eprintln!("error: cannot read the run's manifest {key}: {e}");
+                        worst = run_cmd::exit::WRITE;
+                    }
+                }
+            }
             if outcome.error.is_some()
                 || outcome
                     .records
@@ -321,7 +424,13 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
     }
 
     // Check the result in the simulator, row by row.
-    let state = sim.state("acme").expect("the default account exists");
+    let state = match sim.state().await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot read the simulator's state: {e}");
+            return ExitCode::from(run_cmd::exit::WRITE);
+        }
+    };
     let missing = (0..users + 5)
         .filter(|i| state.user_by_external_id(&format!("u-{i:05}")).is_none())
         .count();
@@ -353,7 +462,13 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
             wrong_tag += 1;
         }
     }
-    let counters = sim.counters();
+    let counters = match sim.counters().await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: cannot read the simulator's counters: {e}");
+            return ExitCode::from(run_cmd::exit::WRITE);
+        }
+    };
     println!(
         "── the simulator now holds {} users (the admin included) and {} organizations",
         state.users.len(),
@@ -372,7 +487,18 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
         dir.join("config/demo_users.toml").display(),
         dir.display()
     );
-    sim.shutdown().await;
+    match sim {
+        Sim::Own(s) => {
+            println!(
+                "   the simulator stops with the demo; to keep using plan/run on these configs, start `zdsync sim` and run `zdsync demo --sim http://127.0.0.1:8089`"
+            );
+            s.shutdown().await
+        }
+        Sim::Running(url) => println!(
+            "   the simulator at {url} keeps running: `zdsync plan {}` previews the next run",
+            dir.join("config/demo_users.toml").display()
+        ),
+    }
     if missing > 0 {
         eprintln!("error: {missing} valid rows are missing from the simulator");
         return ExitCode::from(run_cmd::exit::WRITE);

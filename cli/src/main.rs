@@ -10,10 +10,11 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
-use zdsync::audience;
+use std::sync::Arc;
 use zdsync::config::SyncConfig;
-use zdsync::plan::{PlanError, PlanOptions, PlanReport};
-use zdsync::store::LocalStore;
+use zdsync::preview::{self, Preview, PreviewOptions};
+use zdsync::run::RunError;
+use zdsync::store::{LocalStore, ObjectStore};
 
 #[derive(Parser)]
 #[command(name = "zdsync", version, about = "Reverse ETL into Zendesk Support: users, organizations and tickets from warehouse exports", long_about = None)]
@@ -24,14 +25,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Read the export, validate and map every row, diff against the last confirmed state and
-    /// write the change set (chunks + manifest) under runs/<sync>/<run>/.
+    /// Preview the next run: read Zendesk as a run does (credentials, scopes, field
+    /// definitions; for a tickets sync without state, its ticket ids), then read, map and diff
+    /// the export with the run's own code. Prints what the run would send and what it costs;
+    /// writes nothing to the bucket or to Zendesk. Exit code 0, 2 config, 3 export, 4 state,
+    /// 5 Zendesk/store, 6 credentials/subdomain/scope, 8 the run would be over its row cap.
     Plan {
         /// The sync config (TOML; see the README for every key).
         config: PathBuf,
-        /// Compute and print the summary without writing anything.
-        #[arg(long)]
+        /// Accepted for scripts: a plan never writes.
+        #[arg(long, hide = true)]
         dry_run: bool,
+        /// Do not read Zendesk: an approximate preview (option labels and field keys are not
+        /// checked, a tickets sync without state counts every ticket as new), labelled so.
+        #[arg(long)]
+        offline: bool,
+        /// Write one JSON line per row the run sends: its bulk call and the record in that
+        /// call's body.
+        #[arg(long, value_name = "FILE")]
+        records: Option<PathBuf>,
+        /// Preview `run --full-resync`.
+        #[arg(long)]
+        full_resync: bool,
+        /// Preview with this row cap in place of the config's `max_rows_per_run`.
+        #[arg(long, value_name = "ROWS")]
+        max_rows: Option<u64>,
         /// The folder playing the bucket: export locations, state/ and runs/ are relative to it.
         /// Default: the config's folder (its parent when the config sits in a `config/` folder).
         #[arg(long, env = "ZDSYNC_STORE")]
@@ -46,7 +64,7 @@ enum Command {
     /// Sync once: preflight, plan, bulk writes with job polling, finalize; prints the run
     /// report. Exit code 0 = succeeded, 1 = completed with refused or failed rows, 2 config,
     /// 3 export, 4 state, 5 Zendesk/store failure mid-run, 6 credentials/subdomain/scope,
-    /// 7 another run holds the lock.
+    /// 7 another run holds the lock, 8 more rows to send than the row cap (nothing written).
     Run {
         config: PathBuf,
         #[arg(long, env = "ZDSYNC_STORE")]
@@ -64,6 +82,10 @@ enum Command {
         /// their ids are first read back from Zendesk with the incremental export).
         #[arg(long)]
         full_resync: bool,
+        /// Stop before writing anything when the run would send more rows than this (default:
+        /// the config's `max_rows_per_run`, else no cap).
+        #[arg(long, value_name = "ROWS")]
+        max_rows: Option<u64>,
     },
     /// Connect a Zendesk account: sign in with OAuth (browser, or `--grant client-credentials`)
     /// or check an admin's API token (`--api-token`), and store the credentials in a local file
@@ -96,6 +118,10 @@ enum Command {
         /// Users in the example export (organizations: a tenth of it).
         #[arg(long)]
         rows: Option<usize>,
+        /// Use a simulator that is already running (`zdsync sim`) instead of starting one, so
+        /// `plan`, `run` and `schema` keep working on the demo's configs afterwards.
+        #[arg(long, value_name = "URL")]
+        sim: Option<String>,
     },
     /// Run the Zendesk simulator until Ctrl-C (same knobs as the `zdsync-sim` binary).
     Sim {
@@ -139,11 +165,25 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Plan {
             config,
-            dry_run,
+            dry_run: _,
+            offline,
+            records,
+            full_resync,
+            max_rows,
             store,
             json,
             samples,
-        } => run_plan(&config, dry_run, store, json, samples),
+        } => {
+            let args = PlanArgs {
+                offline,
+                records,
+                full_resync,
+                max_rows,
+                json,
+                samples,
+            };
+            runtime().block_on(run_plan(&config, store, args))
+        }
         Command::Run {
             config,
             store,
@@ -151,6 +191,7 @@ fn main() -> ExitCode {
             quiet,
             wait,
             full_resync,
+            max_rows,
         } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
@@ -163,6 +204,7 @@ fn main() -> ExitCode {
                 wait: Duration::from_secs(wait),
                 trigger: "cli".into(),
                 full_resync,
+                max_rows,
             };
             let outcome = runtime().block_on(run_cmd::run_sync(cfg, &config, &root, &args));
             run_cmd::report(&outcome, json);
@@ -188,7 +230,7 @@ fn main() -> ExitCode {
             runtime().block_on(schema(cfg, &config, json))
         }
         Command::Connect(args) => runtime().block_on(connect_cmd::connect(args)),
-        Command::Demo { dir, rows } => demo::demo(demo::DemoArgs { dir, rows }),
+        Command::Demo { dir, rows, sim } => demo::demo(demo::DemoArgs { dir, rows, sim }),
         Command::Sim {
             bind,
             rpm,
@@ -288,71 +330,98 @@ fn store_root(config: &Path, explicit: Option<PathBuf>) -> PathBuf {
     }
 }
 
-fn new_run_id() -> String {
-    zdsync::run::new_run_id()
-}
-
-fn run_plan(
-    config: &Path,
-    dry_run: bool,
-    store: Option<PathBuf>,
+struct PlanArgs {
+    offline: bool,
+    records: Option<PathBuf>,
+    full_resync: bool,
+    max_rows: Option<u64>,
     json: bool,
     samples: usize,
-) -> ExitCode {
-    let cfg = match SyncConfig::load(config) {
+}
+
+async fn run_plan(config: &Path, store: Option<PathBuf>, args: PlanArgs) -> ExitCode {
+    let cfg = match load(config) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(run_cmd::exit::CONFIG);
-        }
+        Err(code) => return code,
     };
     let root = store_root(config, store);
-    let store = LocalStore::new(&root);
-    let mut opts = PlanOptions::new(new_run_id());
-    opts.dry_run = dry_run;
-    opts.samples_per_reason = samples;
-    // Audience syncs diff membership (audience upsert plans like an object upsert).
-    match audience::diff(&store, &cfg, &opts) {
-        Ok(report) => {
-            if json {
+    // A preview reads Zendesk exactly as the run will; without it the figures are approximate.
+    let client = if args.offline {
+        None
+    } else {
+        match run_cmd::client_for(&cfg, config).await {
+            Ok(c) => Some(c),
+            Err(e) => return preview_failed(&RunError::Zendesk(e)),
+        }
+    };
+    let records = match &args.records {
+        Some(path) => match std::fs::File::create(path) {
+            Ok(f) => Some(Box::new(std::io::BufWriter::new(f)) as Box<dyn std::io::Write + Send>),
+            Err(e) => {
+                eprintln!("error: cannot write the records file {}: {e}", path.display());
+                return ExitCode::from(run_cmd::exit::CONFIG);
+            }
+        },
+        None => None,
+    };
+    let mut opts = PreviewOptions::new(zdsync::run::new_run_id());
+    opts.samples_per_reason = args.samples;
+    opts.full_resync = args.full_resync;
+    opts.max_rows = args.max_rows.or(cfg.max_rows_per_run);
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&root));
+    match preview::preview(store, &cfg, client.as_ref(), &opts, records).await {
+        Ok(p) => {
+            if args.json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&report).expect("report serialises")
+                    serde_json::to_string_pretty(&p).expect("preview serialises")
                 );
             } else {
-                print_summary(&cfg, &root, &report);
+                print_summary(&cfg, &root, &p, args.records.as_deref());
             }
-            ExitCode::SUCCESS
+            if p.over_cap() {
+                ExitCode::from(run_cmd::exit::ROW_CAP)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(match e {
-                PlanError::Export(_) => 3,
-                PlanError::State(_) => 4,
-                PlanError::Write { .. } => 5,
-            })
-        }
+        Err(e) => preview_failed(&e),
     }
+}
+
+fn preview_failed(e: &RunError) -> ExitCode {
+    eprintln!("error: {e}");
+    let code = run_cmd::exit_code_for(e.error_name());
+    if matches!(e, RunError::Zendesk(_)) {
+        eprintln!(
+            "  (a preview reads Zendesk as the run does: credentials, scopes and field definitions; \
+             `zdsync plan --offline` previews without it, approximately)"
+        );
+    }
+    ExitCode::from(code)
 }
 
 use run_cmd::num;
 
-fn print_summary(cfg: &SyncConfig, root: &Path, r: &PlanReport) {
+fn print_summary(cfg: &SyncConfig, root: &Path, p: &Preview, records: Option<&Path>) {
+    let r = &p.report;
     let m = &r.manifest;
     let c = &m.counts;
     let bytes: u64 = m.parts.iter().map(|p| p.size).sum();
     println!(
-        "zdsync plan{} · sync {} ({}, {}) · run {}",
-        if r.manifest_key.is_none() {
-            " --dry-run"
-        } else {
-            ""
-        },
+        "zdsync plan · sync {} ({}, {}) · preview{}",
         m.sync,
         m.object,
         cfg.mode.as_str(),
-        m.run_id
+        if p.approximate.is_some() {
+            ", APPROXIMATE"
+        } else {
+            " of the next run"
+        }
     );
+    if let Some(why) = &p.approximate {
+        println!("approximate {why}; run `zdsync plan` without --offline for the exact figures");
+    }
     println!(
         "export      {} ({} file{}, {:.1} MB) in {}",
         m.location,
@@ -373,6 +442,15 @@ fn print_summary(cfg: &SyncConfig, root: &Path, r: &PlanReport) {
             )
         }
     );
+    if let Some(old) = &p.unfinished_run {
+        println!(
+            "unfinished  run {old} was interrupted: the next run finishes it first (its rows are not counted below)"
+        );
+    }
+    if let Some(line) = zdsync::plan::mapping_change_line(m, cfg.rate_limit_rpm()) {
+        println!();
+        println!("NOTE        {line}");
+    }
     println!();
     println!("rows read   {:>12}", num(c.rows_read));
     println!("invalid     {:>12}", num(c.invalid));
@@ -416,26 +494,32 @@ fn print_summary(cfg: &SyncConfig, root: &Path, r: &PlanReport) {
         );
     }
     println!();
-    match &r.manifest_key {
-        Some(key) => {
-            let creates = m
-                .chunks
-                .iter()
-                .filter(|c| c.op == zdsync::changeset::Op::Create)
-                .count();
+    let cost = &p.cost;
+    println!(
+        "cost        {} rows in ≈{} bulk calls: ≥{} at {} requests/min (plus job polling)",
+        num(cost.rows),
+        num(cost.calls),
+        zdsync::plan::minutes_text(cost.minutes),
+        cost.rpm
+    );
+    if let Some(cap) = p.max_rows {
+        if p.over_cap() {
             println!(
-                "change set  {} chunk{} ({} create, {} update) → {}",
-                m.chunks.len(),
-                if m.chunks.len() == 1 { "" } else { "s" },
-                creates,
-                m.chunks.len() - creates,
-                key
+                "ROW CAP     the run would stop before writing: {} rows to send, cap {} (raise it for one run with `zdsync run --max-rows N`)",
+                num(cost.rows),
+                num(cap)
             );
-            if let Some(k) = &m.invalid_key {
-                println!("invalid rows with reasons → {k}");
-            }
+        } else {
+            println!("row cap     {} (this run is within it)", num(cap));
         }
-        None => println!("dry run: nothing written"),
     }
-    println!("planned in {:.2} s", r.seconds);
+    if let Some(path) = records {
+        println!(
+            "records     {} → {} (one line per row: its call and body record)",
+            num(p.records),
+            path.display()
+        );
+    }
+    println!("nothing written; planned in {:.2} s", r.seconds);
 }
+

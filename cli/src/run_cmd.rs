@@ -29,6 +29,8 @@ pub mod exit {
     pub const AUTH: u8 = 6;
     /// Another run of the sync holds the lock.
     pub const LOCKED: u8 = 7;
+    /// The run would send more rows than its cap; nothing was written.
+    pub const ROW_CAP: u8 = 8;
     /// Stopped by Ctrl-C / SIGTERM (128 + SIGINT); the next run finishes it.
     pub const INTERRUPTED: u8 = 130;
 }
@@ -41,6 +43,7 @@ pub fn exit_code_for(name: &str) -> u8 {
         "AuthFailed" | "SubdomainNotFound" | "MissingScope" | "BulkImportDisabled"
         | "TaggingDisabled" => exit::AUTH,
         "RunLocked" => exit::LOCKED,
+        "RowCapExceeded" => exit::ROW_CAP,
         _ => exit::WRITE,
     }
 }
@@ -69,6 +72,7 @@ pub struct RunArgs {
     pub wait: Duration,
     pub trigger: String,
     pub full_resync: bool,
+    pub max_rows: Option<u64>,
 }
 
 /// Build the client for a config: credentials from its `credentials` reference (relative file
@@ -110,6 +114,7 @@ pub async fn run_sync(
         trigger: args.trigger.clone(),
         lock_wait: args.wait,
         full_resync: args.full_resync,
+        max_rows: args.max_rows,
         ..RunOptions::default()
     };
     let signals = tokio::spawn(on_signals(opts.stop.clone(), opts.grace));
@@ -220,6 +225,14 @@ pub fn render_record(r: &RunRecord) -> String {
         let _ = writeln!(
             s,
             "  first finished run {old}, left unfinished by an earlier process (its own record)"
+        );
+    }
+    if let Some(m) = &r.mapping_change {
+        let _ = writeln!(
+            s,
+            "  NOTE: the mapping changed since run {}: {} rows already in Zendesk were sent again",
+            m.since_run.as_deref().unwrap_or("(unknown)"),
+            num(m.resend)
         );
     }
     let rows = &r.rows;

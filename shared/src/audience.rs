@@ -90,7 +90,9 @@ pub fn diff(
         return plan::plan(store, cfg, opts);
     }
     let started = Instant::now();
-    let parts = export::resolve(store, &cfg.source.location)?;
+    // A headerless export reads with the column names of its manifest (`cfg` then carries them).
+    let (parts, cfg) = export::resolve_source(store, cfg)?;
+    let cfg = &*cfg;
     let state_key = layout::state_key(&cfg.name);
     let mut state = StateIndex::load(store, &state_key)?;
     let state_rows = state.as_ref().map_or(0, |s| s.len() as u64);
@@ -229,9 +231,7 @@ pub fn diff(
         d.finish()
     })();
     if let Err(e) = result {
-        if !opts.dry_run {
-            let _ = store.delete_prefix(&layout::run_prefix(&cfg.name, &opts.run_id));
-        }
+        let _ = store.delete_prefix(&layout::run_prefix(&cfg.name, &opts.run_id));
         return Err(e);
     }
 
@@ -254,17 +254,17 @@ pub fn diff(
             .collect(),
         counts: d.counts.clone(),
         chunks: d.chunks.clone(),
-        invalid_key: (d.counts.invalid > 0 && !opts.dry_run)
-            .then(|| layout::invalid_key(&cfg.name, &opts.run_id)),
+        invalid_key: (d.counts.invalid > 0).then(|| layout::invalid_key(&cfg.name, &opts.run_id)),
         removed_key: None,
         base_state_run: state.as_ref().and_then(|s| s.header.run_id.clone()),
         audience: Some(AudienceInfo {
             tag: audience.tag.clone(),
             tag_writes: audience.tag_writes,
-            membership_key: (d.membership_rows > 0 && !opts.dry_run).then_some(mkey),
+            membership_key: (d.membership_rows > 0).then_some(mkey),
         }),
+        mapping_change: None,
     };
-    let manifest_key = plan::write_manifest(store, &manifest, opts.dry_run)?;
+    let manifest_key = plan::write_manifest(store, &manifest)?;
     Ok(PlanReport {
         manifest,
         manifest_key,
@@ -291,9 +291,6 @@ impl Differ<'_> {
         match op {
             Op::Remove => self.counts.tag_remove += 1,
             _ => self.counts.tag_add += 1,
-        }
-        if self.opts.dry_run {
-            return Ok(());
         }
         let k = Self::slot(op);
         let chunk_rows = self.cfg.chunk_rows;
@@ -352,9 +349,6 @@ impl Differ<'_> {
 
     fn member(&mut self, h: u64, pk: &str, id: u64, member: bool) -> Result<(), PlanError> {
         self.membership_rows += 1;
-        if self.opts.dry_run {
-            return Ok(());
-        }
         let row = MembershipRow {
             h: hex(h),
             pk: pk.to_string(),
@@ -441,7 +435,7 @@ impl Differ<'_> {
 
     fn finish(&mut self) -> Result<(), PlanError> {
         self.invalid.commit()?;
-        if self.membership_rows > 0 && !self.opts.dry_run {
+        if self.membership_rows > 0 {
             let key = membership_key(&self.cfg.name, &self.opts.run_id);
             let packed =
                 zstd::bulk::compress(&self.membership, 1).map_err(|source| PlanError::Write {

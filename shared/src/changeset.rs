@@ -92,6 +92,63 @@ pub struct Manifest {
     /// Set for audience syncs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audience: Option<AudienceInfo>,
+    /// The mapping differs from the one the state's fingerprints were computed with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapping_change: Option<MappingChange>,
+}
+
+/// A mapping changed since the last confirmed run: every row already in Zendesk is sent again,
+/// changed or not (its fingerprint covers the mapping).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappingChange {
+    /// The run whose state was computed with the previous mapping.
+    pub since_run: Option<String>,
+    /// Rows of this plan sent again although Zendesk has them (new keys not included).
+    pub resend: u64,
+}
+
+/// What a change set costs at a request budget.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Cost {
+    pub rows: u64,
+    /// Bulk calls: one per 100 rows of a chunk; tags two per 100 (read, then write), or one a
+    /// record when written per record.
+    pub calls: u64,
+    /// The budget the estimate uses, in requests a minute.
+    pub rpm: u32,
+    /// `calls / rpm`: the least time the writes take at that budget (job polls come on top).
+    pub minutes: f64,
+}
+
+impl Manifest {
+    /// Rows this change set sends.
+    pub fn rows_to_write(&self) -> u64 {
+        self.chunks.iter().map(|c| c.rows).sum()
+    }
+
+    /// Bulk calls and minutes this change set needs at `rpm` requests a minute.
+    pub fn cost(&self, rpm: u32) -> Cost {
+        let per_record = self
+            .audience
+            .as_ref()
+            .is_some_and(|a| a.tag_writes == crate::config::TagWrites::PerRecord);
+        let calls = self
+            .chunks
+            .iter()
+            .map(|c| match c.op {
+                Op::Add | Op::Remove if per_record => c.rows,
+                // The records' tags are read, then written in one job.
+                Op::Add | Op::Remove => c.rows.div_ceil(100) * 2,
+                Op::Create | Op::Update => c.rows.div_ceil(100),
+            })
+            .sum::<u64>();
+        Cost {
+            rows: self.rows_to_write(),
+            calls,
+            rpm,
+            minutes: calls as f64 / f64::from(rpm.max(1)),
+        }
+    }
 }
 
 /// What write-batch and finalize need to know of an audience sync.

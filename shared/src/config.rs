@@ -157,6 +157,9 @@ pub struct SyncConfig {
     pub mode: Mode,
     pub primary_key: String,
     pub chunk_rows: usize,
+    /// A run that would send more rows than this stops before writing anything (a mistaken
+    /// mapping change must not spend a day's budget unnoticed).
+    pub max_rows_per_run: Option<u64>,
     pub nulls: Nulls,
     pub source: Source,
     pub zendesk: Zendesk,
@@ -182,6 +185,8 @@ struct RawConfig {
     primary_key: String,
     #[serde(default)]
     chunk_rows: Option<toml::Spanned<usize>>,
+    #[serde(default)]
+    max_rows_per_run: Option<toml::Spanned<u64>>,
     #[serde(default)]
     nulls: Nulls,
     source: RawSource,
@@ -220,6 +225,10 @@ struct RawSource {
     empty_as_null: Option<bool>,
     #[serde(default)]
     null_values: Vec<String>,
+    #[serde(default)]
+    header: Option<toml::Spanned<bool>>,
+    #[serde(default)]
+    columns: Option<toml::Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -321,6 +330,15 @@ impl SyncConfig {
                 )))
             }
         };
+        let max_rows_per_run = match &raw.max_rows_per_run {
+            Some(s) if *s.get_ref() == 0 => {
+                return Err(invalid(format!(
+                    "line {}: `max_rows_per_run` must be at least 1 (leave it out for no cap)",
+                    line_of(s.span().start)
+                )))
+            }
+            s => s.as_ref().map(|s| *s.get_ref()),
+        };
 
         let delimiter = match &raw.source.delimiter {
             None => b',',
@@ -342,6 +360,7 @@ impl SyncConfig {
                 "`source.location` is empty: give the export's key, prefix or manifest, e.g. \"exports/users/\"".into(),
             ));
         }
+        let (header, columns) = header_and_columns(&raw.source, &line_of).map_err(&invalid)?;
         let read = ReadOptions {
             format: raw.source.format,
             compression: raw.source.compression,
@@ -349,6 +368,8 @@ impl SyncConfig {
             escape: raw.source.escape,
             empty_as_null: raw.source.empty_as_null.unwrap_or(true),
             null_values: raw.source.null_values,
+            header,
+            columns,
             ..ReadOptions::default()
         };
 
@@ -478,6 +499,7 @@ impl SyncConfig {
             mode,
             primary_key,
             chunk_rows,
+            max_rows_per_run,
             nulls: raw.nulls,
             source: Source { location, read },
             zendesk: Zendesk {
@@ -490,6 +512,13 @@ impl SyncConfig {
             mapping,
             audience,
         })
+    }
+
+    /// The request budget a minute the sync's writes are paced to.
+    pub fn rate_limit_rpm(&self) -> u32 {
+        self.zendesk
+            .rate_limit_rpm
+            .unwrap_or(crate::zendesk::client::DEFAULT_RPM)
     }
 
     /// Whether this is an audience sync (an `[audience]` table).
@@ -512,6 +541,58 @@ impl SyncConfig {
         }
         cols
     }
+}
+
+/// `source.header` and `source.columns`: the columns of a CSV export without a header line.
+/// `columns` only goes with `header = false`; `header = false` alone is fine here, and the run
+/// then needs a `MANIFEST VERBOSE` manifest (checked when the export is resolved).
+fn header_and_columns(
+    source: &RawSource,
+    line_of: &dyn Fn(usize) -> usize,
+) -> Result<(bool, Vec<String>), String> {
+    let header = source.header.as_ref().is_none_or(|h| *h.get_ref());
+    if !header && matches!(source.format, Format::Jsonl | Format::Parquet) {
+        let h = source.header.as_ref().expect("set when false");
+        return Err(format!(
+            "line {}: `source.header = false` applies to CSV files only (JSON Lines and Parquet name their columns themselves); remove it",
+            line_of(h.span().start)
+        ));
+    }
+    let Some(raw) = &source.columns else {
+        return Ok((header, Vec::new()));
+    };
+    let line = line_of(raw.span().start);
+    if header {
+        return Err(format!(
+            "line {line}: `source.columns` names the columns of files without a header line: add `header = false` under [source] if the files have none, or remove `columns` to read the names from each file's first line"
+        ));
+    }
+    if raw.get_ref().is_empty() {
+        return Err(format!(
+            "line {line}: `source.columns` is empty: list the files' columns in order, e.g. `columns = [\"id\", \"email\"]`, or remove it to use the schema of a `MANIFEST VERBOSE` manifest"
+        ));
+    }
+    let mut columns: Vec<String> = Vec::with_capacity(raw.get_ref().len());
+    for (i, c) in raw.get_ref().iter().enumerate() {
+        let c = c.trim();
+        if c.is_empty() {
+            return Err(format!(
+                "line {line}: `source.columns` entry {} is empty: every column needs a name (name a column you do not map anything, e.g. \"unused_{}\")",
+                i + 1,
+                i + 1
+            ));
+        }
+        let lower = c.to_lowercase();
+        if let Some(first) = columns.iter().position(|o| o.to_lowercase() == lower) {
+            return Err(format!(
+                "line {line}: `source.columns` names `{c}` twice (entries {} and {}; names match case-insensitively): give each column a unique name",
+                first + 1,
+                i + 1
+            ));
+        }
+        columns.push(c.to_string());
+    }
+    Ok((false, columns))
 }
 
 /// Accepts `mycompany`; explains what to enter for `https://mycompany.zendesk.com`.

@@ -14,6 +14,7 @@ pub mod layout;
 pub mod lock;
 pub mod mapping;
 pub mod plan;
+pub mod preview;
 pub mod rebuild;
 pub mod run;
 pub mod schema;

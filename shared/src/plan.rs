@@ -22,8 +22,6 @@ use std::time::Instant;
 #[derive(Debug, Clone)]
 pub struct PlanOptions {
     pub run_id: String,
-    /// Compute everything, write nothing.
-    pub dry_run: bool,
     /// Invalid-row samples kept per reason for the summary.
     pub samples_per_reason: usize,
     /// Zendesk's field definitions: dropdown labels become option values, unknown options and
@@ -37,7 +35,6 @@ impl PlanOptions {
     pub fn new(run_id: impl Into<String>) -> Self {
         Self {
             run_id: run_id.into(),
-            dry_run: false,
             samples_per_reason: 3,
             schema: None,
             full_resync: false,
@@ -68,7 +65,7 @@ pub struct ReasonSummary {
 #[derive(Debug, Clone, Serialize)]
 pub struct PlanReport {
     pub manifest: Manifest,
-    /// `None` for a dry run.
+    /// `None` for a preview (see `preview`).
     pub manifest_key: Option<String>,
     pub invalid_by_reason: BTreeMap<&'static str, ReasonSummary>,
     pub state_rows: u64,
@@ -86,13 +83,12 @@ pub enum PlanError {
 }
 
 /// Refused rows of one plan: counted and sampled per reason, and written to the run's
-/// `invalid.jsonl` (not on a dry run).
+/// `invalid.jsonl`.
 pub(crate) struct InvalidRows {
     pub(crate) by_reason: BTreeMap<&'static str, ReasonSummary>,
     out: Option<Box<dyn crate::store::ObjectWriter>>,
     key: String,
     samples: usize,
-    dry_run: bool,
 }
 
 impl InvalidRows {
@@ -102,7 +98,6 @@ impl InvalidRows {
             out: None,
             key: layout::invalid_key(sync, &opts.run_id),
             samples: opts.samples_per_reason,
-            dry_run: opts.dry_run,
         }
     }
 
@@ -115,9 +110,6 @@ impl InvalidRows {
         entry.count += 1;
         if entry.samples.len() < self.samples {
             entry.samples.push(row.clone());
-        }
-        if self.dry_run {
-            return Ok(());
         }
         let out = match &mut self.out {
             Some(out) => out,
@@ -149,15 +141,11 @@ impl InvalidRows {
     }
 }
 
-/// Store a plan's manifest, the last object a plan writes (none on a dry run).
+/// Store a plan's manifest, the last object a plan writes.
 pub(crate) fn write_manifest(
     store: &dyn ObjectStore,
     manifest: &Manifest,
-    dry_run: bool,
 ) -> Result<Option<String>, PlanError> {
-    if dry_run {
-        return Ok(None);
-    }
     let key = layout::manifest_key(&manifest.sync, &manifest.run_id);
     let body = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
     store.put(&key, &body).map_err(|source| PlanError::Write {
@@ -221,20 +209,30 @@ struct Planner<'a> {
     /// First ordinal of each part, to turn ordinals back into files.
     part_start: Vec<u32>,
     line_of_first: KeyMap<u64>,
+    /// The state's fingerprints were computed with another mapping.
+    remapped: bool,
+    /// Keys in the state sent again (counted when `remapped`).
+    resend: u64,
 }
 
-/// Plan one run of a sync. Nothing is written on a dry run; otherwise the change set lands
-/// under `runs/<sync>/<run>/` and the manifest is written last.
+/// Plan one run of a sync: the change set lands under `runs/<sync>/<run>/`, the manifest last.
+/// A preview plans the same way into a scratch copy of the bucket (see `preview`).
 pub fn plan(
     store: &dyn ObjectStore,
     cfg: &SyncConfig,
     opts: &PlanOptions,
 ) -> Result<PlanReport, PlanError> {
     let started = Instant::now();
-    let parts = export::resolve(store, &cfg.source.location)?;
+    // A headerless export reads with the column names of its manifest (`cfg` then carries them).
+    let (parts, cfg) = export::resolve_source(store, cfg)?;
+    let cfg = &*cfg;
     let mapper = Mapper::with_schema(cfg, opts.schema.as_deref());
     let state = StateIndex::load(store, &layout::state_key(&cfg.name))?;
     let n = state.as_ref().map_or(0, |s| s.len());
+    // A rebuilt state records no mapping: its rows are resent anyway, and announced as such.
+    let remapped = state.as_ref().is_some_and(|s| {
+        !s.header.mapping_hash.is_empty() && s.header.mapping_hash != hex(mapper.mapping_hash())
+    });
     let run_prefix = layout::run_prefix(&cfg.name, &opts.run_id);
     let mut p = Planner {
         store,
@@ -259,31 +257,24 @@ pub fn plan(
             .collect(),
         part_start: Vec::new(),
         line_of_first: KeyMap::default(),
+        remapped,
+        resend: 0,
     };
 
     let result = std::thread::scope(|scope| -> Result<(), PlanError> {
-        let writer = if opts.dry_run {
-            None
-        } else {
-            let (tx, rx) = mpsc::sync_channel::<(String, Vec<u8>)>(4);
-            p.sink = Some(tx);
-            Some(scope.spawn(move || write_chunks(store, rx)))
-        };
+        let (tx, rx) = mpsc::sync_channel::<(String, Vec<u8>)>(4);
+        p.sink = Some(tx);
+        let writer = scope.spawn(move || write_chunks(store, rx));
         let read = p.read_all();
         let flushed = read.and_then(|_| p.flush_all());
         p.sink = None; // closes the channel so the writer ends
-        let written = match writer {
-            Some(w) => w.join().expect("chunk writer panicked"),
-            None => Ok(()),
-        };
+        let written = writer.join().expect("chunk writer panicked");
         flushed?;
         written
     });
     if let Err(e) = result.and_then(|_| p.finish()) {
-        if !opts.dry_run {
-            // Leave no half change set behind: without a manifest nothing would use it anyway.
-            let _ = store.delete_prefix(&run_prefix);
-        }
+        // Leave no half change set behind: without a manifest nothing would use it anyway.
+        let _ = store.delete_prefix(&run_prefix);
         return Err(e);
     }
 
@@ -299,10 +290,8 @@ pub fn plan(
         parts: p.parts.clone(),
         counts: p.counts.clone(),
         chunks: p.chunks.clone(),
-        invalid_key: (p.counts.invalid > 0 && !opts.dry_run)
-            .then(|| layout::invalid_key(&cfg.name, &opts.run_id)),
-        removed_key: (p.counts.removed > 0 && !opts.dry_run)
-            .then(|| layout::removed_key(&cfg.name, &opts.run_id)),
+        invalid_key: (p.counts.invalid > 0).then(|| layout::invalid_key(&cfg.name, &opts.run_id)),
+        removed_key: (p.counts.removed > 0).then(|| layout::removed_key(&cfg.name, &opts.run_id)),
         base_state_run: p.state.as_ref().and_then(|s| s.header.run_id.clone()),
         audience: cfg
             .audience
@@ -312,8 +301,24 @@ pub fn plan(
                 tag_writes: a.tag_writes,
                 membership_key: None,
             }),
+        mapping_change: p.remapped.then(|| crate::changeset::MappingChange {
+            since_run: p.state.as_ref().and_then(|s| s.header.run_id.clone()),
+            resend: p.resend,
+        }),
     };
-    let manifest_key = write_manifest(store, &manifest, opts.dry_run)?;
+    if let Some(m) = &manifest.mapping_change {
+        let cost = manifest.cost(cfg.rate_limit_rpm());
+        tracing::warn!(
+            sync = %cfg.name,
+            since_run = m.since_run.as_deref().unwrap_or("?"),
+            resend = m.resend,
+            calls = cost.calls,
+            minutes = cost.minutes,
+            "{}",
+            mapping_change_line(&manifest, cfg.rate_limit_rpm()).unwrap_or_default()
+        );
+    }
+    let manifest_key = write_manifest(store, &manifest)?;
     Ok(PlanReport {
         manifest,
         manifest_key,
@@ -321,6 +326,31 @@ pub fn plan(
         state_rows: n as u64,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The line a plan and a run print when the mapping changed since the last confirmed run.
+pub fn mapping_change_line(manifest: &Manifest, rpm: u32) -> Option<String> {
+    let m = manifest.mapping_change.as_ref()?;
+    let cost = manifest.cost(rpm);
+    Some(format!(
+        "the mapping changed since run {}: {} rows already in Zendesk are sent again; this run sends {} rows in ≈{} bulk calls, ≥{} at {} requests/min (cap a run with `max_rows_per_run` or `zdsync run --max-rows`)",
+        m.since_run.as_deref().unwrap_or("(unknown)"),
+        m.resend,
+        cost.rows,
+        cost.calls,
+        minutes_text(cost.minutes),
+        cost.rpm
+    ))
+}
+
+/// `42 s`, `12 min`, `3 h 20 min`.
+pub fn minutes_text(minutes: f64) -> String {
+    let secs = (minutes * 60.0).ceil() as u64;
+    match secs {
+        0..=119 => format!("{secs} s"),
+        120..=5999 => format!("{} min", secs.div_ceil(60)),
+        _ => format!("{} h {} min", secs / 3600, (secs % 3600).div_ceil(60)),
+    }
 }
 
 /// Compress and store chunks as they are handed over.
@@ -539,9 +569,8 @@ impl Planner<'_> {
             Op::Create | Op::Add => self.counts.create += 1,
             Op::Update | Op::Remove => self.counts.update += 1,
         }
-        if self.opts.dry_run {
-            self.set_slot(h, state_pos, 0);
-            return Ok(());
+        if self.remapped && state_pos.is_some() {
+            self.resend += 1;
         }
         let slot = self.chunk_slot(op)?;
         self.set_slot(h, state_pos, slot);
@@ -683,21 +712,14 @@ impl Planner<'_> {
         let mut first_lines = std::mem::take(&mut self.line_of_first);
         for (h, d) in &dup_list {
             if !matches!(d.first_slot, SLOT_UNCHANGED | SLOT_SKIPPED | SLOT_INVALID) {
-                if self.opts.dry_run {
-                    // Dry runs write no chunks: recompute the op from the state.
-                    let known = self.state.as_ref().and_then(|s| s.find(*h)).is_some();
-                    if self.cfg.mode == Mode::Update || (known && self.cfg.mode == Mode::Upsert) {
-                        self.counts.update -= 1;
-                    } else {
-                        self.counts.create -= 1;
-                    }
-                } else {
-                    match self.chunks[d.first_slot as usize].op {
-                        Op::Create | Op::Add => self.counts.create -= 1,
-                        Op::Update | Op::Remove => self.counts.update -= 1,
-                    }
-                    rewrite.entry(d.first_slot).or_default().insert(*h);
+                match self.chunks[d.first_slot as usize].op {
+                    Op::Create | Op::Add => self.counts.create -= 1,
+                    Op::Update | Op::Remove => self.counts.update -= 1,
                 }
+                if self.remapped && self.state.as_ref().and_then(|s| s.find(*h)).is_some() {
+                    self.resend -= 1;
+                }
+                rewrite.entry(d.first_slot).or_default().insert(*h);
             }
             match d.first_slot {
                 SLOT_UNCHANGED => self.counts.unchanged -= 1,
@@ -811,7 +833,7 @@ impl Planner<'_> {
             .filter(|e| e.seen == 0 && e.flags() & FLAG_ABSENT == 0)
             .count() as u64;
         self.counts.removed = removed;
-        if removed == 0 || self.opts.dry_run {
+        if removed == 0 {
             return Ok(());
         }
         let key = layout::removed_key(&self.cfg.name, &self.opts.run_id);

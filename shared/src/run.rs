@@ -39,6 +39,9 @@ pub struct RunOptions {
     pub full_resync: bool,
     /// Requests a minute the incremental ticket export allows (10; 30 with High Volume API).
     pub export_rpm: u32,
+    /// The most rows the run may send; above it the run stops before writing (default: the
+    /// config's `max_rows_per_run`).
+    pub max_rows: Option<u64>,
 }
 
 impl Default for RunOptions {
@@ -55,6 +58,7 @@ impl Default for RunOptions {
             grace: Duration::from_secs(30),
             full_resync: false,
             export_rpm: 10,
+            max_rows: None,
         }
     }
 }
@@ -170,6 +174,9 @@ pub struct RunRecord {
     /// here: they are in that run's record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_run: Option<String>,
+    /// The mapping changed since the last confirmed run: rows resent for it alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapping_change: Option<changeset::MappingChange>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +193,8 @@ pub enum RunError {
     ChangeSet(#[from] ChangeSetError),
     #[error(transparent)]
     Lock(Box<LockError>),
+    #[error("this run would send {rows} rows, more than its cap of {cap} (`max_rows_per_run`, or `--max-rows` / \"max_rows\" in the execution input); nothing was written. {why}Check the plan with `zdsync plan`, then raise the cap for one run if the rows are meant to go")]
+    RowCapExceeded { rows: u64, cap: u64, why: String },
     #[error("{0}")]
     Internal(String),
 }
@@ -204,6 +213,7 @@ impl RunError {
                 LockError::Held { .. } => "RunLocked",
                 LockError::Io { .. } => "StoreUnavailable",
             },
+            RunError::RowCapExceeded { .. } => "RowCapExceeded",
             RunError::Internal(_) => "Internal",
         }
     }
@@ -225,6 +235,7 @@ pub const ERROR_NAMES: &[&str] = &[
     "StateUnreadable",
     "StoreUnavailable",
     "RunLocked",
+    "RowCapExceeded",
     "Internal",
 ];
 
@@ -260,6 +271,36 @@ pub fn needs_schema(cfg: &SyncConfig) -> bool {
     cfg.mapping
         .iter()
         .any(|m| matches!(m.target, Target::FieldKey(_) | Target::TicketField(_)))
+}
+
+/// Stop a run before its writes when its change set is above the row cap.
+pub fn check_cap(manifest: &Manifest, cap: Option<u64>, rpm: u32) -> Result<(), RunError> {
+    let Some(cap) = cap else {
+        return Ok(());
+    };
+    let rows = manifest.rows_to_write();
+    if rows <= cap {
+        return Ok(());
+    }
+    let why = match crate::plan::mapping_change_line(manifest, rpm) {
+        Some(line) => format!("Why: {line}. "),
+        None => String::new(),
+    };
+    Err(RunError::RowCapExceeded { rows, cap, why })
+}
+
+/// The object's field definitions when the mapping names custom fields, checked against the
+/// mapping: labels then become option values, and a mistyped field key fails before any write.
+pub async fn read_schema(
+    client: &Client,
+    cfg: &SyncConfig,
+) -> Result<Option<Arc<crate::schema::Schema>>, RunError> {
+    if !needs_schema(cfg) {
+        return Ok(None);
+    }
+    let s = crate::schema::fetch(client, cfg.object).await?;
+    s.validate(cfg)?;
+    Ok(Some(Arc::new(s)))
 }
 
 /// What one `run` did: the run it finished for a crashed process (if any), then its own; and
@@ -352,6 +393,7 @@ async fn run_locked(
         invalid_samples: Vec::new(),
         resumed: false,
         resumed_run: None,
+        mapping_change: None,
     };
 
     // Preflight: credentials, subdomain and scopes (and tagging, for an audience) before
@@ -398,23 +440,15 @@ async fn run_locked(
     }
 
     t = Instant::now();
-    let schema = if needs_schema(cfg) {
-        let checked = match crate::schema::fetch(&ctx.client, cfg.object).await {
-            Ok(s) => s.validate(cfg).map(|()| s).map_err(RunError::from),
-            Err(e) => Err(RunError::from(e)),
-        };
-        match checked {
-            Ok(s) => Some(Arc::new(s)),
-            Err(e) => {
-                phases.schema = t.elapsed().as_secs_f64();
-                let rec = fail(&phases, &e, RowCounts::default(), &base);
-                save_record(ctx.store.clone(), &rec).await?;
-                records.push(rec);
-                return Err(e);
-            }
+    let schema = match read_schema(&ctx.client, cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            phases.schema = t.elapsed().as_secs_f64();
+            let rec = fail(&phases, &e, RowCounts::default(), &base);
+            save_record(ctx.store.clone(), &rec).await?;
+            records.push(rec);
+            return Err(e);
         }
-    } else {
-        None
     };
     phases.schema = t.elapsed().as_secs_f64();
 
@@ -456,6 +490,23 @@ async fn run_locked(
             return Err(e);
         }
     };
+    if let Err(e) = check_cap(
+        &report.manifest,
+        opts.max_rows.or(cfg.max_rows_per_run),
+        cfg.rate_limit_rpm(),
+    ) {
+        let c = &report.manifest.counts;
+        let rows = RowCounts {
+            read: c.rows_read,
+            invalid: c.invalid,
+            unchanged: c.unchanged,
+            ..RowCounts::default()
+        };
+        let rec = fail(&phases, &e, rows, &base);
+        save_record(ctx.store.clone(), &rec).await?;
+        records.push(rec);
+        return Err(e);
+    }
 
     let (mut rec, error) =
         write_and_finalize(ctx, opts, &report.manifest, Some(&report), phases, &base).await?;
@@ -577,8 +628,14 @@ pub async fn rebuild_if_needed(
 }
 
 /// The sync's newest run, when it was interrupted (the next run finishes it).
-async fn last_interrupted(ctx: &RunContext) -> Result<Option<String>, RunError> {
-    let (store, sync) = (ctx.store.clone(), ctx.config.name.clone());
+pub(crate) async fn last_interrupted(ctx: &RunContext) -> Result<Option<String>, RunError> {
+    newest_interrupted(ctx.store.clone(), ctx.config.name.clone()).await
+}
+
+pub(crate) async fn newest_interrupted(
+    store: Arc<dyn ObjectStore>,
+    sync: String,
+) -> Result<Option<String>, RunError> {
     let newest = tokio::task::spawn_blocking(move || history(store.as_ref(), &sync, 1))
         .await
         .map_err(|e| RunError::Internal(format!("history task: {e}")))??;
@@ -811,6 +868,7 @@ pub fn build_record(p: RecordParts<'_>) -> RunRecord {
         invalid_samples: p.invalid_samples,
         resumed: p.trigger == "resume",
         resumed_run: None,
+        mapping_change: manifest.mapping_change.clone(),
     }
 }
 

@@ -48,6 +48,9 @@ pub struct Trigger {
     /// `{"sync": "...", "full_resync": true}`: send every row again (see `RunOptions`).
     #[serde(default)]
     pub full_resync: bool,
+    /// `{"sync": "...", "max_rows": N}`: this run's row cap, in place of `max_rows_per_run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows: Option<u64>,
 }
 
 /// Read the execution input: an EventBridge S3 "Object Created" event under `exports/<sync>/`,
@@ -85,6 +88,7 @@ pub fn parse_trigger(event: &Value) -> Result<Trigger, RunError> {
             kind: "s3".into(),
             object: Some((key.to_string(), etag)),
             full_resync: false,
+            max_rows: None,
         });
     }
     match event["sync"].as_str() {
@@ -93,6 +97,12 @@ pub fn parse_trigger(event: &Value) -> Result<Trigger, RunError> {
             kind: event["trigger"].as_str().unwrap_or("manual").to_string(),
             object: None,
             full_resync: event["full_resync"].as_bool().unwrap_or(false),
+            max_rows: match &event["max_rows"] {
+                Value::Null => None,
+                v => Some(v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+                    bad(format!("\"max_rows\" must be a whole number of rows above 0, not {v}"))
+                })?),
+            },
         }),
         _ => Err(bad(
             "expected an S3 Object Created event or {\"sync\": \"<name>\"}".into(),
@@ -336,13 +346,7 @@ async fn plan_object(
     trigger: &Trigger,
     started: chrono::DateTime<chrono::Utc>,
 ) -> Result<PlanDescriptor, RunError> {
-    let schema = if run::needs_schema(cfg) {
-        let s = crate::schema::fetch(client, cfg.object).await?;
-        s.validate(cfg)?;
-        Some(Arc::new(s))
-    } else {
-        None
-    };
+    let schema = run::read_schema(client, cfg).await?;
     run::rebuild_if_needed(&env.store, cfg, client, trigger.full_resync, 10).await?;
     let mut popts = PlanOptions::new(run_id);
     popts.schema = schema;
@@ -350,16 +354,18 @@ async fn plan_object(
     let (store, pcfg) = (env.store.clone(), cfg.clone());
     let report = blocking(move || Ok(audience::diff(store.as_ref(), &pcfg, &popts)?)).await?;
     let m = &report.manifest;
+    run::check_cap(
+        m,
+        trigger.max_rows.or(cfg.max_rows_per_run),
+        cfg.rate_limit_rpm(),
+    )?;
     let chunks_key = format!("{}chunks.json", layout::run_prefix(&m.sync, &m.run_id));
     let body = serde_json::to_vec(&m.chunks).expect("chunk list serialises");
     put_object(env, chunks_key.clone(), body).await?;
     let rows: u64 = m.chunks.iter().map(|c| c.rows).sum();
     // Each write-batch keeps its own share of the budget busy; more invocations than the
     // budget carries only queue on 429s.
-    let rpm = cfg
-        .zendesk
-        .rate_limit_rpm
-        .unwrap_or(crate::zendesk::client::DEFAULT_RPM);
+    let rpm = cfg.rate_limit_rpm();
     let by_budget = (rpm / 150).max(1);
     Ok(PlanDescriptor {
         sync: m.sync.clone(),
@@ -409,6 +415,7 @@ pub async fn audience_diff_step(
         kind: d.trigger.clone(),
         object: None,
         full_resync: false,
+        max_rows: None,
     };
     let client = (env.client_for)(&cfg).await?;
     let mut out = plan_object(env, &cfg, &client, &d.run_id, &trigger, started).await?;
@@ -675,6 +682,7 @@ async fn finalize_unplanned(
         invalid_samples: Vec::new(),
         resumed: false,
         resumed_run: None,
+        mapping_change: None,
     };
     run::save_record(env.store.clone(), &rec).await?;
     if let Some(m) = d.trigger_marker.clone() {

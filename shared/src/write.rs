@@ -389,9 +389,9 @@ impl Writer {
         }
         let all: Vec<usize> = (0..rows.len()).filter(|&k| out[k].is_none()).collect();
         if !all.is_empty() {
-            match (self.object, self.mode, op) {
-                (_, _, Op::Add | Op::Remove) => self.tag_rows(rows, &all, op, &mut out).await?,
-                (Object::Users, Mode::Upsert, _) => {
+            match first_call(self.object, self.mode, op) {
+                Call::Tag => self.tag_rows(rows, &all, op, &mut out).await?,
+                Call::CreateOrUpdate => {
                     self.bulk(
                         rows,
                         &all,
@@ -401,10 +401,8 @@ impl Writer {
                     )
                     .await?
                 }
-                (_, Mode::Insert, _) | (_, Mode::Upsert, Op::Create) => {
-                    self.create(rows, &all, &journal_key, &mut out).await?
-                }
-                _ => self.update(rows, &all, &journal_key, &mut out).await?,
+                Call::Create => self.create(rows, &all, &journal_key, &mut out).await?,
+                Call::Update => self.update(rows, &all, &journal_key, &mut out).await?,
             }
         }
         // Audience upsert: the tag follows the record; a row is confirmed once both are.
@@ -626,23 +624,17 @@ impl Writer {
         journal_key: &str,
         out: &mut [Option<Outcome>],
     ) -> Result<(), WriteError> {
-        let plural = self.object.as_str();
-        let (method, path, idempotency) = match kind {
-            Bulk::UsersCreateOrUpdate => (
-                Method::POST,
-                "/api/v2/users/create_or_update_many.json".to_string(),
-                Idempotency::Safe,
-            ),
-            Bulk::CreateMany => (
-                Method::POST,
-                format!("/api/v2/{plural}/create_many.json"),
-                Idempotency::Unsafe,
-            ),
-            Bulk::UpdateMany(_) => (
-                Method::PUT,
-                format!("/api/v2/{plural}/update_many.json"),
-                Idempotency::Safe,
-            ),
+        // Only a create is unsafe to repeat: users' create_or_update_many matches by external id.
+        let (call, idempotency) = match kind {
+            Bulk::UsersCreateOrUpdate => (Call::CreateOrUpdate, Idempotency::Safe),
+            Bulk::CreateMany => (Call::Create, Idempotency::Unsafe),
+            Bulk::UpdateMany(_) => (Call::Update, Idempotency::Safe),
+        };
+        let (method, path) = call.endpoint(self.object).expect("a bulk call");
+        let method = if method == "PUT" {
+            Method::PUT
+        } else {
+            Method::POST
         };
         let mut body = self.body(rows, idx, &kind);
         let creates = idempotency == Idempotency::Unsafe;
@@ -733,21 +725,10 @@ impl Writer {
             if n > 0 {
                 body.push(b',');
             }
-            let mut item = rows[k].payload.clone();
-            if let (Bulk::UpdateMany(ids), Value::Object(map)) = (kind, &mut item) {
-                if let Some(id) = ids.get(&k) {
-                    map.insert("id".into(), Value::from(*id));
-                }
-                // The first comment (a ticket's description) is sent on create only.
-                if self.object == Object::Tickets {
-                    map.remove("comment");
-                }
-            }
-            if self.object == Object::Users && !matches!(kind, Bulk::UpdateMany(_)) {
-                if let Value::Object(map) = &mut item {
-                    map.entry("skip_verify_email").or_insert(Value::Bool(true));
-                }
-            }
+            let item = match kind {
+                Bulk::UpdateMany(ids) => wire_item(self.object, true, &rows[k], ids.get(&k)),
+                _ => wire_item(self.object, false, &rows[k], None),
+            };
             serde_json::to_writer(&mut body, &item).expect("payload serialises");
         }
         body.extend_from_slice(b"]}");
@@ -1157,6 +1138,68 @@ impl Writer {
             .map_err(|e| WriteError::Task(e.to_string()))?
             .map_err(WriteError::from)
     }
+}
+
+/// The call a chunk row first goes out in. Zendesk's answer may send it on to another (a key
+/// that already exists is updated, a record deleted since is created again), but a row's first
+/// call and its record in that call follow from the change set alone, which is what lets a
+/// preview show exactly what a run sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Call {
+    /// `users/create_or_update_many`.
+    CreateOrUpdate,
+    /// `<object>/create_many`.
+    Create,
+    /// `<object>/update_many`, by the Zendesk id in the state or by external id.
+    Update,
+    /// The audience tag added or removed.
+    Tag,
+}
+
+pub fn first_call(object: Object, mode: Mode, op: Op) -> Call {
+    match (object, mode, op) {
+        (_, _, Op::Add | Op::Remove) => Call::Tag,
+        (Object::Users, Mode::Upsert, _) => Call::CreateOrUpdate,
+        (_, Mode::Insert, _) | (_, Mode::Upsert, Op::Create) => Call::Create,
+        _ => Call::Update,
+    }
+}
+
+impl Call {
+    /// Method and path of the bulk endpoint (`None` for tags, written per route).
+    pub fn endpoint(self, object: Object) -> Option<(&'static str, String)> {
+        let plural = object.as_str();
+        match self {
+            Call::CreateOrUpdate => Some((
+                "POST",
+                "/api/v2/users/create_or_update_many.json".to_string(),
+            )),
+            Call::Create => Some(("POST", format!("/api/v2/{plural}/create_many.json"))),
+            Call::Update => Some(("PUT", format!("/api/v2/{plural}/update_many.json"))),
+            Call::Tag => None,
+        }
+    }
+}
+
+/// One row's record in a bulk body: its payload, plus the Zendesk id on an update by id. A
+/// ticket's first comment (its description) goes on create only; users created in bulk are
+/// not sent a verification email.
+pub fn wire_item(object: Object, update: bool, row: &ChunkRow, id: Option<&u64>) -> Value {
+    let mut item = row.payload.clone();
+    if let Value::Object(map) = &mut item {
+        if update {
+            if let Some(id) = id {
+                map.insert("id".into(), Value::from(*id));
+            }
+            if object == Object::Tickets {
+                map.remove("comment");
+            }
+        } else if object == Object::Users {
+            map.entry("skip_verify_email").or_insert(Value::Bool(true));
+        }
+    }
+    item
 }
 
 #[derive(Clone, Copy)]

@@ -873,6 +873,13 @@ fn redshift_manifest_lists_its_entries() {
     );
     // Recognised by its content, whatever its name.
     assert_eq!(keys(&resolve(&store, "unload/users.json").unwrap()), want);
+    // `MANIFEST VERBOSE` names the columns.
+    assert_eq!(
+        resolve_export(&store, "unload/users_manifest")
+            .unwrap()
+            .columns,
+        Some(vec!["id".to_string()])
+    );
 
     let missing = manifest.replace("users_0000_part_00", "users_0009_part_00");
     store

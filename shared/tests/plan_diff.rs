@@ -268,11 +268,29 @@ fn changing_the_mapping_forces_a_full_resend() {
     let mut f = Fixture::new();
     f.export(&people(500));
     let r = f.plan(CONFIG);
+    assert_eq!(r.manifest.mapping_change, None, "no state yet: nothing to announce");
     f.confirm_all(&r);
+    let r = f.plan(CONFIG);
+    assert_eq!(r.manifest.mapping_change, None);
+    f.confirm_all(&r);
+    let confirmed_by = r.manifest.run_id.clone();
+    // A new row and a changed mapping: only the 500 known rows count as resent.
+    let mut more = people(500);
+    more.extend(people(501).into_iter().skip(500));
+    f.export(&more);
     let changed = CONFIG.replace("type = \"integer\"", "type = \"decimal\"");
     let r = f.plan(&changed);
     let c = &r.manifest.counts;
-    assert_eq!((c.create, c.update, c.unchanged), (0, 500, 0));
+    assert_eq!((c.create, c.update, c.unchanged), (1, 500, 0));
+    let change = r.manifest.mapping_change.clone().expect("announced");
+    assert_eq!(change.resend, 500);
+    assert_eq!(change.since_run.as_deref(), Some(confirmed_by.as_str()));
+    let cost = r.manifest.cost(600);
+    assert_eq!((cost.rows, cost.calls), (501, 6), "chunks of 100: 5 update calls, 1 create");
+    let line = zdsync::plan::mapping_change_line(&r.manifest, 600).unwrap();
+    assert!(line.contains("500 rows already in Zendesk are sent again"), "{line}");
+    assert!(line.contains(&confirmed_by), "{line}");
+    f.export(&people(500));
     let added = format!("{CONFIG}notes = \"name\"\n");
     f.confirm_all(&r);
     let r = f.plan(&added);
@@ -414,16 +432,43 @@ fn insert_mode_skips_existing_keys_and_update_mode_never_creates() {
 }
 
 #[test]
-fn dry_run_writes_nothing_and_export_errors_leave_nothing() {
+fn a_preview_writes_nothing_and_export_errors_leave_nothing() {
     let f = Fixture::new();
-    f.export(&people(10));
+    let mut rows = people(10);
+    rows.push(rows[3].clone());
+    f.export(&rows);
     let cfg = SyncConfig::parse(CONFIG, "people.toml").unwrap();
-    let mut opts = PlanOptions::new("dry");
-    opts.dry_run = true;
-    let r = plan(&f.store, &cfg, &opts).unwrap();
-    assert_eq!(r.manifest.counts.create, 10);
-    assert!(r.manifest_key.is_none());
-    assert!(f.store.list("runs/").unwrap().is_empty());
+    let before: Vec<String> = f.store.list("").unwrap().into_iter().map(|o| o.key).collect();
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let store: std::sync::Arc<dyn ObjectStore> =
+        std::sync::Arc::new(LocalStore::new(f.store.root()));
+    let p = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(zdsync::preview::preview(
+            store,
+            &cfg,
+            None,
+            &zdsync::preview::PreviewOptions::new("dry"),
+            Some(Box::new(out.reopen().unwrap())),
+        ))
+        .unwrap();
+    let c = &p.report.manifest.counts;
+    assert_eq!((c.create, c.invalid), (9, 2), "both copies of p3 are refused");
+    assert!(p.report.manifest_key.is_none());
+    assert!(p.approximate.is_some(), "no client: labelled approximate");
+    let after: Vec<String> = f.store.list("").unwrap().into_iter().map(|o| o.key).collect();
+    assert_eq!(before, after, "the bucket is untouched");
+    // One record line per row sent, with the body record the run sends.
+    let text = std::fs::read_to_string(out.path()).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 9);
+    assert_eq!(p.records, 9);
+    assert_eq!(lines[0]["path"], "/api/v2/users/create_or_update_many.json");
+    assert_eq!(lines[0]["record"]["external_id"], lines[0]["key"]);
+    assert_eq!(lines[0]["record"]["skip_verify_email"], true);
 
     f.store
         .put(

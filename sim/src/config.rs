@@ -44,6 +44,10 @@ pub struct SimConfig {
     pub fields_path: Option<PathBuf>,
     /// Entries kept in the request log (oldest dropped first).
     pub request_log_limit: usize,
+    /// Keep the body of every API write (`POST`/`PUT`/`DELETE` under `/api/v2/`) in the request
+    /// log, to compare what a client sent with what it said it would send. OAuth calls are
+    /// never logged with their bodies.
+    pub log_bodies: bool,
 }
 
 impl Default for SimConfig {
@@ -61,6 +65,7 @@ impl Default for SimConfig {
             fields: None,
             fields_path: None,
             request_log_limit: 100_000,
+            log_bodies: false,
         }
     }
 }

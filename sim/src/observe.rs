@@ -87,6 +87,9 @@ pub struct LogEntry {
     pub early: bool,
     pub retry_after: Option<u64>,
     pub duration_us: u64,
+    /// The request body of an API write, when the simulator keeps them (`log_bodies`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
 }
 
 #[derive(Debug, Default)]

@@ -231,6 +231,7 @@ pub(crate) struct Sim {
     pub job_seq: AtomicU64,
     pub seed: u64,
     pub initial_faults: FaultConfig,
+    pub log_bodies: bool,
 }
 
 pub(crate) fn load_fields(
@@ -283,6 +284,7 @@ impl Sim {
             job_seq: AtomicU64::new(0),
             seed: config.seed,
             initial_faults: config.faults.clone(),
+            log_bodies: config.log_bodies,
         })
     }
 
@@ -871,6 +873,7 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
                 early: false,
                 retry_after: None,
                 duration_us: started.elapsed().as_micros() as u64,
+                body: None,
             });
             return into_response(reply, rate, seq, None);
         }
@@ -892,6 +895,7 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
         if host.is_empty() { "localhost" } else { &host },
         prefix
     );
+    let mut logged_body = None;
     let outcome = match faults.terminal {
         Some((kind, ra)) => Outcome {
             reply: fault_reply(kind, ra),
@@ -903,6 +907,9 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
                 Ok(b) => b,
                 Err(_) => Bytes::new(),
             };
+            if sim.log_bodies && method != Method::GET && path.starts_with("/api/v2/") {
+                logged_body = Some(String::from_utf8_lossy(&bytes).into_owned());
+            }
             let auth_header = parts
                 .headers
                 .get(header::AUTHORIZATION)
@@ -982,6 +989,7 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
         early,
         retry_after,
         duration_us: started.elapsed().as_micros() as u64,
+        body: logged_body,
     });
     if faults.terminal.is_none() && faults.post_delay_ms > 0 {
         // Counted and logged first: a client that times out meanwhile closes the connection,

@@ -69,7 +69,10 @@ pub(crate) struct CsvReader {
     max_record_bytes: usize,
     /// Header index of each requested column.
     projection: Vec<usize>,
+    /// The column names: the header line, or `ReadOptions::columns` for a headerless file.
     header: Vec<String>,
+    /// Whether `header` came from the file's first line.
+    has_header_line: bool,
     done: bool,
 }
 
@@ -130,17 +133,39 @@ impl CsvReader {
             max_record_bytes: options.max_record_bytes.max(1),
             projection: Vec::new(),
             header: Vec::new(),
+            has_header_line: options.header,
             done: false,
         };
-        reader.read_header(columns)?;
-        Ok(reader)
+        if options.header {
+            reader.read_header()?;
+        } else if options.columns.is_empty() {
+            return Err(reader.unreadable(
+                "`header = false` but no column names are given: add `columns = [...]` under \
+                 [source], or read the export through a `MANIFEST VERBOSE` manifest"
+                    .into(),
+            ));
+        } else {
+            reader.fill()?;
+            reader.skip_bom();
+            reader.header = options
+                .columns
+                .iter()
+                .map(|c| c.trim().to_string())
+                .collect();
+        }
+        reader.project_columns(columns)
     }
 
-    fn read_header(&mut self, columns: &[String]) -> Result<(), ExportError> {
-        self.fill()?;
+    fn skip_bom(&mut self) {
         if self.buf[self.pos..self.end].starts_with(b"\xef\xbb\xbf") {
             self.pos += 3;
         }
+    }
+
+    /// The first line names the columns.
+    fn read_header(&mut self) -> Result<(), ExportError> {
+        self.fill()?;
+        self.skip_bom();
         let line = match self.next_fields()? {
             Step::Fields { line } => line,
             Step::Malformed { line, reason } => {
@@ -167,6 +192,14 @@ impl CsvReader {
                 }
             })
             .collect();
+        Ok(())
+    }
+
+    /// Where each requested column sits among `header`.
+    fn project_columns(mut self, columns: &[String]) -> Result<Self, ExportError> {
+        if self.done && self.has_header_line {
+            return Ok(self); // an empty file: no header to match against, and no rows
+        }
         for column in columns {
             let want = column.trim();
             let found = self.header.iter().position(|h| h == want).or_else(|| {
@@ -179,12 +212,20 @@ impl CsvReader {
                     return Err(ExportError::MissingColumn {
                         file: self.file.clone(),
                         column: column.clone(),
-                        available: self.header.join(","),
+                        available: if self.has_header_line {
+                            self.header.join(",")
+                        } else {
+                            format!(
+                                "{} (named by `source.columns` or the manifest's schema: the \
+                                 files have no header line)",
+                                self.header.join(",")
+                            )
+                        },
                     })
                 }
             }
         }
-        Ok(())
+        Ok(self)
     }
 
     fn unreadable(&self, reason: String) -> ExportError {
@@ -603,8 +644,13 @@ impl CsvReader {
     fn project(&self, record: &mut Record) -> Option<String> {
         if self.fields.len() != self.header.len() {
             return Some(format!(
-                "expected {} fields (from the header), found {}",
+                "expected {} fields ({}), found {}",
                 self.header.len(),
+                if self.has_header_line {
+                    "from the header"
+                } else {
+                    "one per column name"
+                },
                 self.fields.len()
             ));
         }
@@ -833,5 +879,74 @@ mod tests {
             },
         );
         assert_eq!(got, ["2:[Text(\"x\\ny\")]", "4:[Text(\"\\\"\")]"]);
+    }
+
+    fn headerless(columns: &[&str]) -> ReadOptions {
+        ReadOptions {
+            delimiter: b'|',
+            header: false,
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            ..ReadOptions::default()
+        }
+    }
+
+    #[test]
+    fn headerless_files_are_all_data_with_lines_from_one() {
+        // What a Redshift UNLOAD writes by default: pipes, no header, NULL as an empty field.
+        let data = b"\xef\xbb\xbfid|email|name\n1|A@x.test|Ann\n\n2|b@x.test|\n3|c@x.test\n4|d@x.test|Dee|more\n5|\"e|x\"|Eve\n";
+        let got = read_all(
+            data,
+            &["EMAIL", "id", "name"],
+            &headerless(&["ID", "email", "Name"]),
+        );
+        assert_eq!(
+            got,
+            [
+                // A first line that looks like a header is data all the same.
+                "1:[Text(\"email\"), Text(\"id\"), Text(\"name\")]",
+                "2:[Text(\"A@x.test\"), Text(\"1\"), Text(\"Ann\")]",
+                "4:[Text(\"b@x.test\"), Text(\"2\"), Null]",
+                "5!expected 3 fields (one per column name), found 2",
+                "6!expected 3 fields (one per column name), found 4",
+                "7:[Text(\"e|x\"), Text(\"5\"), Text(\"Eve\")]",
+            ]
+        );
+        // The backslash dialect (UNLOAD ... ESCAPE) too.
+        let options = ReadOptions {
+            escape: Escape::Backslash,
+            ..headerless(&["id", "email"])
+        };
+        assert_eq!(
+            read_all(b"1|a\\|b\n2|c\n", &["email"], &options),
+            ["1:[Text(\"a|b\")]", "2:[Text(\"c\")]"]
+        );
+        // An empty part has no rows, and still checks the columns.
+        assert!(read_all(b"", &["id"], &headerless(&["id"])).is_empty());
+    }
+
+    #[test]
+    fn headerless_without_names_or_with_a_missing_column_is_refused() {
+        let open = |columns: &[&str], options: &ReadOptions| {
+            let columns: Vec<String> = columns.iter().map(|c| c.to_string()).collect();
+            CsvReader::new(
+                Box::new(io::Cursor::new(b"1|a\n".to_vec())),
+                "unload/users_0000_part_00",
+                &columns,
+                options,
+            )
+            .err()
+            .expect("refused")
+            .to_string()
+        };
+        let e = open(&["id"], &headerless(&[]));
+        assert!(
+            e.contains("unload/users_0000_part_00") && e.contains("add `columns = [...]`"),
+            "{e}"
+        );
+        let e = open(&["id", "plan"], &headerless(&["id", "email"]));
+        assert!(
+            e.contains("no column `plan`") && e.contains("id,email (named by `source.columns`"),
+            "{e}"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Resolve an export location to its part files: a Redshift UNLOAD manifest, one object, or a
-//! prefix of parts.
+//! prefix of parts. A manifest written with `MANIFEST VERBOSE` also names the columns
+//! (`schema.elements[].name`), which is what a headerless unload needs.
 
 use super::ExportError;
 use crate::store::{ObjectMeta, ObjectStore};
@@ -10,10 +11,18 @@ use std::io::{self, Read};
 const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
 /// How much of an unnamed JSON object is looked at before reading it as a manifest.
 const PEEK_BYTES: u64 = 64 * 1024;
+/// A manifest schema naming more columns than this is not used (a Redshift table has at most
+/// 1,600).
+const MAX_SCHEMA_COLUMNS: usize = 10_000;
+/// Nor one with a column name longer than this (Redshift names are at most 127 bytes).
+const MAX_COLUMN_NAME_BYTES: usize = 1024;
 
 #[derive(Deserialize)]
 struct Manifest {
     entries: Option<Vec<Entry>>,
+    /// `MANIFEST VERBOSE` only; any shape is tolerated (see [`schema_columns`]).
+    #[serde(default)]
+    schema: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -23,8 +32,36 @@ struct Entry {
     mandatory: bool,
 }
 
+/// An export location, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Export {
+    /// The part files, in reading order.
+    pub parts: Vec<ObjectMeta>,
+    /// The manifest the parts were listed in, when the location is one.
+    pub manifest: Option<String>,
+    /// The column names a `MANIFEST VERBOSE` manifest declares (`schema.elements[].name`), in
+    /// file order; `None` without a manifest, without a schema, or with one that does not name
+    /// every column.
+    pub columns: Option<Vec<String>>,
+}
+
+impl Export {
+    fn parts(parts: Vec<ObjectMeta>) -> Self {
+        Self {
+            parts,
+            manifest: None,
+            columns: None,
+        }
+    }
+}
+
 /// The part files of the export at `location`, in reading order.
 pub fn resolve(store: &dyn ObjectStore, location: &str) -> Result<Vec<ObjectMeta>, ExportError> {
+    resolve_export(store, location).map(|e| e.parts)
+}
+
+/// The export at `location`: its part files in reading order, and the manifest's column names.
+pub fn resolve_export(store: &dyn ObjectStore, location: &str) -> Result<Export, ExportError> {
     let io_error = |e: io::Error| ExportError::Unreadable {
         file: location.to_string(),
         reason: e.to_string(),
@@ -37,11 +74,11 @@ pub fn resolve(store: &dyn ObjectStore, location: &str) -> Result<Vec<ObjectMeta
             }
             if let Some(bytes) = looks_like_manifest(store, &meta)? {
                 // Only an object that parses as a manifest is one; anything else is data.
-                if let Ok(parts) = from_manifest(store, &meta.key, &bytes) {
-                    return Ok(parts);
+                if let Ok(export) = from_manifest(store, &meta.key, &bytes) {
+                    return Ok(export);
                 }
             }
-            return Ok(vec![meta]);
+            return Ok(Export::parts(vec![meta]));
         }
     }
     // A folder-like location (`exports/users`) means its contents, not siblings that share the
@@ -66,7 +103,7 @@ pub fn resolve(store: &dyn ObjectStore, location: &str) -> Result<Vec<ObjectMeta
             hint: hint.to_string(),
         });
     }
-    Ok(listed)
+    Ok(Export::parts(listed))
 }
 
 /// Data parts of a listing: no empty objects, markers, checksums or manifests.
@@ -123,7 +160,7 @@ fn from_manifest(
     store: &dyn ObjectStore,
     manifest: &str,
     bytes: &[u8],
-) -> Result<Vec<ObjectMeta>, ExportError> {
+) -> Result<Export, ExportError> {
     let bad = |reason: String| ExportError::BadManifest {
         file: manifest.to_string(),
         reason,
@@ -161,7 +198,27 @@ fn from_manifest(
             None => {}
         }
     }
-    Ok(out)
+    Ok(Export {
+        parts: out,
+        manifest: Some(manifest.to_string()),
+        columns: parsed.schema.as_ref().and_then(schema_columns),
+    })
+}
+
+/// `{"elements": [{"name": "id", "type": {"base": "integer"}}, ...]}` → `["id", ...]`; `None`
+/// when an element has no usable name (the schema then names no columns at all).
+fn schema_columns(schema: &serde_json::Value) -> Option<Vec<String>> {
+    let elements = schema.get("elements")?.as_array()?;
+    if elements.is_empty() || elements.len() > MAX_SCHEMA_COLUMNS {
+        return None;
+    }
+    elements
+        .iter()
+        .map(|e| {
+            let name = e.get("name")?.as_str()?.trim();
+            (!name.is_empty() && name.len() <= MAX_COLUMN_NAME_BYTES).then(|| name.to_string())
+        })
+        .collect()
 }
 
 /// `s3://bucket/unload/part_0000.gz` is the key `unload/part_0000.gz`; a bare key stays as is.
@@ -187,5 +244,77 @@ mod tests {
         assert!(is_manifest_name("unload/users.manifest"));
         assert!(is_manifest_name("unload/users_manifest.json"));
         assert!(!is_manifest_name("unload/part_0000.gz"));
+    }
+
+    fn store() -> (tempfile::TempDir, crate::store::LocalStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::LocalStore::new(dir.path());
+        (dir, store)
+    }
+
+    /// The shape Redshift writes for `UNLOAD ... MANIFEST VERBOSE`.
+    const VERBOSE: &str = r#"{
+      "entries": [
+        {"url": "s3://bucket/unload/users_0000_part_00.gz", "meta": {"content_length": 40, "record_count": 2}},
+        {"url": "s3://bucket/unload/users_0001_part_00.gz", "meta": {"content_length": 20, "record_count": 1}}
+      ],
+      "schema": {
+        "elements": [
+          {"name": "id", "type": {"base": "integer"}},
+          {"name": "email", "type": {"base": "character varying", "max_length": 256}},
+          {"name": "lifetime_value", "type": {"base": "numeric", "precision": 12, "scale": 2}}
+        ]
+      },
+      "meta": {"content_length": 60, "record_count": 3},
+      "author": {"name": "Amazon Redshift", "version": "1.0.0"}
+    }"#;
+
+    #[test]
+    fn a_verbose_manifest_names_its_columns() {
+        let (_dir, store) = store();
+        store.put("unload/users_0000_part_00.gz", b"x").unwrap();
+        store.put("unload/users_0001_part_00.gz", b"x").unwrap();
+        store
+            .put("unload/users_manifest", VERBOSE.as_bytes())
+            .unwrap();
+        let export = resolve_export(&store, "unload/users_manifest").unwrap();
+        assert_eq!(export.parts.len(), 2);
+        assert_eq!(export.manifest.as_deref(), Some("unload/users_manifest"));
+        assert_eq!(export.columns.unwrap(), ["id", "email", "lifetime_value"]);
+        // Found by content under another name too.
+        store.put("unload/users.json", VERBOSE.as_bytes()).unwrap();
+        let export = resolve_export(&store, "unload/users.json").unwrap();
+        assert_eq!(export.manifest.as_deref(), Some("unload/users.json"));
+        assert_eq!(export.columns.map(|c| c.len()), Some(3));
+        // A prefix has no manifest and no names.
+        let export = resolve_export(&store, "unload/users_0").unwrap();
+        assert_eq!(
+            (export.parts.len(), export.manifest, export.columns),
+            (2, None, None)
+        );
+    }
+
+    #[test]
+    fn a_manifest_without_a_usable_schema_still_lists_its_parts() {
+        let (_dir, store) = store();
+        store.put("unload/users_0000_part_00.gz", b"x").unwrap();
+        store.put("unload/users_0001_part_00.gz", b"x").unwrap();
+        let plain = r#"{"entries": [{"url": "s3://bucket/unload/users_0000_part_00.gz", "mandatory": true}]}"#;
+        let nameless = VERBOSE.replace(r#"{"name": "email", "#, r#"{"#);
+        let blank = VERBOSE.replace(r#""name": "email""#, r#""name": " ""#);
+        let odd = VERBOSE.replace(r#""schema": {"#, r#""schema": "columns", "x": {"#);
+        let empty =
+            r#"{"entries": [{"url": "unload/users_0000_part_00.gz"}], "schema": {"elements": []}}"#;
+        let huge = format!(
+            r#"{{"entries": [{{"url": "unload/users_0000_part_00.gz"}}], "schema": {{"elements": [{}]}}}}"#,
+            vec![r#"{"name": "c"}"#; MAX_SCHEMA_COLUMNS + 1].join(",")
+        );
+        for body in [plain, &nameless, &blank, &odd, empty, &huge] {
+            store.put("unload/manifest", body.as_bytes()).unwrap();
+            let export = resolve_export(&store, "unload/manifest").unwrap();
+            assert!(!export.parts.is_empty());
+            assert_eq!(export.manifest.as_deref(), Some("unload/manifest"));
+            assert_eq!(export.columns, None, "{}", &body[..body.len().min(200)]);
+        }
     }
 }
