@@ -9,8 +9,8 @@ mod schema_cmd;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 use std::sync::Arc;
+use std::time::Duration;
 use zdsync::config::SyncConfig;
 use zdsync::preview::{self, Preview, PreviewOptions};
 use zdsync::run::RunError;
@@ -358,7 +358,10 @@ async fn run_plan(config: &Path, store: Option<PathBuf>, args: PlanArgs) -> Exit
         Some(path) => match std::fs::File::create(path) {
             Ok(f) => Some(Box::new(std::io::BufWriter::new(f)) as Box<dyn std::io::Write + Send>),
             Err(e) => {
-                eprintln!("error: cannot write the records file {}: {e}", path.display());
+                eprintln!(
+                    "error: cannot write the records file {}: {e}",
+                    path.display()
+                );
                 return ExitCode::from(run_cmd::exit::CONFIG);
             }
         },
@@ -522,4 +525,3 @@ fn print_summary(cfg: &SyncConfig, root: &Path, p: &Preview, records: Option<&Pa
     }
     println!("nothing written; planned in {:.2} s", r.seconds);
 }
-

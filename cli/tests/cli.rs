@@ -27,11 +27,11 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 #[test]
-fn dry_run_of_the_example_prints_the_summary_and_writes_nothing() {
+fn an_offline_preview_of_the_example_is_labelled_approximate_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&examples(), dir.path());
     let out = zdsync()
-        .args(["plan", "crm_users.toml", "--dry-run"])
+        .args(["plan", "crm_users.toml", "--offline"])
         .current_dir(dir.path())
         .output()
         .unwrap();
@@ -42,12 +42,14 @@ fn dry_run_of_the_example_prints_the_summary_and_writes_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     for want in [
+        "preview, APPROXIMATE",
+        "option labels are counted as written",
         "rows read             14",
         "invalid                7",
         "to create              7",
         "duplicate_primary_key          2",
         "\"alan@example\" is not an email address",
-        "dry run: nothing written",
+        "nothing written",
     ] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
@@ -55,11 +57,37 @@ fn dry_run_of_the_example_prints_the_summary_and_writes_nothing() {
 }
 
 #[test]
-fn plan_writes_the_change_set_and_json_report() {
+fn a_preview_without_reachable_credentials_stops_and_names_the_offline_way() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&examples(), dir.path());
+    // The example reads its API token from the environment; there is none here.
+    let out = zdsync()
+        .args(["plan", "crm_users.toml", "--dry-run"])
+        .current_dir(dir.path())
+        .env_remove("ZENDESK_API_TOKEN")
+        .env_remove("ZENDESK_ACCESS_TOKEN")
+        .env_remove("ZENDESK_EMAIL")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(err.contains("--offline"), "{err}");
+    assert!(!dir.path().join("runs").exists());
+}
+
+#[test]
+fn the_offline_json_report_counts_and_lists_the_records() {
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&examples(), dir.path());
     let out = zdsync()
-        .args(["plan", "crm_users.toml", "--json"])
+        .args([
+            "plan",
+            "crm_users.toml",
+            "--offline",
+            "--json",
+            "--records",
+            "records.jsonl",
+        ])
         .current_dir(dir.path())
         .output()
         .unwrap();
@@ -70,11 +98,12 @@ fn plan_writes_the_change_set_and_json_report() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["manifest"]["counts"]["create"], 7);
-    let key = report["manifest_key"].as_str().unwrap();
-    assert!(dir.path().join(key).is_file());
-    let invalid = report["manifest"]["invalid_key"].as_str().unwrap();
-    let lines = std::fs::read_to_string(dir.path().join(invalid)).unwrap();
+    assert!(report["manifest_key"].is_null());
+    assert!(report["approximate"].is_string());
+    assert_eq!(report["records"], 7);
+    let lines = std::fs::read_to_string(dir.path().join("records.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 7);
+    assert!(!dir.path().join("runs").exists());
 }
 
 #[test]
@@ -99,7 +128,15 @@ fn a_bad_config_fails_with_its_line_and_exit_code_2() {
 fn help_documents_every_command_and_flag() {
     let out = zdsync().args(["plan", "--help"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--dry-run", "--store", "--json", "--samples"] {
+    for flag in [
+        "--offline",
+        "--records",
+        "--full-resync",
+        "--max-rows",
+        "--store",
+        "--json",
+        "--samples",
+    ] {
         assert!(text.contains(flag), "{flag} missing from:\n{text}");
     }
 }

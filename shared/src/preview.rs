@@ -242,7 +242,9 @@ struct Scratch {
 
 impl Scratch {
     fn new(base: Arc<dyn ObjectStore>) -> io::Result<Scratch> {
-        let dir = tempfile::Builder::new().prefix("zdsync-preview-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("zdsync-preview-")
+            .tempdir()?;
         Ok(Scratch {
             base,
             own: LocalStore::new(dir.path()),
@@ -330,7 +332,11 @@ mod tests {
         let keys: Vec<String> = s.list("").unwrap().into_iter().map(|o| o.key).collect();
         assert_eq!(
             keys,
-            ["exports/a.csv", "runs/s/r/manifest.json", "state/s/state.zst"]
+            [
+                "exports/a.csv",
+                "runs/s/r/manifest.json",
+                "state/s/state.zst"
+            ]
         );
         s.delete_prefix("runs/").unwrap();
         drop(s);

@@ -100,7 +100,9 @@ pub fn parse_trigger(event: &Value) -> Result<Trigger, RunError> {
             max_rows: match &event["max_rows"] {
                 Value::Null => None,
                 v => Some(v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
-                    bad(format!("\"max_rows\" must be a whole number of rows above 0, not {v}"))
+                    bad(format!(
+                        "\"max_rows\" must be a whole number of rows above 0, not {v}"
+                    ))
                 })?),
             },
         }),

@@ -268,7 +268,10 @@ fn changing_the_mapping_forces_a_full_resend() {
     let mut f = Fixture::new();
     f.export(&people(500));
     let r = f.plan(CONFIG);
-    assert_eq!(r.manifest.mapping_change, None, "no state yet: nothing to announce");
+    assert_eq!(
+        r.manifest.mapping_change, None,
+        "no state yet: nothing to announce"
+    );
     f.confirm_all(&r);
     let r = f.plan(CONFIG);
     assert_eq!(r.manifest.mapping_change, None);
@@ -286,9 +289,16 @@ fn changing_the_mapping_forces_a_full_resend() {
     assert_eq!(change.resend, 500);
     assert_eq!(change.since_run.as_deref(), Some(confirmed_by.as_str()));
     let cost = r.manifest.cost(600);
-    assert_eq!((cost.rows, cost.calls), (501, 6), "chunks of 100: 5 update calls, 1 create");
+    assert_eq!(
+        (cost.rows, cost.calls),
+        (501, 6),
+        "chunks of 100: 5 update calls, 1 create"
+    );
     let line = zdsync::plan::mapping_change_line(&r.manifest, 600).unwrap();
-    assert!(line.contains("500 rows already in Zendesk are sent again"), "{line}");
+    assert!(
+        line.contains("500 rows already in Zendesk are sent again"),
+        "{line}"
+    );
     assert!(line.contains(&confirmed_by), "{line}");
     f.export(&people(500));
     let added = format!("{CONFIG}notes = \"name\"\n");
@@ -438,7 +448,13 @@ fn a_preview_writes_nothing_and_export_errors_leave_nothing() {
     rows.push(rows[3].clone());
     f.export(&rows);
     let cfg = SyncConfig::parse(CONFIG, "people.toml").unwrap();
-    let before: Vec<String> = f.store.list("").unwrap().into_iter().map(|o| o.key).collect();
+    let before: Vec<String> = f
+        .store
+        .list("")
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
     let out = tempfile::NamedTempFile::new().unwrap();
     let store: std::sync::Arc<dyn ObjectStore> =
         std::sync::Arc::new(LocalStore::new(f.store.root()));
@@ -453,10 +469,20 @@ fn a_preview_writes_nothing_and_export_errors_leave_nothing() {
         ))
         .unwrap();
     let c = &p.report.manifest.counts;
-    assert_eq!((c.create, c.invalid), (9, 2), "both copies of p3 are refused");
+    assert_eq!(
+        (c.create, c.invalid),
+        (9, 2),
+        "both copies of p3 are refused"
+    );
     assert!(p.report.manifest_key.is_none());
     assert!(p.approximate.is_some(), "no client: labelled approximate");
-    let after: Vec<String> = f.store.list("").unwrap().into_iter().map(|o| o.key).collect();
+    let after: Vec<String> = f
+        .store
+        .list("")
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
     assert_eq!(before, after, "the bucket is untouched");
     // One record line per row sent, with the body record the run sends.
     let text = std::fs::read_to_string(out.path()).unwrap();
