@@ -730,11 +730,21 @@ impl Planner<'_> {
         for (chunk, hashes) in rewrite {
             self.drop_rows(chunk as usize, &hashes, &mut first_lines)?;
         }
+        // First copies that went nowhere (unchanged, skipped) kept no line: look them up.
+        let missing: BTreeMap<u32, u64> = dup_list
+            .iter()
+            .filter(|(h, _)| !first_lines.contains_key(h))
+            .map(|(h, d)| (d.first_ord, *h))
+            .collect();
+        if !missing.is_empty() {
+            self.find_lines(&missing, &mut first_lines)?;
+        }
         for (h, d) in dup_list {
             let first_file = self.file_of(d.first_ord);
             let first_line = first_lines.get(&h).copied();
             let mut copies: Vec<String> = vec![match first_line {
                 Some(l) => format!("{first_file}:{l}"),
+                // Only when the part changed while it was being planned.
                 None => format!(
                     "{first_file} record {}",
                     d.first_ord + 1 - self.part_start_of(d.first_ord)
@@ -776,6 +786,40 @@ impl Planner<'_> {
 
         self.write_removed()?;
         self.invalid.commit()
+    }
+
+    /// Lines of the rows at the given ordinals (key hash by ordinal): their parts are read again
+    /// up to the last of them. Only plans with duplicate keys whose first copy was not sent pay
+    /// for this.
+    fn find_lines(
+        &self,
+        want: &BTreeMap<u32, u64>,
+        lines: &mut KeyMap<u64>,
+    ) -> Result<(), PlanError> {
+        let columns = self.mapper.columns().to_vec();
+        let mut record = Record::default();
+        for (k, part) in self.parts.iter().enumerate() {
+            let start = self.part_start[k];
+            let end = self.part_start.get(k + 1).copied().unwrap_or(u32::MAX);
+            let Some((&last, _)) = want.range(start..end).next_back() else {
+                continue;
+            };
+            let mut reader =
+                export::open_reader(self.store, &part.key, &columns, &self.cfg.source.read)?;
+            let mut ordinal = start - 1;
+            while ordinal < last {
+                let line = match reader.next(&mut record)? {
+                    Next::End => break,
+                    Next::Malformed { line, .. } => line,
+                    Next::Record => record.line,
+                };
+                ordinal += 1;
+                if let Some(h) = want.get(&ordinal) {
+                    lines.insert(*h, line);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Rewrite one chunk without the rows of the given keys.

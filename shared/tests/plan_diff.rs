@@ -380,6 +380,36 @@ fn duplicate_keys_refuse_every_copy_and_leave_the_chunks() {
 }
 
 #[test]
+fn a_duplicate_whose_first_copy_is_unchanged_names_both_lines() {
+    let mut f = Fixture::new();
+    f.export(&people(50));
+    let r = f.plan(CONFIG);
+    f.confirm_all(&r);
+    // p7 (line 9 of part-0, unchanged since the last run) comes again in a second file.
+    f.store
+        .put(
+            "exports/people/part-1.csv",
+            b"id,name,email,score\np100,New,new@example.com,1\np7,Again,again@example.com,7\n",
+        )
+        .unwrap();
+    let r = f.plan(CONFIG);
+    let c = &r.manifest.counts;
+    assert_eq!((c.create, c.invalid, c.unchanged), (1, 2, 49));
+    let m = f.manifest(&r);
+    let invalid: Vec<serde_json::Value> =
+        changeset::read_jsonl(&f.store, m.invalid_key.as_ref().unwrap()).unwrap();
+    let first = invalid.iter().find(|v| v["line"] == 9).expect("first copy at line 9");
+    assert_eq!(first["file"], "exports/people/part-0.csv");
+    let message = first["message"].as_str().unwrap();
+    assert!(
+        message.contains("exports/people/part-0.csv:9")
+            && message.contains("exports/people/part-1.csv:3"),
+        "{message}"
+    );
+    assert!(invalid.iter().all(|v| v["line"] != 0), "{invalid:?}");
+}
+
+#[test]
 fn invalid_rows_are_written_with_reasons_and_do_not_stop_the_run() {
     let mut f = Fixture::new();
     let csv = "id,name,email,score\np1,Ann,ann@example.com,1\np2,,b@example.com,2\np3,Cid,not-an-email,3\np4,Dee,d@example.com,lots\n,Eve,e@example.com,5\np6,\"Fay\",f@example.com,6,extra\np7,Gus,g@example.com,7\n";
