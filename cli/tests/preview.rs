@@ -505,3 +505,94 @@ due_at = "DUE"
         assert!(l["record"].get("comment").is_none(), "{l}");
     }
 }
+
+#[test]
+fn a_mapping_change_is_announced_and_the_row_cap_stops_the_run_before_any_write() {
+    let fx = Fx::start(None);
+    let cfg = fx.config(
+        "people",
+        "users",
+        "upsert",
+        "ID",
+        "name = \"NAME\"\nemail = \"EMAIL\"\n",
+    );
+    edit(
+        &fx,
+        "config/people.toml",
+        "chunk_rows = 100\n",
+        "chunk_rows = 100\nmax_rows_per_run = 50\n",
+        1,
+    );
+    let mut csv = String::from("ID,NAME,EMAIL,NOTE\n");
+    for i in 0..80 {
+        csv.push_str(&format!("p{i},Person {i},p{i}@example.com,note {i}\n"));
+    }
+    fx.write("exports/people/part-0.csv", &csv);
+
+    // 80 new rows against a cap of 50: the preview says the run would stop, and it does.
+    let out = zdsync().arg("plan").arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(8), "{}", text(&out));
+    assert!(text(&out).contains("ROW CAP"), "{}", text(&out));
+    let before = zdsync_tests::write_requests(&fx.sim().counters());
+    let out = zdsync().arg("run").arg(&cfg).output().unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(8), "{t}");
+    assert!(
+        t.contains("more than its cap of 50") && t.contains("nothing was written"),
+        "{t}"
+    );
+    assert_eq!(
+        zdsync_tests::write_requests(&fx.sim().counters()),
+        before,
+        "no write sent"
+    );
+    // Raised for one run, it goes through.
+    let out = zdsync()
+        .arg("run")
+        .arg(&cfg)
+        .args(["--max-rows", "100"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // A mapping change resends all 80: announced by the preview with its cost, and stopped.
+    edit(
+        &fx,
+        "config/people.toml",
+        "email = \"EMAIL\"\n",
+        "email = \"EMAIL\"\nnotes = \"NOTE\"\n",
+        1,
+    );
+    let out = zdsync().arg("plan").arg(&cfg).output().unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(8), "{t}");
+    assert!(
+        t.contains("the mapping changed since run")
+            && t.contains("80 rows already in Zendesk are sent again")
+            && t.contains("≈1 bulk calls"),
+        "{t}"
+    );
+    let out = zdsync().arg("run").arg(&cfg).output().unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(8), "{t}");
+    assert!(t.contains("the mapping changed since run"), "{t}");
+    // The run record says why it stopped.
+    let out = zdsync()
+        .arg("history")
+        .arg(&cfg)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let runs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(runs[0]["error"]["name"], "RowCapExceeded", "{runs:?}");
+    // Within the cap once raised: the run sends them and its record carries the notice.
+    let out = zdsync()
+        .arg("run")
+        .arg(&cfg)
+        .args(["--max-rows", "80"])
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains("NOTE: the mapping changed since run"), "{t}");
+}

@@ -398,7 +398,10 @@ fn a_duplicate_whose_first_copy_is_unchanged_names_both_lines() {
     let m = f.manifest(&r);
     let invalid: Vec<serde_json::Value> =
         changeset::read_jsonl(&f.store, m.invalid_key.as_ref().unwrap()).unwrap();
-    let first = invalid.iter().find(|v| v["line"] == 9).expect("first copy at line 9");
+    let first = invalid
+        .iter()
+        .find(|v| v["line"] == 9)
+        .expect("first copy at line 9");
     assert_eq!(first["file"], "exports/people/part-0.csv");
     let message = first["message"].as_str().unwrap();
     assert!(

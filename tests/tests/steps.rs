@@ -309,6 +309,29 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_over_the_row_cap_of_its_execution_input_stops_before_any_write() {
+    let s = setup().await;
+    let err = parse_trigger(&json!({"sync": "people", "max_rows": "lots"})).unwrap_err();
+    assert!(err.to_string().contains("max_rows"), "{err}");
+    let t = parse_trigger(&json!({"sync": "people", "max_rows": 10})).unwrap();
+    assert_eq!(t.max_rows, Some(10));
+    let before = zdsync_tests::write_requests(&s.sim.counters());
+    let err = plan_step(&s.env, &json!({"sync": "people", "max_rows": 10}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.error_name(), "RowCapExceeded", "{err}");
+    assert!(err.to_string().contains("250 rows"), "{err}");
+    assert!(!s.root.join("locks/people.json").exists());
+    assert_eq!(zdsync_tests::write_requests(&s.sim.counters()), before);
+    // Within the cap it plans as usual.
+    let d = plan_step(&s.env, &json!({"sync": "people", "max_rows": 250}))
+        .await
+        .unwrap();
+    assert_eq!(d.rows_to_write, 250);
+    s.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_that_is_one_object_starts_only_when_that_object_lands() {
     let s = setup().await;
     // A multi-part unload: the parts land first, the manifest last; the sync reads the manifest.
