@@ -499,9 +499,10 @@ fn print_summary(cfg: &SyncConfig, root: &Path, p: &Preview, records: Option<&Pa
     println!();
     let cost = &p.cost;
     println!(
-        "cost        {} rows in ≈{} bulk calls: ≥{} at {} requests/min (plus job polling)",
+        "cost        {} rows in ≈{} bulk call{}: ≥{} at {} requests/min (plus job polling)",
         num(cost.rows),
         num(cost.calls),
+        if cost.calls == 1 { "" } else { "s" },
         zdsync::plan::minutes_text(cost.minutes),
         cost.rpm
     );

@@ -569,7 +569,7 @@ fn a_mapping_change_is_announced_and_the_row_cap_stops_the_run_before_any_write(
     assert!(
         t.contains("the mapping changed since run")
             && t.contains("80 rows already in Zendesk are sent again")
-            && t.contains("≈1 bulk calls"),
+            && t.contains("≈1 bulk call,"),
         "{t}"
     );
     let out = zdsync().arg("run").arg(&cfg).output().unwrap();

@@ -106,6 +106,26 @@ pub enum Split {
     Space,
 }
 
+/// How the cells of a date or date-time mapping are written, when not as date text
+/// (`format = "epoch_seconds"` / `"epoch_millis"` in the mapping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeFormat {
+    /// Seconds since 1970-01-01T00:00:00Z, optionally with up to 9 decimals.
+    EpochSeconds,
+    /// Whole milliseconds since 1970-01-01T00:00:00Z.
+    EpochMillis,
+}
+
+impl TimeFormat {
+    /// The value as written in a sync config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeFormat::EpochSeconds => "epoch_seconds",
+            TimeFormat::EpochMillis => "epoch_millis",
+        }
+    }
+}
+
 /// Where the field of one mapping comes from and how it is typed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldMapping {
@@ -116,6 +136,8 @@ pub struct FieldMapping {
     pub target: Target,
     pub ty: FieldType,
     pub split: Split,
+    /// Date and date-time fields only: the cells are epoch numbers, not date text.
+    pub format: Option<TimeFormat>,
     /// 1-based line in the config file, for messages.
     pub line: usize,
 }
@@ -650,23 +672,25 @@ fn parse_mapping(
     value: &toml::Value,
     line: usize,
 ) -> Result<FieldMapping, String> {
-    let (column, ty_name, split) = match value {
-        toml::Value::String(c) => (c.clone(), None, None),
+    let (column, ty_name, split, format) = match value {
+        toml::Value::String(c) => (c.clone(), None, None, None),
         toml::Value::Table(t) => {
             let mut column = None;
             let mut ty = None;
             let mut split = None;
+            let mut format = None;
             for (k, v) in t {
                 match (k.as_str(), v) {
                     ("column", toml::Value::String(s)) => column = Some(s.clone()),
                     ("type", toml::Value::String(s)) => ty = Some(s.clone()),
                     ("split", toml::Value::String(s)) => split = Some(s.clone()),
-                    ("column" | "type" | "split", _) => {
+                    ("format", toml::Value::String(s)) => format = Some(s.clone()),
+                    ("column" | "type" | "split" | "format", _) => {
                         return Err(format!("line {line}: `mapping.{key}.{k}` must be a string"))
                     }
                     _ => {
                         return Err(format!(
-                            "line {line}: unknown key `{k}` in `mapping.{key}` (expected `column`, `type` or `split`)"
+                            "line {line}: unknown key `{k}` in `mapping.{key}` (expected `column`, `type`, `split` or `format`)"
                         ))
                     }
                 }
@@ -674,7 +698,7 @@ fn parse_mapping(
             let column = column.ok_or_else(|| {
                 format!("line {line}: `mapping.{key}` needs `column = \"<export column>\"`")
             })?;
-            (column, ty, split)
+            (column, ty, split, format)
         }
         _ => {
             return Err(format!(
@@ -695,6 +719,25 @@ fn parse_mapping(
         Some(other) => {
             return Err(format!(
                 "line {line}: `mapping.{key}.split` = {other:?} must be \"comma\", \"space\" or \"comma_or_space\""
+            ))
+        }
+    };
+    // `mapping.due_at.format`, `mapping."user_fields.signup".format`: as the key is written.
+    let format_key = || {
+        if key.contains('.') {
+            format!("mapping.\"{key}\".format")
+        } else {
+            format!("mapping.{key}.format")
+        }
+    };
+    let format = match format.as_deref() {
+        None => None,
+        Some("epoch_seconds") => Some(TimeFormat::EpochSeconds),
+        Some("epoch_millis") => Some(TimeFormat::EpochMillis),
+        Some(other) => {
+            return Err(format!(
+                "line {line}: `{}` = {other:?} must be \"epoch_seconds\" or \"epoch_millis\"",
+                format_key()
             ))
         }
     };
@@ -766,12 +809,29 @@ fn parse_mapping(
             "line {line}: `mapping.{key}.split` only applies to tags, lists and multiselect fields"
         ));
     }
+    if let Some(f) = format {
+        if !matches!(ty, FieldType::Date | FieldType::Datetime) {
+            let standard: Vec<_> = fields::standard_fields(object)
+                .iter()
+                .filter(|s| matches!(s.ty, FieldType::Date | FieldType::Datetime))
+                .map(|s| format!("`{}`, ", s.key))
+                .collect();
+            return Err(format!(
+                "line {line}: `{}` = \"{}\" only applies to date and date-time fields ({}custom fields with `type = \"date\"`); `{key}` is of type {}: remove `format`",
+                format_key(),
+                f.as_str(),
+                standard.concat(),
+                ty.name()
+            ));
+        }
+    }
     Ok(FieldMapping {
         field: key.to_string(),
         column: column.trim().to_string(),
         target,
         ty,
         split,
+        format,
         line,
     })
 }

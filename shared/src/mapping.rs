@@ -6,7 +6,7 @@
 //! change forces a full resend); the payload JSON is assembled from the same fragments only for
 //! rows that are actually sent.
 
-use crate::config::{FieldMapping, Nulls, Split, SyncConfig, Target};
+use crate::config::{FieldMapping, Nulls, Split, SyncConfig, Target, TimeFormat};
 use crate::export::{Record, Value};
 use crate::fields::{FieldType, Object};
 use crate::schema::{FieldDef, Schema};
@@ -77,6 +77,8 @@ struct Compiled {
     target: Target,
     ty: FieldType,
     split: Split,
+    /// Date / date-time cells written as epoch numbers.
+    format: Option<TimeFormat>,
     required: bool,
     create_only: bool,
     /// Checks from Zendesk's field definition, when a schema was given.
@@ -245,6 +247,7 @@ impl Mapper {
                 target: m.target.clone(),
                 ty: m.ty,
                 split: m.split,
+                format: m.format,
                 required: creating && config.object.required_fields().contains(&m.field.as_str()),
                 create_only: matches!(m.target, Target::Standard(s) if s.create_only),
                 check: schema
@@ -294,6 +297,10 @@ impl Mapper {
                 f.ty.name(),
                 f.split
             );
+            // Only when set, so the hash of a mapping without `format` is what it always was.
+            if let Some(format) = f.format {
+                let _ = write!(desc, ":{}", format.as_str());
+            }
         }
         Mapper {
             object: config.object,
@@ -557,6 +564,34 @@ fn coerce(f: &Compiled, value: &Value, nulls: Nulls, out: &mut MappedRow) -> Res
         };
     };
     let buf = &mut out.buf;
+    if let (Some(format), FieldType::Date | FieldType::Datetime) = (f.format, f.ty) {
+        let t = text.trim();
+        let utc = epoch_utc(t, format).map_err(|e| {
+            let (unit, example) = match format {
+                TimeFormat::EpochSeconds => ("seconds", "1710142200, optionally with up to 9 decimals"),
+                TimeFormat::EpochMillis => ("milliseconds", "1710142200000"),
+            };
+            let what = match e {
+                EpochError::NotANumber => format!(
+                    "{} is not epoch {unit} (the mapping's format = \"{}\"): expected whole {unit} since 1970-01-01T00:00:00Z such as {example}",
+                    shown(t),
+                    format.as_str()
+                ),
+                EpochError::OutOfRange => format!(
+                    "{} epoch {unit} is out of range (the mapping's format = \"{}\"): the instant must fall in the years 0000 to 9999 UTC",
+                    shown(t),
+                    format.as_str()
+                ),
+            };
+            refuse(f, Reason::InvalidValue, what)
+        })?;
+        // A date field takes the UTC date of the instant.
+        let len = if f.ty == FieldType::Date { 10 } else { utc.len() };
+        buf.push(b'"');
+        buf.extend_from_slice(&utc[..len]);
+        buf.push(b'"');
+        return Ok(true);
+    }
     match f.ty {
         FieldType::Text | FieldType::Textarea | FieldType::Regexp => {
             if f.required && text.trim().is_empty() {
@@ -940,7 +975,6 @@ const DATETIME_FORMS: &str = "accepted: 2024-05-01T12:00:00Z, 2024-05-01 12:00:0
 /// A small hand parser rather than chrono's format strings, whose lenient `%z` once read
 /// `23:30:00.000 -0800` as a naive time; and it runs per cell without allocating.
 fn datetime_utc(s: &str) -> Option<[u8; 20]> {
-    use chrono::Datelike as _;
     let b = s.as_bytes();
     let two = |i: usize| -> Option<u32> {
         match b.get(i..i + 2)? {
@@ -985,7 +1019,12 @@ fn datetime_utc(s: &str) -> Option<[u8; 20]> {
         1 => date.succ_opt()?,
         _ => date.pred_opt()?,
     };
-    let secs = secs.rem_euclid(86_400) as u32;
+    utc_text(date, secs.rem_euclid(86_400) as u32)
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of a UTC date and the seconds into it, for years 0000 to 9999.
+fn utc_text(date: chrono::NaiveDate, secs: u32) -> Option<[u8; 20]> {
+    use chrono::Datelike as _;
     let year = u32::try_from(date.year()).ok().filter(|&y| y <= 9999)?;
     let mut out = *b"0000-00-00T00:00:00Z";
     let mut put = |at: usize, v: u32| {
@@ -1000,6 +1039,58 @@ fn datetime_utc(s: &str) -> Option<[u8; 20]> {
     put(14, secs / 60 % 60);
     put(17, secs % 60);
     Some(out)
+}
+
+/// Why an epoch cell was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EpochError {
+    /// Not written as the format's number.
+    NotANumber,
+    /// A number, but not an instant in the years 0000 to 9999.
+    OutOfRange,
+}
+
+/// Convert an epoch number (the mapping's `format`) to `YYYY-MM-DDTHH:MM:SSZ`, exactly:
+///
+/// an optional sign, then digits; for seconds optionally `.` and 1 to 9 digits of fraction.
+/// A fraction is dropped towards the past, as date-time text drops its fraction (`-0.5` is
+/// 1969-12-31T23:59:59Z); milliseconds likewise. Exponents, separators and anything else are
+/// refused. Runs per cell without allocating.
+fn epoch_utc(s: &str, format: TimeFormat) -> Result<[u8; 20], EpochError> {
+    let b = s.as_bytes();
+    let (neg, b) = match b {
+        [b'-', rest @ ..] => (true, rest),
+        [b'+', rest @ ..] => (false, rest),
+        _ => (false, b),
+    };
+    let n = b.iter().take_while(|c| c.is_ascii_digit()).count();
+    let (int, rest) = b.split_at(n);
+    let fraction = match (rest, format) {
+        _ if int.is_empty() => return Err(EpochError::NotANumber),
+        ([], _) => false,
+        ([b'.', frac @ ..], TimeFormat::EpochSeconds)
+            if (1..=9).contains(&frac.len()) && frac.iter().all(u8::is_ascii_digit) =>
+        {
+            frac.iter().any(|&c| c != b'0')
+        }
+        _ => return Err(EpochError::NotANumber),
+    };
+    let magnitude = int.iter().try_fold(0i64, |acc, &c| {
+        acc.checked_mul(10)?.checked_add(i64::from(c - b'0'))
+    });
+    let magnitude = magnitude.ok_or(EpochError::OutOfRange)?;
+    let value = if neg { -magnitude } else { magnitude };
+    let secs = match format {
+        TimeFormat::EpochSeconds => value - i64::from(neg && fraction),
+        TimeFormat::EpochMillis => value.div_euclid(1000),
+    };
+    // Days from 0001-01-01 (chrono's day 1) to 1970-01-01.
+    const UNIX_EPOCH_FROM_CE: i64 = 719_163;
+    i32::try_from(secs.div_euclid(86_400) + UNIX_EPOCH_FROM_CE)
+        .ok()
+        .and_then(chrono::NaiveDate::from_num_days_from_ce_opt)
+        .and_then(|date| utc_text(date, secs.rem_euclid(86_400) as u32))
+        .ok_or(EpochError::OutOfRange)
 }
 
 /// The UTC offset in seconds of a zone suffix: none, `Z`, `UTC`, `±HH`, `±HHMM`, `±HH:MM` or

@@ -333,11 +333,12 @@ pub fn mapping_change_line(manifest: &Manifest, rpm: u32) -> Option<String> {
     let m = manifest.mapping_change.as_ref()?;
     let cost = manifest.cost(rpm);
     Some(format!(
-        "the mapping changed since run {}: {} rows already in Zendesk are sent again; this run sends {} rows in ≈{} bulk calls, ≥{} at {} requests/min (cap a run with `max_rows_per_run` or `zdsync run --max-rows`)",
+        "the mapping changed since run {}: {} rows already in Zendesk are sent again; this run sends {} rows in ≈{} bulk call{}, ≥{} at {} requests/min (cap a run with `max_rows_per_run` or `zdsync run --max-rows`)",
         m.since_run.as_deref().unwrap_or("(unknown)"),
         m.resend,
         cost.rows,
         cost.calls,
+        if cost.calls == 1 { "" } else { "s" },
         minutes_text(cost.minutes),
         cost.rpm
     ))
