@@ -584,7 +584,11 @@ fn a_mapping_change_is_announced_and_the_row_cap_stops_the_run_before_any_write(
         .output()
         .unwrap();
     let runs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(runs[0]["error"]["name"], "RowCapExceeded", "{runs:?}");
+    let newest = runs
+        .iter()
+        .max_by_key(|r| r["finished_at"].as_str().unwrap().to_string())
+        .unwrap();
+    assert_eq!(newest["error"]["name"], "RowCapExceeded", "{runs:?}");
     // Within the cap once raised: the run sends them and its record carries the notice.
     let out = zdsync()
         .arg("run")

@@ -969,4 +969,90 @@ tags = { column = "segments", split = "comma" }
         ));
         assert!(e.contains("primary_key"), "{e}");
     }
+
+    #[test]
+    fn epoch_format_is_only_for_date_fields_and_known_values() {
+        let plan = "\"user_fields.plan\" = { column = \"plan\", type = \"dropdown\" }";
+        let c = SyncConfig::parse(
+            &GOOD.replace(
+                plan,
+                "\"user_fields.plan\" = { column = \"plan\", type = \"date\", format = \"epoch_millis\" }",
+            ),
+            "sync.toml",
+        )
+        .unwrap();
+        let formats: Vec<_> = c.mapping.iter().map(|m| m.format).collect();
+        assert_eq!(
+            formats,
+            [None, None, None, Some(TimeFormat::EpochMillis)],
+            "only where the mapping says so"
+        );
+        let tickets = |due: &str| {
+            GOOD.replace("object = \"users\"", "object = \"tickets\"")
+                .replace(
+                    "name = \"full_name\"\nemail = \"EMAIL\"",
+                    &format!("subject = \"s\"\ndescription = \"d\"\n{due}"),
+                )
+                .replace("tags = { column = \"segments\", split = \"comma\" }\n", "")
+                .replace(plan, "")
+        };
+        let c = SyncConfig::parse(
+            &tickets("due_at = { column = \"DUE\", format = \"epoch_seconds\" }"),
+            "sync.toml",
+        )
+        .unwrap();
+        let due = c.mapping.iter().find(|m| m.field == "due_at").unwrap();
+        assert_eq!(
+            (due.ty, due.format),
+            (FieldType::Datetime, Some(TimeFormat::EpochSeconds))
+        );
+
+        // Anywhere else: the line, the key and the fields it applies to.
+        let e = err(&GOOD.replace(
+            "type = \"dropdown\" }",
+            "type = \"dropdown\", format = \"epoch_seconds\" }",
+        ));
+        assert!(
+            e.contains("line 19")
+                && e.contains("`mapping.\"user_fields.plan\".format` = \"epoch_seconds\"")
+                && e.contains("only applies to date and date-time fields (custom fields with `type = \"date\"`)")
+                && e.contains("`user_fields.plan` is of type dropdown"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "name = \"full_name\"",
+            "name = { column = \"full_name\", format = \"epoch_millis\" }",
+        ));
+        assert!(
+            e.contains("line 16") && e.contains("`mapping.name.format` = \"epoch_millis\""),
+            "{e}"
+        );
+        let e = err(&tickets("due_at = \"DUE\"").replace(
+            "subject = \"s\"",
+            "subject = { column = \"s\", format = \"epoch_seconds\" }",
+        ));
+        assert!(
+            e.contains("`mapping.subject.format`")
+                && e.contains("(`due_at`, custom fields with `type = \"date\"`)")
+                && e.contains("`subject` is of type text"),
+            "{e}"
+        );
+
+        // Unknown values and non-strings.
+        let e = err(&GOOD.replace(
+            "type = \"dropdown\" }",
+            "type = \"date\", format = \"epoch_micros\" }",
+        ));
+        assert!(
+            e.contains("line 19")
+                && e.contains("`mapping.\"user_fields.plan\".format` = \"epoch_micros\"")
+                && e.contains("must be \"epoch_seconds\" or \"epoch_millis\""),
+            "{e}"
+        );
+        let e = err(&GOOD.replace(
+            "type = \"dropdown\" }",
+            "type = \"date\", format = 1000 }",
+        ));
+        assert!(e.contains("must be a string"), "{e}");
+    }
 }

@@ -586,7 +586,11 @@ fn coerce(f: &Compiled, value: &Value, nulls: Nulls, out: &mut MappedRow) -> Res
             refuse(f, Reason::InvalidValue, what)
         })?;
         // A date field takes the UTC date of the instant.
-        let len = if f.ty == FieldType::Date { 10 } else { utc.len() };
+        let len = if f.ty == FieldType::Date {
+            10
+        } else {
+            utc.len()
+        };
         buf.push(b'"');
         buf.extend_from_slice(&utc[..len]);
         buf.push(b'"');
