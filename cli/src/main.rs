@@ -447,7 +447,12 @@ fn print_summary(cfg: &SyncConfig, root: &Path, p: &Preview, records: Option<&Pa
     );
     if let Some(old) = &p.unfinished_run {
         println!(
-            "unfinished  run {old} was interrupted: the next run finishes it first (its rows are not counted below)"
+            "unfinished  run {old} was interrupted or crashed: the next run finishes it first (its rows are not counted below)"
+        );
+    }
+    if let Some(now) = &p.running {
+        println!(
+            "running     run {now} is under way: these figures are from the state before it finishes"
         );
     }
     if let Some(line) = zdsync::plan::mapping_change_line(m, cfg.rate_limit_rpm()) {

@@ -600,3 +600,51 @@ fn a_mapping_change_is_announced_and_the_row_cap_stops_the_run_before_any_write(
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(t.contains("NOTE: the mapping changed since run"), "{t}");
 }
+
+#[test]
+fn a_preview_names_a_run_under_way_or_one_the_next_run_finishes_first() {
+    let fx = Fx::start(None);
+    let cfg = fx.config(
+        "people",
+        "users",
+        "upsert",
+        "ID",
+        "name = \"NAME\"\nemail = \"EMAIL\"\n",
+    );
+    fx.write(
+        "exports/people/part-0.csv",
+        "ID,NAME,EMAIL\np1,Ann,ann@example.com\n",
+    );
+    let lock = |run: &str, expires_at: i64| {
+        fx.write(
+            "locks/people.json",
+            &json!({"sync": "people", "run_id": run, "host": "elsewhere", "pid": 1,
+                    "acquired_at": "2026-01-01T00:00:00Z", "expires_at": expires_at})
+            .to_string(),
+        )
+    };
+    let preview = || -> Value {
+        let out = zdsync()
+            .arg("plan")
+            .arg(&cfg)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    lock("r-live", unix_now() + 600);
+    let p = preview();
+    assert_eq!(p["running"], "r-live", "{p}");
+    lock("r-crashed", 1);
+    let p = preview();
+    assert_eq!(p["unfinished_run"], "r-crashed", "{p}");
+    assert!(p.get("running").is_none(), "{p}");
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}

@@ -1049,10 +1049,7 @@ tags = { column = "segments", split = "comma" }
                 && e.contains("must be \"epoch_seconds\" or \"epoch_millis\""),
             "{e}"
         );
-        let e = err(&GOOD.replace(
-            "type = \"dropdown\" }",
-            "type = \"date\", format = 1000 }",
-        ));
+        let e = err(&GOOD.replace("type = \"dropdown\" }", "type = \"date\", format = 1000 }"));
         assert!(e.contains("must be a string"), "{e}");
     }
 }

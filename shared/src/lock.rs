@@ -85,6 +85,11 @@ impl LockInfo {
     }
 }
 
+/// Who holds a sync's lock, if anyone.
+pub fn holder(store: &dyn ObjectStore, sync: &str) -> io::Result<Option<LockInfo>> {
+    read(store, &layout::lock_key(sync))
+}
+
 fn read(store: &dyn ObjectStore, key: &str) -> io::Result<Option<LockInfo>> {
     if store.head(key)?.is_none() {
         return Ok(None);

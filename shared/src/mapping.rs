@@ -1474,6 +1474,172 @@ mod tests {
         }
     }
 
+    /// Epoch numbers under a mapping's `format`, converted exactly to UTC or refused.
+    #[test]
+    fn epoch_numbers_convert_exactly_to_utc_or_are_refused() {
+        use EpochError::{NotANumber, OutOfRange};
+        use TimeFormat::{EpochMillis as Ms, EpochSeconds as S};
+        let cases: &[(&str, TimeFormat, Result<&str, EpochError>)] = &[
+            // Seconds.
+            ("1710142200", S, Ok("2024-03-11T07:30:00Z")),
+            ("+1710142200", S, Ok("2024-03-11T07:30:00Z")),
+            ("0001710142200", S, Ok("2024-03-11T07:30:00Z")),
+            ("0", S, Ok("1970-01-01T00:00:00Z")),
+            ("951782400", S, Ok("2000-02-29T00:00:00Z")),
+            // Negative seconds: before 1970.
+            ("-1", S, Ok("1969-12-31T23:59:59Z")),
+            ("-86400", S, Ok("1969-12-31T00:00:00Z")),
+            ("-2208988800", S, Ok("1900-01-01T00:00:00Z")),
+            // Fractions of a second are dropped towards the past.
+            ("1710142200.5", S, Ok("2024-03-11T07:30:00Z")),
+            ("1710142200.999999999", S, Ok("2024-03-11T07:30:00Z")),
+            ("1710142200.000", S, Ok("2024-03-11T07:30:00Z")),
+            ("-0.5", S, Ok("1969-12-31T23:59:59Z")),
+            ("-1.000", S, Ok("1969-12-31T23:59:59Z")),
+            ("-1.25", S, Ok("1969-12-31T23:59:58Z")),
+            // Milliseconds: whole numbers only.
+            ("1710142200000", Ms, Ok("2024-03-11T07:30:00Z")),
+            ("1710142200999", Ms, Ok("2024-03-11T07:30:00Z")),
+            ("-1", Ms, Ok("1969-12-31T23:59:59Z")),
+            ("-1000", Ms, Ok("1969-12-31T23:59:59Z")),
+            ("-1001", Ms, Ok("1969-12-31T23:59:58Z")),
+            ("1710142200000.0", Ms, Err(NotANumber)),
+            ("1710142200.5", Ms, Err(NotANumber)),
+            // The range of date-time text: years 0000 to 9999.
+            ("253402300799", S, Ok("9999-12-31T23:59:59Z")),
+            ("-62167219200", S, Ok("0000-01-01T00:00:00Z")),
+            ("253402300799999", Ms, Ok("9999-12-31T23:59:59Z")),
+            ("253402300800", S, Err(OutOfRange)),
+            ("-62167219201", S, Err(OutOfRange)),
+            ("253402300800000", Ms, Err(OutOfRange)),
+            ("99999999999999999999", S, Err(OutOfRange)),
+            ("-99999999999999999999", Ms, Err(OutOfRange)),
+            // Not epoch numbers.
+            ("2024-03-10", S, Err(NotANumber)),
+            ("2024-03-10T23:30:00Z", Ms, Err(NotANumber)),
+            ("1710142200.1234567890", S, Err(NotANumber)),
+            ("1710142200.", S, Err(NotANumber)),
+            (".5", S, Err(NotANumber)),
+            ("1.7e9", S, Err(NotANumber)),
+            ("1,710,142,200", S, Err(NotANumber)),
+            ("1710142200 UTC", S, Err(NotANumber)),
+            ("0x10", S, Err(NotANumber)),
+            ("--1", S, Err(NotANumber)),
+            ("-", S, Err(NotANumber)),
+            ("", S, Err(NotANumber)),
+        ];
+        for &(input, format, want) in cases {
+            let got = epoch_utc(input, format).map(|b| String::from_utf8_lossy(&b).into_owned());
+            assert_eq!(got, want.map(String::from), "{input:?} {format:?}");
+        }
+    }
+
+    #[test]
+    fn epoch_formats_map_date_and_date_time_fields_and_name_the_format() {
+        let tickets = "subject = \"s\"\ndescription = \"d\"\ndue_at = { column = \"due\", format = \"epoch_seconds\" }\n\"custom_fields.360001\" = { column = \"day\", type = \"date\", format = \"epoch_seconds\" }\n";
+        let m = Mapper::new(&config("tickets", tickets));
+        let mut row = MappedRow::default();
+        let rec = |due: Option<&str>, day: Option<&str>| {
+            record(&[Some("T-1"), Some("Help"), Some("It broke"), due, day])
+        };
+        for (due, day, want_due, want_day) in [
+            (
+                "1710142200",
+                "1710142200",
+                "2024-03-11T07:30:00Z",
+                "2024-03-11",
+            ),
+            (" -1 ", "-1.5", "1969-12-31T23:59:59Z", "1969-12-31"),
+            (
+                "1710142200.5",
+                "1710115200",
+                "2024-03-11T07:30:00Z",
+                "2024-03-11",
+            ),
+        ] {
+            m.map(&rec(Some(due), Some(day)), &mut row).unwrap();
+            let p = payload(&m, &row, false);
+            assert_eq!(p["due_at"], want_due, "{due:?}");
+            assert_eq!(
+                p["custom_fields"],
+                serde_json::json!([{"id": 360001, "value": want_day}]),
+                "{day:?}"
+            );
+        }
+        // Empty cells are still nulls.
+        m.map(&rec(None, Some(" ")), &mut row).unwrap();
+        let p = payload(&m, &row, false);
+        assert_eq!(p["due_at"], serde_json::Value::Null);
+        assert_eq!(p["custom_fields"][0]["value"], serde_json::Value::Null);
+        // Text is refused naming the format; so is a number out of range.
+        for (due, day, field, says) in [
+            (
+                "2024-03-10",
+                "0",
+                "due_at",
+                "\"2024-03-10\" is not epoch seconds (the mapping's format = \"epoch_seconds\")",
+            ),
+            (
+                "0",
+                "2024-03-10 23:30:00",
+                "custom_fields.360001",
+                "\"2024-03-10 23:30:00\" is not epoch seconds (the mapping's format = \"epoch_seconds\")",
+            ),
+            (
+                "253402300800",
+                "0",
+                "due_at",
+                "\"253402300800\" epoch seconds is out of range (the mapping's format = \"epoch_seconds\")",
+            ),
+        ] {
+            let e = m.map(&rec(Some(due), Some(day)), &mut row).unwrap_err();
+            assert_eq!(
+                (e.reason, e.field.as_deref()),
+                (Reason::InvalidValue, Some(field))
+            );
+            assert!(e.message.contains(says), "{}", e.message);
+        }
+
+        // Milliseconds into a user's date field: the UTC date of the instant.
+        let users = "name = \"n\"\nemail = \"e\"\n\"user_fields.signup\" = { column = \"signup\", type = \"date\", format = \"epoch_millis\" }\n";
+        let m = Mapper::new(&config("users", users));
+        let rec = |signup: &str| record(&[Some("1"), Some("A"), Some("a@b.co"), Some(signup)]);
+        m.map(&rec("1710115199999"), &mut row).unwrap();
+        assert_eq!(
+            payload(&m, &row, true)["user_fields"]["signup"],
+            "2024-03-10"
+        );
+        m.map(&rec("1710115200000"), &mut row).unwrap();
+        assert_eq!(
+            payload(&m, &row, true)["user_fields"]["signup"],
+            "2024-03-11"
+        );
+        let e = m.map(&rec("1710115200.5"), &mut row).unwrap_err();
+        assert!(
+            e.message.contains(
+                "\"1710115200.5\" is not epoch milliseconds (the mapping's format = \"epoch_millis\")"
+            ),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn the_format_is_part_of_the_mapping_hash() {
+        let hash = |due: &str| {
+            Mapper::new(&config(
+                "tickets",
+                &format!("subject = \"s\"\ndescription = \"d\"\ndue_at = {due}\n"),
+            ))
+            .mapping_hash()
+        };
+        let text = hash("\"due\"");
+        let seconds = hash("{ column = \"due\", format = \"epoch_seconds\" }");
+        let millis = hash("{ column = \"due\", format = \"epoch_millis\" }");
+        assert_eq!(hash("{ column = \"due\" }"), text);
+        assert!(text != seconds && text != millis && seconds != millis);
+    }
+
     #[test]
     fn tickets_put_description_in_the_first_comment_only_on_create() {
         let m = Mapper::new(&config(

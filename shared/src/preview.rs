@@ -48,9 +48,13 @@ pub struct Preview {
     /// Set when Zendesk was not read: why these figures may differ from the run's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approximate: Option<String>,
-    /// An interrupted run the next run finishes before its own work (not in these figures).
+    /// An interrupted or crashed run the next run finishes before its own work (not in these
+    /// figures).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unfinished_run: Option<String>,
+    /// A run in progress now: these figures are from the state before it finishes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running: Option<String>,
     /// What the writes cost at the sync's request budget.
     pub cost: Cost,
     /// The run's row cap; the run stops before writing when `cost.rows` is above it.
@@ -85,7 +89,23 @@ pub async fn preview(
     };
     let scratch: Arc<dyn ObjectStore> =
         Arc::new(Scratch::new(store.clone()).map_err(|e| io_err("(scratch folder)", e))?);
-    let unfinished_run = run::newest_interrupted(store.clone(), cfg.name.clone()).await?;
+    // What the next run does first: finish a crashed run (its lock went stale) or an
+    // interrupted one; a live lock means a run is under way.
+    let (lock_store, sync) = (store.clone(), cfg.name.clone());
+    let holder =
+        tokio::task::spawn_blocking(move || crate::lock::holder(lock_store.as_ref(), &sync))
+            .await
+            .map_err(|e| RunError::Internal(format!("lock task: {e}")))?
+            .map_err(|e| io_err(&crate::layout::lock_key(&cfg.name), e))?;
+    let (running, crashed) = match holder {
+        Some(h) if h.is_stale() => (None, Some(h.run_id)),
+        Some(h) => (Some(h.run_id), None),
+        None => (None, None),
+    };
+    let unfinished_run = match crashed {
+        Some(r) => Some(r),
+        None => run::newest_interrupted(store.clone(), cfg.name.clone()).await?,
+    };
 
     let (schema, approximate) = match client {
         Some(client) => {
@@ -130,6 +150,7 @@ pub async fn preview(
         report: report.0,
         approximate,
         unfinished_run,
+        running,
         cost,
         max_rows: opts.max_rows,
         records: written,
