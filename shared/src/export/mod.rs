@@ -234,6 +234,8 @@ pub fn open_reader(
     options: &ReadOptions,
 ) -> Result<Box<dyn RecordReader>, ExportError> {
     let format = match options.format {
+        // Only CSV files go without a header: a headerless row starting with `{` is still CSV.
+        Format::Auto if !options.header => Format::Csv,
         Format::Auto => compression::sniff_format(store, key, options.compression)?,
         f => f,
     };
