@@ -246,7 +246,7 @@ struct RawSource {
     #[serde(default)]
     empty_as_null: Option<bool>,
     #[serde(default)]
-    null_values: Vec<String>,
+    null_values: Option<Vec<String>>,
     #[serde(default)]
     header: Option<toml::Spanned<bool>>,
     #[serde(default)]
@@ -298,6 +298,9 @@ fn default_credentials() -> String {
 }
 
 pub const DEFAULT_CHUNK_ROWS: usize = 1000;
+
+/// The NULL marker read by default (`null_values = []` turns it off).
+pub const DEFAULT_NULL: &str = "\\N";
 
 impl SyncConfig {
     /// Read and validate a sync config file.
@@ -389,7 +392,11 @@ impl SyncConfig {
             delimiter,
             escape: raw.source.escape,
             empty_as_null: raw.source.empty_as_null.unwrap_or(true),
-            null_values: raw.source.null_values,
+            // Snowflake's and Hive's unloads write NULL as `\N` unless told otherwise.
+            null_values: raw
+                .source
+                .null_values
+                .unwrap_or_else(|| vec![DEFAULT_NULL.to_string()]),
             header,
             columns,
             ..ReadOptions::default()

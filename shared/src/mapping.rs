@@ -691,7 +691,10 @@ fn coerce(f: &Compiled, value: &Value, nulls: Nulls, out: &mut MappedRow) -> Res
                 return Err(refuse(
                     f,
                     Reason::InvalidValue,
-                    format!("{} is not a date (expected YYYY-MM-DD)", shown(text)),
+                    format!(
+                        "{} is not a date (expected YYYY-MM-DD, YYYY/MM/DD, or a date-time, whose date is taken as written)",
+                        shown(text)
+                    ),
                 ))
             }
         },
@@ -952,6 +955,11 @@ fn date_into(s: &str, out: &mut [u8; 10]) -> Option<()> {
     };
     let (y, m, d) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
     chrono::NaiveDate::from_ymd_opt(y as i32, m, d)?;
+    // A timestamp gives its date as written, but only a whole, valid one: no guessing at
+    // whatever follows the date.
+    if b.len() > 10 && (sep != b'-' || datetime_utc(s).is_none()) {
+        return None;
+    }
     out.copy_from_slice(&b[..10]);
     out[4] = b'-';
     out[7] = b'-';
@@ -1315,6 +1323,19 @@ mod tests {
             parse_date("2024-03-01 23:59:59").as_deref(),
             Some("2024-03-01")
         );
+        // A Snowflake TIMESTAMP_TZ gives its local date; text that is no timestamp is refused.
+        assert_eq!(
+            parse_date("2024-03-10 23:30:00.000 -0800").as_deref(),
+            Some("2024-03-10")
+        );
+        for bad in [
+            "2024-03-01 garbage",
+            "2024-03-01 25:00:00",
+            "2024/03/01 10:00:00",
+            "2024-03-01x",
+        ] {
+            assert_eq!(parse_date(bad), None, "{bad}");
+        }
         assert_eq!(
             parse_datetime("2024-03-01T10:00:00+02:00").as_deref(),
             Some("2024-03-01T08:00:00Z")

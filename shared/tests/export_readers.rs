@@ -149,13 +149,19 @@ fn lf_lines_without_final_newline_and_literal_quotes_in_unquoted_fields() {
 fn empty_fields_and_null_markers() {
     let (_dir, store) = store();
     store.put("n.csv", b"a,b,c\n,\"\",\\N\nx,NULL,y\n").unwrap();
+    // By default `\N` (Snowflake's and Hive's NULL) and an empty field are NULL.
     let default = read_ok(&store, "n.csv", &["a", "b", "c"], &csv());
     assert_eq!(
         default,
-        [
-            R(2, vec![N, N, t("\\N")]),
-            R(3, vec![t("x"), t("NULL"), t("y")]),
-        ]
+        [R(2, vec![N, N, N]), R(3, vec![t("x"), t("NULL"), t("y")]),]
+    );
+    let literal = ReadOptions {
+        null_values: Vec::new(),
+        ..csv()
+    };
+    assert_eq!(
+        read_ok(&store, "n.csv", &["c"], &literal),
+        [R(2, vec![t("\\N")]), R(3, vec![t("y")])]
     );
     let options = ReadOptions {
         empty_as_null: false,

@@ -132,7 +132,7 @@ impl Default for ReadOptions {
             quote: b'"',
             escape: Escape::Quote,
             empty_as_null: true,
-            null_values: Vec::new(),
+            null_values: vec![crate::config::DEFAULT_NULL.to_string()],
             header: true,
             columns: Vec::new(),
             max_record_bytes: 4 * 1024 * 1024,
