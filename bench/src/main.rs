@@ -9,6 +9,7 @@
 mod audience;
 mod recovery;
 mod sync;
+mod timestamps;
 
 use clap::{Parser, Subcommand};
 use std::collections::HashSet;
@@ -99,6 +100,17 @@ enum Cmd {
         #[arg(long, default_value = "bench-data")]
         dir: PathBuf,
     },
+    /// The date-time parser on Snowflake's default TIMESTAMP_TZ text, against chrono parsing
+    /// the same texts with a fixed format.
+    Timestamps {
+        #[arg(long, default_value_t = 2_000_000)]
+        values: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// Internal: one preview (`zdsync plan --offline`) in this process, printing JSON figures.
+    #[command(hide = true)]
+    PreviewOnce { dir: PathBuf, cores: usize },
     /// Internal: one plan run in this process, printing JSON figures.
     #[command(hide = true)]
     PlanOnce {
@@ -137,6 +149,8 @@ fn main() {
     match Cli::parse().command {
         Cmd::Plan { rows, cores, dir } => bench_plan(rows, cores, &dir),
         Cmd::PlanOnce { dir, run, cores } => plan_once(&dir, &run, cores),
+        Cmd::PreviewOnce { dir, cores } => preview_once(&dir, cores),
+        Cmd::Timestamps { values, rounds } => timestamps::bench_timestamps(values, rounds),
         Cmd::Sync {
             users,
             orgs,
@@ -278,6 +292,31 @@ fn plan_once(dir: &Path, run: &str, cores: usize) {
     );
 }
 
+fn preview_once(dir: &Path, cores: usize) {
+    pin(cores);
+    let store: std::sync::Arc<dyn ObjectStore> = std::sync::Arc::new(LocalStore::new(dir));
+    let cfg = SyncConfig::parse(CONFIG, "bench.toml").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let t = Instant::now();
+    let p = rt
+        .block_on(zdsync::preview::preview(
+            store,
+            &cfg,
+            None,
+            &zdsync::preview::PreviewOptions::new("preview"),
+            None,
+        ))
+        .unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"seconds": secs, "rss_mib": peak_rss_mib(), "counts": p.report.manifest.counts})
+    );
+}
+
 fn gunzip_once(file: &Path, cores: usize) {
     pin(cores);
     let t = Instant::now();
@@ -377,6 +416,13 @@ fn bench_plan(rows: u64, cores: usize, dir: &Path) {
         &cores.to_string(),
     ]);
 
+    // The preview of the same run: the plan's own work into a scratch folder.
+    let preview = child(&["preview-once", bucket.to_str().unwrap(), &cores.to_string()]);
+    assert_eq!(
+        preview["counts"], second["counts"],
+        "the preview counts what the plan counts"
+    );
+
     // Exactly the changed rows must be in the change set.
     let m =
         changeset::read_manifest(&store, &layout::manifest_key("bench_users", "run-2")).unwrap();
@@ -415,6 +461,11 @@ fn bench_plan(rows: u64, cores: usize, dir: &Path) {
     );
     line("plan, first run", &first);
     line("plan, 1 % changed", &second);
+    line("preview, 1 % changed", &preview);
+    println!(
+        "preview ÷ plan (same export and state): {:.2}",
+        preview["seconds"].as_f64().unwrap() / second["seconds"].as_f64().unwrap()
+    );
     println!(
         "change set of run 2: {} rows, exactly the {} changed rows: {}",
         sent.len(),

@@ -986,7 +986,7 @@ const DATETIME_FORMS: &str = "accepted: 2024-05-01T12:00:00Z, 2024-05-01 12:00:0
 ///
 /// A small hand parser rather than chrono's format strings, whose lenient `%z` once read
 /// `23:30:00.000 -0800` as a naive time; and it runs per cell without allocating.
-fn datetime_utc(s: &str) -> Option<[u8; 20]> {
+pub fn datetime_utc(s: &str) -> Option<[u8; 20]> {
     let b = s.as_bytes();
     let two = |i: usize| -> Option<u32> {
         match b.get(i..i + 2)? {
