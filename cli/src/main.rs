@@ -36,8 +36,9 @@ enum Command {
         /// Accepted for scripts: a plan never writes.
         #[arg(long, hide = true)]
         dry_run: bool,
-        /// Do not read Zendesk: an approximate preview (option labels and field keys are not
-        /// checked, a tickets sync without state counts every ticket as new), labelled so.
+        /// Do not read Zendesk: an approximate preview, labelled so (custom fields are checked
+        /// against the definitions the last run kept, if any; a tickets sync without state
+        /// counts every ticket as new).
         #[arg(long)]
         offline: bool,
         /// Write one JSON line per row the run sends: its bulk call and the record in that

@@ -290,6 +290,19 @@ fn the_demo_configs_preview_what_their_runs_send() {
     // the option values Zendesk holds.
     let (p, _) = fx.preview_then_run(&cfg("demo_users"), true);
     assert_eq!(counts(&p).1, 0, "{p}");
+    // Offline, the preview uses the field definitions the last run kept: still exact here,
+    // and labelled with where its definitions come from.
+    let out = zdsync()
+        .arg("plan")
+        .arg(cfg("demo_users"))
+        .args(["--offline", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let offline: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(counts(&offline), counts(&p), "{offline}");
+    let why = offline["approximate"].as_str().unwrap();
+    assert!(why.contains("checked against the definitions run"), "{why}");
 
     // Plan labels changed on 12 rows (Free → Pro): sent as the option value.
     edit(

@@ -6,6 +6,11 @@ pub fn state_key(sync: &str) -> String {
     format!("state/{sync}/state.zst")
 }
 
+/// The field definitions the last run planned with (what an offline preview reads).
+pub fn fields_key(sync: &str) -> String {
+    format!("state/{sync}/fields.json")
+}
+
 pub fn run_prefix(sync: &str, run: &str) -> String {
     format!("runs/{sync}/{run}/")
 }

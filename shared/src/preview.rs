@@ -113,12 +113,28 @@ pub async fn preview(
             if cfg.is_audience() {
                 client.check_tagging(cfg.object).await?;
             }
-            let schema = run::read_schema(client, cfg).await?;
+            let schema = run::read_schema(client, cfg, None).await?;
             run::rebuild_if_needed(&scratch, cfg, client, opts.full_resync, opts.export_rpm)
                 .await?;
             (schema, None)
         }
-        None => (None, Some(offline_caveats(&store, cfg))),
+        None => {
+            // The definitions the last run planned with, when it kept them: labels then become
+            // the option values the run would send, as far as Zendesk has not changed since.
+            let saved = if run::needs_schema(cfg) {
+                let (s, name) = (store.clone(), cfg.name.clone());
+                tokio::task::spawn_blocking(move || run::saved_schema(s.as_ref(), &name))
+                    .await
+                    .map_err(|e| RunError::Internal(format!("schema task: {e}")))?
+            } else {
+                None
+            };
+            if let Some(saved) = &saved {
+                saved.schema.validate(cfg)?;
+            }
+            let caveats = offline_caveats(&store, cfg, saved.as_ref());
+            (saved.map(|s| Arc::new(s.schema)), Some(caveats))
+        }
     };
 
     let mut popts = PlanOptions::new(opts.run_id.clone());
@@ -158,13 +174,22 @@ pub async fn preview(
 }
 
 /// Why an offline preview may differ from the run.
-fn offline_caveats(store: &Arc<dyn ObjectStore>, cfg: &SyncConfig) -> String {
+fn offline_caveats(
+    store: &Arc<dyn ObjectStore>,
+    cfg: &SyncConfig,
+    saved: Option<&run::SavedSchema>,
+) -> String {
     let mut why = vec!["Zendesk was not read, so credentials and scopes are unchecked".to_string()];
-    if run::needs_schema(cfg) {
-        why.push(
+    match saved {
+        Some(s) if run::needs_schema(cfg) => why.push(format!(
+            "custom fields are checked against the definitions run {} read at {} (changes made in Zendesk since are not seen)",
+            s.run_id, s.read_at
+        )),
+        None if run::needs_schema(cfg) => why.push(
             "custom field keys are unchecked and option labels are counted as written (a run sends their option values, so rows may show as changed that are not)"
                 .into(),
-        );
+        ),
+        _ => {}
     }
     let no_state = store
         .head(&crate::layout::state_key(&cfg.name))

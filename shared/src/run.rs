@@ -291,16 +291,51 @@ pub fn check_cap(manifest: &Manifest, cap: Option<u64>, rpm: u32) -> Result<(), 
 
 /// The object's field definitions when the mapping names custom fields, checked against the
 /// mapping: labels then become option values, and a mistyped field key fails before any write.
+/// With `keep`, the definitions are saved for offline previews (`SavedSchema`).
 pub async fn read_schema(
     client: &Client,
     cfg: &SyncConfig,
+    keep: Option<(&Arc<dyn ObjectStore>, &str)>,
 ) -> Result<Option<Arc<crate::schema::Schema>>, RunError> {
     if !needs_schema(cfg) {
         return Ok(None);
     }
     let s = crate::schema::fetch(client, cfg.object).await?;
     s.validate(cfg)?;
+    if let Some((store, run_id)) = keep {
+        let saved = SavedSchema {
+            run_id: run_id.to_string(),
+            read_at: rfc3339(chrono::Utc::now()),
+            schema: s.clone(),
+        };
+        let (store, key) = (store.clone(), layout::fields_key(&cfg.name));
+        let body = serde_json::to_vec(&saved).expect("schema serialises");
+        // Only previews read it: a failure to keep it never fails the run.
+        let put = tokio::task::spawn_blocking(move || store.put(&key, &body)).await;
+        if let Ok(Err(e)) | Err(e) = put.map_err(std::io::Error::other) {
+            tracing::warn!(sync = %cfg.name, error = %e, "could not keep the field definitions for offline previews");
+        }
+    }
     Ok(Some(Arc::new(s)))
+}
+
+/// The field definitions a run planned with, kept beside the state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedSchema {
+    pub run_id: String,
+    pub read_at: String,
+    pub schema: crate::schema::Schema,
+}
+
+/// The kept field definitions of a sync, if a run kept them (at most 16 MiB).
+pub fn saved_schema(store: &dyn ObjectStore, sync: &str) -> Option<SavedSchema> {
+    let key = layout::fields_key(sync);
+    let meta = store.head(&key).ok()??;
+    if meta.size > 16 << 20 {
+        return None;
+    }
+    let text = changeset::read_text(store, &key).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 /// What one `run` did: the run it finished for a crashed process (if any), then its own; and
@@ -440,7 +475,7 @@ async fn run_locked(
     }
 
     t = Instant::now();
-    let schema = match read_schema(&ctx.client, cfg).await {
+    let schema = match read_schema(&ctx.client, cfg, Some((&ctx.store, run_id))).await {
         Ok(s) => s,
         Err(e) => {
             phases.schema = t.elapsed().as_secs_f64();

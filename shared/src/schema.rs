@@ -6,11 +6,11 @@
 use crate::config::{ConfigError, FieldMapping, SyncConfig, Target};
 use crate::fields::{FieldType, Object};
 use crate::zendesk::{Client, ZendeskError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// One option of a dropdown / tagger / multiselect field (or a system ticket field).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldOption {
     /// What agents see (`Enterprise`).
     pub name: String,
@@ -19,7 +19,7 @@ pub struct FieldOption {
 }
 
 /// One field definition as Zendesk describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldDef {
     pub id: u64,
     /// User and organization fields are written by key; ticket fields have none.
@@ -106,7 +106,7 @@ impl FieldDef {
 }
 
 /// The field definitions of one object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Schema {
     pub object: Object,
     pub fields: Vec<FieldDef>,

@@ -348,7 +348,7 @@ async fn plan_object(
     trigger: &Trigger,
     started: chrono::DateTime<chrono::Utc>,
 ) -> Result<PlanDescriptor, RunError> {
-    let schema = run::read_schema(client, cfg).await?;
+    let schema = run::read_schema(client, cfg, Some((&env.store, run_id))).await?;
     run::rebuild_if_needed(&env.store, cfg, client, trigger.full_resync, 10).await?;
     let mut popts = PlanOptions::new(run_id);
     popts.schema = schema;
