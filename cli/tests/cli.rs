@@ -1,11 +1,9 @@
 //! The `zdsync` binary as a user runs it, on the example shipped in examples/.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn zdsync() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_zdsync"))
-}
+use common::zdsync;
+use std::path::{Path, PathBuf};
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")

@@ -3,28 +3,13 @@
 //! preview must send nothing but reads, change nothing in the bucket, count exactly what the
 //! run's own plan counts, and list exactly the records the simulator then receives.
 
+mod common;
+
+use common::{text, zdsync};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use zdsync_sim::{FieldsFixture, SimConfig, SimHandle, Simulator};
-
-fn zdsync() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_zdsync"));
-    c.env_remove("ZENDESK_API_TOKEN")
-        .env_remove("ZENDESK_ACCESS_TOKEN")
-        .env_remove("ZDSYNC_STORE")
-        .env("CI", "1");
-    c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}\n--- stderr ---\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 struct Fx {
     rt: tokio::runtime::Runtime,
@@ -91,29 +76,11 @@ impl Fx {
     }
 
     fn ticket_field_ids(&self) -> BTreeMap<String, u64> {
-        let url = format!("{}/api/v2/ticket_fields.json", self.sim().base_url());
-        let v: Value = self.rt.block_on(async {
-            reqwest::Client::new()
-                .get(&url)
-                .basic_auth("admin@acme.test/token", Some(zdsync_sim::DEFAULT_API_TOKEN))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap()
-        });
-        v["ticket_fields"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|f| {
-                (
-                    f["title"].as_str().unwrap().to_string(),
-                    f["id"].as_u64().unwrap(),
-                )
-            })
-            .collect()
+        self.rt.block_on(zdsync_tests::ticket_field_ids(
+            &self.sim().base_url(),
+            "file:credentials.json",
+            &self.root().join("config"),
+        ))
     }
 
     /// Files of the bucket folder (the records file aside), with their sizes.

@@ -1,26 +1,12 @@
 //! `zdsync demo`, `run` and `history` as a user runs them: the binary against a simulator this
 //! test starts on 127.0.0.1 (or the demo's own), checking output and exit codes.
 
+mod common;
+
+use common::{text, zdsync};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use zdsync_sim::{SimConfig, Simulator};
-
-fn zdsync() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_zdsync"));
-    c.env_remove("ZENDESK_API_TOKEN")
-        .env_remove("ZENDESK_ACCESS_TOKEN")
-        .env_remove("ZDSYNC_STORE")
-        .env("CI", "1");
-    c
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}\n--- stderr ---\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 #[test]
 fn demo_syncs_twice_and_reports_both_runs() {

@@ -286,3 +286,30 @@ impl E2e {
         self.sim.counters()
     }
 }
+
+/// Ticket field ids by title, from the account's field definitions (`credentials` is a
+/// credential reference such as `file:creds.json`, relative to `dir`).
+pub async fn ticket_field_ids(
+    base_url: &str,
+    credentials: &str,
+    dir: &Path,
+) -> std::collections::BTreeMap<String, u64> {
+    let c = Client::new(
+        ClientOptions::for_subdomain("acme", Some(base_url)),
+        credential_store(credentials, dir).unwrap(),
+    )
+    .await
+    .unwrap();
+    let v = c.get("/api/v2/ticket_fields.json").await.unwrap();
+    v["ticket_fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["title"].as_str().unwrap().to_string(),
+                f["id"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}

@@ -1194,24 +1194,7 @@ async fn keys_gone_from_the_export_are_reported_once_and_nothing_is_deleted() {
 
 /// Ticket field ids by title, from the account's field definitions.
 async fn ticket_field_ids(e: &E2e) -> BTreeMap<String, u64> {
-    let c = zdsync::zendesk::Client::new(
-        zdsync::zendesk::ClientOptions::for_subdomain("acme", Some(&e.sim.base_url())),
-        zdsync::zendesk::credential_store("file:creds.json", e.root()).unwrap(),
-    )
-    .await
-    .unwrap();
-    let v = c.get("/api/v2/ticket_fields.json").await.unwrap();
-    v["ticket_fields"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            (
-                f["title"].as_str().unwrap().to_string(),
-                f["id"].as_u64().unwrap(),
-            )
-        })
-        .collect()
+    zdsync_tests::ticket_field_ids(&e.sim.base_url(), "file:creds.json", e.root()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
