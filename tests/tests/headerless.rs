@@ -10,7 +10,7 @@ use zdsync::config::SyncConfig;
 use zdsync::plan::{plan, PlanOptions};
 use zdsync::run::RunStatus;
 use zdsync::store::LocalStore;
-use zdsync_tests::{only_record, write_requests, E2e, ACCOUNT, CHUNK_ROWS};
+use zdsync_tests::{only_record, write_requests, E2e};
 
 /// The unload's columns, in the order of its SELECT list.
 const COLUMNS: [&str; 4] = ["user_id", "full_name", "email", "phone"];
@@ -75,31 +75,19 @@ fn write_unload(root: &Path, dir: &str, n: usize, verbose: bool) {
 /// A users upsert reading `<dir>/users_manifest` without a header line; `columns` is the TOML
 /// of the `columns` key, or empty.
 fn sync_toml(e: &E2e, name: &str, dir: &str, columns: &str) -> String {
-    format!(
-        r#"name = "{name}"
-object = "users"
-mode = "upsert"
-primary_key = "USER_ID"
-chunk_rows = {CHUNK_ROWS}
-
-[source]
-location = "{dir}/users_manifest"
-delimiter = "|"
-header = false
-{columns}
-
-[zendesk]
-subdomain = "{ACCOUNT}"
-base_url = "{base_url}"
-credentials = "file:creds.json"
-rate_limit_rpm = 0
-
-[mapping]
-name = "FULL_NAME"
-email = "EMAIL"
-phone = "PHONE"
-"#,
-        base_url = e.sim.base_url()
+    let toml = zdsync_tests::sync_toml(
+        name,
+        "users",
+        "upsert",
+        "USER_ID",
+        &e.sim.base_url(),
+        "name = \"FULL_NAME\"\nemail = \"EMAIL\"\nphone = \"PHONE\"",
+    );
+    toml.replace(
+        &format!("location = \"exports/{name}/\"\n"),
+        &format!(
+            "location = \"{dir}/users_manifest\"\ndelimiter = \"|\"\nheader = false\n{columns}\n"
+        ),
     )
 }
 
