@@ -75,6 +75,17 @@ impl Fx {
         self.root().join(rel)
     }
 
+    /// A users upsert `people` of names and emails.
+    fn people(&self) -> PathBuf {
+        self.config(
+            "people",
+            "users",
+            "upsert",
+            "ID",
+            "name = \"NAME\"\nemail = \"EMAIL\"\n",
+        )
+    }
+
     fn ticket_field_ids(&self) -> BTreeMap<String, u64> {
         self.rt.block_on(zdsync_tests::ticket_field_ids(
             &self.sim().base_url(),
@@ -489,13 +500,7 @@ due_at = "DUE"
 #[test]
 fn a_mapping_change_is_announced_and_the_row_cap_stops_the_run_before_any_write() {
     let fx = Fx::start(None);
-    let cfg = fx.config(
-        "people",
-        "users",
-        "upsert",
-        "ID",
-        "name = \"NAME\"\nemail = \"EMAIL\"\n",
-    );
+    let cfg = fx.people();
     edit(
         &fx,
         "config/people.toml",
@@ -584,13 +589,7 @@ fn a_mapping_change_is_announced_and_the_row_cap_stops_the_run_before_any_write(
 #[test]
 fn a_preview_names_a_run_under_way_or_one_the_next_run_finishes_first() {
     let fx = Fx::start(None);
-    let cfg = fx.config(
-        "people",
-        "users",
-        "upsert",
-        "ID",
-        "name = \"NAME\"\nemail = \"EMAIL\"\n",
-    );
+    let cfg = fx.people();
     fx.write(
         "exports/people/part-0.csv",
         "ID,NAME,EMAIL\np1,Ann,ann@example.com\n",

@@ -481,13 +481,10 @@ fn a_preview_writes_nothing_and_export_errors_leave_nothing() {
     rows.push(rows[3].clone());
     f.export(&rows);
     let cfg = SyncConfig::parse(CONFIG, "people.toml").unwrap();
-    let before: Vec<String> = f
-        .store
-        .list("")
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key)
-        .collect();
+    let keys = |store: &LocalStore| -> Vec<String> {
+        store.list("").unwrap().into_iter().map(|o| o.key).collect()
+    };
+    let before = keys(&f.store);
     let out = tempfile::NamedTempFile::new().unwrap();
     let store: std::sync::Arc<dyn ObjectStore> =
         std::sync::Arc::new(LocalStore::new(f.store.root()));
@@ -509,14 +506,7 @@ fn a_preview_writes_nothing_and_export_errors_leave_nothing() {
     );
     assert!(p.report.manifest_key.is_none());
     assert!(p.approximate.is_some(), "no client: labelled approximate");
-    let after: Vec<String> = f
-        .store
-        .list("")
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key)
-        .collect();
-    assert_eq!(before, after, "the bucket is untouched");
+    assert_eq!(before, keys(&f.store), "the bucket is untouched");
     // One record line per row sent, with the body record the run sends.
     let text = std::fs::read_to_string(out.path()).unwrap();
     let lines: Vec<serde_json::Value> = text
