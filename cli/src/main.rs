@@ -373,6 +373,20 @@ async fn run_plan(config: &Path, store: Option<PathBuf>, args: PlanArgs) -> Exit
     opts.full_resync = args.full_resync;
     opts.max_rows = args.max_rows.or(cfg.max_rows_per_run);
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&root));
+    let no_state = store
+        .head(&zdsync::layout::state_key(&cfg.name))
+        .map(|h| h.is_none())
+        .unwrap_or(false);
+    if client.is_some()
+        && cfg.object == zdsync::fields::Object::Tickets
+        && !cfg.is_audience()
+        && (no_state || args.full_resync)
+    {
+        eprintln!(
+            "zdsync: reading the account's ticket ids back first, as the run will (the incremental export, at most {} requests a minute)",
+            opts.export_rpm
+        );
+    }
     match preview::preview(store, &cfg, client.as_ref(), &opts, records).await {
         Ok(p) => {
             if args.json {
