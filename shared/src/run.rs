@@ -451,14 +451,10 @@ async fn run_locked(
     // A run a crashed or interrupted process left between plan and finalize is finished
     // first, so nothing it created is created again. Its work goes to its own record; this
     // run's figures start after it.
-    let unfinished = match taken_over {
-        Some(stale) => Some(stale.run_id),
-        None => last_interrupted(ctx).await?,
-    };
     let mut resumed_run = None;
-    if let Some(old) = unfinished {
+    {
         let before = Base::now(ctx);
-        if let Some(rec) = resume(ctx, opts, &old).await? {
+        if let Some(rec) = finish_unfinished(ctx, opts, taken_over).await? {
             resumed_run = Some(rec.run_id.clone());
             let interrupted = rec.status == RunStatus::Interrupted;
             records.push(rec);
@@ -553,6 +549,25 @@ async fn run_locked(
     match error {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Finish the run a crashed or interrupted process left between plan and finalize, so nothing
+/// it created is created again: the run of a stale lock this run took over, else the newest run
+/// recorded `interrupted`. Its work goes to its own record, which is returned (`interrupted`
+/// again when `opts.stop` came first). The local runner and the Lambda plan both start here.
+pub async fn finish_unfinished(
+    ctx: &RunContext,
+    opts: &RunOptions,
+    taken_over: Option<lock::LockInfo>,
+) -> Result<Option<RunRecord>, RunError> {
+    let unfinished = match taken_over {
+        Some(stale) => Some(stale.run_id),
+        None => last_interrupted(ctx).await?,
+    };
+    match unfinished {
+        Some(old) => resume(ctx, opts, &old).await,
+        None => Ok(None),
     }
 }
 

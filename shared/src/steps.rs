@@ -291,7 +291,8 @@ async fn plan_with_lock(
         Duration::ZERO,
     )
     .await?;
-    let result = plan_locked(env, cfg, run_id, trigger, started).await;
+    let taken_over = guard.taken_over.clone();
+    let result = plan_locked(env, cfg, run_id, trigger, started, taken_over).await;
     match result {
         Ok(mut d) => {
             // The lock stays for write-batch and finalize; only its renewal stops here.
@@ -306,15 +307,55 @@ async fn plan_with_lock(
     }
 }
 
+/// How long plan spends finishing an abandoned run before it hands the sync back (its
+/// invocation may run 15 minutes); what is left is finished by the retry.
+const RESUME_BUDGET: Duration = Duration::from_secs(10 * 60);
+
 async fn plan_locked(
     env: &StepEnv,
     cfg: &SyncConfig,
     run_id: &str,
     trigger: &Trigger,
     started: chrono::DateTime<chrono::Utc>,
+    taken_over: Option<lock::LockInfo>,
 ) -> Result<PlanDescriptor, RunError> {
     let client = (env.client_for)(cfg).await?;
     client.preflight(cfg.object, true).await?;
+    // A run whose execution stopped between plan and finalize (or a local run interrupted) is
+    // finished first, exactly as the local runner does, so nothing it created is created again.
+    let ctx = run::RunContext {
+        store: env.store.clone(),
+        config: cfg.clone(),
+        client: client.clone(),
+        progress: Arc::new(Progress::default()),
+    };
+    let opts = run::RunOptions {
+        trigger: trigger.kind.clone(),
+        write: env.write.clone(),
+        lock_ttl: env.lock_ttl,
+        ..run::RunOptions::default()
+    };
+    let stop = opts.stop.clone();
+    let budget = tokio::spawn(async move {
+        tokio::time::sleep(RESUME_BUDGET).await;
+        stop.request();
+    });
+    let finished = run::finish_unfinished(&ctx, &opts, taken_over).await;
+    budget.abort();
+    if let Some(rec) = finished? {
+        tracing::info!(sync = %cfg.name, run = %rec.run_id, status = ?rec.status, "finished an abandoned run before planning");
+        if rec.status == run::RunStatus::Interrupted {
+            // Not done within the budget: the retry (RunLocked) goes on with it.
+            return Err(RunError::from(lock::LockError::Held {
+                sync: cfg.name.clone(),
+                run_id: rec.run_id.clone(),
+                host: lock::host_name(),
+                pid: std::process::id(),
+                acquired_at: rec.started_at.clone(),
+                expires: "when it is finished".into(),
+            }));
+        }
+    }
     if cfg.is_audience() {
         // Tagging is checked before anything is diffed or written; audience-diff plans.
         client.check_tagging(cfg.object).await?;

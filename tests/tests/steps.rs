@@ -309,6 +309,41 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_finishes_a_run_whose_execution_stopped_before_finalize() {
+    let s = setup().await;
+    let d = plan_step(&s.env, &json!({"sync": "people"})).await.unwrap();
+    assert_eq!(d.rows_to_write, 250);
+    // One chunk written, then the execution stopped: no finalize, the lock left to expire.
+    let items = map_chunks(&s.root, &d);
+    write_step(&s.env, &items[0]).await.unwrap();
+    let lock_path = s.root.join("locks/people.json");
+    let mut lock: Value =
+        serde_json::from_str(&std::fs::read_to_string(&lock_path).unwrap()).unwrap();
+    lock["expires_at"] = json!(1);
+    std::fs::write(&lock_path, lock.to_string()).unwrap();
+
+    // The next execution's plan takes the stale lock over and finishes that run first, as the
+    // local runner does: its rows are written and folded, so none of them is planned again.
+    let next = plan_step(&s.env, &json!({"sync": "people"})).await.unwrap();
+    assert!(next.nothing_to_do, "{next:?}");
+    assert_eq!(next.counts.unchanged, 250, "{next:?}");
+    let old: zdsync::run::RunRecord = serde_json::from_str(
+        &std::fs::read_to_string(s.root.join(format!("runs/people/{}/run.json", d.run_id)))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        old.status,
+        RunStatus::CompletedWithFailures,
+        "the invalid row stays refused"
+    );
+    assert!(old.resumed);
+    let users = s.sim.state("acme").unwrap().users.len();
+    assert_eq!(users, 251, "250 people and the admin, each once");
+    s.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plan_over_the_row_cap_of_its_execution_input_stops_before_any_write() {
     let s = setup().await;
     let err = parse_trigger(&json!({"sync": "people", "max_rows": "lots"})).unwrap_err();
