@@ -153,11 +153,24 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// Read a sync config. One in the bucket layout (`config/<sync>.toml`) must name that sync, as
+/// the deployment requires.
 fn load(config: &Path) -> Result<SyncConfig, ExitCode> {
-    SyncConfig::load(config).map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::from(run_cmd::exit::CONFIG)
-    })
+    let in_layout = config
+        .parent()
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| n == "config");
+    SyncConfig::load(config)
+        .and_then(|cfg| match config.file_stem().and_then(|s| s.to_str()) {
+            Some(stem) if in_layout => cfg
+                .check_stored_as(stem, &config.display().to_string())
+                .map(|()| cfg),
+            _ => Ok(cfg),
+        })
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(run_cmd::exit::CONFIG)
+        })
 }
 
 fn main() -> ExitCode {

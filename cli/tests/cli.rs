@@ -123,6 +123,26 @@ fn a_bad_config_fails_with_its_line_and_exit_code_2() {
 }
 
 #[test]
+fn a_config_in_the_bucket_layout_must_name_its_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&examples(), dir.path());
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    std::fs::copy(
+        dir.path().join("crm_users.toml"),
+        dir.path().join("config/contacts.toml"),
+    )
+    .unwrap();
+    let out = zdsync()
+        .args(["plan", "config/contacts.toml", "--offline"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("config/crm_users.toml"), "{err}");
+}
+
+#[test]
 fn help_documents_every_command_and_flag() {
     let out = zdsync().args(["plan", "--help"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -299,6 +299,14 @@ fn default_credentials() -> String {
 
 pub const DEFAULT_CHUNK_ROWS: usize = 1000;
 
+/// A sync name: letters, digits, `_` and `-` (it names folders and keys in the bucket).
+pub fn valid_sync_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
 /// The NULL marker read by default (`null_values = []` turns it off).
 pub const DEFAULT_NULL: &str = "\\N";
 
@@ -328,11 +336,7 @@ impl SyncConfig {
         })?;
 
         let name = raw.name.get_ref().trim().to_string();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
+        if !valid_sync_name(&name) {
             return Err(invalid(format!(
                 "line {}: `name` = {:?} must be letters, digits, `_` or `-` (it names folders in the bucket)",
                 line_of(raw.name.span().start),
@@ -540,6 +544,21 @@ impl SyncConfig {
             },
             mapping,
             audience,
+        })
+    }
+
+    /// A config stored as `config/<sync>.toml` must name that sync: every step of a run loads
+    /// the config by the sync's name, so a file naming another sync would be another file's run.
+    pub fn check_stored_as(&self, sync: &str, file: &str) -> Result<(), ConfigError> {
+        if self.name == sync {
+            return Ok(());
+        }
+        Err(ConfigError::Invalid {
+            file: file.to_string(),
+            message: format!(
+                "`name` = {:?}, but the file is the config of sync `{sync}`: a sync's name must equal its file name (config/<name>.toml); rename the file to config/{}.toml or set name = {sync:?}",
+                self.name, self.name
+            ),
         })
     }
 

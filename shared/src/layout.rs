@@ -1,6 +1,11 @@
 //! Object keys of the bucket layout (ARCHITECTURE.md, "Data in the bucket"). A local folder
 //! uses the same keys as paths.
 
+/// A sync's config in the bucket.
+pub fn config_key(sync: &str) -> String {
+    format!("config/{sync}.toml")
+}
+
 /// Last confirmed state of a sync.
 pub fn state_key(sync: &str) -> String {
     format!("state/{sync}/state.zst")

@@ -149,7 +149,14 @@ async fn blocking<T: Send + 'static>(
 
 /// The sync config stored at `config/<sync>.toml`.
 pub async fn load_config(store: Arc<dyn ObjectStore>, sync: &str) -> Result<SyncConfig, RunError> {
-    let key = format!("config/{sync}.toml");
+    if !crate::config::valid_sync_name(sync) {
+        return Err(RunError::Config(crate::config::ConfigError::Invalid {
+            file: "execution input".into(),
+            message: format!("sync {sync:?} is not a sync name (letters, digits, `_` and `-`)"),
+        }));
+    }
+    let key = layout::config_key(sync);
+    let sync = sync.to_string();
     blocking(move || {
         let text = read_text(store.as_ref(), &key).map_err(|e| {
             RunError::Config(crate::config::ConfigError::Read {
@@ -157,7 +164,9 @@ pub async fn load_config(store: Arc<dyn ObjectStore>, sync: &str) -> Result<Sync
                 reason: e.to_string(),
             })
         })?;
-        Ok(SyncConfig::parse(&text, &key)?)
+        let cfg = SyncConfig::parse(&text, &key)?;
+        cfg.check_stored_as(&sync, &key)?;
+        Ok(cfg)
     })
     .await
 }
@@ -446,7 +455,7 @@ pub async fn audience_diff_step(
     let cfg = load_config(env.store.clone(), &d.sync).await?;
     if !cfg.is_audience() {
         return Err(RunError::Config(crate::config::ConfigError::Invalid {
-            file: format!("config/{}.toml", d.sync),
+            file: layout::config_key(&d.sync),
             message: "the sync is no longer an audience sync (its [audience] table is gone) while a run of it was planned as one; start the run again".into(),
         }));
     }

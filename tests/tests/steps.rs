@@ -344,6 +344,24 @@ async fn a_plan_finishes_a_run_whose_execution_stopped_before_finalize() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_must_name_the_sync_it_is_stored_for() {
+    let s = setup().await;
+    let text = std::fs::read_to_string(s.root.join("config/people.toml")).unwrap();
+    write(&s.root.join("config/other.toml"), &text);
+    let err = plan_step(&s.env, &json!({"sync": "other"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.error_name(), "ConfigInvalid");
+    assert!(err.to_string().contains("config/people.toml"), "{err}");
+    for bad in ["../people", "a/b", ""] {
+        let err = plan_step(&s.env, &json!({"sync": bad})).await.unwrap_err();
+        assert_eq!(err.error_name(), "ConfigInvalid", "{bad}: {err}");
+    }
+    assert!(!s.root.join("locks/other.json").exists());
+    s.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plan_over_the_row_cap_of_its_execution_input_stops_before_any_write() {
     let s = setup().await;
     let err = parse_trigger(&json!({"sync": "people", "max_rows": "lots"})).unwrap_err();
