@@ -5,7 +5,7 @@
 //! Secrets come from environment variables, standard input or a prompt without echo, never from
 //! command-line arguments (they land in shell history and `ps`).
 
-use crate::run_cmd::{exit, exit_code_for};
+use crate::run_cmd::exit;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -305,7 +305,7 @@ pub async fn connect(args: ConnectArgs) -> ExitCode {
         Err(e) => {
             return fail(
                 format_args!("{e}\nnothing was stored"),
-                exit_code_for(e.error_name()),
+                e.error_name().exit_code(),
             )
         }
     };
@@ -315,7 +315,7 @@ pub async fn connect(args: ConnectArgs) -> ExitCode {
         }
     }
     if let Err(e) = store.save(&creds).await {
-        return fail(&e, exit_code_for(e.error_name()));
+        return fail(&e, e.error_name().exit_code());
     }
     println!(
         "Connected to {} and stored the credentials in {}.",
@@ -425,7 +425,7 @@ async fn obtain(args: &ConnectArgs, t: &Target) -> Result<Credentials, ExitCode>
         }
     };
     result.map_err(|e: ConnectError| {
-        let code = exit_code_for(e.error_name());
+        let code = e.error_name().exit_code();
         fail(format_args!("{e}\nnothing was stored"), code)
     })
 }
@@ -438,11 +438,11 @@ async fn check_stored(t: &Target, store: Arc<dyn CredentialStore>) -> ExitCode {
     };
     let client = match Client::new(t.opts.clone(), store).await {
         Ok(c) => c,
-        Err(e) => return fail(&e, exit_code_for(e.error_name())),
+        Err(e) => return fail(&e, e.error_name().exit_code()),
     };
     let report = match connect::check(&client, &creds).await {
         Ok(r) => r,
-        Err(e) => return fail(&e, exit_code_for(e.error_name())),
+        Err(e) => return fail(&e, e.error_name().exit_code()),
     };
     print_report(t, &report, &source);
     if let Some(o) = t.object {
@@ -452,7 +452,7 @@ async fn check_stored(t: &Target, store: Arc<dyn CredentialStore>) -> ExitCode {
                     "the sync config's object ({}) cannot be written: {e}",
                     o.as_str()
                 ),
-                exit_code_for(e.error_name()),
+                e.error_name().exit_code(),
             );
         }
     }

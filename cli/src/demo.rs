@@ -381,7 +381,7 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
                     Ok(p) => Some(p),
                     Err(e) => {
                         eprintln!("error: the preview of {sync} failed: {e}");
-                        return ExitCode::from(run_cmd::exit_code_for(e.error_name()));
+                        return ExitCode::from(e.error_name().exit_code());
                     }
                 }
             } else {

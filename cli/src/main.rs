@@ -258,14 +258,14 @@ async fn schema(cfg: SyncConfig, config: &Path, json: bool) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(run_cmd::exit_code_for(e.error_name()));
+            return ExitCode::from(e.error_name().exit_code());
         }
     };
     let fetched = match zdsync::schema::fetch(&client, cfg.object).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(run_cmd::exit_code_for(e.error_name()));
+            return ExitCode::from(e.error_name().exit_code());
         }
     };
     if json {
@@ -422,7 +422,7 @@ async fn run_plan(config: &Path, store: Option<PathBuf>, args: PlanArgs) -> Exit
 
 fn preview_failed(e: &RunError) -> ExitCode {
     eprintln!("error: {e}");
-    let code = run_cmd::exit_code_for(e.error_name());
+    let code = e.error_name().exit_code();
     if matches!(e, RunError::Zendesk(_)) {
         eprintln!(
             "  (a preview reads Zendesk as the run does: credentials, scopes and field definitions; \

@@ -14,46 +14,14 @@ use zdsync::store::{LocalStore, ObjectStore};
 use zdsync::write::Progress;
 use zdsync::zendesk::{credential_store, Client, ClientOptions, ZendeskError};
 
-/// Exit codes, documented in the README.
-pub mod exit {
-    pub const OK: u8 = 0;
-    /// The run finished but some rows were refused or failed in Zendesk.
-    pub const ROWS_FAILED: u8 = 1;
-    pub const CONFIG: u8 = 2;
-    pub const EXPORT: u8 = 3;
-    pub const STATE: u8 = 4;
-    /// Zendesk or the store failed mid-run.
-    pub const WRITE: u8 = 5;
-    /// Credentials, subdomain, scopes or account settings (bulk import, tagging) refused before
-    /// any write.
-    pub const AUTH: u8 = 6;
-    /// Another run of the sync holds the lock.
-    pub const LOCKED: u8 = 7;
-    /// The run would send more rows than its cap; nothing was written.
-    pub const ROW_CAP: u8 = 8;
-    /// Stopped by Ctrl-C / SIGTERM (128 + SIGINT); the next run finishes it.
-    pub const INTERRUPTED: u8 = 130;
-}
-
-pub fn exit_code_for(name: &str) -> u8 {
-    match name {
-        "ConfigInvalid" => exit::CONFIG,
-        "ExportUnreadable" => exit::EXPORT,
-        "StateUnreadable" => exit::STATE,
-        "AuthFailed" | "SubdomainNotFound" | "MissingScope" | "BulkImportDisabled"
-        | "TaggingDisabled" => exit::AUTH,
-        "RunLocked" => exit::LOCKED,
-        "RowCapExceeded" => exit::ROW_CAP,
-        _ => exit::WRITE,
-    }
-}
+pub use zdsync::errors::exit;
 
 pub fn outcome_code(outcome: &RunOutcome) -> u8 {
     if outcome.interrupted() {
         return exit::INTERRUPTED;
     }
     if let Some(e) = &outcome.error {
-        return exit_code_for(e.error_name());
+        return e.error_name().exit_code();
     }
     if outcome
         .records

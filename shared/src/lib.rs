@@ -8,6 +8,7 @@ pub mod audience;
 pub mod aws;
 pub mod changeset;
 pub mod config;
+pub mod errors;
 pub mod export;
 pub mod fields;
 pub mod layout;

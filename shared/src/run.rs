@@ -4,6 +4,7 @@
 use crate::audience;
 use crate::changeset::{self, ChangeSetError, FailedSample, FoldSummary, Manifest};
 use crate::config::{ConfigError, Mode, SyncConfig, Target};
+use crate::errors::ErrorName;
 use crate::fields::Object;
 use crate::layout;
 use crate::lock::{self, LockError};
@@ -201,51 +202,23 @@ pub enum RunError {
 
 impl RunError {
     /// The closed set of error names Step Functions and exit codes key on.
-    pub fn error_name(&self) -> &'static str {
+    pub fn error_name(&self) -> ErrorName {
         match self {
-            RunError::Config(_) => "ConfigInvalid",
+            RunError::Config(_) => ErrorName::ConfigInvalid,
             RunError::Zendesk(e) | RunError::Write(WriteError::Zendesk(e)) => e.error_name(),
-            RunError::Plan(PlanError::Export(_)) => "ExportUnreadable",
-            RunError::Plan(PlanError::State(_)) => "StateUnreadable",
-            RunError::Plan(PlanError::Write { .. }) => "StoreUnavailable",
-            RunError::ChangeSet(_) | RunError::Write(_) => "StoreUnavailable",
+            RunError::Plan(PlanError::Export(_)) => ErrorName::ExportUnreadable,
+            RunError::Plan(PlanError::State(_)) => ErrorName::StateUnreadable,
+            RunError::Plan(PlanError::Write { .. }) => ErrorName::StoreUnavailable,
+            RunError::ChangeSet(_) | RunError::Write(_) => ErrorName::StoreUnavailable,
             RunError::Lock(e) => match **e {
-                LockError::Held { .. } => "RunLocked",
-                LockError::Io { .. } => "StoreUnavailable",
+                LockError::Held { .. } => ErrorName::RunLocked,
+                LockError::Io { .. } => ErrorName::StoreUnavailable,
             },
-            RunError::RowCapExceeded { .. } => "RowCapExceeded",
-            RunError::Internal(_) => "Internal",
+            RunError::RowCapExceeded { .. } => ErrorName::RowCapExceeded,
+            RunError::Internal(_) => ErrorName::Internal,
         }
     }
 }
-
-/// Every error name a run (or a Lambda step) can end with: the Step Functions definition retries
-/// and catches exactly these (a test keeps the two lists equal).
-pub const ERROR_NAMES: &[&str] = &[
-    "ConfigInvalid",
-    "AuthFailed",
-    "SubdomainNotFound",
-    "MissingScope",
-    "BulkImportDisabled",
-    "TaggingDisabled",
-    "RateLimited",
-    "ZendeskUnavailable",
-    "ZendeskRejected",
-    "ExportUnreadable",
-    "StateUnreadable",
-    "StoreUnavailable",
-    "RunLocked",
-    "RowCapExceeded",
-    "Internal",
-];
-
-/// Names Step Functions retries (with backoff and jitter); every other name is final.
-pub const RETRYABLE_ERRORS: &[&str] = &[
-    "RateLimited",
-    "ZendeskUnavailable",
-    "StoreUnavailable",
-    "RunLocked",
-];
 
 impl From<LockError> for RunError {
     fn from(e: LockError) -> Self {
@@ -421,7 +394,7 @@ async fn run_locked(
         requests: ctx.client.stats().since(&base.requests),
         jobs: 0,
         error: Some(RunErrorInfo {
-            name: e.error_name().to_string(),
+            name: e.error_name().as_str().to_string(),
             message: e.to_string(),
         }),
         failed_samples: Vec::new(),
@@ -855,7 +828,7 @@ fn record(
             .saturating_sub(base.jobs),
         trigger: &opts.trigger,
         error: error.map(|e| RunErrorInfo {
-            name: e.error_name().to_string(),
+            name: e.error_name().as_str().to_string(),
             message: e.to_string(),
         }),
     })

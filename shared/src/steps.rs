@@ -6,6 +6,7 @@
 use crate::audience;
 use crate::changeset::{self, read_text, ChangeSetError, ChunkInfo, Counts, Manifest};
 use crate::config::SyncConfig;
+use crate::errors::ErrorName;
 use crate::layout;
 use crate::lock;
 use crate::plan::PlanOptions;
@@ -563,7 +564,10 @@ async fn record_chunk_failure(
     let name = layout::chunk_name(&input.chunk.key).to_string();
     let failure = ChunkFailure {
         chunk: name.clone(),
-        error: error["Error"].as_str().unwrap_or("Internal").to_string(),
+        error: error["Error"]
+            .as_str()
+            .unwrap_or(ErrorName::Internal.as_str())
+            .to_string(),
         cause: cause_message(error["Cause"].as_str().unwrap_or_default()),
     };
     tracing::warn!(chunk = %name, error = %failure.error, cause = %failure.cause, "chunk failed after its retries");
@@ -611,7 +615,10 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
         return Ok(None);
     }
     let mut error = state.get("error").map(|e| RunErrorInfo {
-        name: e["Error"].as_str().unwrap_or("Internal").to_string(),
+        name: e["Error"]
+            .as_str()
+            .unwrap_or(ErrorName::Internal.as_str())
+            .to_string(),
         message: cause_message(e["Cause"].as_str().unwrap_or_default()),
     });
     if d.manifest_key.is_empty() {
@@ -727,7 +734,7 @@ async fn finalize_unplanned(
         requests: run::Requests::default(),
         jobs: 0,
         error: Some(error.unwrap_or(RunErrorInfo {
-            name: "Internal".into(),
+            name: ErrorName::Internal.as_str().into(),
             message: "the run ended before its change set was written".into(),
         })),
         failed_samples: Vec::new(),

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use zdsync::errors::ErrorName;
 use zdsync::fields::Object;
 use zdsync::zendesk::{
     credential_store, AuthMethod, Client, ClientOptions, CredentialStore, Credentials,
@@ -522,7 +523,7 @@ async fn unavailable_and_server_errors_are_retried() {
         } => assert_eq!((*status, *attempts), (500, 3)),
         other => panic!("{other:?}"),
     }
-    assert_eq!(err.error_name(), "ZendeskUnavailable");
+    assert_eq!(err.error_name(), ErrorName::ZendeskUnavailable);
     sim.shutdown().await;
 }
 
@@ -549,7 +550,7 @@ async fn dropped_answer_unsafe_is_outcome_unknown_safe_is_retried() {
         matches!(err, ZendeskError::OutcomeUnknown { .. }),
         "{err:?}"
     );
-    assert_eq!(err.error_name(), "ZendeskUnavailable");
+    assert_eq!(err.error_name(), ErrorName::ZendeskUnavailable);
     // Zendesk did act on it: the user exists, and it was sent once.
     assert!(sim.state("acme").unwrap().user_by_email("c@x.io").is_some());
     assert_eq!(sim.counters().requests, 1);
@@ -586,7 +587,7 @@ async fn validation_errors_are_not_retried() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(err.error_name(), "ZendeskRejected");
+    assert_eq!(err.error_name(), ErrorName::ZendeskRejected);
     let err = c.get("/api/v2/users/99.json").await.unwrap_err();
     assert!(
         matches!(err, ZendeskError::Api { status: 404, .. }),

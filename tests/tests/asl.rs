@@ -6,7 +6,7 @@
 use serde_json::Value;
 use std::collections::{BTreeSet, HashSet};
 use std::path::PathBuf;
-use zdsync::run::{ERROR_NAMES, RETRYABLE_ERRORS};
+use zdsync::errors::ErrorName;
 
 const LAMBDA_SERVICE_ERRORS: [&str; 5] = [
     "Lambda.ClientExecutionTimeoutException",
@@ -164,10 +164,17 @@ fn error_names_in_the_definition_are_exactly_the_rust_ones() {
             .collect()
     };
     let used: BTreeSet<String> = custom(&retried).union(&custom(&caught)).cloned().collect();
-    let rust: BTreeSet<String> = ERROR_NAMES.iter().map(|s| s.to_string()).collect();
-    assert_eq!(used, rust, "ASL error names vs zdsync::run::ERROR_NAMES");
+    let rust: BTreeSet<String> = ErrorName::ALL
+        .iter()
+        .map(|n| n.as_str().to_string())
+        .collect();
+    assert_eq!(used, rust, "ASL error names vs zdsync::errors::ErrorName");
     // Retryable names are retried, and nothing else is.
-    let retryable: BTreeSet<String> = RETRYABLE_ERRORS.iter().map(|s| s.to_string()).collect();
+    let retryable: BTreeSet<String> = ErrorName::ALL
+        .iter()
+        .filter(|n| n.retryable())
+        .map(|n| n.as_str().to_string())
+        .collect();
     assert_eq!(custom(&retried), retryable);
     // Every Zendesk and run error maps into the closed set.
     let samples = [
@@ -194,7 +201,7 @@ fn error_names_in_the_definition_are_exactly_the_rust_ones() {
         zdsync::run::RunError::Internal(String::new()).error_name(),
     ];
     for s in samples {
-        assert!(ERROR_NAMES.contains(&s), "{s} is not in ERROR_NAMES");
+        assert!(ErrorName::ALL.contains(&s), "{s} is not in ErrorName::ALL");
     }
 }
 
@@ -340,5 +347,5 @@ fn audience_runs_diff_then_skip_the_map_when_nothing_is_left_to_write() {
     // Tagging turned off is one clear, final error: plan catches it, nobody retries it.
     let caught = names_in(&s["Plan"]["Catch"]);
     assert!(caught.iter().any(|n| n == "TaggingDisabled"));
-    assert!(!RETRYABLE_ERRORS.contains(&"TaggingDisabled"));
+    assert!(!ErrorName::TaggingDisabled.retryable());
 }

@@ -5,6 +5,7 @@
 
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
+use zdsync::errors::ErrorName;
 use zdsync::run::{RunOutcome, RunRecord, RunStatus};
 use zdsync_sim::{FaultKind, FaultRule, SeedData};
 use zdsync_tests::{only_record, write_requests, E2e, ACCOUNT};
@@ -381,7 +382,7 @@ async fn tagging_disabled_is_one_clear_error_before_any_write() {
             e.write_export(&name, &members_csv(&[key(0), key(1)]));
             let out = e.run(&toml).await;
             let err = out.error.as_ref().expect("refused");
-            assert_eq!(err.error_name(), "TaggingDisabled", "{err}");
+            assert_eq!(err.error_name(), ErrorName::TaggingDisabled, "{err}");
             let msg = err.to_string();
             assert!(
                 msg.contains(&format!("{} tagging is not enabled", obj.name()))
@@ -645,8 +646,8 @@ mod lambda_steps {
         std::fs::remove_dir_all(e.root().join("exports/aud")).unwrap();
         let d = plan_step(&env, &json!({"sync": "aud"})).await.unwrap();
         let err = audience_diff_step(&env, &d).await.unwrap_err();
-        assert_eq!(err.error_name(), "ExportUnreadable");
-        let state = json!({"plan": {"run": d}, "error": {"Error": err.error_name(), "Cause": err.to_string()}});
+        assert_eq!(err.error_name(), ErrorName::ExportUnreadable);
+        let state = json!({"plan": {"run": d}, "error": {"Error": err.error_name().as_str(), "Cause": err.to_string()}});
         let rec = finalize_step(&env, &state).await.unwrap().unwrap();
         assert_eq!(rec.status, RunStatus::Failed);
         assert_eq!(rec.error.unwrap().name, "ExportUnreadable");
@@ -670,7 +671,7 @@ mod lambda_steps {
         let err = plan_step(&env(&e), &json!({"sync": "aud"}))
             .await
             .unwrap_err();
-        assert_eq!(err.error_name(), "TaggingDisabled");
+        assert_eq!(err.error_name(), ErrorName::TaggingDisabled);
         assert_eq!(write_requests(&e.counters()), 0);
     }
 }
@@ -689,7 +690,7 @@ async fn an_empty_export_needs_a_yes_before_mirror_untags_everyone() {
     let before = e.counters();
     let out = e.run(&toml).await;
     let err = out.error.as_ref().expect("refused");
-    assert_eq!(err.error_name(), "ExportUnreadable", "{err}");
+    assert_eq!(err.error_name(), ErrorName::ExportUnreadable, "{err}");
     let msg = err.to_string();
     assert!(
         msg.contains("no members") && msg.contains("allow_empty_export = true"),

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use zdsync::errors::ErrorName;
 use zdsync::fields::Object;
 use zdsync::zendesk::connect::{self, ConnectError, Loopback, OAuthApp, Pkce};
 use zdsync::zendesk::{
@@ -475,7 +476,7 @@ async fn api_tokens_are_checked_before_they_are_stored() {
         )
         .await
         .unwrap_err();
-        assert_eq!(err.error_name(), "AuthFailed");
+        assert_eq!(err.error_name(), ErrorName::AuthFailed);
         let text = err.to_string();
         assert!(
             text.contains("an API token is not the account password"),

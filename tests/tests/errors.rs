@@ -3,6 +3,7 @@
 //! record. And no credential ever shows up in logs, errors, run records or the bucket.
 
 use std::time::Duration;
+use zdsync::errors::ErrorName;
 use zdsync::lock::{host_name, LockInfo};
 use zdsync::run::{RunOutcome, RunStatus};
 use zdsync_sim::SimConfig;
@@ -50,7 +51,12 @@ fn tickets_csv(n: usize) -> String {
 
 /// The run stopped with `name` before writing anything, its message names each of `says`,
 /// and the failed run record (returned: the record's error text) is in the bucket.
-fn assert_failed_before_writes(e: &E2e, outcome: &RunOutcome, name: &str, says: &[&str]) -> String {
+fn assert_failed_before_writes(
+    e: &E2e,
+    outcome: &RunOutcome,
+    name: ErrorName,
+    says: &[&str],
+) -> String {
     let err = outcome
         .error
         .as_ref()
@@ -79,7 +85,7 @@ fn assert_failed_before_writes(e: &E2e, outcome: &RunOutcome, name: &str, says: 
     let rec = &outcome.records[0];
     assert_eq!(rec.status, RunStatus::Failed);
     let info = rec.error.as_ref().expect("the record names the error");
-    assert_eq!(info.name, name);
+    assert_eq!(info.name, name.as_str());
     assert_eq!(info.message, msg);
     assert_eq!((rec.rows.created, rec.rows.updated), (0, 0));
     let saved = e
@@ -87,7 +93,7 @@ fn assert_failed_before_writes(e: &E2e, outcome: &RunOutcome, name: &str, says: 
         .join(format!("runs/{}/{}/run.json", rec.sync, rec.run_id));
     let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&saved).unwrap()).unwrap();
     assert_eq!(saved["status"], "failed");
-    assert_eq!(saved["error"]["name"], name);
+    assert_eq!(saved["error"]["name"], name.as_str());
     assert!(e
         .root()
         .join(format!("history/{}/{}.json", rec.sync, rec.run_id))
@@ -105,7 +111,7 @@ async fn wrong_api_token_fails_before_any_write() {
     let msg = assert_failed_before_writes(
         &e,
         &outcome,
-        "AuthFailed",
+        ErrorName::AuthFailed,
         &[
             "Zendesk refused the email and API token",
             "an API token is not the account password",
@@ -142,7 +148,7 @@ async fn api_token_of_an_agent_is_refused_before_any_write() {
     assert_failed_before_writes(
         &e,
         &outcome,
-        "MissingScope",
+        ErrorName::MissingScope,
         &[
             "`agent@acme.test` is a Zendesk agent and zdsync needs an admin",
             "use an admin's email with the API token",
@@ -161,7 +167,7 @@ async fn expired_oauth_token_without_refresh_token_says_reconnect() {
     let msg = assert_failed_before_writes(
         &e,
         &outcome,
-        "AuthFailed",
+        ErrorName::AuthFailed,
         &[
             "the OAuth token was refused (expired or revoked)",
             "reconnect with `zdsync connect`",
@@ -183,7 +189,7 @@ async fn missing_credentials_file_fails_before_any_request() {
     let toml = e.toml("e_nocreds", "users", "upsert", "USER_ID", USER_MAPPING);
     let outcome = e.run(&toml).await;
     let err = outcome.error.as_ref().expect("refused");
-    assert_eq!(err.error_name(), "AuthFailed", "{err}");
+    assert_eq!(err.error_name(), ErrorName::AuthFailed, "{err}");
     let msg = err.to_string();
     assert!(
         msg.contains("creds.json") && msg.contains("not found") && msg.contains("zdsync connect"),
@@ -208,7 +214,7 @@ async fn unknown_subdomain_says_what_to_enter() {
     assert_failed_before_writes(
         &e,
         &outcome,
-        "SubdomainNotFound",
+        ErrorName::SubdomainNotFound,
         &[
             "no Zendesk account at `nope.zendesk.com`",
             "check `subdomain` in [zendesk]",
@@ -227,7 +233,7 @@ async fn oauth_token_without_tickets_write_fails_with_missing_scope() {
     let msg = assert_failed_before_writes(
         &e,
         &outcome,
-        "MissingScope",
+        ErrorName::MissingScope,
         &["lacks the `tickets:write` scope", "zdsync connect"],
     );
     assert!(!msg.contains(&token.access_token));
@@ -250,7 +256,7 @@ async fn bulk_user_import_disabled_stops_at_the_first_bulk_call() {
     let toml = e.toml("e_bulk", "users", "insert", "USER_ID", USER_MAPPING);
     let outcome = e.run(&toml).await;
     let err = outcome.error.as_ref().expect("the run fails");
-    assert_eq!(err.error_name(), "BulkImportDisabled", "{err}");
+    assert_eq!(err.error_name(), ErrorName::BulkImportDisabled, "{err}");
     let msg = err.to_string();
     assert!(
         msg.contains("bulk user import is not enabled")
@@ -306,7 +312,7 @@ email = "EMAIL"
     assert_failed_before_writes(
         &e,
         &outcome,
-        "ConfigInvalid",
+        ErrorName::ConfigInvalid,
         &[
             "mapping `user_fields.plann`",
             "no user field with key `plann`",
@@ -330,7 +336,7 @@ async fn unknown_ticket_field_id_is_a_config_error() {
     assert_failed_before_writes(
         &e,
         &outcome,
-        "ConfigInvalid",
+        ErrorName::ConfigInvalid,
         &[
             "mapping `custom_fields.424242`",
             "Zendesk has no ticket field with id 424242",
@@ -348,7 +354,7 @@ async fn bulk_user_import_disabled_stops_a_users_upsert_too() {
     let toml = e.toml("e_bulk_up", "users", "upsert", "USER_ID", USER_MAPPING);
     let outcome = e.run(&toml).await;
     let err = outcome.error.as_ref().expect("the run fails");
-    assert_eq!(err.error_name(), "BulkImportDisabled", "{err}");
+    assert_eq!(err.error_name(), ErrorName::BulkImportDisabled, "{err}");
     let c = e.counters();
     assert_eq!(c.jobs_created, 0);
     assert_eq!(
@@ -382,7 +388,7 @@ async fn a_live_lock_refuses_a_second_run() {
     let toml = e.toml("e_lock", "users", "upsert", "USER_ID", USER_MAPPING);
     let outcome = e.run(&toml).await;
     let err = outcome.error.as_ref().expect("refused");
-    assert_eq!(err.error_name(), "RunLocked", "{err}");
+    assert_eq!(err.error_name(), ErrorName::RunLocked, "{err}");
     let msg = err.to_string();
     assert!(
         msg.contains("sync `e_lock` is already running")
@@ -427,7 +433,7 @@ async fn a_concurrent_run_of_the_same_sync_is_refused() {
     };
     let (first, (second, before, after)) = tokio::join!(first, second);
     let err = second.error.as_ref().expect("the second run is refused");
-    assert_eq!(err.error_name(), "RunLocked", "{err}");
+    assert_eq!(err.error_name(), ErrorName::RunLocked, "{err}");
     assert!(err.to_string().contains("run-first"), "{err}");
     assert!(second.records.is_empty());
     // Refused at the lock, before its preflight: the second run sent nothing at all.

@@ -7,6 +7,7 @@
 use std::io::Write;
 use std::path::Path;
 use zdsync::config::SyncConfig;
+use zdsync::errors::ErrorName;
 use zdsync::plan::{plan, PlanOptions};
 use zdsync::run::RunStatus;
 use zdsync::store::LocalStore;
@@ -188,7 +189,7 @@ async fn headerless_without_names_fails_before_any_write() {
     let toml = sync_toml(&e, "rs_nameless", "unload/plain", "");
     let outcome = e.run(&toml).await;
     let err = outcome.error.as_ref().expect("refused");
-    assert_eq!(err.error_name(), "ExportUnreadable", "{err}");
+    assert_eq!(err.error_name(), ErrorName::ExportUnreadable, "{err}");
     let msg = err.to_string();
     for says in [
         "export `unload/plain/users_manifest` has no header line",

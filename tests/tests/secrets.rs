@@ -5,6 +5,7 @@
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use zdsync::errors::ErrorName;
 use zdsync::zendesk::{credential_store, Client, ClientOptions};
 use zdsync_sim::MintRequest;
 use zdsync_tests::{fast_run_options, parse_config, run_parsed, E2e, ADMIN_EMAIL};
@@ -213,7 +214,7 @@ fn no_credential_in_logs_errors_records_or_bucket() {
         );
         let out = e.run(&toml).await;
         let err = out.error.as_ref().expect("refused");
-        assert_eq!(err.error_name(), "AuthFailed");
+        assert_eq!(err.error_name(), ErrorName::AuthFailed);
         texts.push(("error 3 Display".into(), err.to_string()));
         texts.push(("error 3 Debug".into(), format!("{err:?}")));
         texts.push((
@@ -240,7 +241,7 @@ fn no_credential_in_logs_errors_records_or_bucket() {
         e.write_export("s_dead", &orgs_csv(10));
         let out = e.run(&toml).await;
         let err = out.error.as_ref().expect("refused");
-        assert_eq!(err.error_name(), "AuthFailed");
+        assert_eq!(err.error_name(), ErrorName::AuthFailed);
         assert!(
             err.to_string()
                 .contains("refreshing the OAuth token failed"),

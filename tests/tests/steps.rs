@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use zdsync::changeset::ChunkInfo;
+use zdsync::errors::ErrorName;
 use zdsync::run::RunStatus;
 use zdsync::steps::{
     finalize_step, parse_trigger, plan_step, write_step, ClientFactory, PlanDescriptor, StepEnv,
@@ -230,11 +231,11 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
     let err = plan_step(&s.env, &json!({"sync": "people"}))
         .await
         .unwrap_err();
-    assert_eq!(err.error_name(), "RunLocked");
+    assert_eq!(err.error_name(), ErrorName::RunLocked);
     // An export event refused that way leaves no dedupe marker: its retry is no duplicate.
     let event = s3_event("exports/people/part-0000.csv", "etag-locked");
     let err = plan_step(&s.env, &event).await.unwrap_err();
-    assert_eq!(err.error_name(), "RunLocked");
+    assert_eq!(err.error_name(), ErrorName::RunLocked);
     // The Map failed and the Catch hands the error to finalize: a failed record, lock released,
     // rows without outcome flagged to be looked up before they are created again.
     // One chunk failed after its retries; the item processor's Catch hands the Lambda error
@@ -297,7 +298,7 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
     let err = plan_step(&s.env, &json!({"sync": "people"}))
         .await
         .unwrap_err();
-    assert_eq!(err.error_name(), "AuthFailed");
+    assert_eq!(err.error_name(), ErrorName::AuthFailed);
     assert!(!s.root.join("locks/people.json").exists());
     assert!(
         finalize_step(&s.env, &json!({"error": {"Error": "AuthFailed"}}))
@@ -351,11 +352,11 @@ async fn a_config_must_name_the_sync_it_is_stored_for() {
     let err = plan_step(&s.env, &json!({"sync": "other"}))
         .await
         .unwrap_err();
-    assert_eq!(err.error_name(), "ConfigInvalid");
+    assert_eq!(err.error_name(), ErrorName::ConfigInvalid);
     assert!(err.to_string().contains("config/people.toml"), "{err}");
     for bad in ["../people", "a/b", ""] {
         let err = plan_step(&s.env, &json!({"sync": bad})).await.unwrap_err();
-        assert_eq!(err.error_name(), "ConfigInvalid", "{bad}: {err}");
+        assert_eq!(err.error_name(), ErrorName::ConfigInvalid, "{bad}: {err}");
     }
     assert!(!s.root.join("locks/other.json").exists());
     s.sim.shutdown().await;
@@ -372,7 +373,7 @@ async fn a_plan_over_the_row_cap_of_its_execution_input_stops_before_any_write()
     let err = plan_step(&s.env, &json!({"sync": "people", "max_rows": 10}))
         .await
         .unwrap_err();
-    assert_eq!(err.error_name(), "RowCapExceeded", "{err}");
+    assert_eq!(err.error_name(), ErrorName::RowCapExceeded, "{err}");
     assert!(err.to_string().contains("250 rows"), "{err}");
     assert!(!s.root.join("locks/people.json").exists());
     assert_eq!(zdsync_tests::write_requests(&s.sim.counters()), before);

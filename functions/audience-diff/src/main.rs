@@ -11,11 +11,12 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let env = zdsync::aws::lambda::init()?;
     let env = &env;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-        let input: PlanDescriptor =
-            serde_json::from_value(event.payload).map_err(|e| Diagnostic {
-                error_type: "ConfigInvalid".into(),
-                error_message: format!("audience-diff expects plan's run descriptor: {e}"),
-            })?;
+        let input: PlanDescriptor = serde_json::from_value(event.payload).map_err(|e| {
+            zdsync::aws::lambda::named(
+                zdsync::errors::ErrorName::ConfigInvalid,
+                format!("audience-diff expects plan's run descriptor: {e}"),
+            )
+        })?;
         let d = zdsync::steps::audience_diff_step(env, &input)
             .await
             .map_err(zdsync::aws::lambda::diagnostic)?;

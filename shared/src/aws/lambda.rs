@@ -26,9 +26,14 @@ pub fn init() -> Result<StepEnv, String> {
 /// A step's error as Lambda reports it: the error type is the closed-set name the state
 /// machine's Retry and Catch match.
 pub fn diagnostic(e: crate::run::RunError) -> lambda_runtime::Diagnostic {
+    named(e.error_name(), e.to_string())
+}
+
+/// A Lambda error with its closed-set name.
+pub fn named(name: crate::errors::ErrorName, message: String) -> lambda_runtime::Diagnostic {
     lambda_runtime::Diagnostic {
-        error_type: e.error_name().into(),
-        error_message: e.to_string(),
+        error_type: name.as_str().into(),
+        error_message: message,
     }
 }
 

@@ -68,12 +68,13 @@ pub enum ConnectError {
 
 impl ConnectError {
     /// The error name (as the run uses them) the CLI turns into an exit code.
-    pub fn error_name(&self) -> &'static str {
+    pub fn error_name(&self) -> crate::errors::ErrorName {
+        use crate::errors::ErrorName;
         match self {
             ConnectError::Zendesk(e) => e.error_name(),
-            ConnectError::Listen { .. } => "ConfigInvalid",
-            ConnectError::Protocol(_) => "ZendeskRejected",
-            _ => "AuthFailed",
+            ConnectError::Listen { .. } => ErrorName::ConfigInvalid,
+            ConnectError::Protocol(_) => ErrorName::ZendeskRejected,
+            _ => ErrorName::AuthFailed,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Typed Zendesk errors: the troubleshooting cases of the product spec each get one variant and
 //! one message that says what to fix. Messages never contain a credential.
 
+use crate::errors::ErrorName;
 use std::time::Duration;
 
 /// How the client authenticates, for messages.
@@ -73,18 +74,22 @@ pub enum ZendeskError {
 
 impl ZendeskError {
     /// The closed set of error names Step Functions retries and catches on.
-    pub fn error_name(&self) -> &'static str {
+    pub fn error_name(&self) -> ErrorName {
         match self {
-            ZendeskError::Credentials { .. } | ZendeskError::AuthFailed { .. } => "AuthFailed",
-            ZendeskError::SubdomainNotFound { .. } => "SubdomainNotFound",
-            ZendeskError::MissingScope { .. } | ZendeskError::Forbidden { .. } => "MissingScope",
-            ZendeskError::BulkImportDisabled => "BulkImportDisabled",
-            ZendeskError::TaggingDisabled { .. } => "TaggingDisabled",
-            ZendeskError::RateLimited { .. } => "RateLimited",
+            ZendeskError::Credentials { .. } | ZendeskError::AuthFailed { .. } => {
+                ErrorName::AuthFailed
+            }
+            ZendeskError::SubdomainNotFound { .. } => ErrorName::SubdomainNotFound,
+            ZendeskError::MissingScope { .. } | ZendeskError::Forbidden { .. } => {
+                ErrorName::MissingScope
+            }
+            ZendeskError::BulkImportDisabled => ErrorName::BulkImportDisabled,
+            ZendeskError::TaggingDisabled { .. } => ErrorName::TaggingDisabled,
+            ZendeskError::RateLimited { .. } => ErrorName::RateLimited,
             ZendeskError::Unavailable { .. }
             | ZendeskError::Transport { .. }
-            | ZendeskError::OutcomeUnknown { .. } => "ZendeskUnavailable",
-            ZendeskError::Api { .. } | ZendeskError::Protocol { .. } => "ZendeskRejected",
+            | ZendeskError::OutcomeUnknown { .. } => ErrorName::ZendeskUnavailable,
+            ZendeskError::Api { .. } | ZendeskError::Protocol { .. } => ErrorName::ZendeskRejected,
         }
     }
 

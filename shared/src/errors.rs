@@ -1,0 +1,135 @@
+//! The closed set of error names a run, a Lambda step or a CLI command ends with. Step Functions
+//! retries and catches on these names, and the CLI turns them into exit codes; both come from
+//! here, so a name, its retry and its exit code are declared once.
+
+use serde::{Deserialize, Serialize};
+
+/// Exit codes of the `zdsync` command (documented in the README).
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// The run finished but some rows were refused or failed in Zendesk.
+    pub const ROWS_FAILED: u8 = 1;
+    pub const CONFIG: u8 = 2;
+    pub const EXPORT: u8 = 3;
+    pub const STATE: u8 = 4;
+    /// Zendesk or the store failed mid-run.
+    pub const WRITE: u8 = 5;
+    /// Credentials, subdomain, scopes or account settings (bulk import, tagging) refused before
+    /// any write.
+    pub const AUTH: u8 = 6;
+    /// Another run of the sync holds the lock.
+    pub const LOCKED: u8 = 7;
+    /// The run would send more rows than its cap; nothing was written.
+    pub const ROW_CAP: u8 = 8;
+    /// Stopped by Ctrl-C / SIGTERM (128 + SIGINT); the next run finishes it.
+    pub const INTERRUPTED: u8 = 130;
+}
+
+/// The enum, its list and its string forms from one list of names, so none can be missed.
+macro_rules! error_names {
+    ($($name:ident),* $(,)?) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        pub enum ErrorName {
+            $($name),*
+        }
+
+        impl ErrorName {
+            /// Every name, in declaration order.
+            pub const ALL: &'static [ErrorName] = &[$(ErrorName::$name),*];
+
+            /// The name Lambda reports as the error type and the state machine matches.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorName::$name => stringify!($name)),*
+                }
+            }
+        }
+    };
+}
+
+error_names![
+    ConfigInvalid,
+    AuthFailed,
+    SubdomainNotFound,
+    MissingScope,
+    BulkImportDisabled,
+    TaggingDisabled,
+    RateLimited,
+    ZendeskUnavailable,
+    ZendeskRejected,
+    ExportUnreadable,
+    StateUnreadable,
+    StoreUnavailable,
+    RunLocked,
+    RowCapExceeded,
+    Internal,
+];
+
+impl ErrorName {
+    pub fn parse(name: &str) -> Option<ErrorName> {
+        ErrorName::ALL.iter().copied().find(|n| n.as_str() == name)
+    }
+
+    /// Whether Step Functions retries the step (with backoff and jitter); every other name is
+    /// final and caught.
+    pub fn retryable(self) -> bool {
+        match self {
+            ErrorName::RateLimited
+            | ErrorName::ZendeskUnavailable
+            | ErrorName::StoreUnavailable
+            | ErrorName::RunLocked => true,
+            ErrorName::ConfigInvalid
+            | ErrorName::AuthFailed
+            | ErrorName::SubdomainNotFound
+            | ErrorName::MissingScope
+            | ErrorName::BulkImportDisabled
+            | ErrorName::TaggingDisabled
+            | ErrorName::ZendeskRejected
+            | ErrorName::ExportUnreadable
+            | ErrorName::StateUnreadable
+            | ErrorName::RowCapExceeded
+            | ErrorName::Internal => false,
+        }
+    }
+
+    /// The `zdsync` exit code of a command that ends with this error.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorName::ConfigInvalid => exit::CONFIG,
+            ErrorName::ExportUnreadable => exit::EXPORT,
+            ErrorName::StateUnreadable => exit::STATE,
+            ErrorName::AuthFailed
+            | ErrorName::SubdomainNotFound
+            | ErrorName::MissingScope
+            | ErrorName::BulkImportDisabled
+            | ErrorName::TaggingDisabled => exit::AUTH,
+            ErrorName::RunLocked => exit::LOCKED,
+            ErrorName::RowCapExceeded => exit::ROW_CAP,
+            ErrorName::RateLimited
+            | ErrorName::ZendeskUnavailable
+            | ErrorName::ZendeskRejected
+            | ErrorName::StoreUnavailable
+            | ErrorName::Internal => exit::WRITE,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_reads_back_and_is_listed_once() {
+        for &n in ErrorName::ALL {
+            assert_eq!(ErrorName::parse(n.as_str()), Some(n));
+            assert_eq!(ErrorName::ALL.iter().filter(|m| **m == n).count(), 1);
+        }
+        assert_eq!(ErrorName::parse("States.TaskFailed"), None);
+    }
+}
