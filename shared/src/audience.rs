@@ -11,8 +11,8 @@
 //! | 0 | ABSENT | not a member any more (tag removed, or gone in add mode) |
 //! | 0 | ABSENT + FAILED | gone, but removing the tag is not confirmed: removed again next run |
 //!
-//! [`diff`] compares the export with that state and writes `add` / `remove` chunks (write-batch
-//! applies them like any chunk) plus the membership changes that need no write; [`fold`] moves
+//! [`plan_membership`] compares the export with that state and writes `add` / `remove` chunks (write-batch
+//! applies them like any chunk) plus the membership changes that need no write; [`fold_membership`] moves
 //! the state forward only for confirmed operations. Audience `upsert` is an object upsert whose
 //! writer also adds the tag (see `write`), planned and folded as an object sync.
 
@@ -75,20 +75,19 @@ struct Differ<'a> {
     invalid: InvalidRows,
 }
 
-/// Plan one run of an audience sync: the export's members against the membership state →
-/// tag-operation chunks, membership changes, invalid rows and the manifest (written last).
-/// Audience `upsert` is planned as an object upsert.
-pub fn diff(
+/// Plan one run of an audience-only sync (add, remove, mirror): the export's members against
+/// the membership state → tag-operation chunks, membership changes, invalid rows and the
+/// manifest (written last). Audience `upsert` is an object upsert (see `pipeline::plan_changes`).
+pub fn plan_membership(
     store: &dyn ObjectStore,
     cfg: &SyncConfig,
     opts: &PlanOptions,
 ) -> Result<PlanReport, PlanError> {
-    let Some(audience) = cfg.audience.as_ref() else {
-        return plan::plan(store, cfg, opts);
-    };
-    if cfg.mode == Mode::Upsert {
-        return plan::plan(store, cfg, opts);
-    }
+    let audience = cfg
+        .audience
+        .as_ref()
+        .filter(|_| cfg.mode.audience_only())
+        .expect("the membership planner plans audience-only modes (see pipeline::plan_changes)");
     let started = Instant::now();
     // A headerless export reads with the column names of its manifest (`cfg` then carries them).
     let (parts, cfg) = export::resolve_source(store, cfg)?;
@@ -459,19 +458,14 @@ struct Change {
     key: String,
 }
 
-/// Fold a run's outcomes into the next state. Audience `upsert` folds like an object sync
-/// (the tag is confirmed together with the record); the other modes move a key only when its
-/// tag operation is confirmed: a failed add stays "not confirmed" and is sent again, a failed
-/// removal stays pending and is sent again.
-pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary, ChangeSetError> {
-    if manifest.audience.is_none() {
-        return changeset::fold(store, manifest);
-    }
-    if manifest.mode == Mode::Upsert {
-        let mut s = changeset::fold(store, manifest)?;
-        s.tagged = s.confirmed;
-        return Ok(s);
-    }
+/// Fold an audience-only run's outcomes into the membership state (audience `upsert` folds as
+/// an object sync, see `pipeline::fold`): a key moves only when its tag operation is
+/// confirmed; a failed add stays "not confirmed" and is sent again, a failed removal stays
+/// pending and is sent again.
+pub fn fold_membership(
+    store: &dyn ObjectStore,
+    manifest: &Manifest,
+) -> Result<FoldSummary, ChangeSetError> {
     let bad = |key: &str, reason: String| ChangeSetError::Bad {
         key: key.to_string(),
         line: 0,

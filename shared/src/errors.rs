@@ -2,6 +2,12 @@
 //! retries and catches on these names, and the CLI turns them into exit codes; both come from
 //! here, so a name, its retry and its exit code are declared once.
 
+use crate::changeset::ChangeSetError;
+use crate::config::ConfigError;
+use crate::lock::LockError;
+use crate::plan::PlanError;
+use crate::write::WriteError;
+use crate::zendesk::ZendeskError;
 use serde::{Deserialize, Serialize};
 
 /// Exit codes of the `zdsync` command (documented in the README).
@@ -117,6 +123,53 @@ impl ErrorName {
 impl std::fmt::Display for ErrorName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// Why a run, a step or a command stopped; `error_name` places it in the closed set.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Zendesk(#[from] ZendeskError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error(transparent)]
+    ChangeSet(#[from] ChangeSetError),
+    #[error(transparent)]
+    Lock(Box<LockError>),
+    #[error("this run would send {rows} rows, more than its cap of {cap} (`max_rows_per_run`, or `--max-rows` / \"max_rows\" in the execution input); nothing was written. {why}Check the plan with `zdsync plan`, then raise the cap for one run if the rows are meant to go")]
+    RowCapExceeded { rows: u64, cap: u64, why: String },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl RunError {
+    /// The closed set of error names Step Functions and exit codes key on.
+    pub fn error_name(&self) -> ErrorName {
+        match self {
+            RunError::Config(_) => ErrorName::ConfigInvalid,
+            RunError::Zendesk(e) | RunError::Write(WriteError::Zendesk(e)) => e.error_name(),
+            RunError::Plan(PlanError::Export(_)) => ErrorName::ExportUnreadable,
+            RunError::Plan(PlanError::State(_)) => ErrorName::StateUnreadable,
+            RunError::Plan(PlanError::Write { .. }) => ErrorName::StoreUnavailable,
+            RunError::ChangeSet(_) | RunError::Write(_) => ErrorName::StoreUnavailable,
+            RunError::Lock(e) => match **e {
+                LockError::Held { .. } => ErrorName::RunLocked,
+                LockError::Io { .. } => ErrorName::StoreUnavailable,
+            },
+            RunError::RowCapExceeded { .. } => ErrorName::RowCapExceeded,
+            RunError::Internal(_) => ErrorName::Internal,
+        }
+    }
+}
+
+impl From<LockError> for RunError {
+    fn from(e: LockError) -> Self {
+        RunError::Lock(Box::new(e))
     }
 }
 

@@ -4,12 +4,12 @@
 //! its counts, and the records it lists, are the ones the next run sends. The bucket is left
 //! as it was: no change set, no state, no run record.
 
-use crate::audience;
 use crate::changeset::{self, ChangeSetError, ChunkRow, Cost, Manifest};
 use crate::config::SyncConfig;
+use crate::errors::RunError;
 use crate::fields::Object;
-use crate::plan::{PlanOptions, PlanReport};
-use crate::run::{self, RunError};
+use crate::pipeline;
+use crate::plan::PlanReport;
 use crate::store::{LocalObject, LocalStore, ObjectMeta, ObjectStore, ObjectWriter};
 use crate::write::{first_call, wire_item, Call};
 use crate::zendesk::Client;
@@ -104,26 +104,20 @@ pub async fn preview(
     };
     let unfinished_run = match crashed {
         Some(r) => Some(r),
-        None => run::newest_interrupted(store.clone(), cfg.name.clone()).await?,
+        None => pipeline::newest_interrupted(store.clone(), cfg.name.clone()).await?,
     };
 
     let (schema, approximate) = match client {
         Some(client) => {
-            client.preflight(cfg.object, true).await?;
-            if cfg.is_audience() {
-                client.check_tagging(cfg.object).await?;
-            }
-            let schema = run::read_schema(client, cfg, None).await?;
-            run::rebuild_if_needed(&scratch, cfg, client, opts.full_resync, opts.export_rpm)
-                .await?;
-            (schema, None)
+            pipeline::check_account(client, cfg).await?;
+            (pipeline::read_schema(client, cfg, None).await?, None)
         }
         None => {
             // The definitions the last run planned with, when it kept them: labels then become
             // the option values the run would send, as far as Zendesk has not changed since.
-            let saved = if run::needs_schema(cfg) {
+            let saved = if pipeline::needs_schema(cfg) {
                 let (s, name) = (store.clone(), cfg.name.clone());
-                tokio::task::spawn_blocking(move || run::saved_schema(s.as_ref(), &name))
+                tokio::task::spawn_blocking(move || pipeline::saved_schema(s.as_ref(), &name))
                     .await
                     .map_err(|e| RunError::Internal(format!("schema task: {e}")))?
             } else {
@@ -137,23 +131,25 @@ pub async fn preview(
         }
     };
 
-    let mut popts = PlanOptions::new(opts.run_id.clone());
-    popts.schema = schema;
-    popts.samples_per_reason = opts.samples_per_reason;
-    popts.full_resync = opts.full_resync;
-    let (plan_store, pcfg) = (scratch.clone(), cfg.clone());
-    let mut report = tokio::task::spawn_blocking(move || {
-        let report = audience::diff(plan_store.as_ref(), &pcfg, &popts)?;
-        let written = match records {
-            Some(out) => write_records(plan_store.as_ref(), &pcfg, &report.manifest, out)?,
-            None => 0,
-        };
-        Ok::<_, RunError>((report, written))
-    })
-    .await
-    .map_err(|e| RunError::Internal(format!("preview task: {e}")))??;
-    let written = report.1;
-    let report_ref = &mut report.0;
+    // The run's own plan phase, into the scratch folder.
+    let inputs = pipeline::PlanInputs {
+        run_id: opts.run_id.clone(),
+        schema,
+        samples: opts.samples_per_reason,
+        full_resync: opts.full_resync,
+        export_rpm: opts.export_rpm,
+    };
+    let mut report = pipeline::plan_run(&scratch, cfg, client, &inputs).await?;
+    let written = match records {
+        Some(out) => {
+            let (plan_store, pcfg, m) = (scratch.clone(), cfg.clone(), report.manifest.clone());
+            tokio::task::spawn_blocking(move || write_records(plan_store.as_ref(), &pcfg, &m, out))
+                .await
+                .map_err(|e| RunError::Internal(format!("preview task: {e}")))??
+        }
+        None => 0,
+    };
+    let report_ref = &mut report;
     // The change set existed only in the scratch folder.
     report_ref.manifest_key = None;
     report_ref.manifest.invalid_key = None;
@@ -163,7 +159,7 @@ pub async fn preview(
     }
     let cost = report_ref.manifest.cost(cfg.rate_limit_rpm());
     Ok(Preview {
-        report: report.0,
+        report,
         approximate,
         unfinished_run,
         running,
@@ -177,15 +173,15 @@ pub async fn preview(
 fn offline_caveats(
     store: &Arc<dyn ObjectStore>,
     cfg: &SyncConfig,
-    saved: Option<&run::SavedSchema>,
+    saved: Option<&pipeline::SavedSchema>,
 ) -> String {
     let mut why = vec!["Zendesk was not read, so credentials and scopes are unchecked".to_string()];
     match saved {
-        Some(s) if run::needs_schema(cfg) => why.push(format!(
+        Some(s) if pipeline::needs_schema(cfg) => why.push(format!(
             "custom fields are checked against the definitions run {} read at {} (changes made in Zendesk since are not seen)",
             s.run_id, s.read_at
         )),
-        None if run::needs_schema(cfg) => why.push(
+        None if pipeline::needs_schema(cfg) => why.push(
             "custom field keys are unchecked and option labels are counted as written (a run sends their option values, so rows may show as changed that are not)"
                 .into(),
         ),

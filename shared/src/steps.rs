@@ -3,14 +3,14 @@
 //! release). Plain async functions over the ports, so they are tested without AWS; the Lambda
 //! crates only add the runtime, the S3 store and the Secrets Manager credentials.
 
-use crate::audience;
 use crate::changeset::{self, read_text, ChangeSetError, ChunkInfo, Counts, Manifest};
 use crate::config::SyncConfig;
 use crate::errors::ErrorName;
+use crate::errors::RunError;
 use crate::layout;
 use crate::lock;
-use crate::plan::PlanOptions;
-use crate::run::{self, InvalidSample, Phases, RecordParts, RunError, RunErrorInfo, RunRecord};
+use crate::pipeline;
+use crate::record::{self, InvalidSample, Phases, RecordParts, RunErrorInfo, RunRecord, RunStatus};
 use crate::store::ObjectStore;
 use crate::write::{Progress, WriteOptions, Writer};
 use crate::zendesk::{Client, ZendeskError};
@@ -179,7 +179,7 @@ pub async fn plan_step(env: &StepEnv, event: &Value) -> Result<PlanDescriptor, R
     let started = chrono::Utc::now();
     let trigger = parse_trigger(event)?;
     let cfg = load_config(env.store.clone(), &trigger.sync).await?;
-    let run_id = run::new_run_id();
+    let run_id = pipeline::new_run_id();
     let descriptor = |manifest_key: String, chunks_key: String| PlanDescriptor {
         sync: cfg.name.clone(),
         run_id: run_id.clone(),
@@ -330,31 +330,31 @@ async fn plan_locked(
     taken_over: Option<lock::LockInfo>,
 ) -> Result<PlanDescriptor, RunError> {
     let client = (env.client_for)(cfg).await?;
-    client.preflight(cfg.object, true).await?;
+    pipeline::check_account(&client, cfg).await?;
     // A run whose execution stopped between plan and finalize (or a local run interrupted) is
     // finished first, exactly as the local runner does, so nothing it created is created again.
-    let ctx = run::RunContext {
+    let ctx = pipeline::RunContext {
         store: env.store.clone(),
         config: cfg.clone(),
         client: client.clone(),
         progress: Arc::new(Progress::default()),
     };
-    let opts = run::RunOptions {
+    let opts = pipeline::RunOptions {
         trigger: trigger.kind.clone(),
         write: env.write.clone(),
         lock_ttl: env.lock_ttl,
-        ..run::RunOptions::default()
+        ..pipeline::RunOptions::default()
     };
     let stop = opts.stop.clone();
     let budget = tokio::spawn(async move {
         tokio::time::sleep(RESUME_BUDGET).await;
         stop.request();
     });
-    let finished = run::finish_unfinished(&ctx, &opts, taken_over).await;
+    let finished = pipeline::finish_unfinished(&ctx, &opts, taken_over).await;
     budget.abort();
     if let Some(rec) = finished? {
         tracing::info!(sync = %cfg.name, run = %rec.run_id, status = ?rec.status, "finished an abandoned run before planning");
-        if rec.status == run::RunStatus::Interrupted {
+        if rec.status == RunStatus::Interrupted {
             // Not done within the budget: the retry (RunLocked) goes on with it.
             return Err(RunError::from(lock::LockError::Held {
                 sync: cfg.name.clone(),
@@ -367,8 +367,7 @@ async fn plan_locked(
         }
     }
     if cfg.is_audience() {
-        // Tagging is checked before anything is diffed or written; audience-diff plans.
-        client.check_tagging(cfg.object).await?;
+        // audience-diff plans (tagging was checked with the account).
         return Ok(PlanDescriptor {
             sync: cfg.name.clone(),
             run_id: run_id.to_string(),
@@ -399,15 +398,17 @@ async fn plan_object(
     trigger: &Trigger,
     started: chrono::DateTime<chrono::Utc>,
 ) -> Result<PlanDescriptor, RunError> {
-    let schema = run::read_schema(client, cfg, Some((&env.store, run_id))).await?;
-    run::rebuild_if_needed(&env.store, cfg, client, trigger.full_resync, 10).await?;
-    let mut popts = PlanOptions::new(run_id);
-    popts.schema = schema;
-    popts.full_resync = trigger.full_resync;
-    let (store, pcfg) = (env.store.clone(), cfg.clone());
-    let report = blocking(move || Ok(audience::diff(store.as_ref(), &pcfg, &popts)?)).await?;
+    let defaults = pipeline::RunOptions::default();
+    let inputs = pipeline::PlanInputs {
+        run_id: run_id.to_string(),
+        schema: pipeline::read_schema(client, cfg, Some((&env.store, run_id))).await?,
+        samples: defaults.samples,
+        full_resync: trigger.full_resync,
+        export_rpm: defaults.export_rpm,
+    };
+    let report = pipeline::plan_run(&env.store, cfg, Some(client), &inputs).await?;
     let m = &report.manifest;
-    run::check_cap(
+    pipeline::check_cap(
         m,
         trigger.max_rows.or(cfg.max_rows_per_run),
         cfg.rate_limit_rpm(),
@@ -536,7 +537,7 @@ pub async fn write_step(env: &StepEnv, input: &WriteInput) -> Result<WriteOutput
     let key = format!(
         "{}stats-{}.json",
         layout::results_prefix(&manifest.sync, &manifest.run_id, &name),
-        run::new_run_id()
+        pipeline::new_run_id()
     );
     let body = serde_json::to_vec(&serde_json::json!({
         "requests": stats,
@@ -574,7 +575,7 @@ async fn record_chunk_failure(
     let key = format!(
         "{}failed-{}.json",
         layout::results_prefix(&input.sync, &input.run_id, &name),
-        run::new_run_id()
+        pipeline::new_run_id()
     );
     let body = serde_json::to_vec(&failure).expect("failure serialises");
     put_object(env, key, body).await?;
@@ -629,9 +630,9 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
     let d2 = d.clone();
     let (manifest, fold, requests, jobs, failures) = blocking(move || {
         let manifest = changeset::read_manifest(store.as_ref(), &d2.manifest_key)?;
-        let fold = audience::fold(store.as_ref(), &manifest)?;
+        let fold = pipeline::fold(store.as_ref(), &manifest)?;
         // Sum what every write-batch invocation recorded.
-        let mut requests = run::Requests::default();
+        let mut requests = record::Requests::default();
         let mut jobs = 0;
         let mut failures: Vec<ChunkFailure> = Vec::new();
         let prefix = format!("{}results/", layout::run_prefix(&d2.sync, &d2.run_id));
@@ -642,7 +643,7 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
         for o in objects.iter().filter(|o| o.key.contains("/stats-")) {
             let v: Value =
                 serde_json::from_str(&read_text(store.as_ref(), &o.key)?).unwrap_or(Value::Null);
-            if let Ok(r) = serde_json::from_value::<run::Requests>(v["requests"].clone()) {
+            if let Ok(r) = serde_json::from_value::<record::Requests>(v["requests"].clone()) {
                 requests.add(&r);
             }
             jobs += v["jobs"].as_u64().unwrap_or(0);
@@ -677,7 +678,7 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
         .map(|t| t.with_timezone(&chrono::Utc))
         .unwrap_or_else(|_| chrono::Utc::now());
     let seconds = (chrono::Utc::now() - started).num_milliseconds().max(0) as f64 / 1000.0;
-    let rec = run::build_record(RecordParts {
+    let rec = record::build_record(RecordParts {
         manifest: &manifest,
         fold: &fold,
         invalid_samples,
@@ -692,7 +693,7 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
         trigger: &d.trigger,
         error,
     });
-    run::save_record(env.store.clone(), &rec).await?;
+    record::save_record(env.store.clone(), &rec).await?;
     if rec.error.is_some() {
         if let Some(m) = d.trigger_marker.clone() {
             forget_trigger(env, m).await;
@@ -725,13 +726,13 @@ async fn finalize_unplanned(
         object,
         mode,
         trigger: d.trigger.clone(),
-        status: run::RunStatus::Failed,
+        status: RunStatus::Failed,
         started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         finished_at: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         seconds: (now - started).num_milliseconds().max(0) as f64 / 1000.0,
         phases: Phases::default(),
-        rows: run::RowCounts::default(),
-        requests: run::Requests::default(),
+        rows: record::RowCounts::default(),
+        requests: record::Requests::default(),
         jobs: 0,
         error: Some(error.unwrap_or(RunErrorInfo {
             name: ErrorName::Internal.as_str().into(),
@@ -743,7 +744,7 @@ async fn finalize_unplanned(
         resumed_run: None,
         mapping_change: None,
     };
-    run::save_record(env.store.clone(), &rec).await?;
+    record::save_record(env.store.clone(), &rec).await?;
     if let Some(m) = d.trigger_marker.clone() {
         forget_trigger(env, m).await;
     }
