@@ -542,9 +542,6 @@ fn record(
             .load(std::sync::atomic::Ordering::Relaxed)
             .saturating_sub(base.jobs),
         trigger: &opts.trigger,
-        error: error.map(|e| RunErrorInfo {
-            name: e.error_name().as_str().to_string(),
-            message: e.to_string(),
-        }),
+        error: error.map(RunErrorInfo::from),
     })
 }

@@ -193,6 +193,54 @@ pub fn build_record(p: RecordParts<'_>) -> RunRecord {
     }
 }
 
+/// A run that stopped on an error before its outcomes could be folded.
+pub struct FailedRun<'a> {
+    pub run_id: &'a str,
+    pub sync: &'a str,
+    pub object: Object,
+    pub mode: Mode,
+    pub trigger: &'a str,
+    pub started: chrono::DateTime<chrono::Utc>,
+    pub seconds: f64,
+    pub phases: Phases,
+    pub rows: RowCounts,
+    pub requests: Requests,
+    pub error: RunErrorInfo,
+}
+
+pub fn failed_record(f: FailedRun<'_>) -> RunRecord {
+    RunRecord {
+        run_id: f.run_id.to_string(),
+        sync: f.sync.to_string(),
+        object: f.object,
+        mode: f.mode,
+        trigger: f.trigger.to_string(),
+        status: RunStatus::Failed,
+        started_at: rfc3339(f.started),
+        finished_at: rfc3339(chrono::Utc::now()),
+        seconds: f.seconds,
+        phases: f.phases,
+        rows: f.rows,
+        requests: f.requests,
+        jobs: 0,
+        error: Some(f.error),
+        failed_samples: Vec::new(),
+        invalid_samples: Vec::new(),
+        resumed: false,
+        resumed_run: None,
+        mapping_change: None,
+    }
+}
+
+impl From<&RunError> for RunErrorInfo {
+    fn from(e: &RunError) -> Self {
+        RunErrorInfo {
+            name: e.error_name().as_str().to_string(),
+            message: e.to_string(),
+        }
+    }
+}
+
 /// Write a run record to `runs/<sync>/<run>/run.json` and its copy under `history/`.
 pub async fn save_record(store: Arc<dyn ObjectStore>, rec: &RunRecord) -> Result<(), RunError> {
     let body = serde_json::to_vec_pretty(rec).expect("run record serialises");

@@ -7,7 +7,7 @@ use crate::pipeline::{
     check_account, check_cap, finish_unfinished, plan_run, read_schema, write_and_finalize, Base,
     PlanInputs,
 };
-use crate::record::{rfc3339, save_record, Phases, RowCounts, RunErrorInfo};
+use crate::record::{failed_record, save_record, FailedRun, Phases, RowCounts, RunErrorInfo};
 use std::time::Instant;
 
 pub use crate::errors::RunError;
@@ -78,29 +78,20 @@ async fn run_locked(
     let mut base = Base::now(ctx);
     let mut phases = Phases::default();
     let mut t = Instant::now();
-    let fail = |phases: &Phases, e: &RunError, rows: RowCounts, base: &Base| RunRecord {
-        run_id: run_id.to_string(),
-        sync: cfg.name.clone(),
-        object: cfg.object,
-        mode: cfg.mode,
-        trigger: opts.trigger.clone(),
-        status: RunStatus::Failed,
-        started_at: rfc3339(base.started),
-        finished_at: rfc3339(chrono::Utc::now()),
-        seconds: base.clock.elapsed().as_secs_f64(),
-        phases: phases.clone(),
-        rows,
-        requests: ctx.client.stats().since(&base.requests),
-        jobs: 0,
-        error: Some(RunErrorInfo {
-            name: e.error_name().as_str().to_string(),
-            message: e.to_string(),
-        }),
-        failed_samples: Vec::new(),
-        invalid_samples: Vec::new(),
-        resumed: false,
-        resumed_run: None,
-        mapping_change: None,
+    let fail = |phases: &Phases, e: &RunError, rows: RowCounts, base: &Base| {
+        failed_record(FailedRun {
+            run_id,
+            sync: &cfg.name,
+            object: cfg.object,
+            mode: cfg.mode,
+            trigger: &opts.trigger,
+            started: base.started,
+            seconds: base.clock.elapsed().as_secs_f64(),
+            phases: phases.clone(),
+            rows,
+            requests: ctx.client.stats().since(&base.requests),
+            error: RunErrorInfo::from(e),
+        })
     };
 
     // Preflight: credentials, subdomain and scopes (and tagging, for an audience) before

@@ -719,31 +719,22 @@ async fn finalize_unplanned(
     let started = chrono::DateTime::parse_from_rfc3339(&d.started_at)
         .map(|t| t.with_timezone(&chrono::Utc))
         .unwrap_or_else(|_| chrono::Utc::now());
-    let now = chrono::Utc::now();
-    let rec = RunRecord {
-        run_id: d.run_id.clone(),
-        sync: d.sync.clone(),
+    let rec = record::failed_record(record::FailedRun {
+        run_id: &d.run_id,
+        sync: &d.sync,
         object,
         mode,
-        trigger: d.trigger.clone(),
-        status: RunStatus::Failed,
-        started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        finished_at: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        seconds: (now - started).num_milliseconds().max(0) as f64 / 1000.0,
+        trigger: &d.trigger,
+        started,
+        seconds: (chrono::Utc::now() - started).num_milliseconds().max(0) as f64 / 1000.0,
         phases: Phases::default(),
         rows: record::RowCounts::default(),
         requests: record::Requests::default(),
-        jobs: 0,
-        error: Some(error.unwrap_or(RunErrorInfo {
+        error: error.unwrap_or(RunErrorInfo {
             name: ErrorName::Internal.as_str().into(),
             message: "the run ended before its change set was written".into(),
-        })),
-        failed_samples: Vec::new(),
-        invalid_samples: Vec::new(),
-        resumed: false,
-        resumed_run: None,
-        mapping_change: None,
-    };
+        }),
+    });
     record::save_record(env.store.clone(), &rec).await?;
     if let Some(m) = d.trigger_marker.clone() {
         forget_trigger(env, m).await;
