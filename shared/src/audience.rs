@@ -17,8 +17,9 @@
 //! writer also adds the tag (see `write`), planned and folded as an object sync.
 
 use crate::changeset::{
-    self, hex, parse_hex, AudienceInfo, ChangeSetError, ChunkInfo, Counts, FailedSample,
-    FoldSummary, Manifest, Op, ResultRow, RowStatus, FAILED_SAMPLES, MANIFEST_VERSION,
+    self, hex, parse_hex, AudienceInfo, ChangeSetError, ChunkPacker, ChunkWriter, Counts,
+    FailedSample, FoldSummary, FullChunk, Manifest, NewRow, Op, ResultRow, RowStatus,
+    FAILED_SAMPLES, MANIFEST_VERSION,
 };
 use crate::config::{Mode, SyncConfig};
 use crate::export::ExportError;
@@ -55,21 +56,13 @@ fn audience_hash(cfg: &SyncConfig, tag: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(format!("audience|{}|{tag}", cfg.object).as_bytes())
 }
 
-/// One chunk being filled.
-struct Open {
-    op: Op,
-    rows: u64,
-    buf: Vec<u8>,
-}
-
 struct Differ<'a> {
     store: &'a dyn ObjectStore,
     cfg: &'a SyncConfig,
     opts: &'a PlanOptions,
     counts: Counts,
-    chunks: Vec<ChunkInfo>,
-    open: [Option<Open>; 2],
-    next_index: [usize; 2],
+    out: ChunkWriter,
+    packer: ChunkPacker,
     membership: Vec<u8>,
     membership_rows: u64,
     invalid: InvalidRows,
@@ -100,9 +93,11 @@ pub fn plan_membership(
         cfg,
         opts,
         counts: Counts::default(),
-        chunks: Vec::new(),
-        open: [None, None],
-        next_index: [0, 0],
+        out: ChunkWriter::new(&cfg.name, &opts.run_id, cfg.chunk_rows),
+        packer: ChunkPacker::new().map_err(|source| PlanError::Write {
+            key: "chunks".into(),
+            source,
+        })?,
         membership: Vec::new(),
         membership_rows: 0,
         invalid: InvalidRows::new(&cfg.name, opts),
@@ -119,6 +114,7 @@ pub fn plan_membership(
         let mut record = Record::default();
         for part in &parts {
             let mut reader = export::open_reader(store, &part.key, &columns, &cfg.source.read)?;
+            let file_json = serde_json::to_vec(&part.key).expect("a string serialises");
             loop {
                 match reader.next(&mut record)? {
                     Next::End => break,
@@ -196,11 +192,11 @@ pub fn plan_membership(
                         if flags & FLAG_FAILED != 0 && flags & FLAG_ABSENT == 0 {
                             d.counts.retried += 1;
                         }
-                        let src = format!("{}:{}", part.key, record.line);
+                        let src = (&file_json[..], Some(record.line));
                         match cfg.mode {
                             // Remove mode never adds: a new member is only recorded.
                             Mode::Remove => d.member(h, &pk, id, true)?,
-                            _ => d.push_op(Op::Add, h, &pk, id, email.as_deref(), &src)?,
+                            _ => d.push_op(Op::Add, h, &pk, id, email.as_deref(), src)?,
                         }
                     }
                 }
@@ -225,8 +221,7 @@ pub fn plan_membership(
                 ),
             }));
         }
-        d.flush(Op::Add)?;
-        d.flush(Op::Remove)?;
+        d.close_chunks()?;
         d.finish()
     })();
     if let Err(e) = result {
@@ -252,7 +247,7 @@ pub fn plan_membership(
             })
             .collect(),
         counts: d.counts.clone(),
-        chunks: d.chunks.clone(),
+        chunks: d.out.chunks().to_vec(),
         invalid_key: (d.counts.invalid > 0).then(|| layout::invalid_key(&cfg.name, &opts.run_id)),
         removed_key: None,
         base_state_run: state.as_ref().and_then(|s| s.header.run_id.clone()),
@@ -274,10 +269,7 @@ pub fn plan_membership(
 }
 
 impl Differ<'_> {
-    fn slot(op: Op) -> usize {
-        usize::from(op == Op::Remove)
-    }
-
+    /// A tag operation; `src` is the source file (as JSON) and line, or the state.
     fn push_op(
         &mut self,
         op: Op,
@@ -285,64 +277,39 @@ impl Differ<'_> {
         pk: &str,
         id: u64,
         email: Option<&str>,
-        src: &str,
+        src: (&[u8], Option<u64>),
     ) -> Result<(), PlanError> {
         match op {
             Op::Remove => self.counts.tag_remove += 1,
             _ => self.counts.tag_add += 1,
         }
-        let k = Self::slot(op);
-        let chunk_rows = self.cfg.chunk_rows;
-        let chunk = self.open[k].get_or_insert_with(|| Open {
-            op,
-            rows: 0,
-            buf: Vec::with_capacity(chunk_rows * 96),
-        });
-        let fp = if op == Op::Add { MEMBER } else { 0 };
-        let mut row =
-            serde_json::json!({"h": hex(h), "i": chunk.rows, "pk": pk, "fp": hex(fp), "src": src});
-        if id != 0 {
-            row["id"] = id.into();
+        let row = NewRow {
+            key_hash: h,
+            key: pk,
+            fingerprint: if op == Op::Add { MEMBER } else { 0 },
+            lookup: false,
+            zendesk_id: id,
+            file_json: src.0,
+            line: src.1,
+            email,
+            payload: None,
+        };
+        match self.out.push(op, &row) {
+            Some(full) => self.store_chunk(full),
+            None => Ok(()),
         }
-        if let Some(e) = email {
-            row["email"] = e.into();
-        }
-        serde_json::to_writer(&mut chunk.buf, &row).expect("vec write");
-        chunk.buf.push(b'\n');
-        chunk.rows += 1;
-        if chunk.rows as usize >= chunk_rows {
-            self.flush(op)?;
-        }
-        Ok(())
     }
 
-    fn flush(&mut self, op: Op) -> Result<(), PlanError> {
-        let k = Self::slot(op);
-        let Some(chunk) = self.open[k].take() else {
-            return Ok(());
-        };
-        let key = layout::chunk_key(
-            &self.cfg.name,
-            &self.opts.run_id,
-            chunk.op.as_str(),
-            self.next_index[k],
-        );
-        self.next_index[k] += 1;
-        let packed = zstd::bulk::compress(&chunk.buf, 1).map_err(|source| PlanError::Write {
-            key: key.clone(),
-            source,
-        })?;
-        self.store
-            .put(&key, &packed)
-            .map_err(|source| PlanError::Write {
-                key: key.clone(),
-                source,
-            })?;
-        self.chunks.push(ChunkInfo {
-            key,
-            op: chunk.op,
-            rows: chunk.rows,
-        });
+    fn store_chunk(&mut self, (key, body): FullChunk) -> Result<(), PlanError> {
+        self.packer
+            .store(self.store, &key, &body)
+            .map_err(|source| PlanError::Write { key, source })
+    }
+
+    fn close_chunks(&mut self) -> Result<(), PlanError> {
+        for full in self.out.close() {
+            self.store_chunk(full)?;
+        }
         Ok(())
     }
 
@@ -390,16 +357,16 @@ impl Differ<'_> {
             if confirmed_member {
                 self.counts.removed += 1;
             }
-            let src = "state".to_string();
+            let src: (&[u8], Option<u64>) = (b"\"state\"", None);
             match (self.cfg.mode, confirmed_member, absent, failed) {
                 // A member that left: removed (remove, mirror) or only recorded (add).
                 (Mode::Remove | Mode::Mirror, true, _, _) => {
-                    self.push_op(Op::Remove, e.key_hash, &e.key, e.zendesk_id, None, &src)?
+                    self.push_op(Op::Remove, e.key_hash, &e.key, e.zendesk_id, None, src)?
                 }
                 // A removal that failed last run.
                 (Mode::Remove | Mode::Mirror, _, true, true) => {
                     self.counts.retried += 1;
-                    self.push_op(Op::Remove, e.key_hash, &e.key, e.zendesk_id, None, &src)?
+                    self.push_op(Op::Remove, e.key_hash, &e.key, e.zendesk_id, None, src)?
                 }
                 // Already not a member.
                 (_, _, true, false) => {}

@@ -5,7 +5,10 @@
 //! index keeps 25 bytes a key, and each key seen costs 8 more (16 for keys new to the state).
 //! Chunks are compressed and written on a separate thread while reading goes on.
 
-use crate::changeset::{hex, ChunkInfo, Counts, Manifest, Op, PartInfo, MANIFEST_VERSION};
+use crate::changeset::{
+    hex, read_chunk_lines, row_key_hash, ChunkPacker, ChunkRow, ChunkWriter, Counts, FullChunk,
+    Manifest, NewRow, Op, PartInfo, MANIFEST_VERSION,
+};
 use crate::config::{Mode, SyncConfig};
 use crate::export::{self, ExportError, Next, Record};
 use crate::layout;
@@ -184,13 +187,6 @@ struct Dup {
     others: Vec<(u32, u64)>,
 }
 
-/// Per-op chunk being filled.
-struct OpenChunk {
-    slot: u32,
-    rows: u64,
-    buf: Vec<u8>,
-}
-
 struct Planner<'a> {
     store: &'a dyn ObjectStore,
     cfg: &'a SyncConfig,
@@ -200,10 +196,8 @@ struct Planner<'a> {
     fresh: KeyMap<(u32, u32)>,
     dups: KeyMap<Dup>,
     counts: Counts,
-    chunks: Vec<ChunkInfo>,
-    open: [Option<OpenChunk>; 2],
-    op_index: [usize; 2],
-    sink: Option<mpsc::SyncSender<(String, Vec<u8>)>>,
+    out: ChunkWriter,
+    sink: Option<mpsc::SyncSender<FullChunk>>,
     invalid: InvalidRows,
     parts: Vec<PartInfo>,
     /// First ordinal of each part, to turn ordinals back into files.
@@ -243,9 +237,7 @@ pub fn plan(
         fresh: KeyMap::default(),
         dups: KeyMap::default(),
         counts: Counts::default(),
-        chunks: Vec::new(),
-        open: [None, None],
-        op_index: [0, 0],
+        out: ChunkWriter::new(&cfg.name, &opts.run_id, cfg.chunk_rows),
         sink: None,
         invalid: InvalidRows::new(&cfg.name, opts),
         parts: parts
@@ -262,7 +254,7 @@ pub fn plan(
     };
 
     let result = std::thread::scope(|scope| -> Result<(), PlanError> {
-        let (tx, rx) = mpsc::sync_channel::<(String, Vec<u8>)>(4);
+        let (tx, rx) = mpsc::sync_channel::<FullChunk>(4);
         p.sink = Some(tx);
         let writer = scope.spawn(move || write_chunks(store, rx));
         let read = p.read_all();
@@ -289,7 +281,7 @@ pub fn plan(
         location: cfg.source.location.clone(),
         parts: p.parts.clone(),
         counts: p.counts.clone(),
-        chunks: p.chunks.clone(),
+        chunks: p.out.chunks().to_vec(),
         invalid_key: (p.counts.invalid > 0).then(|| layout::invalid_key(&cfg.name, &opts.run_id)),
         removed_key: (p.counts.removed > 0).then(|| layout::removed_key(&cfg.name, &opts.run_id)),
         base_state_run: p.state.as_ref().and_then(|s| s.header.run_id.clone()),
@@ -355,31 +347,17 @@ pub fn minutes_text(minutes: f64) -> String {
 }
 
 /// Compress and store chunks as they are handed over.
-fn write_chunks(
-    store: &dyn ObjectStore,
-    rx: mpsc::Receiver<(String, Vec<u8>)>,
-) -> Result<(), PlanError> {
-    let mut z = zstd::bulk::Compressor::new(1).map_err(|source| PlanError::Write {
+fn write_chunks(store: &dyn ObjectStore, rx: mpsc::Receiver<FullChunk>) -> Result<(), PlanError> {
+    let mut packer = ChunkPacker::new().map_err(|source| PlanError::Write {
         key: "chunks".into(),
         source,
     })?;
     for (key, body) in rx {
-        let packed = z.compress(&body).map_err(|source| PlanError::Write {
-            key: key.clone(),
-            source,
-        })?;
-        store
-            .put(&key, &packed)
+        packer
+            .store(store, &key, &body)
             .map_err(|source| PlanError::Write { key, source })?;
     }
     Ok(())
-}
-
-fn op_slot(op: Op) -> usize {
-    match op {
-        Op::Create | Op::Add => 0,
-        Op::Update | Op::Remove => 1,
-    }
 }
 
 impl Planner<'_> {
@@ -573,7 +551,7 @@ impl Planner<'_> {
         if self.remapped && state_pos.is_some() {
             self.resend += 1;
         }
-        let slot = self.chunk_slot(op)?;
+        let slot = self.out.slot(op) as u32;
         self.set_slot(h, state_pos, slot);
         payload.clear();
         // Ticket upserts carry the create-only fields on updates too: a ticket deleted in
@@ -581,75 +559,41 @@ impl Planner<'_> {
         let full = op == Op::Create
             || (self.cfg.object == crate::fields::Object::Tickets && self.cfg.mode == Mode::Upsert);
         self.mapper.write_payload(row, full, payload);
-        let chunk = self.open[op_slot(op)]
-            .as_mut()
-            .expect("chunk_slot opened it");
-        let buf = &mut chunk.buf;
-        let _ = write!(buf, "{{\"h\":\"{h:016x}\",\"i\":{},\"pk\":", chunk.rows);
-        serde_json::to_writer(&mut *buf, &row.pk).expect("vec write");
-        let _ = write!(buf, ",\"fp\":\"{:016x}\"", row.fingerprint);
-        if lookup && op == Op::Create {
-            buf.extend_from_slice(b",\"lookup\":true");
+        let new = NewRow {
+            key_hash: h,
+            key: &row.pk,
+            fingerprint: row.fingerprint,
+            lookup: lookup && op == Op::Create,
+            zendesk_id: id,
+            file_json,
+            line: Some(line),
+            email: None,
+            payload: Some(payload),
+        };
+        match self.out.push(op, &new) {
+            Some(full) => self.send(full),
+            None => Ok(()),
         }
-        if id != 0 {
-            let _ = write!(buf, ",\"id\":{id}");
-        }
-        // `"src":"<file>:<line>"`; the file name is escaped once per part.
-        buf.extend_from_slice(b",\"src\":");
-        buf.extend_from_slice(&file_json[..file_json.len() - 1]);
-        let _ = write!(buf, ":{line}\"");
-        buf.extend_from_slice(b",\"payload\":");
-        buf.extend_from_slice(payload);
-        buf.extend_from_slice(b"}\n");
-        chunk.rows += 1;
-        if chunk.rows as usize >= self.cfg.chunk_rows {
-            self.flush(op)?;
-        }
-        Ok(())
     }
 
-    /// The manifest index of the chunk `op` rows currently go to, opening one if needed.
-    fn chunk_slot(&mut self, op: Op) -> Result<u32, PlanError> {
-        let k = op_slot(op);
-        if self.open[k].is_none() {
-            let key = layout::chunk_key(
-                &self.cfg.name,
-                &self.opts.run_id,
-                op.as_str(),
-                self.op_index[k],
-            );
-            self.op_index[k] += 1;
-            self.chunks.push(ChunkInfo { key, op, rows: 0 });
-            self.open[k] = Some(OpenChunk {
-                slot: (self.chunks.len() - 1) as u32,
-                rows: 0,
-                buf: Vec::with_capacity(self.cfg.chunk_rows * 200),
-            });
-        }
-        Ok(self.open[k].as_ref().map(|c| c.slot).expect("opened above"))
-    }
-
-    fn flush(&mut self, op: Op) -> Result<(), PlanError> {
-        if let Some(chunk) = self.open[op_slot(op)].take() {
-            let info = &mut self.chunks[chunk.slot as usize];
-            info.rows = chunk.rows;
-            let key = info.key.clone();
-            if let Some(tx) = &self.sink {
-                if tx.send((key.clone(), chunk.buf)).is_err() {
-                    // The writer stopped on an error; it reports it when joined.
-                    return Err(PlanError::Write {
-                        key,
-                        source: io::Error::other("chunk writer stopped"),
-                    });
-                }
-            }
-        }
-        Ok(())
+    /// Hand a full chunk to the writer thread.
+    fn send(&mut self, chunk: FullChunk) -> Result<(), PlanError> {
+        let Some(tx) = &self.sink else {
+            return Ok(());
+        };
+        let key = chunk.0.clone();
+        tx.send(chunk).map_err(|_| PlanError::Write {
+            // The writer stopped on an error; it reports it when joined.
+            key,
+            source: io::Error::other("chunk writer stopped"),
+        })
     }
 
     fn flush_all(&mut self) -> Result<(), PlanError> {
-        self.flush(Op::Create)?;
-        self.flush(Op::Update)
+        for chunk in self.out.close() {
+            self.send(chunk)?;
+        }
+        Ok(())
     }
 
     fn refuse_mapped(
@@ -713,7 +657,7 @@ impl Planner<'_> {
         let mut first_lines = std::mem::take(&mut self.line_of_first);
         for (h, d) in &dup_list {
             if !matches!(d.first_slot, SLOT_UNCHANGED | SLOT_SKIPPED | SLOT_INVALID) {
-                match self.chunks[d.first_slot as usize].op {
+                match self.out.chunks()[d.first_slot as usize].op {
                     Op::Create | Op::Add => self.counts.create -= 1,
                     Op::Update | Op::Remove => self.counts.update -= 1,
                 }
@@ -783,7 +727,7 @@ impl Planner<'_> {
                 })?;
             }
         }
-        self.chunks.retain(|c| c.rows > 0);
+        self.out.chunks_mut().retain(|c| c.rows > 0);
 
         self.write_removed()?;
         self.invalid.commit()
@@ -830,28 +774,19 @@ impl Planner<'_> {
         hashes: &HashSet<u64>,
         lines: &mut KeyMap<u64>,
     ) -> Result<(), PlanError> {
-        let key = self.chunks[chunk].key.clone();
+        let key = self.out.chunks()[chunk].key.clone();
         let werr = |source: io::Error| PlanError::Write {
             key: key.clone(),
             source,
         };
-        let mut packed = Vec::new();
-        std::io::Read::read_to_end(&mut self.store.open(&key).map_err(werr)?, &mut packed)
-            .map_err(werr)?;
-        let plain = zstd::decode_all(&packed[..]).map_err(werr)?;
+        let plain = read_chunk_lines(self.store, &key).map_err(werr)?;
         let mut kept = Vec::with_capacity(plain.len());
         let mut rows = 0;
         for line in plain.split_inclusive(|b| *b == b'\n') {
-            // Lines start with {"h":"<16 hex digits>"
-            let h = line
-                .get(6..22)
-                .and_then(|s| std::str::from_utf8(s).ok())
-                .and_then(crate::changeset::parse_hex);
-            if let Some(h) = h.filter(|h| hashes.contains(h)) {
-                // `"src":"<file>:<line>"` tells where the dropped first copy came from.
-                if let Ok(row) = serde_json::from_slice::<serde_json::Value>(line) {
-                    let src = row.get("src").and_then(|s| s.as_str()).unwrap_or_default();
-                    if let Some(l) = src.rsplit(':').next().and_then(|l| l.parse().ok()) {
+            if let Some(h) = row_key_hash(line).filter(|h| hashes.contains(h)) {
+                // Its `source` tells where the dropped first copy came from.
+                if let Ok(row) = serde_json::from_slice::<ChunkRow>(line) {
+                    if let Some(l) = row.src.rsplit(':').next().and_then(|l| l.parse().ok()) {
                         lines.insert(h, l);
                     }
                 }
@@ -860,12 +795,13 @@ impl Planner<'_> {
             kept.extend_from_slice(line);
             rows += 1;
         }
-        self.chunks[chunk].rows = rows;
+        self.out.chunks_mut()[chunk].rows = rows;
         if rows == 0 {
             return self.store.delete_prefix(&key).map_err(werr);
         }
-        let packed = zstd::bulk::compress(&kept, 1).map_err(werr)?;
-        self.store.put(&key, &packed).map_err(werr)
+        ChunkPacker::new()
+            .and_then(|mut p| p.store(self.store, &key, &kept))
+            .map_err(werr)
     }
 
     fn write_removed(&mut self) -> Result<(), PlanError> {
