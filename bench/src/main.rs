@@ -354,12 +354,12 @@ fn confirm_all(store: &LocalStore, run: &str) {
     for c in &m.chunks {
         let mut out = Vec::new();
         for row in changeset::read_jsonl::<ChunkRow>(store, &c.key).unwrap() {
-            let id = 1 + row.pk.trim_start_matches('u').parse::<u64>().unwrap();
+            let id = 1 + row.key.trim_start_matches('u').parse::<u64>().unwrap();
             let r = ResultRow {
-                i: row.i,
-                pk: row.pk,
+                index: row.index,
+                key: row.key,
                 status: RowStatus::Confirmed,
-                id: Some(id),
+                zendesk_id: Some(id),
                 error: None,
                 unknown: false,
                 action: None,
@@ -430,7 +430,7 @@ fn bench_plan(rows: u64, cores: usize, dir: &Path) {
     for c in &m.chunks {
         assert_eq!(c.op, Op::Update);
         for row in changeset::read_jsonl::<ChunkRow>(&store, &c.key).unwrap() {
-            sent.insert(row.pk.trim_start_matches('u').parse::<u64>().unwrap());
+            sent.insert(row.key.trim_start_matches('u').parse::<u64>().unwrap());
         }
     }
     let expected: HashSet<u64> = (0..rows).step_by(100).collect();

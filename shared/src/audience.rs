@@ -445,14 +445,14 @@ pub fn fold_membership(
         let outcomes: HashMap<u32, ResultRow> =
             changeset::read_results(store, &manifest.sync, &manifest.run_id, name)?;
         for row in changeset::read_jsonl::<changeset::ChunkRow>(store, &chunk.key)? {
-            let h = parse_hex(&row.h)
-                .ok_or_else(|| bad(&chunk.key, format!("bad key hash {:?}", row.h)))?;
+            let h = parse_hex(&row.key_hash)
+                .ok_or_else(|| bad(&chunk.key, format!("bad key hash {:?}", row.key_hash)))?;
             let add = chunk.op == Op::Add;
-            let outcome = outcomes.get(&row.i);
+            let outcome = outcomes.get(&row.index);
             let (fp, id, flags) = match outcome {
                 Some(r) if r.status == RowStatus::Confirmed => {
                     summary.confirmed += 1;
-                    let id = r.id.or(row.id).unwrap_or(0);
+                    let id = r.zendesk_id.or(row.zendesk_id).unwrap_or(0);
                     if add {
                         summary.tagged += 1;
                         (MEMBER, id, 0)
@@ -474,7 +474,7 @@ pub fn fold_membership(
                     };
                     if summary.failed_samples.len() < FAILED_SAMPLES {
                         summary.failed_samples.push(FailedSample {
-                            pk: row.pk.clone(),
+                            pk: row.key.clone(),
                             op: chunk.op,
                             reason,
                         });
@@ -484,7 +484,7 @@ pub fn fold_membership(
                     if add {
                         (0, 0, FLAG_FAILED)
                     } else {
-                        (0, row.id.unwrap_or(0), FLAG_ABSENT | FLAG_FAILED)
+                        (0, row.zendesk_id.unwrap_or(0), FLAG_ABSENT | FLAG_FAILED)
                     }
                 }
             };
@@ -493,7 +493,7 @@ pub fn fold_membership(
                 fp,
                 id,
                 flags,
-                key: row.pk,
+                key: row.key,
             });
         }
     }

@@ -166,21 +166,27 @@ pub struct AudienceInfo {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ChunkRow {
     /// Key hash, hex.
-    pub h: String,
+    #[serde(rename = "h")]
+    pub key_hash: String,
     /// Position in the chunk; results refer to rows by it.
-    pub i: u32,
-    pub pk: String,
+    #[serde(rename = "i")]
+    pub index: u32,
+    /// The primary key (sent as external_id).
+    #[serde(rename = "pk")]
+    pub key: String,
     /// Payload fingerprint, hex.
-    pub fp: String,
+    #[serde(rename = "fp")]
+    pub fingerprint: String,
     /// A create of this key may have happened without zdsync learning of it: look the key up
     /// before creating it.
     #[serde(default)]
     pub lookup: bool,
     /// Zendesk id from the state, for updates.
-    #[serde(default)]
-    pub id: Option<u64>,
-    /// `file:line` of the source row.
-    pub src: String,
+    #[serde(default, rename = "id")]
+    pub zendesk_id: Option<u64>,
+    /// `file:line` of the source row (`state` for rows planned from the state).
+    #[serde(rename = "src")]
+    pub source: String,
     #[serde(default)]
     pub payload: serde_json::Value,
     /// Audience (users): the member's email, to find a user with no matching external_id.
@@ -191,11 +197,14 @@ pub struct ChunkRow {
 /// Outcome of one chunk row, as write-batch records it in `results/<chunk>.jsonl`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResultRow {
-    pub i: u32,
-    pub pk: String,
+    /// The chunk row's position.
+    #[serde(rename = "i")]
+    pub index: u32,
+    #[serde(rename = "pk")]
+    pub key: String,
     pub status: RowStatus,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<u64>,
+    #[serde(default, rename = "id", skip_serializing_if = "Option::is_none")]
+    pub zendesk_id: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// A failed create whose outcome is unknown (the record may exist in Zendesk).
@@ -564,7 +573,7 @@ pub fn read_results(
     let mut outcomes = HashMap::new();
     for o in objects.iter().filter(|o| o.key.ends_with(".jsonl")) {
         for r in read_jsonl::<ResultRow>(store, &o.key)? {
-            outcomes.insert(r.i, r);
+            outcomes.insert(r.index, r);
         }
     }
     Ok(outcomes)
@@ -632,7 +641,7 @@ pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary,
                         (Some(Action::Existing), _) => summary.existing += 1,
                         _ => summary.created += 1,
                     }
-                    let id = r.id.or(row.id).unwrap_or(0);
+                    let id = r.zendesk_id.or(row.id).unwrap_or(0);
                     push(&mut changes, h, fp, id, Kind::Confirmed, &row.pk);
                 }
                 Some(r) => {
@@ -790,18 +799,18 @@ mod tests {
         assert_eq!(lines.len(), 2);
         let a: ChunkRow = serde_json::from_slice(lines[0]).unwrap();
         assert_eq!(row_key_hash(lines[0]), Some(0x00ab_cdef_0123_4567));
-        assert_eq!(a.h, "00abcdef01234567");
-        assert_eq!((a.i, a.pk.as_str()), (0, "u-1 \"quoted\" \\ ünï"));
-        assert_eq!(a.fp, "ffffffffffffffff");
+        assert_eq!(a.key_hash, "00abcdef01234567");
+        assert_eq!((a.index, a.key.as_str()), (0, "u-1 \"quoted\" \\ ünï"));
+        assert_eq!(a.fingerprint, "ffffffffffffffff");
         assert!(a.lookup);
-        assert_eq!(a.id, None);
-        assert_eq!(a.src, "exports/a \"b\".csv:42");
+        assert_eq!(a.zendesk_id, None);
+        assert_eq!(a.source, "exports/a \"b\".csv:42");
         assert_eq!(a.payload["name"], "Zoë \"Z\"");
         assert_eq!(a.email, None);
         let b: ChunkRow = serde_json::from_slice(lines[1]).unwrap();
         assert_eq!(row_key_hash(lines[1]), Some(7));
         assert_eq!(
-            (b.i, b.id, b.src.as_str()),
+            (b.index, b.zendesk_id, b.source.as_str()),
             (1, Some(9_007_199_254_740_993), "state")
         );
         assert_eq!(b.email.as_deref(), Some("a+b@example.com"));

@@ -786,7 +786,7 @@ impl Planner<'_> {
             if let Some(h) = row_key_hash(line).filter(|h| hashes.contains(h)) {
                 // Its `source` tells where the dropped first copy came from.
                 if let Ok(row) = serde_json::from_slice::<ChunkRow>(line) {
-                    if let Some(l) = row.src.rsplit(':').next().and_then(|l| l.parse().ok()) {
+                    if let Some(l) = row.source.rsplit(':').next().and_then(|l| l.parse().ok()) {
                         lines.insert(h, l);
                     }
                 }

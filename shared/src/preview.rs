@@ -244,10 +244,10 @@ fn write_records(
                 Call::Create if row.lookup => Some(
                     "looked up by external id first: an earlier create of this key has an unknown outcome",
                 ),
-                Call::Update if cfg.object == Object::Tickets && row.id.is_none() => Some(
+                Call::Update if cfg.object == Object::Tickets && row.zendesk_id.is_none() => Some(
                     "fails: no Zendesk ticket id is recorded for this key (tickets are updated by id only)",
                 ),
-                Call::Update if row.id.is_none() => Some("updated by external id"),
+                Call::Update if row.zendesk_id.is_none() => Some("updated by external id"),
                 _ => None,
             };
             let line = RecordLine {
@@ -255,13 +255,13 @@ fn write_records(
                 call,
                 method: endpoint.as_ref().map(|e| e.0),
                 path: endpoint.map(|e| e.1),
-                key: &row.pk,
-                src: &row.src,
-                id: row.id,
+                key: &row.key,
+                src: &row.source,
+                id: row.zendesk_id,
                 note,
                 tag: (call == Call::Tag).then_some(tag).flatten(),
                 record: (call != Call::Tag)
-                    .then(|| wire_item(cfg.object, update, &row, row.id.as_ref())),
+                    .then(|| wire_item(cfg.object, update, &row, row.zendesk_id.as_ref())),
             };
             serde_json::to_writer(&mut out, &line)
                 .map_err(io::Error::from)

@@ -299,14 +299,14 @@ impl Writer {
                     .await?;
                 summary.batches_reused += 1;
                 for r in stored {
-                    if done.insert(r.i) {
+                    if done.insert(r.index) {
                         count(&mut summary, &r);
                         self.progress.rows_done.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
         }
-        let at: HashMap<u32, usize> = rows.iter().enumerate().map(|(n, r)| (r.i, n)).collect();
+        let at: HashMap<u32, usize> = rows.iter().enumerate().map(|(n, r)| (r.index, n)).collect();
         let mut claimed: HashSet<u32> = HashSet::new();
         let mut batches: Vec<(String, Vec<ChunkRow>, Option<Journal>)> = Vec::new();
         for (stem, j) in journals {
@@ -322,11 +322,11 @@ impl Writer {
         }
         let rest: Vec<&ChunkRow> = rows
             .iter()
-            .filter(|r| !done.contains(&r.i) && !claimed.contains(&r.i))
+            .filter(|r| !done.contains(&r.index) && !claimed.contains(&r.index))
             .collect();
         let bs = self.opts.batch_size.clamp(1, 100);
         for part in rest.chunks(bs) {
-            let stem = format!("r{:06}-{}", part[0].i, self.tag);
+            let stem = format!("r{:06}-{}", part[0].index, self.tag);
             batches.push((stem, part.iter().map(|r| (*r).clone()).collect(), None));
         }
         let mut work = FuturesUnordered::new();
@@ -546,7 +546,7 @@ impl Writer {
         let mut ids = HashMap::new();
         let mut send = Vec::new();
         for &k in idx {
-            match rows[k].id {
+            match rows[k].zendesk_id {
                 Some(id) if id != 0 => {
                     ids.insert(k, id);
                     send.push(k);
@@ -556,7 +556,7 @@ impl Writer {
                         code: "UnknownTicket".into(),
                         reason: format!(
                             "no Zendesk ticket id is recorded for key `{}`: tickets are matched only by the id zdsync recorded when it created them (a ticket's external_id is not unique); create it with an upsert or insert sync first",
-                            rows[k].pk
+                            rows[k].key
                         ),
                     })
                 }
@@ -604,7 +604,7 @@ impl Writer {
                         object.as_str().trim_end_matches('s'),
                         match ids.get(&k) {
                             Some(id) => format!("id {id}"),
-                            None => format!("external_id `{}`", rows[k].pk),
+                            None => format!("external_id `{}`", rows[k].key),
                         }
                     );
                 }
@@ -653,7 +653,7 @@ impl Writer {
                 _ = self.stop.wait() => return Err(WriteError::Stopped),
             };
             if creates {
-                let ids = todo.iter().map(|&k| rows[k].i).collect();
+                let ids = todo.iter().map(|&k| rows[k].index).collect();
                 self.journal(journal_key, &path, None, ids).await?;
             }
             let answer = self
@@ -668,7 +668,7 @@ impl Writer {
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(job.id.clone());
                     if creates {
-                        let ids = todo.iter().map(|&k| rows[k].i).collect();
+                        let ids = todo.iter().map(|&k| rows[k].index).collect();
                         self.journal(journal_key, &path, Some(&job.id), ids).await?;
                     }
                     self.progress.jobs.fetch_add(1, Ordering::Relaxed);
@@ -885,7 +885,7 @@ impl Writer {
         let external = self.tickets_by_id(&ids).await?;
         Ok(firsts
             .into_iter()
-            .find(|(_, pos, id)| external.get(id).map(String::as_str) == Some(&rows[idx[*pos]].pk))
+            .find(|(_, pos, id)| external.get(id).map(String::as_str) == Some(&rows[idx[*pos]].key))
             .map(|(c, _, _)| jobs[c].clone()))
     }
 
@@ -989,7 +989,7 @@ impl Writer {
             // read back (export pages of 1,000, then the newest through the ticket list).
             let scan = crate::rebuild::scan_tickets(&self.client, self.lookup_since, 10).await?;
             for &k in idx {
-                if let Some(&id) = scan.by_key.get(&rows[k].pk) {
+                if let Some(&id) = scan.by_key.get(&rows[k].key) {
                     found.insert(k, id);
                 }
             }
@@ -1001,14 +1001,14 @@ impl Writer {
                     .client
                     .get(&format!(
                         "/api/v2/tickets.json?external_id={}",
-                        enc(&rows[k].pk)
+                        enc(&rows[k].key)
                     ))
                     .await?;
                 let oldest = v["tickets"]
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .filter(|t| t["external_id"].as_str() == Some(rows[k].pk.as_str()))
+                    .filter(|t| t["external_id"].as_str() == Some(rows[k].key.as_str()))
                     .filter_map(|t| t["id"].as_u64())
                     .min();
                 if let Some(id) = oldest {
@@ -1021,7 +1021,7 @@ impl Writer {
         for part in idx.chunks(100) {
             let list = part
                 .iter()
-                .map(|&k| enc(&rows[k].pk))
+                .map(|&k| enc(&rows[k].key))
                 .collect::<Vec<_>>()
                 .join(",");
             let v = self
@@ -1037,7 +1037,7 @@ impl Writer {
                 }
             }
             for &k in part {
-                if let Some(&id) = by_key.get(&rows[k].pk.to_lowercase()) {
+                if let Some(&id) = by_key.get(&rows[k].key.to_lowercase()) {
                     found.insert(k, id);
                 }
             }
@@ -1229,28 +1229,28 @@ fn capitalise(s: &str) -> String {
 fn result_row(row: &ChunkRow, o: Option<Outcome>) -> ResultRow {
     match o {
         Some(Outcome::Confirmed { id, action }) => ResultRow {
-            i: row.i,
-            pk: row.pk.clone(),
+            index: row.index,
+            key: row.key.clone(),
             status: RowStatus::Confirmed,
-            id: Some(id),
+            zendesk_id: Some(id),
             error: None,
             unknown: false,
             action: Some(action),
         },
         Some(Outcome::Failed { code, reason }) => ResultRow {
-            i: row.i,
-            pk: row.pk.clone(),
+            index: row.index,
+            key: row.key.clone(),
             status: RowStatus::Failed,
-            id: None,
+            zendesk_id: None,
             error: Some(reason),
             unknown: code == UNKNOWN,
             action: None,
         },
         None => ResultRow {
-            i: row.i,
-            pk: row.pk.clone(),
+            index: row.index,
+            key: row.key.clone(),
             status: RowStatus::Failed,
-            id: None,
+            zendesk_id: None,
             error: Some("no outcome was recorded for this row".into()),
             unknown: false,
             action: None,
@@ -1294,7 +1294,7 @@ fn map_results<'a>(
     let by_key: HashMap<String, usize> = idx
         .iter()
         .enumerate()
-        .map(|(n, &k)| (rows[k].pk.to_lowercase(), n))
+        .map(|(n, &k)| (rows[k].key.to_lowercase(), n))
         .collect();
     for (pos, r) in results.iter().enumerate() {
         let mut at = if indexed {
@@ -1482,13 +1482,13 @@ mod tests {
 
     fn row(i: u32, pk: &str) -> ChunkRow {
         ChunkRow {
-            h: "0".into(),
-            i,
-            pk: pk.into(),
-            fp: "0".into(),
+            key_hash: "0".into(),
+            index: i,
+            key: pk.into(),
+            fingerprint: "0".into(),
             lookup: false,
-            id: None,
-            src: "x:1".into(),
+            zendesk_id: None,
+            source: "x:1".into(),
             payload: serde_json::json!({"external_id": pk}),
             email: None,
         }

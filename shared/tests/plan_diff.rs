@@ -82,23 +82,23 @@ impl Fixture {
         for c in &m.chunks {
             let mut out = String::new();
             for row in changeset::read_jsonl::<ChunkRow>(&self.store, &c.key).unwrap() {
-                let num: u64 = row.pk.trim_start_matches('p').parse().unwrap();
-                let r = if fail(&row.pk) {
+                let num: u64 = row.key.trim_start_matches('p').parse().unwrap();
+                let r = if fail(&row.key) {
                     ResultRow {
-                        i: row.i,
-                        pk: row.pk.clone(),
+                        index: row.index,
+                        key: row.key.clone(),
                         status: RowStatus::Failed,
-                        id: None,
+                        zendesk_id: None,
                         error: Some("RecordInvalid: nope".into()),
                         unknown: false,
                         action: None,
                     }
                 } else {
                     ResultRow {
-                        i: row.i,
-                        pk: row.pk.clone(),
+                        index: row.index,
+                        key: row.key.clone(),
                         status: RowStatus::Confirmed,
-                        id: Some(90_000 + num),
+                        zendesk_id: Some(90_000 + num),
                         error: None,
                         unknown: false,
                         action: None,
@@ -134,7 +134,7 @@ fn people(n: usize) -> Vec<(String, String, String, i64)> {
 }
 
 fn pks(rows: &[ChunkRow]) -> BTreeSet<String> {
-    rows.iter().map(|r| r.pk.clone()).collect()
+    rows.iter().map(|r| r.key.clone()).collect()
 }
 
 #[test]
@@ -159,12 +159,12 @@ fn first_run_creates_everything_then_unchanged_rerun_sends_nothing() {
     assert!(m.chunks.iter().all(|c| c.rows == 100 && c.op == Op::Create));
     let rows = f.rows(&m, Op::Create);
     assert_eq!(pks(&rows).len(), 1000);
-    let p7 = rows.iter().find(|r| r.pk == "p7").unwrap();
+    let p7 = rows.iter().find(|r| r.key == "p7").unwrap();
     assert_eq!(
         p7.payload,
         serde_json::json!({"external_id":"p7","name":"Person 7","email":"person7@example.com","user_fields":{"score":7}})
     );
-    assert_eq!(p7.src, "exports/people/part-0.csv:9");
+    assert_eq!(p7.source, "exports/people/part-0.csv:9");
 
     f.confirm_all(&r);
     let r2 = f.plan(CONFIG);
@@ -199,8 +199,8 @@ fn one_percent_changed_sends_exactly_the_changed_rows_with_their_ids() {
     let updates = f.rows(&m, Op::Update);
     assert_eq!(pks(&updates), changed);
     // Updates carry the Zendesk id confirmed last run.
-    let p100 = updates.iter().find(|r| r.pk == "p100").unwrap();
-    assert_eq!(p100.id, Some(90_100));
+    let p100 = updates.iter().find(|r| r.key == "p100").unwrap();
+    assert_eq!(p100.zendesk_id, Some(90_100));
     assert_eq!(p100.payload["user_fields"]["score"], 1_000_100);
 }
 
@@ -260,7 +260,10 @@ fn an_updated_row_that_fails_keeps_its_id_and_is_retried_as_an_update() {
     let c = &r.manifest.counts;
     assert_eq!((c.update, c.retried), (1, 1));
     let upd = f.rows(&f.manifest(&r), Op::Update);
-    assert_eq!((upd[0].pk.as_str(), upd[0].id), ("p3", Some(90_003)));
+    assert_eq!(
+        (upd[0].key.as_str(), upd[0].zendesk_id),
+        ("p3", Some(90_003))
+    );
 }
 
 #[test]
@@ -470,8 +473,11 @@ fn insert_mode_skips_existing_keys_and_update_mode_never_creates() {
     let c = &r.manifest.counts;
     assert_eq!((c.create, c.update, c.unchanged), (0, 2, 99));
     let upd = f.rows(&f.manifest(&r), Op::Update);
-    let new = upd.iter().find(|r| r.pk == "p500").unwrap();
-    assert_eq!(new.id, None, "unknown to zdsync: updated by external_id");
+    let new = upd.iter().find(|r| r.key == "p500").unwrap();
+    assert_eq!(
+        new.zendesk_id, None,
+        "unknown to zdsync: updated by external_id"
+    );
 }
 
 #[test]

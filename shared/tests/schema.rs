@@ -217,8 +217,9 @@ fn plan_translates_labels_and_refuses_unknown_options() {
         .filter(|c| c.op == Op::Create)
         .flat_map(|c| changeset::read_jsonl::<ChunkRow>(&store, &c.key).unwrap())
         .collect();
-    let plan_of =
-        |pk: &str| rows.iter().find(|r| r.pk == pk).unwrap().payload["user_fields"]["plan"].clone();
+    let plan_of = |pk: &str| {
+        rows.iter().find(|r| r.key == pk).unwrap().payload["user_fields"]["plan"].clone()
+    };
     assert_eq!(rows.len(), 2);
     assert_eq!(plan_of("1"), "plan_pro");
     assert_eq!(plan_of("2"), "plan_enterprise");

@@ -1110,7 +1110,7 @@ async fn crash_before_the_job_id_was_journaled_creates_no_duplicates() {
         let rows: Vec<zdsync::changeset::ChunkRow> =
             zdsync::changeset::read_jsonl(fx.store().as_ref(), &chunk.key).unwrap();
         let path = "/api/v2/tickets/create_many.json";
-        let first: Vec<u32> = rows.iter().take(100).map(|r| r.i).collect();
+        let first: Vec<u32> = rows.iter().take(100).map(|r| r.index).collect();
         let journal = serde_json::json!({"endpoint": path, "job": null, "rows": first});
         fx.store()
             .put(

@@ -357,7 +357,7 @@ fn failures(e: &E2e, sync: &str, rec: &RunRecord) -> BTreeMap<String, String> {
     stored_results(e.root(), sync, &rec.run_id)
         .into_iter()
         .filter(|r| r.status == zdsync::changeset::RowStatus::Failed)
-        .map(|r| (r.pk, r.error.unwrap_or_default()))
+        .map(|r| (r.key, r.error.unwrap_or_default()))
         .collect()
 }
 
@@ -1466,7 +1466,7 @@ async fn one_based_results_of_a_killed_job_map_to_the_right_rows() {
     );
     let confirmed: BTreeMap<String, u64> = stored_results(e.root(), "t_kill", &rec.run_id)
         .into_iter()
-        .filter_map(|r| r.id.map(|id| (r.pk, id)))
+        .filter_map(|r| r.zendesk_id.map(|id| (r.key, id)))
         .collect();
     let state = e.state();
     for (pk, id) in &confirmed {

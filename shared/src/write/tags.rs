@@ -66,7 +66,7 @@ impl Writer {
     ) -> Result<(), WriteError> {
         let known: HashMap<usize, u64> = idx
             .iter()
-            .filter_map(|&k| rows[k].id.filter(|&id| id != 0).map(|id| (k, id)))
+            .filter_map(|&k| rows[k].zendesk_id.filter(|&id| id != 0).map(|id| (k, id)))
             .collect();
         self.apply_tag(rows, idx, &known, op, out).await
     }
@@ -133,7 +133,7 @@ impl Writer {
                 reason: format!(
                     "no {} with external_id `{}`{email} exists in Zendesk, so the `{}` tag cannot be {verb}; the row is tried again next run",
                     self.object.as_str().trim_end_matches('s'),
-                    rows[k].pk,
+                    rows[k].key,
                     self.tag()
                 ),
             });
@@ -222,7 +222,7 @@ impl Writer {
             .filter(|k| !found.contains_key(k))
             .collect();
         for part in by_key.chunks(100) {
-            let list: Vec<String> = part.iter().map(|&k| enc(&rows[k].pk)).collect();
+            let list: Vec<String> = part.iter().map(|&k| enc(&rows[k].key)).collect();
             let v = self
                 .client
                 .get(&format!(
@@ -237,7 +237,7 @@ impl Writer {
                 }
             }
             for &k in part {
-                if let Some(rec) = by_ext.get(&rows[k].pk.to_lowercase()) {
+                if let Some(rec) = by_ext.get(&rows[k].key.to_lowercase()) {
                     if let Some(id) = rec["id"].as_u64() {
                         let tags = check(rec)?;
                         found.insert(k, Found { id, tags });
