@@ -47,9 +47,7 @@ pub struct MembershipRow {
     pub member: bool,
 }
 
-pub fn membership_key(sync: &str, run: &str) -> String {
-    format!("runs/{sync}/{run}/membership.jsonl.zst")
-}
+pub use layout::membership_key;
 
 /// Identifies the membership a state describes (object and tag).
 fn audience_hash(cfg: &SyncConfig, tag: &str) -> u64 {

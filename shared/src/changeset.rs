@@ -498,6 +498,14 @@ pub fn read_text(store: &dyn ObjectStore, key: &str) -> Result<String, ChangeSet
     Ok(text)
 }
 
+/// Store a manifest at its run's key (the key is returned).
+pub fn write_manifest(store: &dyn ObjectStore, manifest: &Manifest) -> io::Result<String> {
+    let key = layout::manifest_key(&manifest.sync, &manifest.run_id);
+    let body = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
+    store.put(&key, &body)?;
+    Ok(key)
+}
+
 pub fn read_manifest(store: &dyn ObjectStore, key: &str) -> Result<Manifest, ChangeSetError> {
     let text = read_text(store, key)?;
     serde_json::from_str(&text).map_err(|e| ChangeSetError::Bad {

@@ -62,6 +62,29 @@ pub fn lock_key(sync: &str) -> String {
     format!("locks/{sync}.json")
 }
 
+/// Audience runs: membership changes that need no write.
+pub fn membership_key(sync: &str, run: &str) -> String {
+    format!("runs/{sync}/{run}/membership.jsonl.zst")
+}
+
+/// The chunk list a Distributed Map reads.
+pub fn chunk_list_key(sync: &str, run: &str) -> String {
+    format!("runs/{sync}/{run}/chunks.json")
+}
+
+/// One write-batch invocation's request counters, beside its chunk's results (`tag` tells
+/// retried invocations apart).
+pub fn batch_stats_key(sync: &str, run: &str, chunk_name: &str, tag: &str) -> String {
+    format!("runs/{sync}/{run}/results/{chunk_name}/stats-{tag}.json")
+}
+
+/// Whether a key under a chunk's results is a [`batch_stats_key`].
+pub fn is_batch_stats_key(key: &str) -> bool {
+    key.rsplit('/')
+        .next()
+        .is_some_and(|n| n.starts_with("stats-") && n.ends_with(".json"))
+}
+
 pub fn invalid_key(sync: &str, run: &str) -> String {
     format!("runs/{sync}/{run}/invalid.jsonl")
 }

@@ -150,12 +150,9 @@ pub(crate) fn write_manifest(
     manifest: &Manifest,
 ) -> Result<Option<String>, PlanError> {
     let key = layout::manifest_key(&manifest.sync, &manifest.run_id);
-    let body = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
-    store.put(&key, &body).map_err(|source| PlanError::Write {
-        key: key.clone(),
-        source,
-    })?;
-    Ok(Some(key))
+    crate::changeset::write_manifest(store, manifest)
+        .map(Some)
+        .map_err(|source| PlanError::Write { key, source })
 }
 
 /// Identity hasher for keys that are already uniform 64-bit hashes.

@@ -413,7 +413,7 @@ async fn plan_object(
         trigger.max_rows.or(cfg.max_rows_per_run),
         cfg.rate_limit_rpm(),
     )?;
-    let chunks_key = format!("{}chunks.json", layout::run_prefix(&m.sync, &m.run_id));
+    let chunks_key = layout::chunk_list_key(&m.sync, &m.run_id);
     let body = serde_json::to_vec(&m.chunks).expect("chunk list serialises");
     put_object(env, chunks_key.clone(), body).await?;
     let rows: u64 = m.chunks.iter().map(|c| c.rows).sum();
@@ -534,10 +534,11 @@ pub async fn write_step(env: &StepEnv, input: &WriteInput) -> Result<WriteOutput
     let summary = writer.write_chunk(&input.chunk).await?;
     let stats = client.stats();
     let name = layout::chunk_name(&input.chunk.key).to_string();
-    let key = format!(
-        "{}stats-{}.json",
-        layout::results_prefix(&manifest.sync, &manifest.run_id, &name),
-        pipeline::new_run_id()
+    let key = layout::batch_stats_key(
+        &manifest.sync,
+        &manifest.run_id,
+        &name,
+        &pipeline::new_run_id(),
     );
     let body = serde_json::to_vec(&serde_json::json!({
         "requests": stats,
@@ -640,7 +641,10 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
             key: prefix,
             source,
         })?;
-        for o in objects.iter().filter(|o| o.key.contains("/stats-")) {
+        for o in objects
+            .iter()
+            .filter(|o| layout::is_batch_stats_key(&o.key))
+        {
             let v: Value =
                 serde_json::from_str(&read_text(store.as_ref(), &o.key)?).unwrap_or(Value::Null);
             if let Ok(r) = serde_json::from_value::<record::Requests>(v["requests"].clone()) {
