@@ -113,6 +113,42 @@ pub fn parse_trigger(event: &Value) -> Result<Trigger, RunError> {
     }
 }
 
+/// Finalize's input: the execution's state (`{"plan": {"run": …}, "error": {…}}`), where
+/// `plan` is missing when plan itself failed and `error` is what a Catch caught.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FinalizeState {
+    #[serde(default)]
+    pub plan: Option<PlannedRun>,
+    #[serde(default)]
+    pub error: Option<CaughtError>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlannedRun {
+    pub run: PlanDescriptor,
+}
+
+/// A Step Functions Catch's error output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CaughtError {
+    #[serde(rename = "Error")]
+    pub error: String,
+    #[serde(rename = "Cause", default)]
+    pub cause: String,
+}
+
+impl FinalizeState {
+    /// Read finalize's input; a malformed one is a `ConfigInvalid` (the definition is wrong).
+    pub fn parse(v: &Value) -> Result<FinalizeState, RunError> {
+        serde_json::from_value(v.clone()).map_err(|e| {
+            RunError::Config(crate::config::ConfigError::Invalid {
+                file: "finalize input".into(),
+                message: format!("expected {{\"plan\": {{\"run\": …}}, \"error\": …}}: {e}"),
+            })
+        })
+    }
+}
+
 /// What plan hands to the state machine: keys and counts, never rows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanDescriptor {
@@ -175,9 +211,8 @@ pub async fn load_config(store: Arc<dyn ObjectStore>, sync: &str) -> Result<Sync
 /// plan: dedupe the trigger, take the sync's lock, preflight, read the schema, plan, and store
 /// the chunk list. On an error after the lock is taken the run is recorded as failed and the
 /// lock released before the error is returned (finalize has no run to close then).
-pub async fn plan_step(env: &StepEnv, event: &Value) -> Result<PlanDescriptor, RunError> {
+pub async fn plan_step(env: &StepEnv, trigger: &Trigger) -> Result<PlanDescriptor, RunError> {
     let started = chrono::Utc::now();
-    let trigger = parse_trigger(event)?;
     let cfg = load_config(env.store.clone(), &trigger.sync).await?;
     let run_id = pipeline::new_run_id();
     let descriptor = |manifest_key: String, chunks_key: String| PlanDescriptor {
@@ -242,7 +277,7 @@ pub async fn plan_step(env: &StepEnv, event: &Value) -> Result<PlanDescriptor, R
         }
         marker = Some(m);
     }
-    let result = plan_with_lock(env, &cfg, &run_id, &trigger, started).await;
+    let result = plan_with_lock(env, &cfg, &run_id, trigger, started).await;
     match result {
         Ok(mut d) => {
             d.trigger_marker = marker;
@@ -602,13 +637,12 @@ fn cause_message(cause: &str) -> String {
 /// finalize: fold the outcomes into the state, write the run record (failed when the execution
 /// caught an error) and release the lock. The input is the execution state: `plan.run` is the
 /// descriptor, `error` what a Catch recorded.
-pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRecord>, RunError> {
+pub async fn finalize_step(
+    env: &StepEnv,
+    state: &FinalizeState,
+) -> Result<Option<RunRecord>, RunError> {
     let t = Instant::now();
-    let Some(d) = state
-        .get("plan")
-        .and_then(|p| p.get("run"))
-        .and_then(|r| serde_json::from_value::<PlanDescriptor>(r.clone()).ok())
-    else {
+    let Some(d) = state.plan.as_ref().map(|p| p.run.clone()) else {
         // plan failed: it recorded nothing to fold and released the lock itself.
         return Ok(None);
     };
@@ -616,12 +650,9 @@ pub async fn finalize_step(env: &StepEnv, state: &Value) -> Result<Option<RunRec
     if d.duplicate || (d.manifest_key.is_empty() && d.nothing_to_do) {
         return Ok(None);
     }
-    let mut error = state.get("error").map(|e| RunErrorInfo {
-        name: e["Error"]
-            .as_str()
-            .unwrap_or(ErrorName::Internal.as_str())
-            .to_string(),
-        message: cause_message(e["Cause"].as_str().unwrap_or_default()),
+    let mut error = state.error.as_ref().map(|e| RunErrorInfo {
+        name: e.error.clone(),
+        message: cause_message(&e.cause),
     });
     if d.manifest_key.is_empty() {
         // audience-diff failed before writing a change set: record the failure, free the lock.

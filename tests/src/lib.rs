@@ -313,3 +313,21 @@ pub async fn ticket_field_ids(
         })
         .collect()
 }
+
+/// plan_step on a raw execution input, as the plan Lambda reads it.
+pub async fn plan_event(
+    env: &zdsync::steps::StepEnv,
+    event: &serde_json::Value,
+) -> Result<zdsync::steps::PlanDescriptor, RunError> {
+    let trigger = zdsync::steps::parse_trigger(event)?;
+    zdsync::steps::plan_step(env, &trigger).await
+}
+
+/// finalize_step on a raw execution state, as the finalize Lambda reads it.
+pub async fn finalize_event(
+    env: &zdsync::steps::StepEnv,
+    state: &serde_json::Value,
+) -> Result<Option<RunRecord>, RunError> {
+    let state = zdsync::steps::FinalizeState::parse(state)?;
+    zdsync::steps::finalize_step(env, &state).await
+}

@@ -544,12 +544,11 @@ mod lambda_steps {
     use std::time::Duration;
     use zdsync::changeset::ChunkInfo;
     use zdsync::steps::{
-        audience_diff_step, finalize_step, plan_step, write_step, ClientFactory, PlanDescriptor,
-        StepEnv, WriteInput,
+        audience_diff_step, write_step, ClientFactory, PlanDescriptor, StepEnv, WriteInput,
     };
     use zdsync::store::LocalStore;
     use zdsync::zendesk::{credential_store, Client, ClientOptions};
-    use zdsync_tests::{fast_write_options, write_file};
+    use zdsync_tests::{fast_write_options, finalize_event, plan_event, write_file};
 
     fn env(e: &E2e) -> StepEnv {
         let base = e.root().to_path_buf();
@@ -577,7 +576,7 @@ mod lambda_steps {
     /// What the state machine does after Plan: AudienceDiff, then the Map (write-batch per
     /// chunk) unless there is nothing to write, then Finalize.
     async fn execute(env: &StepEnv, e: &E2e) -> (PlanDescriptor, RunRecord) {
-        let d = plan_step(env, &json!({"sync": "aud", "trigger": "manual"}))
+        let d = plan_event(env, &json!({"sync": "aud", "trigger": "manual"}))
             .await
             .unwrap();
         assert_eq!(d.kind, "audience");
@@ -600,7 +599,7 @@ mod lambda_steps {
                 assert_eq!(out.failed, 0);
             }
         }
-        let rec = finalize_step(env, &json!({"plan": {"run": d}}))
+        let rec = finalize_event(env, &json!({"plan": {"run": d}}))
             .await
             .unwrap()
             .expect("a run record");
@@ -644,15 +643,15 @@ mod lambda_steps {
 
         // audience-diff fails (the export is gone): finalize records it and frees the lock.
         std::fs::remove_dir_all(e.root().join("exports/aud")).unwrap();
-        let d = plan_step(&env, &json!({"sync": "aud"})).await.unwrap();
+        let d = plan_event(&env, &json!({"sync": "aud"})).await.unwrap();
         let err = audience_diff_step(&env, &d).await.unwrap_err();
         assert_eq!(err.error_name(), ErrorName::ExportUnreadable);
         let state = json!({"plan": {"run": d}, "error": {"Error": err.error_name().as_str(), "Cause": err.to_string()}});
-        let rec = finalize_step(&env, &state).await.unwrap().unwrap();
+        let rec = finalize_event(&env, &state).await.unwrap().unwrap();
         assert_eq!(rec.status, RunStatus::Failed);
         assert_eq!(rec.error.unwrap().name, "ExportUnreadable");
         assert!(
-            plan_step(&env, &json!({"sync": "aud"})).await.is_ok(),
+            plan_event(&env, &json!({"sync": "aud"})).await.is_ok(),
             "the lock was released"
         );
     }
@@ -668,7 +667,7 @@ mod lambda_steps {
         );
         write_file(e.root(), "config/aud.toml", &toml);
         e.write_export("aud", &members_csv(&[key(0)]));
-        let err = plan_step(&env(&e), &json!({"sync": "aud"}))
+        let err = plan_event(&env(&e), &json!({"sync": "aud"}))
             .await
             .unwrap_err();
         assert_eq!(err.error_name(), ErrorName::TaggingDisabled);

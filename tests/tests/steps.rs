@@ -10,13 +10,13 @@ use zdsync::changeset::ChunkInfo;
 use zdsync::errors::ErrorName;
 use zdsync::run::RunStatus;
 use zdsync::steps::{
-    finalize_step, parse_trigger, plan_step, write_step, ClientFactory, PlanDescriptor, StepEnv,
-    WriteInput,
+    parse_trigger, write_step, ClientFactory, PlanDescriptor, StepEnv, WriteInput,
 };
 use zdsync::store::LocalStore;
 use zdsync::write::WriteOptions;
 use zdsync::zendesk::{credential_store, Client, ClientOptions};
 use zdsync_sim::{SimConfig, Simulator};
+use zdsync_tests::{finalize_event, plan_event};
 
 fn fixture(name: &str) -> Value {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -147,7 +147,7 @@ fn map_chunks(root: &Path, d: &PlanDescriptor) -> Vec<WriteInput> {
 async fn an_export_event_runs_plan_write_batch_and_finalize_once() {
     let s = setup().await;
     let event = s3_event("exports/people/part-0000.csv", "etag-1");
-    let d = plan_step(&s.env, &event).await.unwrap();
+    let d = plan_event(&s.env, &event).await.unwrap();
     // The state machine only ever carries this small descriptor.
     let size = serde_json::to_vec(&d).unwrap().len();
     assert!(size < 2048, "descriptor is {size} bytes");
@@ -174,7 +174,7 @@ async fn an_export_event_runs_plan_write_batch_and_finalize_once() {
     assert!(sent <= 1, "a resumed chunk sent {sent} requests");
 
     let state = json!({"plan": {"run": d}});
-    let rec = finalize_step(&s.env, &state).await.unwrap().unwrap();
+    let rec = finalize_event(&s.env, &state).await.unwrap().unwrap();
     assert_eq!(rec.status, RunStatus::CompletedWithFailures, "{rec:#?}");
     assert_eq!(rec.rows.created, 250);
     assert_eq!(rec.rows.invalid, 1);
@@ -198,21 +198,21 @@ async fn an_export_event_runs_plan_write_batch_and_finalize_once() {
 
     // The same event again (EventBridge delivers duplicates): no second sync.
     let before = s.sim.counters().requests;
-    let dup = plan_step(&s.env, &event).await.unwrap();
+    let dup = plan_event(&s.env, &event).await.unwrap();
     assert!(dup.duplicate && dup.nothing_to_do);
     assert_eq!(s.sim.counters().requests, before);
-    assert!(finalize_step(&s.env, &json!({"plan": {"run": dup}}))
+    assert!(finalize_event(&s.env, &json!({"plan": {"run": dup}}))
         .await
         .unwrap()
         .is_none());
 
     // A new object (another ETag) with nothing changed: a run with nothing to write.
-    let d2 = plan_step(&s.env, &s3_event("exports/people/part-0000.csv", "etag-2"))
+    let d2 = plan_event(&s.env, &s3_event("exports/people/part-0000.csv", "etag-2"))
         .await
         .unwrap();
     assert!(d2.nothing_to_do && !d2.duplicate);
     assert_eq!(d2.counts.unchanged, 250);
-    let rec = finalize_step(&s.env, &json!({"plan": {"run": d2}}))
+    let rec = finalize_event(&s.env, &json!({"plan": {"run": d2}}))
         .await
         .unwrap()
         .unwrap();
@@ -224,17 +224,17 @@ async fn an_export_event_runs_plan_write_batch_and_finalize_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
     let s = setup().await;
-    let d = plan_step(&s.env, &json!({"sync": "people", "trigger": "schedule"}))
+    let d = plan_event(&s.env, &json!({"sync": "people", "trigger": "schedule"}))
         .await
         .unwrap();
     // A second execution while the first holds the lock: RunLocked (the ASL retries it).
-    let err = plan_step(&s.env, &json!({"sync": "people"}))
+    let err = plan_event(&s.env, &json!({"sync": "people"}))
         .await
         .unwrap_err();
     assert_eq!(err.error_name(), ErrorName::RunLocked);
     // An export event refused that way leaves no dedupe marker: its retry is no duplicate.
     let event = s3_event("exports/people/part-0000.csv", "etag-locked");
-    let err = plan_step(&s.env, &event).await.unwrap_err();
+    let err = plan_event(&s.env, &event).await.unwrap_err();
     assert_eq!(err.error_name(), ErrorName::RunLocked);
     // The Map failed and the Catch hands the error to finalize: a failed record, lock released,
     // rows without outcome flagged to be looked up before they are created again.
@@ -248,7 +248,7 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
     }));
     let out = write_step(&s.env, &failed).await.unwrap();
     assert_eq!((out.rows, out.failed), (100, 0));
-    let rec = finalize_step(&s.env, &json!({"plan": {"run": d.clone()}}))
+    let rec = finalize_event(&s.env, &json!({"plan": {"run": d.clone()}}))
         .await
         .unwrap()
         .unwrap();
@@ -263,28 +263,30 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
     );
     assert!(!s.root.join("locks/people.json").exists());
     // The event refused while locked now runs.
-    let d = plan_step(&s.env, &event).await.unwrap();
+    let d = plan_event(&s.env, &event).await.unwrap();
     assert!(!d.duplicate && !d.nothing_to_do);
     // The run fails as a whole: its object's marker is dropped, so the same object (an event
     // redelivered, or the file put again) starts a run again rather than being skipped.
     let state =
         json!({"plan": {"run": d}, "error": {"Error": "ZendeskUnavailable", "Cause": "503"}});
-    finalize_step(&s.env, &state).await.unwrap().unwrap();
-    let d = plan_step(&s.env, &event).await.unwrap();
+    finalize_event(&s.env, &state).await.unwrap().unwrap();
+    let d = plan_event(&s.env, &event).await.unwrap();
     assert!(!d.duplicate);
-    finalize_step(&s.env, &json!({"plan": {"run": d}}))
+    finalize_event(&s.env, &json!({"plan": {"run": d}}))
         .await
         .unwrap();
     // A run that succeeds keeps the marker: the same event is then a duplicate.
-    assert!(plan_step(&s.env, &event).await.unwrap().duplicate);
+    assert!(plan_event(&s.env, &event).await.unwrap().duplicate);
 
     // The Map itself failed and the Catch hands the error to finalize.
-    let d = plan_step(&s.env, &json!({"sync": "people"})).await.unwrap();
+    let d = plan_event(&s.env, &json!({"sync": "people"}))
+        .await
+        .unwrap();
     let state = json!({
         "plan": {"run": d},
         "error": {"Error": "ZendeskUnavailable", "Cause": "Zendesk answered 503 five times"}
     });
-    let rec = finalize_step(&s.env, &state).await.unwrap().unwrap();
+    let rec = finalize_event(&s.env, &state).await.unwrap().unwrap();
     assert_eq!(rec.status, RunStatus::Failed);
     assert_eq!(rec.error.as_ref().unwrap().name, "ZendeskUnavailable");
     assert_eq!(rec.rows.failed, 250);
@@ -295,13 +297,13 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
         "{\"email\":\"admin@acme.test\",\"api_token\":\"wrong\"}",
     )
     .unwrap();
-    let err = plan_step(&s.env, &json!({"sync": "people"}))
+    let err = plan_event(&s.env, &json!({"sync": "people"}))
         .await
         .unwrap_err();
     assert_eq!(err.error_name(), ErrorName::AuthFailed);
     assert!(!s.root.join("locks/people.json").exists());
     assert!(
-        finalize_step(&s.env, &json!({"error": {"Error": "AuthFailed"}}))
+        finalize_event(&s.env, &json!({"error": {"Error": "AuthFailed"}}))
             .await
             .unwrap()
             .is_none()
@@ -312,7 +314,9 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plan_finishes_a_run_whose_execution_stopped_before_finalize() {
     let s = setup().await;
-    let d = plan_step(&s.env, &json!({"sync": "people"})).await.unwrap();
+    let d = plan_event(&s.env, &json!({"sync": "people"}))
+        .await
+        .unwrap();
     assert_eq!(d.rows_to_write, 250);
     // One chunk written, then the execution stopped: no finalize, the lock left to expire.
     let items = map_chunks(&s.root, &d);
@@ -325,7 +329,9 @@ async fn a_plan_finishes_a_run_whose_execution_stopped_before_finalize() {
 
     // The next execution's plan takes the stale lock over and finishes that run first, as the
     // local runner does: its rows are written and folded, so none of them is planned again.
-    let next = plan_step(&s.env, &json!({"sync": "people"})).await.unwrap();
+    let next = plan_event(&s.env, &json!({"sync": "people"}))
+        .await
+        .unwrap();
     assert!(next.nothing_to_do, "{next:?}");
     assert_eq!(next.counts.unchanged, 250, "{next:?}");
     let old: zdsync::run::RunRecord = serde_json::from_str(
@@ -349,13 +355,13 @@ async fn a_config_must_name_the_sync_it_is_stored_for() {
     let s = setup().await;
     let text = std::fs::read_to_string(s.root.join("config/people.toml")).unwrap();
     write(&s.root.join("config/other.toml"), &text);
-    let err = plan_step(&s.env, &json!({"sync": "other"}))
+    let err = plan_event(&s.env, &json!({"sync": "other"}))
         .await
         .unwrap_err();
     assert_eq!(err.error_name(), ErrorName::ConfigInvalid);
     assert!(err.to_string().contains("config/people.toml"), "{err}");
     for bad in ["../people", "a/b", ""] {
-        let err = plan_step(&s.env, &json!({"sync": bad})).await.unwrap_err();
+        let err = plan_event(&s.env, &json!({"sync": bad})).await.unwrap_err();
         assert_eq!(err.error_name(), ErrorName::ConfigInvalid, "{bad}: {err}");
     }
     assert!(!s.root.join("locks/other.json").exists());
@@ -370,7 +376,7 @@ async fn a_plan_over_the_row_cap_of_its_execution_input_stops_before_any_write()
     let t = parse_trigger(&json!({"sync": "people", "max_rows": 10})).unwrap();
     assert_eq!(t.max_rows, Some(10));
     let before = zdsync_tests::write_requests(&s.sim.counters());
-    let err = plan_step(&s.env, &json!({"sync": "people", "max_rows": 10}))
+    let err = plan_event(&s.env, &json!({"sync": "people", "max_rows": 10}))
         .await
         .unwrap_err();
     assert_eq!(err.error_name(), ErrorName::RowCapExceeded, "{err}");
@@ -378,7 +384,7 @@ async fn a_plan_over_the_row_cap_of_its_execution_input_stops_before_any_write()
     assert!(!s.root.join("locks/people.json").exists());
     assert_eq!(zdsync_tests::write_requests(&s.sim.counters()), before);
     // Within the cap it plans as usual.
-    let d = plan_step(&s.env, &json!({"sync": "people", "max_rows": 250}))
+    let d = plan_event(&s.env, &json!({"sync": "people", "max_rows": 250}))
         .await
         .unwrap();
     assert_eq!(d.rows_to_write, 250);
@@ -398,17 +404,17 @@ async fn an_export_that_is_one_object_starts_only_when_that_object_lands() {
         "{\"entries\":[{\"url\":\"s3://zdsync-bucket/exports/people/part-0000.csv\",\"mandatory\":true}]}",
     );
     let before = s.sim.counters().requests;
-    let part = plan_step(&s.env, &s3_event("exports/people/part-0000.csv", "e1"))
+    let part = plan_event(&s.env, &s3_event("exports/people/part-0000.csv", "e1"))
         .await
         .unwrap();
     assert!(part.nothing_to_do && !part.duplicate && part.manifest_key.is_empty());
     assert!(!s.root.join("locks/people.json").exists(), "no lock taken");
     assert_eq!(s.sim.counters().requests, before, "no Zendesk request");
-    assert!(finalize_step(&s.env, &json!({"plan": {"run": part}}))
+    assert!(finalize_event(&s.env, &json!({"plan": {"run": part}}))
         .await
         .unwrap()
         .is_none());
-    let d = plan_step(&s.env, &s3_event("exports/people/manifest", "e2"))
+    let d = plan_event(&s.env, &s3_event("exports/people/manifest", "e2"))
         .await
         .unwrap();
     assert!(!d.nothing_to_do, "{d:?}");

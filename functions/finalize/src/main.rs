@@ -10,7 +10,9 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let env = zdsync::aws::lambda::init()?;
     let env = &env;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-        let state = event.payload.get("state").cloned().unwrap_or(Value::Null);
+        let raw = event.payload.get("state").cloned().unwrap_or(Value::Null);
+        let state =
+            zdsync::steps::FinalizeState::parse(&raw).map_err(zdsync::aws::lambda::diagnostic)?;
         let rec = zdsync::steps::finalize_step(env, &state)
             .await
             .map_err(zdsync::aws::lambda::diagnostic)?;

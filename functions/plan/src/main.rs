@@ -10,7 +10,9 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let env = zdsync::aws::lambda::init()?;
     let env = &env;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-        let d = zdsync::steps::plan_step(env, &event.payload)
+        let trigger = zdsync::steps::parse_trigger(&event.payload)
+            .map_err(zdsync::aws::lambda::diagnostic)?;
+        let d = zdsync::steps::plan_step(env, &trigger)
             .await
             .map_err(zdsync::aws::lambda::diagnostic)?;
         Ok::<Value, Diagnostic>(serde_json::to_value(d).expect("descriptor serialises"))
