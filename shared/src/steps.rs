@@ -339,10 +339,9 @@ async fn plan_with_lock(
     let taken_over = guard.taken_over.clone();
     let result = plan_locked(env, cfg, run_id, trigger, started, taken_over).await;
     match result {
-        Ok(mut d) => {
+        Ok(d) => {
             // The lock stays for write-batch and finalize; only its renewal stops here.
             drop(guard);
-            d.started_at = started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             Ok(d)
         }
         Err(e) => {
@@ -387,7 +386,10 @@ async fn plan_locked(
     });
     let finished = pipeline::finish_unfinished(&ctx, &opts, taken_over).await;
     budget.abort();
+    let mut started = started;
     if let Some(rec) = finished? {
+        // This run starts after the one it finished, as the local runner counts it.
+        started = chrono::Utc::now();
         tracing::info!(sync = %cfg.name, run = %rec.run_id, status = ?rec.status, "finished an abandoned run before planning");
         if rec.status == RunStatus::Interrupted {
             // Not done within the budget: the retry (RunLocked) goes on with it.

@@ -331,3 +331,60 @@ pub async fn finalize_event(
     let state = zdsync::steps::FinalizeState::parse(state)?;
     zdsync::steps::finalize_step(env, &state).await
 }
+
+/// The Lambdas' step environment on a local folder: credentials resolved against `root`, the
+/// harness's quick write options.
+pub fn step_env(root: &Path) -> zdsync::steps::StepEnv {
+    let base = root.to_path_buf();
+    let client_for: zdsync::steps::ClientFactory = Arc::new(move |cfg| {
+        let (opts, creds) = (fast_client_options(cfg), cfg.zendesk.credentials.clone());
+        let base = base.clone();
+        Box::pin(async move { Client::new(opts, credential_store(&creds, &base)?).await })
+    });
+    zdsync::steps::StepEnv {
+        store: Arc::new(LocalStore::new(root)),
+        bucket: "zdsync-bucket".into(),
+        client_for,
+        default_concurrency: 4,
+        lock_ttl: Duration::from_secs(3600),
+        write: fast_write_options(),
+    }
+}
+
+/// One execution of the state machine, step by step as the definition runs them: plan,
+/// audience-diff for an audience, write-batch for each chunk of the chunk list, finalize.
+pub async fn run_steps(
+    env: &zdsync::steps::StepEnv,
+    root: &Path,
+    sync: &str,
+) -> Result<Option<RunRecord>, RunError> {
+    let mut d = plan_event(env, &serde_json::json!({"sync": sync})).await?;
+    if d.kind == "audience" && !d.nothing_to_do && !d.duplicate {
+        d = zdsync::steps::audience_diff_step(env, &d).await?;
+    }
+    if !d.nothing_to_do {
+        for input in chunk_inputs(root, &d) {
+            zdsync::steps::write_step(env, &input).await?;
+        }
+    }
+    finalize_event(env, &serde_json::json!({"plan": {"run": d}})).await
+}
+
+/// What the Distributed Map does: read the chunk list, one write-batch input per chunk.
+pub fn chunk_inputs(
+    root: &Path,
+    d: &zdsync::steps::PlanDescriptor,
+) -> Vec<zdsync::steps::WriteInput> {
+    let text = std::fs::read_to_string(root.join(&d.chunks_key)).unwrap();
+    let chunks: Vec<zdsync::changeset::ChunkInfo> = serde_json::from_str(&text).unwrap();
+    chunks
+        .into_iter()
+        .map(|chunk| zdsync::steps::WriteInput {
+            sync: d.sync.clone(),
+            run_id: d.run_id.clone(),
+            manifest_key: d.manifest_key.clone(),
+            chunk,
+            error: None,
+        })
+        .collect()
+}

@@ -4,19 +4,11 @@
 
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
-use zdsync::changeset::ChunkInfo;
 use zdsync::errors::ErrorName;
 use zdsync::run::RunStatus;
-use zdsync::steps::{
-    parse_trigger, write_step, ClientFactory, PlanDescriptor, StepEnv, WriteInput,
-};
-use zdsync::store::LocalStore;
-use zdsync::write::WriteOptions;
-use zdsync::zendesk::{credential_store, Client, ClientOptions};
+use zdsync::steps::{parse_trigger, write_step, StepEnv};
 use zdsync_sim::{SimConfig, Simulator};
-use zdsync_tests::{finalize_event, plan_event};
+use zdsync_tests::{chunk_inputs, finalize_event, plan_event};
 
 fn fixture(name: &str) -> Value {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -88,30 +80,7 @@ async fn setup() -> Setup {
     }
     csv.push_str("bad,No Email,,Pro\n");
     write(&root.join("exports/people/part-0000.csv"), &csv);
-    let base = root.clone();
-    let client_for: ClientFactory = Arc::new(move |cfg| {
-        let (z, creds) = (cfg.zendesk.clone(), cfg.zendesk.credentials.clone());
-        let base = base.clone();
-        Box::pin(async move {
-            Client::new(
-                ClientOptions::from_config(&z),
-                credential_store(&creds, &base)?,
-            )
-            .await
-        })
-    });
-    let env = StepEnv {
-        store: Arc::new(LocalStore::new(&root)),
-        bucket: "zdsync-bucket".into(),
-        client_for,
-        default_concurrency: 4,
-        lock_ttl: Duration::from_secs(3600),
-        write: WriteOptions {
-            poll_min: Duration::from_millis(10),
-            poll_max: Duration::from_millis(200),
-            ..WriteOptions::default()
-        },
-    };
+    let env = zdsync_tests::step_env(&root);
     Setup {
         _dir: dir,
         root,
@@ -125,22 +94,6 @@ fn s3_event(key: &str, etag: &str) -> Value {
     e["detail"]["object"]["key"] = json!(key);
     e["detail"]["object"]["etag"] = json!(etag);
     e
-}
-
-/// What the Distributed Map does: read the chunk list, call write-batch per item.
-fn map_chunks(root: &Path, d: &PlanDescriptor) -> Vec<WriteInput> {
-    let text = std::fs::read_to_string(root.join(&d.chunks_key)).unwrap();
-    let chunks: Vec<ChunkInfo> = serde_json::from_str(&text).unwrap();
-    chunks
-        .into_iter()
-        .map(|chunk| WriteInput {
-            sync: d.sync.clone(),
-            run_id: d.run_id.clone(),
-            manifest_key: d.manifest_key.clone(),
-            chunk,
-            error: None,
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,7 +113,7 @@ async fn an_export_event_runs_plan_write_batch_and_finalize_once() {
         "plan holds the lock"
     );
 
-    let items = map_chunks(&s.root, &d);
+    let items = chunk_inputs(&s.root, &d);
     assert_eq!(items.len(), 3);
     for item in &items {
         let out = write_step(&s.env, item).await.unwrap();
@@ -240,7 +193,7 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
     // rows without outcome flagged to be looked up before they are created again.
     // One chunk failed after its retries; the item processor's Catch hands the Lambda error
     // to write-batch, which records it; the other chunks never ran.
-    let mut items = map_chunks(&s.root, &d);
+    let mut items = chunk_inputs(&s.root, &d);
     let mut failed = items.remove(1);
     failed.error = Some(json!({
         "Error": "ZendeskUnavailable",
@@ -319,7 +272,7 @@ async fn a_plan_finishes_a_run_whose_execution_stopped_before_finalize() {
         .unwrap();
     assert_eq!(d.rows_to_write, 250);
     // One chunk written, then the execution stopped: no finalize, the lock left to expire.
-    let items = map_chunks(&s.root, &d);
+    let items = chunk_inputs(&s.root, &d);
     write_step(&s.env, &items[0]).await.unwrap();
     let lock_path = s.root.join("locks/people.json");
     let mut lock: Value =
