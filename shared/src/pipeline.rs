@@ -162,13 +162,20 @@ pub fn fold(store: &dyn ObjectStore, manifest: &Manifest) -> Result<FoldSummary,
     Ok(s)
 }
 
-/// Write options for a sync: `max_jobs_in_flight` from its config, bounded.
-pub fn write_options(base: &WriteOptions, cfg: &SyncConfig) -> WriteOptions {
+/// The writer of a run's chunks: `max_jobs_in_flight` from the sync's config, bounded. The
+/// local runner writes every chunk with one; a write-batch invocation writes its chunk.
+pub fn writer(ctx: &RunContext, base: &WriteOptions, manifest: &Manifest) -> Writer {
     let mut w = base.clone();
-    if let Some(n) = cfg.zendesk.max_jobs_in_flight {
+    if let Some(n) = ctx.config.zendesk.max_jobs_in_flight {
         w.max_jobs_in_flight = n.clamp(1, 100);
     }
-    w
+    Writer::new(
+        ctx.client.clone(),
+        ctx.store.clone(),
+        manifest,
+        w,
+        ctx.progress.clone(),
+    )
 }
 
 /// Whether the mapping names custom fields (then the schema is read and checked).
@@ -480,15 +487,7 @@ pub async fn write_all(
     if manifest.chunks.is_empty() {
         return (Vec::new(), None);
     }
-    let wopts = write_options(&opts.write, &ctx.config);
-    let writer = Writer::new(
-        ctx.client.clone(),
-        ctx.store.clone(),
-        manifest,
-        wopts,
-        ctx.progress.clone(),
-    )
-    .with_stop(opts.stop.clone());
+    let writer = writer(ctx, &opts.write, manifest).with_stop(opts.stop.clone());
     let mut summaries = Vec::new();
     let mut error = None;
     let mut chunks = stream::iter(manifest.chunks.iter())

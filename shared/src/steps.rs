@@ -12,7 +12,7 @@ use crate::lock;
 use crate::pipeline;
 use crate::record::{self, InvalidSample, Phases, RecordParts, RunErrorInfo, RunRecord, RunStatus};
 use crate::store::ObjectStore;
-use crate::write::{Progress, WriteOptions, Writer};
+use crate::write::{Progress, WriteOptions};
 use crate::zendesk::{Client, ZendeskError};
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -556,19 +556,16 @@ pub async fn write_step(env: &StepEnv, input: &WriteInput) -> Result<WriteOutput
     let (store, key) = (env.store.clone(), input.manifest_key.clone());
     let manifest = blocking(move || Ok(changeset::read_manifest(store.as_ref(), &key)?)).await?;
     let client = (env.client_for)(&cfg).await?;
-    let mut wopts = env.write.clone();
-    if let Some(n) = cfg.zendesk.max_jobs_in_flight {
-        wopts.max_jobs_in_flight = n.clamp(1, 100);
-    }
     let progress = Arc::new(Progress::default());
-    let writer = Writer::new(
-        client.clone(),
-        env.store.clone(),
-        &manifest,
-        wopts,
-        progress.clone(),
-    );
-    let summary = writer.write_chunk(&input.chunk).await?;
+    let ctx = pipeline::RunContext {
+        store: env.store.clone(),
+        config: cfg,
+        client: client.clone(),
+        progress: progress.clone(),
+    };
+    let summary = pipeline::writer(&ctx, &env.write, &manifest)
+        .write_chunk(&input.chunk)
+        .await?;
     let stats = client.stats();
     let name = layout::chunk_name(&input.chunk.key).to_string();
     let key = layout::batch_stats_key(
