@@ -35,6 +35,11 @@ pub fn results_prefix(sync: &str, run: &str, chunk_name: &str) -> String {
     format!("runs/{sync}/{run}/results/{chunk_name}/")
 }
 
+/// Every chunk's outcomes of a run.
+pub fn run_results_prefix(sync: &str, run: &str) -> String {
+    format!("runs/{sync}/{run}/results/")
+}
+
 pub fn batch_results_key(sync: &str, run: &str, chunk_name: &str, batch: &str) -> String {
     format!("runs/{sync}/{run}/results/{chunk_name}/{batch}.jsonl")
 }

@@ -666,7 +666,7 @@ pub async fn finalize_step(
         let mut requests = record::Requests::default();
         let mut jobs = 0;
         let mut failures: Vec<ChunkFailure> = Vec::new();
-        let prefix = format!("{}results/", layout::run_prefix(&d2.sync, &d2.run_id));
+        let prefix = layout::run_results_prefix(&d2.sync, &d2.run_id);
         let objects = store.list(&prefix).map_err(|source| ChangeSetError::Io {
             key: prefix,
             source,
