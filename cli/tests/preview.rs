@@ -9,6 +9,7 @@ use common::{text, zdsync};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use zdsync::errors::ErrorName;
 use zdsync_sim::{FieldsFixture, SimConfig, SimHandle, Simulator};
 
 struct Fx {
@@ -573,7 +574,11 @@ fn a_mapping_change_is_announced_and_the_row_cap_stops_the_run_before_any_write(
         .iter()
         .max_by_key(|r| r["finished_at"].as_str().unwrap().to_string())
         .unwrap();
-    assert_eq!(newest["error"]["name"], "RowCapExceeded", "{runs:?}");
+    assert_eq!(
+        newest["error"]["name"],
+        ErrorName::RowCapExceeded.as_str(),
+        "{runs:?}"
+    );
     // Within the cap once raised: the run sends them and its record carries the notice.
     let out = zdsync()
         .arg("run")

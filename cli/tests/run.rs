@@ -6,6 +6,7 @@ mod common;
 use common::{text, zdsync};
 use std::path::Path;
 use std::process::Command;
+use zdsync::errors::ErrorName;
 use zdsync_sim::{SimConfig, Simulator};
 
 #[test]
@@ -70,7 +71,7 @@ fn run_exit_codes_tell_failed_runs_from_failed_rows() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(6), "{t}");
     assert!(
-        t.contains("AuthFailed") && t.contains("not the account password"),
+        t.contains(ErrorName::AuthFailed.as_str()) && t.contains("not the account password"),
         "{t}"
     );
     assert!(!t.contains("not-the-token"), "the token leaked: {t}");

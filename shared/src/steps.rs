@@ -174,6 +174,11 @@ pub struct PlanDescriptor {
     pub trigger_marker: Option<String>,
     pub counts: Counts,
     pub started_at: String,
+    /// The execution input's run options, for audience-diff (which plans audience upserts).
+    #[serde(default)]
+    pub full_resync: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rows: Option<u64>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -231,6 +236,8 @@ pub async fn plan_step(env: &StepEnv, trigger: &Trigger) -> Result<PlanDescripto
         trigger_marker: None,
         counts: Counts::default(),
         started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        full_resync: trigger.full_resync,
+        max_rows: trigger.max_rows,
     };
 
     // An export that is one object (a file, or the manifest a multi-part UNLOAD writes after
@@ -421,6 +428,8 @@ async fn plan_locked(
             trigger_marker: None,
             counts: Counts::default(),
             started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            full_resync: trigger.full_resync,
+            max_rows: trigger.max_rows,
         });
     }
     plan_object(env, cfg, &client, run_id, trigger, started).await
@@ -478,6 +487,8 @@ async fn plan_object(
         trigger_marker: None,
         counts: m.counts.clone(),
         started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        full_resync: trigger.full_resync,
+        max_rows: trigger.max_rows,
     })
 }
 
@@ -505,8 +516,8 @@ pub async fn audience_diff_step(
         sync: d.sync.clone(),
         kind: d.trigger.clone(),
         object: None,
-        full_resync: false,
-        max_rows: None,
+        full_resync: d.full_resync,
+        max_rows: d.max_rows,
     };
     let client = (env.client_for)(&cfg).await?;
     let mut out = plan_object(env, &cfg, &client, &d.run_id, &trigger, started).await?;

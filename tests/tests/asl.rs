@@ -346,6 +346,8 @@ fn audience_runs_diff_then_skip_the_map_when_nothing_is_left_to_write() {
     assert_eq!(after["Choices"][0]["Next"], "Finalize");
     // Tagging turned off is one clear, final error: plan catches it, nobody retries it.
     let caught = names_in(&s["Plan"]["Catch"]);
-    assert!(caught.iter().any(|n| n == "TaggingDisabled"));
+    assert!(caught
+        .iter()
+        .any(|n| n == ErrorName::TaggingDisabled.as_str()));
     assert!(!ErrorName::TaggingDisabled.retryable());
 }

@@ -649,7 +649,10 @@ mod lambda_steps {
         let state = json!({"plan": {"run": d}, "error": {"Error": err.error_name().as_str(), "Cause": err.to_string()}});
         let rec = finalize_event(&env, &state).await.unwrap().unwrap();
         assert_eq!(rec.status, RunStatus::Failed);
-        assert_eq!(rec.error.unwrap().name, "ExportUnreadable");
+        assert_eq!(
+            rec.error.unwrap().name,
+            ErrorName::ExportUnreadable.as_str()
+        );
         assert!(
             plan_event(&env, &json!({"sync": "aud"})).await.is_ok(),
             "the lock was released"

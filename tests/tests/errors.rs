@@ -280,7 +280,10 @@ async fn bulk_user_import_disabled_stops_at_the_first_bulk_call() {
     assert_eq!(outcome.records.len(), 1);
     let rec = &outcome.records[0];
     assert_eq!(rec.status, RunStatus::Failed);
-    assert_eq!(rec.error.as_ref().unwrap().name, "BulkImportDisabled");
+    assert_eq!(
+        rec.error.as_ref().unwrap().name,
+        ErrorName::BulkImportDisabled.as_str()
+    );
     assert_eq!(rec.rows.read, 260);
     assert_eq!((rec.rows.created, rec.rows.updated), (0, 0));
     assert_eq!(rec.rows.failed, 260, "every row is left for the next run");
@@ -364,7 +367,10 @@ async fn bulk_user_import_disabled_stops_a_users_upsert_too() {
     assert_eq!(e.state().users.len(), 1);
     let rec = &outcome.records[0];
     assert_eq!(rec.status, RunStatus::Failed);
-    assert_eq!(rec.error.as_ref().unwrap().name, "BulkImportDisabled");
+    assert_eq!(
+        rec.error.as_ref().unwrap().name,
+        ErrorName::BulkImportDisabled.as_str()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

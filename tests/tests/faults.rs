@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zdsync::config::SyncConfig;
+use zdsync::errors::ErrorName;
 use zdsync::layout;
 use zdsync::lock::{self, LockInfo};
 use zdsync::run::{run, RunContext, RunOptions, RunOutcome, RunRecord, RunStatus};
@@ -1165,7 +1166,7 @@ async fn a_run_stopped_while_its_create_jobs_ran_does_not_duplicate_them_next_ru
     assert_eq!(rec.status, RunStatus::Failed);
     assert_eq!(
         rec.error.as_ref().unwrap().name,
-        "ZendeskUnavailable",
+        ErrorName::ZendeskUnavailable.as_str(),
         "{rec:#?}"
     );
     fx.sim.clear_faults();

@@ -202,7 +202,10 @@ async fn headerless_without_names_fails_before_any_write() {
     }
     let rec = only_record(&outcome);
     assert_eq!(rec.status, RunStatus::Failed);
-    assert_eq!(rec.error.as_ref().unwrap().name, "ExportUnreadable");
+    assert_eq!(
+        rec.error.as_ref().unwrap().name,
+        ErrorName::ExportUnreadable.as_str()
+    );
     assert_eq!(write_requests(&e.counters()), 0);
     assert_eq!(e.counters().jobs_created, 0);
     assert!(e.state().user_by_external_id("u-0001").is_none());

@@ -19,6 +19,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use zdsync::errors::ErrorName;
 use zdsync_sim::faults::{FaultKind, FaultRule};
 use zdsync_sim::{SimConfig, Simulator};
 
@@ -615,7 +616,7 @@ async fn the_state_machine_syncs_an_s3_export_through_the_real_lambdas() {
     event["detail"]["object"]["etag"] = json!(etag);
     let d = stack.execute(&event).await;
     assert_eq!(d["status"], "FAILED", "{d:#}\n{}", stack.logs());
-    assert_eq!(d["error"], "ZendeskUnavailable", "{d:#}");
+    assert_eq!(d["error"], ErrorName::ZendeskUnavailable.as_str(), "{d:#}");
     let after = sim.counters();
     let attempts = after
         .by_endpoint
@@ -643,7 +644,10 @@ async fn the_state_machine_syncs_an_s3_export_through_the_real_lambdas() {
         }
     }
     let failed = failed.expect("a failed run record");
-    assert_eq!(failed["error"]["name"], "ZendeskUnavailable");
+    assert_eq!(
+        failed["error"]["name"],
+        ErrorName::ZendeskUnavailable.as_str()
+    );
     assert!(
         failed["error"]["message"]
             .as_str()

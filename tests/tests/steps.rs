@@ -196,7 +196,7 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
     let mut items = chunk_inputs(&s.root, &d);
     let mut failed = items.remove(1);
     failed.error = Some(json!({
-        "Error": "ZendeskUnavailable",
+        "Error": ErrorName::ZendeskUnavailable.as_str(),
         "Cause": "{\"errorType\":\"ZendeskUnavailable\",\"errorMessage\":\"Zendesk answered 500 twice\"}"
     }));
     let out = write_step(&s.env, &failed).await.unwrap();
@@ -207,7 +207,7 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
         .unwrap();
     assert_eq!(rec.status, RunStatus::Failed);
     let e = rec.error.as_ref().unwrap();
-    assert_eq!(e.name, "ZendeskUnavailable");
+    assert_eq!(e.name, ErrorName::ZendeskUnavailable.as_str());
     assert!(
         e.message.contains("1 of 3 chunks failed")
             && e.message.contains("Zendesk answered 500 twice"),
@@ -220,8 +220,7 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
     assert!(!d.duplicate && !d.nothing_to_do);
     // The run fails as a whole: its object's marker is dropped, so the same object (an event
     // redelivered, or the file put again) starts a run again rather than being skipped.
-    let state =
-        json!({"plan": {"run": d}, "error": {"Error": "ZendeskUnavailable", "Cause": "503"}});
+    let state = json!({"plan": {"run": d}, "error": {"Error": ErrorName::ZendeskUnavailable.as_str(), "Cause": "503"}});
     finalize_event(&s.env, &state).await.unwrap().unwrap();
     let d = plan_event(&s.env, &event).await.unwrap();
     assert!(!d.duplicate);
@@ -237,11 +236,14 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
         .unwrap();
     let state = json!({
         "plan": {"run": d},
-        "error": {"Error": "ZendeskUnavailable", "Cause": "Zendesk answered 503 five times"}
+        "error": {"Error": ErrorName::ZendeskUnavailable.as_str(), "Cause": "Zendesk answered 503 five times"}
     });
     let rec = finalize_event(&s.env, &state).await.unwrap().unwrap();
     assert_eq!(rec.status, RunStatus::Failed);
-    assert_eq!(rec.error.as_ref().unwrap().name, "ZendeskUnavailable");
+    assert_eq!(
+        rec.error.as_ref().unwrap().name,
+        ErrorName::ZendeskUnavailable.as_str()
+    );
     assert_eq!(rec.rows.failed, 250);
     assert!(!s.root.join("locks/people.json").exists());
     // A plan that fails after taking the lock records nothing to fold and releases the lock.
@@ -255,12 +257,13 @@ async fn overlapping_runs_are_refused_and_a_caught_failure_is_recorded() {
         .unwrap_err();
     assert_eq!(err.error_name(), ErrorName::AuthFailed);
     assert!(!s.root.join("locks/people.json").exists());
-    assert!(
-        finalize_event(&s.env, &json!({"error": {"Error": "AuthFailed"}}))
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(finalize_event(
+        &s.env,
+        &json!({"error": {"Error": ErrorName::AuthFailed.as_str()}})
+    )
+    .await
+    .unwrap()
+    .is_none());
     s.sim.shutdown().await;
 }
 
