@@ -1,6 +1,25 @@
 //! Object keys of the bucket layout (ARCHITECTURE.md, "Data in the bucket"). A local folder
 //! uses the same keys as paths.
 
+/// A run id as zdsync makes them (`20261125T101500Z-3f9a`): letters, digits and `-`.
+pub fn valid_run_id(run: &str) -> bool {
+    !run.is_empty() && run.len() <= 64 && run.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// Whether `key` is a trigger marker of `sync` (`triggers/<sync>/<hash>.json`).
+pub fn is_trigger_marker_of(sync: &str, key: &str) -> bool {
+    key.strip_prefix(&format!("triggers/{sync}/"))
+        .and_then(|n| n.strip_suffix(".json"))
+        .is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// Whether `key` is a chunk of run `run` of `sync`.
+pub fn is_chunk_of(sync: &str, run: &str, key: &str) -> bool {
+    key.strip_prefix(&format!("runs/{sync}/{run}/chunks/"))
+        .and_then(|n| n.strip_suffix(".jsonl.zst"))
+        .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+}
+
 /// A sync's config in the bucket.
 pub fn config_key(sync: &str) -> String {
     format!("config/{sync}.toml")

@@ -149,6 +149,73 @@ impl FinalizeState {
     }
 }
 
+/// An execution's state comes back to the steps as input a start request could have shaped: a
+/// descriptor or a write input is only followed when every key it names belongs to its own sync
+/// and run.
+fn confine(sync: &str, run_id: &str, keys: &[(&str, bool)]) -> Result<(), RunError> {
+    let bad = |m: String| {
+        RunError::Config(crate::config::ConfigError::Invalid {
+            file: "execution state".into(),
+            message: m,
+        })
+    };
+    if !crate::config::valid_sync_name(sync) || !layout::valid_run_id(run_id) {
+        return Err(bad(format!(
+            "sync {sync:?} / run {run_id:?} are not a sync name and a run id"
+        )));
+    }
+    for (key, ok) in keys {
+        if !ok {
+            return Err(bad(format!(
+                "key {key:?} is not one of run {run_id} of sync {sync}; nothing was read or written"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl PlanDescriptor {
+    /// Every key the descriptor names is its own run's (see [`confine`]).
+    pub fn confine(&self) -> Result<(), RunError> {
+        let (s, r) = (&self.sync, &self.run_id);
+        let mut keys = vec![
+            (
+                self.manifest_key.as_str(),
+                self.manifest_key.is_empty() || self.manifest_key == layout::manifest_key(s, r),
+            ),
+            (
+                self.chunks_key.as_str(),
+                self.chunks_key.is_empty() || self.chunks_key == layout::chunk_list_key(s, r),
+            ),
+        ];
+        if let Some(m) = &self.trigger_marker {
+            keys.push((m.as_str(), layout::is_trigger_marker_of(s, m)));
+        }
+        confine(s, r, &keys)
+    }
+}
+
+impl WriteInput {
+    /// The manifest and the chunk are its own run's (see [`confine`]).
+    pub fn confine(&self) -> Result<(), RunError> {
+        let (s, r) = (&self.sync, &self.run_id);
+        confine(
+            s,
+            r,
+            &[
+                (
+                    self.manifest_key.as_str(),
+                    self.manifest_key == layout::manifest_key(s, r),
+                ),
+                (
+                    self.chunk.key.as_str(),
+                    layout::is_chunk_of(s, r, &self.chunk.key),
+                ),
+            ],
+        )
+    }
+}
+
 /// What plan hands to the state machine: keys and counts, never rows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanDescriptor {
@@ -502,6 +569,7 @@ pub async fn audience_diff_step(
     if d.kind != "audience" || d.nothing_to_do || d.duplicate {
         return Ok(d.clone());
     }
+    d.confine()?;
     let cfg = load_config(env.store.clone(), &d.sync).await?;
     if !cfg.is_audience() {
         return Err(RunError::Config(crate::config::ConfigError::Invalid {
@@ -560,6 +628,7 @@ pub struct WriteOutput {
 /// write-batch: one chunk to Zendesk. A retried invocation resumes from the stored outcomes and
 /// journals. Its request counters land next to the chunk's results for finalize.
 pub async fn write_step(env: &StepEnv, input: &WriteInput) -> Result<WriteOutput, RunError> {
+    input.confine()?;
     if let Some(e) = &input.error {
         return record_chunk_failure(env, input, e).await;
     }
@@ -656,6 +725,7 @@ pub async fn finalize_step(
         // plan failed: it recorded nothing to fold and released the lock itself.
         return Ok(None);
     };
+    d.confine()?;
     // A duplicate event, or an object that is not the export's trigger: no run to close.
     if d.duplicate || (d.manifest_key.is_empty() && d.nothing_to_do) {
         return Ok(None);

@@ -239,11 +239,30 @@ fn every_failure_path_finalizes_before_failing() {
             .iter()
             .filter_map(|c| c["Next"].as_str())
             .collect();
+        // A failed plan reaches finalize through PlanFailed, which keeps only the error.
+        let want = if name == "Plan" {
+            "PlanFailed"
+        } else {
+            "FinalizeFailed"
+        };
         assert!(
-            !targets.is_empty() && targets.iter().all(|t| *t == "FinalizeFailed"),
+            !targets.is_empty() && targets.iter().all(|t| *t == want),
             "{name}: {targets:?}"
         );
     }
+    let pass = &s["PlanFailed"];
+    assert_eq!(pass["Type"], "Pass");
+    assert_eq!(pass["Next"], "FinalizeFailed");
+    assert_eq!(
+        pass["Parameters"],
+        serde_json::json!({"error.$": "$.error"}),
+        "nothing of the execution input reaches finalize"
+    );
+    // Finalize itself failing still ends the execution through a Catch, and an execution ends
+    // before a run's lock expires.
+    assert_eq!(s["Finalize"]["Catch"][0]["Next"], "SyncFailed");
+    let timeout = asl()["TimeoutSeconds"].as_u64().expect("a timeout");
+    assert!(timeout < 6 * 3600, "{timeout} s is not under the 6 h lock");
     // Step Functions refuses States.ALL beside other names, and anywhere but the last catcher.
     for (_, name, state) in all_states() {
         for key in ["Retry", "Catch"] {

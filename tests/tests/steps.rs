@@ -307,6 +307,50 @@ async fn a_plan_finishes_a_run_whose_execution_stopped_before_finalize() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crafted_state_cannot_reach_outside_its_run() {
+    let s = setup().await;
+    let d = plan_event(&s.env, &json!({"sync": "people"}))
+        .await
+        .unwrap();
+    let items = chunk_inputs(&s.root, &d);
+    write_step(&s.env, &items[0]).await.unwrap();
+    finalize_event(&s.env, &json!({"plan": {"run": d.clone()}}))
+        .await
+        .unwrap();
+    let state = s.root.join("state/people/state.zst");
+    assert!(state.exists());
+    // A start request shaped like the state finalize reads, naming keys it should never touch.
+    let crafted = |f: &dyn Fn(&mut Value)| {
+        let mut run = serde_json::to_value(&d).unwrap();
+        f(&mut run);
+        json!({"plan": {"run": run}, "error": {"Error": "Internal"}})
+    };
+    for attack in [
+        crafted(&|r| r["trigger_marker"] = json!("state/people/state.zst")),
+        crafted(&|r| r["manifest_key"] = json!("runs/other/x/manifest.json")),
+        crafted(&|r| r["chunks_key"] = json!("config/people.toml")),
+        crafted(&|r| r["run_id"] = json!("../../state")),
+        crafted(&|r| r["sync"] = json!("../people")),
+    ] {
+        let err = finalize_event(&s.env, &attack).await.unwrap_err();
+        assert_eq!(
+            err.error_name(),
+            ErrorName::ConfigInvalid,
+            "{attack}: {err}"
+        );
+    }
+    assert!(state.exists(), "the state is still there");
+    let mut outside = items[1].clone();
+    outside.chunk.key = "state/people/state.zst".into();
+    let err = write_step(&s.env, &outside).await.unwrap_err();
+    assert_eq!(err.error_name(), ErrorName::ConfigInvalid, "{err}");
+    let mut other = items[1].clone();
+    other.manifest_key = "runs/other/r/manifest.json".into();
+    assert!(write_step(&s.env, &other).await.is_err());
+    s.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_must_name_the_sync_it_is_stored_for() {
     let s = setup().await;
     let text = std::fs::read_to_string(s.root.join("config/people.toml")).unwrap();
