@@ -167,6 +167,12 @@ fn load(config: &Path) -> Result<SyncConfig, ExitCode> {
                 .map(|()| cfg),
             _ => Ok(cfg),
         })
+        .and_then(|cfg| {
+            let policy = zdsync::config::EndpointPolicy::default();
+            cfg.zendesk
+                .check_endpoint(&policy, &config.display().to_string())
+                .map(|()| cfg)
+        })
         .map_err(|e| {
             eprintln!("error: {e}");
             ExitCode::from(run_cmd::exit::CONFIG)

@@ -310,6 +310,98 @@ pub fn valid_sync_name(name: &str) -> bool {
 /// The NULL marker read by default (`null_values = []` turns it off).
 pub const DEFAULT_NULL: &str = "\\N";
 
+/// Where a sync may send its credential. A deployment talks to `https://<subdomain>.zendesk.com`
+/// only (or the one override its template sets), with credentials from Secrets Manager, since
+/// whoever can write `config/` in the bucket must not be able to send the token elsewhere. The
+/// CLI takes any `https` URL; plain `http` only to this machine (the simulator).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    pub deployed: bool,
+    /// The one other base URL a deployment may use (`ZDSYNC_ZENDESK_BASE_URL`).
+    pub base_url_override: Option<String>,
+}
+
+impl EndpointPolicy {
+    pub fn deployed(base_url_override: Option<String>) -> EndpointPolicy {
+        EndpointPolicy {
+            deployed: true,
+            base_url_override: base_url_override
+                .map(|u| u.trim().trim_end_matches('/').to_string())
+                .filter(|u| !u.is_empty()),
+        }
+    }
+}
+
+fn loopback(host: &str) -> bool {
+    matches!(host, "localhost" | "127.0.0.1" | "[::1]" | "::1")
+}
+
+/// `https`, or `http` to this machine; no credentials, query or fragment in the URL.
+fn check_url(url: &str) -> Result<(), String> {
+    let u = reqwest::Url::parse(url).map_err(|e| format!("`{url}` is not a URL ({e})"))?;
+    let host = u.host_str().unwrap_or_default();
+    match u.scheme() {
+        "https" => {}
+        "http" if loopback(host) => {}
+        "http" => {
+            return Err(format!(
+                "`{url}` is plain http to another machine: the credential would travel unencrypted; use https (http is for the simulator on 127.0.0.1 only)"
+            ))
+        }
+        s => return Err(format!("`{url}` uses `{s}`: only https (or http to 127.0.0.1) is allowed")),
+    }
+    if !u.username().is_empty()
+        || u.password().is_some()
+        || u.query().is_some()
+        || u.fragment().is_some()
+    {
+        return Err(format!(
+            "`{url}` may hold no user, password, query or fragment"
+        ));
+    }
+    Ok(())
+}
+
+impl Zendesk {
+    /// The base URL requests (and the credential) go to.
+    pub fn endpoint(&self) -> String {
+        match self
+            .base_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+        {
+            Some(b) => b.trim_end_matches('/').to_string(),
+            None => format!("https://{}.zendesk.com", self.subdomain),
+        }
+    }
+
+    /// Refuse a base URL or a credential reference the policy does not allow (see
+    /// [`EndpointPolicy`]); checked before any credential is read.
+    pub fn check_endpoint(&self, policy: &EndpointPolicy, file: &str) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            file: file.to_string(),
+            message,
+        };
+        let url = self.endpoint();
+        check_url(&url).map_err(|m| invalid(format!("[zendesk] base_url: {m}")))?;
+        if policy.deployed {
+            let own = format!("https://{}.zendesk.com", self.subdomain);
+            if url != own && policy.base_url_override.as_deref() != Some(url.as_str()) {
+                return Err(invalid(format!(
+                    "[zendesk] base_url `{url}`: a deployment only talks to {own}; remove base_url (another endpoint needs the template's ZendeskBaseUrl parameter)"
+                )));
+            }
+            if self.credentials.starts_with("file:") {
+                return Err(invalid(
+                    "[zendesk] credentials: a deployment reads its credential from Secrets Manager (`env`, or a secret ARN), never from a file".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl SyncConfig {
     /// Read and validate a sync config file.
     pub fn load(path: &Path) -> Result<SyncConfig, ConfigError> {
@@ -865,6 +957,51 @@ fn parse_mapping(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deployment_sends_the_credential_to_its_own_zendesk_only() {
+        let z = |base: Option<&str>, creds: &str| Zendesk {
+            subdomain: "acme".into(),
+            credentials: creds.into(),
+            base_url: base.map(str::to_string),
+            rate_limit_rpm: None,
+            max_jobs_in_flight: None,
+        };
+        let deployed = EndpointPolicy::deployed(None);
+        let cli = EndpointPolicy::default();
+        let ok = |z: &Zendesk, p: &EndpointPolicy| z.check_endpoint(p, "c.toml").is_ok();
+        assert!(ok(&z(None, "env"), &deployed));
+        assert!(ok(&z(Some("https://acme.zendesk.com/"), "env"), &deployed));
+        for bad in [
+            "https://attacker.example",
+            "https://acme.zendesk.com.attacker.example",
+            "http://acme.zendesk.com",
+            "http://127.0.0.1:8089",
+        ] {
+            let e = z(Some(bad), "env")
+                .check_endpoint(&deployed, "c.toml")
+                .unwrap_err();
+            assert!(e.to_string().contains("base_url"), "{bad}: {e}");
+        }
+        assert!(
+            !ok(&z(None, "file:creds.json"), &deployed),
+            "no file credentials deployed"
+        );
+        let proxied = EndpointPolicy::deployed(Some("https://zd-proxy.internal/".into()));
+        assert!(ok(&z(Some("https://zd-proxy.internal"), "env"), &proxied));
+        // The CLI: any https, plain http only to this machine, nothing odd in the URL.
+        assert!(ok(&z(Some("http://127.0.0.1:8089"), "file:c.json"), &cli));
+        assert!(ok(&z(Some("https://zd-proxy.internal"), "env"), &cli));
+        for bad in [
+            "http://10.0.0.5:8089",
+            "ftp://acme.zendesk.com",
+            "https://user:pw@acme.zendesk.com",
+            "https://acme.zendesk.com?x=1",
+            "not a url",
+        ] {
+            assert!(!ok(&z(Some(bad), "env"), &cli), "{bad}");
+        }
+    }
 
     const GOOD: &str = r#"
 name = "crm_users"

@@ -36,6 +36,8 @@ pub struct StepEnv {
     /// A run's lock outlives the plan invocation; finalize releases it.
     pub lock_ttl: Duration,
     pub write: WriteOptions,
+    /// Where configs may send the credential (a deployment: the account's own Zendesk only).
+    pub endpoint: crate::config::EndpointPolicy,
 }
 
 /// What started an execution.
@@ -257,7 +259,8 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// The sync config stored at `config/<sync>.toml`.
-pub async fn load_config(store: Arc<dyn ObjectStore>, sync: &str) -> Result<SyncConfig, RunError> {
+pub async fn load_config(env: &StepEnv, sync: &str) -> Result<SyncConfig, RunError> {
+    let (store, policy) = (env.store.clone(), env.endpoint.clone());
     if !crate::config::valid_sync_name(sync) {
         return Err(RunError::Config(crate::config::ConfigError::Invalid {
             file: "execution input".into(),
@@ -275,6 +278,7 @@ pub async fn load_config(store: Arc<dyn ObjectStore>, sync: &str) -> Result<Sync
         })?;
         let cfg = SyncConfig::parse(&text, &key)?;
         cfg.check_stored_as(&sync, &key)?;
+        cfg.zendesk.check_endpoint(&policy, &key)?;
         Ok(cfg)
     })
     .await
@@ -285,7 +289,7 @@ pub async fn load_config(store: Arc<dyn ObjectStore>, sync: &str) -> Result<Sync
 /// lock released before the error is returned (finalize has no run to close then).
 pub async fn plan_step(env: &StepEnv, trigger: &Trigger) -> Result<PlanDescriptor, RunError> {
     let started = chrono::Utc::now();
-    let cfg = load_config(env.store.clone(), &trigger.sync).await?;
+    let cfg = load_config(env, &trigger.sync).await?;
     let run_id = pipeline::new_run_id();
     let descriptor = |manifest_key: String, chunks_key: String| PlanDescriptor {
         sync: cfg.name.clone(),
@@ -570,7 +574,7 @@ pub async fn audience_diff_step(
         return Ok(d.clone());
     }
     d.confine()?;
-    let cfg = load_config(env.store.clone(), &d.sync).await?;
+    let cfg = load_config(env, &d.sync).await?;
     if !cfg.is_audience() {
         return Err(RunError::Config(crate::config::ConfigError::Invalid {
             file: layout::config_key(&d.sync),
@@ -632,7 +636,7 @@ pub async fn write_step(env: &StepEnv, input: &WriteInput) -> Result<WriteOutput
     if let Some(e) = &input.error {
         return record_chunk_failure(env, input, e).await;
     }
-    let cfg = load_config(env.store.clone(), &input.sync).await?;
+    let cfg = load_config(env, &input.sync).await?;
     let (store, key) = (env.store.clone(), input.manifest_key.clone());
     let manifest = blocking(move || Ok(changeset::read_manifest(store.as_ref(), &key)?)).await?;
     let client = (env.client_for)(&cfg).await?;
@@ -826,7 +830,7 @@ async fn finalize_unplanned(
     d: &PlanDescriptor,
     error: Option<RunErrorInfo>,
 ) -> Result<RunRecord, RunError> {
-    let cfg = load_config(env.store.clone(), &d.sync).await;
+    let cfg = load_config(env, &d.sync).await;
     let (object, mode) = match &cfg {
         Ok(c) => (c.object, c.mode),
         Err(_) => (crate::fields::Object::Users, crate::config::Mode::Upsert),

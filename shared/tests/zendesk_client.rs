@@ -959,3 +959,43 @@ fn secrets_manager_references_need_the_aws_feature() {
         assert!(!msg.contains("zdsync-AbCdEf") && !msg.contains("zdsync/zendesk"));
     }
 }
+
+#[tokio::test]
+async fn a_redirect_is_never_followed_so_the_credential_stays_home() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Another host the redirect points at: it must never see a request.
+    let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = elsewhere.local_addr().unwrap();
+    let visits = Arc::new(Mutex::new(0u32));
+    let v = visits.clone();
+    let trap = tokio::spawn(async move {
+        while let Ok((_s, _)) = elsewhere.accept().await {
+            *v.lock().unwrap() += 1;
+        }
+    });
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", api.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        for _ in 0..16 {
+            let Ok((mut s, _)) = api.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let answer = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{target}/api/v2/users/me.json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = s.write_all(answer.as_bytes()).await;
+        }
+    });
+    let mut o = opts(&base);
+    o.max_attempts = 2;
+    let c = Client::new(o, MemStore::new(api_token("secret-token")))
+        .await
+        .unwrap();
+    let err = c.get("/api/v2/users/me.json").await.unwrap_err();
+    assert!(!err.to_string().contains("secret-token"), "{err}");
+    assert_eq!(*visits.lock().unwrap(), 0, "the redirect was followed");
+    server.abort();
+    trap.abort();
+}

@@ -348,6 +348,7 @@ pub fn step_env(root: &Path) -> zdsync::steps::StepEnv {
         default_concurrency: 4,
         lock_ttl: Duration::from_secs(3600),
         write: fast_write_options(),
+        endpoint: zdsync::config::EndpointPolicy::default(),
     }
 }
 

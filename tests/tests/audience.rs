@@ -540,37 +540,12 @@ fn audience_configs_are_validated_with_the_key_and_the_fix() {
 
 mod lambda_steps {
     use super::*;
-    use std::sync::Arc;
-    use std::time::Duration;
     use zdsync::changeset::ChunkInfo;
-    use zdsync::steps::{
-        audience_diff_step, write_step, ClientFactory, PlanDescriptor, StepEnv, WriteInput,
-    };
-    use zdsync::store::LocalStore;
-    use zdsync::zendesk::{credential_store, Client, ClientOptions};
-    use zdsync_tests::{fast_write_options, finalize_event, plan_event, write_file};
+    use zdsync::steps::{audience_diff_step, write_step, PlanDescriptor, StepEnv, WriteInput};
+    use zdsync_tests::{finalize_event, plan_event, write_file};
 
     fn env(e: &E2e) -> StepEnv {
-        let base = e.root().to_path_buf();
-        let client_for: ClientFactory = Arc::new(move |cfg| {
-            let (z, creds) = (cfg.zendesk.clone(), cfg.zendesk.credentials.clone());
-            let base = base.clone();
-            Box::pin(async move {
-                Client::new(
-                    ClientOptions::from_config(&z),
-                    credential_store(&creds, &base)?,
-                )
-                .await
-            })
-        });
-        StepEnv {
-            store: Arc::new(LocalStore::new(e.root())),
-            bucket: "zdsync-bucket".into(),
-            client_for,
-            default_concurrency: 4,
-            lock_ttl: Duration::from_secs(3600),
-            write: fast_write_options(),
-        }
+        zdsync_tests::step_env(e.root())
     }
 
     /// What the state machine does after Plan: AudienceDiff, then the Map (write-batch per

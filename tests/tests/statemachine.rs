@@ -364,6 +364,7 @@ async fn the_state_machine_syncs_an_s3_export_through_the_real_lambdas() {
     let wall = Instant::now();
     let t = tools();
     let sim = Simulator::start(SimConfig::default()).await.unwrap();
+    let sim_url = sim.base_url();
     let logs = tempfile::tempdir().unwrap();
     let (moto_port, router_port, watch_port) = (free_port(), free_port(), free_port());
     let moto_url = format!("http://127.0.0.1:{moto_port}");
@@ -411,6 +412,8 @@ async fn the_state_machine_syncs_an_s3_export_through_the_real_lambdas() {
         .env("ZDSYNC_CREDENTIALS", format!("secretsmanager:{SECRET}"))
         .env("ZDSYNC_MAX_CONCURRENCY", "4")
         .env("ZDSYNC_MAX_ATTEMPTS", "2")
+        // The deployment's one allowed endpoint other than the account's own Zendesk.
+        .env("ZDSYNC_ZENDESK_BASE_URL", &sim_url)
         .env("ZDSYNC_LOG", "info")
         .env("AWS_ENDPOINT_URL", &moto_url)
         .env("AWS_ACCESS_KEY_ID", "testing")

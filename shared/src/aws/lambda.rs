@@ -110,5 +110,8 @@ pub fn step_env_from_env() -> Result<StepEnv, String> {
         // A run's lock spans plan to finalize; a crashed execution's lock expires after this.
         lock_ttl: Duration::from_secs(6 * 3600),
         write: WriteOptions::default(),
+        endpoint: crate::config::EndpointPolicy::deployed(
+            std::env::var("ZDSYNC_ZENDESK_BASE_URL").ok(),
+        ),
     })
 }

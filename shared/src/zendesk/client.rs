@@ -39,7 +39,7 @@ pub struct ClientOptions {
 impl ClientOptions {
     /// From a sync config's `[zendesk]` table; `rpm` defaults to 90 % of 700.
     pub fn from_config(z: &crate::config::Zendesk) -> Self {
-        let mut o = Self::for_subdomain(&z.subdomain, z.base_url.as_deref());
+        let mut o = Self::for_subdomain(&z.subdomain, Some(&z.endpoint()));
         if let Some(rpm) = z.rate_limit_rpm {
             o.rpm = rpm;
         }
@@ -423,6 +423,8 @@ impl Client {
         auth_header(&creds, &store.describe())?;
         let http = reqwest::Client::builder()
             .user_agent(concat!("zdsync/", env!("CARGO_PKG_VERSION")))
+            // A redirect could carry the credential to another host: never followed.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(opts.request_timeout)
             .connect_timeout(opts.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(50))

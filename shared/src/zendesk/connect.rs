@@ -454,6 +454,8 @@ async fn token_request(
     };
     let http = reqwest::Client::builder()
         .user_agent(concat!("zdsync/", env!("CARGO_PKG_VERSION")))
+        // The body carries the client secret: a redirect is never followed.
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(30))
         .connect_timeout(Duration::from_secs(10))
         .build()
