@@ -51,6 +51,81 @@ def check_refs(machine, where):
     return errors
 
 
+def as_list(v):
+    return v if isinstance(v, list) else [v]
+
+
+def resource_text(r):
+    """A policy resource as text (`!Sub` strings and ARNs alike)."""
+    if isinstance(r, dict):
+        r = r.get("Fn::Sub", r)
+        if isinstance(r, list):
+            r = r[0]
+    return r if isinstance(r, str) else json.dumps(r)
+
+
+def function_roles(cfn):
+    """The role of each Lambda function, by function resource name."""
+    roles = {}
+    for name, res in cfn["Resources"].items():
+        if res["Type"] == "AWS::Lambda::Function":
+            role = res["Properties"].get("Role", {})
+            if isinstance(role, dict) and "Fn::GetAtt" in role:
+                roles[name] = role["Fn::GetAtt"][0]
+    return roles
+
+
+def statements(cfn, role):
+    for pol in cfn["Resources"][role]["Properties"].get("Policies", []):
+        for st in as_list(pol["PolicyDocument"].get("Statement", [])):
+            yield st
+
+
+def check_security(cfn, template):
+    """What the deployment promises: no function can delete the state, every function that may
+    refresh an OAuth token can save the rotated pair, the bucket keeps versions, outlives the
+    stack and takes TLS only, and the schedule exists only when one is given."""
+    errors = []
+    roles = function_roles(cfn)
+    if not roles:
+        errors.append("no Lambda function roles found")
+    for fn, role in roles.items():
+        actions_on = {}
+        for st in statements(cfn, role):
+            if st.get("Effect") != "Allow":
+                continue
+            for a in as_list(st.get("Action", [])):
+                for r in as_list(st.get("Resource", [])):
+                    actions_on.setdefault(a, []).append(resource_text(r))
+        for a in ("s3:DeleteObject", "s3:*", "s3:DeleteObjectVersion"):
+            for r in actions_on.get(a, []):
+                if "state/" in r or r.endswith("}/*") or r.endswith("/*\"") or r == "*":
+                    errors.append(f"{fn}: {a} on {r} (the state must not be deletable)")
+        uses_zendesk = "Finalize" not in fn
+        if uses_zendesk and "secretsmanager:PutSecretValue" not in actions_on:
+            errors.append(f"{fn}: may refresh an OAuth token but cannot save it (PutSecretValue)")
+    bucket = template["Resources"]["Bucket"]
+    if bucket.get("DeletionPolicy") != "Retain":
+        errors.append("Bucket: DeletionPolicy is not Retain")
+    if bucket["Properties"].get("VersioningConfiguration", {}).get("Status") != "Enabled":
+        errors.append("Bucket: versioning is not enabled")
+    tls = [
+        st
+        for res in cfn["Resources"].values()
+        if res["Type"] == "AWS::S3::BucketPolicy"
+        for st in as_list(res["Properties"]["PolicyDocument"]["Statement"])
+        if st.get("Effect") == "Deny"
+        and st.get("Condition", {}).get("Bool", {}).get("aws:SecureTransport") == "false"
+    ]
+    if not tls:
+        errors.append("Bucket: no TLS-only policy")
+    for name, res in cfn["Resources"].items():
+        if res["Type"] == "AWS::Events::Rule" and "ScheduleExpression" in res.get("Properties", {}):
+            if res.get("Condition") != "HasSchedule":
+                errors.append(f"{name}: a schedule rule must exist only with a schedule")
+    return errors
+
+
 def main():
     path = sys.argv[1] if len(sys.argv) > 1 else "template.yaml"
     root = os.path.dirname(os.path.abspath(path))
@@ -75,6 +150,7 @@ def main():
             del props["DefinitionString"]
         if "Definition" in props:
             errors += check_refs(props["Definition"], name)
+    errors += check_security(cfn, template)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as out:
         json.dump(cfn, out, indent=1)
     cfn_lint = os.path.join(os.path.dirname(sys.executable), "cfn-lint")

@@ -999,3 +999,83 @@ async fn a_redirect_is_never_followed_so_the_credential_stays_home() {
     server.abort();
     trap.abort();
 }
+
+#[tokio::test]
+async fn containers_refreshing_at_once_leave_one_winner_and_the_others_read_its_pair() {
+    let sim = start().await;
+    assert!(sim.expire_token("acme", DEFAULT_ACCESS_TOKEN));
+    // One secret, several containers: each its own client (and its own in-process lock).
+    let store = MemStore::new(oauth(
+        DEFAULT_ACCESS_TOKEN,
+        Some(DEFAULT_REFRESH_TOKEN),
+        None,
+    ));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(
+            Client::new(opts(&sim.base_url()), store.clone())
+                .await
+                .unwrap(),
+        );
+    }
+    let tasks: Vec<_> = clients
+        .iter()
+        .map(|c| {
+            let c = c.clone();
+            tokio::spawn(async move { c.get("/api/v2/users/me.json").await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().expect("every container goes on");
+    }
+    let refreshes: u64 = clients.iter().map(|c| c.stats().token_refreshes).sum();
+    assert_eq!(refreshes, 1, "one container refreshed");
+    let saved = store.saved.lock().unwrap().clone();
+    assert_eq!(saved.len(), 1, "one pair saved");
+    // The stored pair is the live one.
+    let stored = store.creds.lock().unwrap().clone();
+    let Credentials::OAuth { access_token, .. } = stored else {
+        panic!("oauth")
+    };
+    assert_ne!(access_token.expose(), DEFAULT_ACCESS_TOKEN);
+    for c in &clients {
+        c.get("/api/v2/users/me.json").await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_rotation_that_cannot_be_saved_fails_the_run_loudly() {
+    struct ReadOnly(Credentials);
+    impl CredentialStore for ReadOnly {
+        fn load(&self) -> BoxFuture<'_, Result<Credentials, ZendeskError>> {
+            let c = self.0.clone();
+            Box::pin(async move { Ok(c) })
+        }
+        fn save<'a>(&'a self, _: &'a Credentials) -> BoxFuture<'a, Result<(), ZendeskError>> {
+            Box::pin(async move {
+                Err(ZendeskError::Credentials {
+                    message:
+                        "AccessDenied: not authorized to perform secretsmanager:PutSecretValue"
+                            .into(),
+                })
+            })
+        }
+        fn describe(&self) -> String {
+            "a read-only secret".into()
+        }
+    }
+    let sim = start().await;
+    assert!(sim.expire_token("acme", DEFAULT_ACCESS_TOKEN));
+    let creds = oauth(DEFAULT_ACCESS_TOKEN, Some(DEFAULT_REFRESH_TOKEN), None);
+    let c = Client::new(opts(&sim.base_url()), Arc::new(ReadOnly(creds)))
+        .await
+        .unwrap();
+    let err = c.get("/api/v2/users/me.json").await.unwrap_err();
+    assert_eq!(err.error_name(), ErrorName::AuthFailed, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("PutSecretValue") && text.contains("zdsync connect"),
+        "{text}"
+    );
+    assert!(!text.contains(DEFAULT_REFRESH_TOKEN), "{text}");
+}

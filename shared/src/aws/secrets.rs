@@ -140,6 +140,15 @@ impl CredentialStore for SecretsManagerCredentials {
         })
     }
 
+    fn reload(&self) -> BoxFuture<'_, Result<Credentials, ZendeskError>> {
+        Box::pin(async move {
+            let text = self.fetch().await?;
+            let creds = parse_credentials_json(text.as_bytes(), &self.context())?;
+            *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(creds.clone());
+            Ok(creds)
+        })
+    }
+
     fn save<'a>(&'a self, creds: &'a Credentials) -> BoxFuture<'a, Result<(), ZendeskError>> {
         Box::pin(async move {
             let _guard = self.write_lock.lock().await;

@@ -59,6 +59,11 @@ pub trait CredentialStore: Send + Sync {
     fn save<'a>(&'a self, creds: &'a Credentials) -> BoxFuture<'a, Result<(), ZendeskError>>;
     /// Where the credentials live, for messages (never the credentials themselves).
     fn describe(&self) -> String;
+    /// The credentials as stored now, past any cache: another process (a Lambda container, a
+    /// CLI run) may have rotated them.
+    fn reload(&self) -> BoxFuture<'_, Result<Credentials, ZendeskError>> {
+        self.load()
+    }
 }
 
 /// The store named by a sync config's `credentials` reference: `env`, `file:<path>` (relative

@@ -1032,6 +1032,11 @@ impl Client {
     /// replaced `used`; saves the new pair to the credential store.
     async fn refresh(&self, used: &str) -> Result<(), ZendeskError> {
         let _guard = self.inner.refresh_lock.lock().await;
+        // Another container or process may have rotated the pair already (each holds only its
+        // own lock): the stored pair is taken instead of refreshing with a used-up token.
+        if self.adopt_stored(used).await {
+            return Ok(());
+        }
         let (refresh_token, client_id, client_secret, grant_scope) = {
             let c = self.inner.creds.read().unwrap_or_else(|e| e.into_inner());
             if !c.renewable() {
@@ -1121,6 +1126,16 @@ impl Client {
             if env.code == "invalid_client" {
                 why.push_str("; check the OAuth client id and secret");
             }
+            if env.code == "invalid_grant" {
+                // The refresh token was used up by a refresh elsewhere: its winner saves the new
+                // pair, which is read back here (the save may take a moment to land).
+                for wait_ms in [0u64, 250, 500, 1000, 2000] {
+                    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+                    if self.adopt_stored(used).await {
+                        return Ok(());
+                    }
+                }
+            }
             return Err(failed(self.scrub(why)));
         }
         let v = answer.json().unwrap_or(Value::Null);
@@ -1164,13 +1179,45 @@ impl Client {
             "OAuth access token renewed (a refresh token is rotated; a client_credentials token is granted anew)"
         );
         if let Err(e) = self.inner.store.save(&new).await {
-            tracing::warn!(
-                error = %self.scrub(e.to_string()),
-                "the rotated OAuth tokens could not be saved: the next run will need \
-                 `zdsync connect`"
-            );
+            // Zendesk has revoked the stored pair: keeping quiet would leave every later run
+            // (and every other container) with a dead credential.
+            return Err(ZendeskError::AuthFailed {
+                method: AuthMethod::OAuth,
+                message: format!(
+                    "the OAuth tokens were rotated but could not be saved to {} ({}); the stored pair no longer works: let the function write the secret (secretsmanager:PutSecretValue), then reconnect with `zdsync connect`",
+                    self.inner.store.describe(),
+                    self.scrub(e.to_string())
+                ),
+            });
         }
         Ok(())
+    }
+
+    /// Take the stored credentials when they hold another OAuth access token than `used`:
+    /// someone else rotated the pair. `false` when the store has nothing newer.
+    async fn adopt_stored(&self, used: &str) -> bool {
+        let stored = match self.inner.store.reload().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %self.scrub(e.to_string()), "could not re-read the stored credentials");
+                return false;
+            }
+        };
+        let newer = matches!(&stored, Credentials::OAuth { access_token, .. } if access_token.expose() != used);
+        if !newer {
+            return false;
+        }
+        {
+            let mut secrets = self.inner.secrets.lock().unwrap_or_else(|e| e.into_inner());
+            for s in stored.secrets() {
+                if !secrets.contains(&s) {
+                    secrets.push(s);
+                }
+            }
+        }
+        *self.inner.creds.write().unwrap_or_else(|e| e.into_inner()) = stored;
+        tracing::info!("OAuth tokens rotated elsewhere: using the stored pair");
+        true
     }
 
     async fn backoff(&self, attempt: u32) {
