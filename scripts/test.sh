@@ -22,18 +22,20 @@ done
 export ZDSYNC_MOTO="$ZDSYNC_VENV/bin/moto_server"
 echo "== SAM template: translate with aws-sam-translator, lint with cfn-lint, check state references"
 "$LINT_VENV/bin/python" scripts/lint_template.py template.yaml
+echo "== dependencies: licences from the allow list, crates.io only, Cargo.lock as committed"
+python3 scripts/check_deps.py
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
-cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "== cargo clippy -D warnings (AWS adapters)"
-cargo clippy -p zdsync-shared --features aws --all-targets -- -D warnings
+cargo clippy --locked -p zdsync-shared --features aws --all-targets -- -D warnings
 echo "== cargo test (the AWS adapter and connect tests run against moto)"
-cargo test --workspace
+cargo test --locked --workspace
 echo "== the state machine end to end: moto's Step Functions engine, the Lambdas under cargo lambda watch"
 # watch runs `cargo run --bin <function>`: built here so no invocation waits for a compile.
-cargo build -p plan -p write-batch -p audience-diff -p finalize
-PATH="$ZDSYNC_VENV/bin:$PATH" cargo test -p zdsync-tests --test statemachine -- --ignored --nocapture
+cargo build --locked -p plan -p write-batch -p audience-diff -p finalize
+PATH="$ZDSYNC_VENV/bin:$PATH" cargo test --locked -p zdsync-tests --test statemachine -- --ignored --nocapture
 echo "== cargo lambda build --release (the deployable bootstrap binaries)"
 # The template deploys arm64; without the aarch64 standard library (offline toolchain) the
 # same build is checked for x86_64.
@@ -43,7 +45,7 @@ else
     echo "aarch64-unknown-linux-gnu unavailable: building x86_64 instead"
     ARCH=(--x86-64)
 fi
-PATH="$ZDSYNC_VENV/bin:$PATH" cargo lambda build --release "${ARCH[@]}" \
+PATH="$ZDSYNC_VENV/bin:$PATH" cargo lambda build --locked --release "${ARCH[@]}" \
     -p plan -p write-batch -p audience-diff -p finalize
 for f in plan write-batch audience-diff finalize; do
     b="${CARGO_TARGET_DIR:-target}/lambda/$f/bootstrap"
