@@ -210,6 +210,8 @@ struct RawConfig {
     #[serde(default)]
     max_rows_per_run: Option<toml::Spanned<u64>>,
     #[serde(default)]
+    allow_admin_role: bool,
+    #[serde(default)]
     nulls: Nulls,
     source: RawSource,
     zendesk: RawZendesk,
@@ -306,6 +308,9 @@ pub fn valid_sync_name(name: &str) -> bool {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
+
+/// The user roles a sync may set unless it says `allow_admin_role = true`.
+pub const NON_ADMIN_ROLES: &[&str] = &["end-user", "agent"];
 
 /// The NULL marker read by default (`null_values = []` turns it off).
 pub const DEFAULT_NULL: &str = "\\N";
@@ -575,7 +580,11 @@ impl SyncConfig {
                         "line {line}: `mapping.tags` would replace every tag of the record, while an audience sync only adds and removes its own tag (`audience.tag`); remove `tags` from [mapping]"
                     )));
                 }
-                let m = parse_mapping(object, key, value.get_ref(), line).map_err(&invalid)?;
+                let mut m = parse_mapping(object, key, value.get_ref(), line).map_err(&invalid)?;
+                // A warehouse column granting Zendesk admin rights needs saying so.
+                if object == Object::Users && m.field == "role" && !raw.allow_admin_role {
+                    m.ty = FieldType::Choice(NON_ADMIN_ROLES);
+                }
                 mapping.push(m);
             }
         }

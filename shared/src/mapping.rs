@@ -720,11 +720,16 @@ fn coerce(f: &Compiled, value: &Value, nulls: Nulls, out: &mut MappedRow) -> Res
             match hit {
                 Some(a) => json_str(buf, a),
                 None => {
+                    let hint = if t == "admin" && *allowed == *crate::config::NON_ADMIN_ROLES {
+                        " (this sync may not make admins: set `allow_admin_role = true` in its config to let it)"
+                    } else {
+                        ""
+                    };
                     return Err(refuse(
                         f,
                         Reason::InvalidValue,
-                        format!("{} is not one of {}", shown(text), allowed.join(", ")),
-                    ))
+                        format!("{} is not one of {}{hint}", shown(text), allowed.join(", ")),
+                    ));
                 }
             }
         }
@@ -1693,6 +1698,30 @@ mod tests {
             serde_json::json!({"external_id":"T-1","subject":"Help","priority":"high",
                 "requester":{"email":"x@y.org"},"custom_fields":[{"id":360001,"value":7}]})
         );
+    }
+
+    #[test]
+    fn a_role_column_makes_admins_only_when_the_config_allows_it() {
+        let text = |allow: &str| {
+            format!(
+                "name = \"t\"\nobject = \"users\"\nmode = \"upsert\"\nprimary_key = \"id\"\n{allow}[source]\nlocation = \"x\"\n[zendesk]\nsubdomain = \"acme\"\n[mapping]\nname = \"n\"\nemail = \"e\"\nrole = \"r\"\n"
+            )
+        };
+        let row =
+            |role: &str| record(&[Some("u1"), Some("Ann"), Some("ann@example.com"), Some(role)]);
+        let mut out = MappedRow::default();
+        let strict = Mapper::new(&SyncConfig::parse(&text(""), "t.toml").unwrap());
+        assert!(strict.map(&row("agent"), &mut out).is_ok());
+        let e = strict.map(&row("Admin"), &mut out).unwrap_err();
+        assert_eq!(e.reason, Reason::InvalidValue);
+        assert!(
+            e.message.contains("allow_admin_role = true"),
+            "{}",
+            e.message
+        );
+        let open =
+            Mapper::new(&SyncConfig::parse(&text("allow_admin_role = true\n"), "t.toml").unwrap());
+        assert!(open.map(&row("admin"), &mut out).is_ok());
     }
 
     #[test]

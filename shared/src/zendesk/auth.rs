@@ -517,6 +517,19 @@ impl CredentialStore for FileCredentials {
                     self.err(format_args!("cannot read it ({e})"))
                 }
             })?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                if let Ok(meta) = std::fs::metadata(&self.path) {
+                    if meta.permissions().mode() & 0o077 != 0 {
+                        tracing::warn!(
+                            path = %self.path.display(),
+                            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                            "the credentials file can be read by other users of this machine: `chmod 600` it (`zdsync connect` writes it owner-only)"
+                        );
+                    }
+                }
+            }
             self.parse(&bytes)
         })
     }
