@@ -85,6 +85,28 @@ impl LockInfo {
     }
 }
 
+/// Whether `run_id` may write `sync`'s state: it holds the lock, or nobody does. A run whose lock
+/// another run took over must not fold: the taker finishes it (see `pipeline::finish_unfinished`).
+pub fn may_fold(store: &dyn ObjectStore, sync: &str, run_id: &str) -> Result<(), LockError> {
+    let key = layout::lock_key(sync);
+    match read(store, &key).map_err(|source| LockError::Io { key, source })? {
+        Some(h) if h.run_id != run_id => {
+            let expires = chrono::DateTime::from_timestamp(h.expires_at, 0)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_default();
+            Err(LockError::Held {
+                sync: sync.to_string(),
+                run_id: h.run_id,
+                host: h.host,
+                pid: h.pid,
+                acquired_at: h.acquired_at,
+                expires,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Who holds a sync's lock, if anyone.
 pub fn holder(store: &dyn ObjectStore, sync: &str) -> io::Result<Option<LockInfo>> {
     read(store, &layout::lock_key(sync))
@@ -202,8 +224,18 @@ pub async fn acquire(
                 tokio::time::sleep(every).await;
                 info.expires_at = now() + ttl_secs;
                 let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
-                let (s, k) = (store.clone(), key.clone());
-                let _ = tokio::task::spawn_blocking(move || s.put(&k, &body)).await;
+                let (s, k, run) = (store.clone(), key.clone(), info.run_id.clone());
+                // Renew only a lock that is still ours: one taken over is never written back.
+                let renewed = tokio::task::spawn_blocking(move || match read(s.as_ref(), &k) {
+                    Ok(Some(h)) if h.run_id == run => s.put(&k, &body).map(|()| true),
+                    Ok(_) => Ok(false),
+                    Err(e) => Err(e),
+                })
+                .await;
+                if let Ok(Ok(false)) = renewed {
+                    tracing::warn!(run = %info.run_id, "the lock was taken over: no longer renewing it");
+                    return;
+                }
             }
         })
     };

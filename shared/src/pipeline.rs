@@ -257,6 +257,7 @@ pub fn saved_schema(store: &dyn ObjectStore, sync: &str) -> Option<SavedSchema> 
 pub async fn finish_unfinished(
     ctx: &RunContext,
     opts: &RunOptions,
+    holder: &str,
     taken_over: Option<lock::LockInfo>,
 ) -> Result<Option<RunRecord>, RunError> {
     let unfinished = match taken_over {
@@ -264,7 +265,7 @@ pub async fn finish_unfinished(
         None => last_interrupted(ctx).await?,
     };
     match unfinished {
-        Some(old) => resume(ctx, opts, &old).await,
+        Some(old) => resume(ctx, opts, holder, &old).await,
         None => Ok(None),
     }
 }
@@ -273,6 +274,7 @@ pub async fn finish_unfinished(
 async fn resume(
     ctx: &RunContext,
     opts: &RunOptions,
+    holder: &str,
     run_id: &str,
 ) -> Result<Option<RunRecord>, RunError> {
     let sync = ctx.config.name.clone();
@@ -313,8 +315,16 @@ async fn resume(
     let mut opts = opts.clone();
     opts.trigger = "resume".into();
     let base = Base::now(ctx);
-    let (mut rec, error) =
-        write_and_finalize(ctx, &opts, &manifest, None, Phases::default(), &base).await?;
+    let (mut rec, error) = write_and_finalize(
+        ctx,
+        &opts,
+        &manifest,
+        None,
+        Phases::default(),
+        &base,
+        holder,
+    )
+    .await?;
     // The interrupted part and the part that finished it make one run.
     if let Some(e) = earlier {
         rec.requests.add(&e.requests);
@@ -419,6 +429,7 @@ pub(crate) async fn write_and_finalize(
     report: Option<&PlanReport>,
     mut phases: Phases,
     base: &Base,
+    holder: &str,
 ) -> Result<(RunRecord, Option<RunError>), RunError> {
     let t = Instant::now();
     let write = write_all(ctx, opts, manifest);
@@ -453,10 +464,14 @@ pub(crate) async fn write_and_finalize(
     }
 
     let t = Instant::now();
-    let (store, m) = (ctx.store.clone(), manifest.clone());
-    let fold = tokio::task::spawn_blocking(move || fold(store.as_ref(), &m))
-        .await
-        .map_err(|e| RunError::Internal(format!("finalize task: {e}")))??;
+    let (store, m, holder) = (ctx.store.clone(), manifest.clone(), holder.to_string());
+    let fold = tokio::task::spawn_blocking(move || -> Result<FoldSummary, RunError> {
+        // Only the lock holder writes the state (a run being finished, through its finisher).
+        lock::may_fold(store.as_ref(), &m.sync, &holder)?;
+        Ok(fold(store.as_ref(), &m)?)
+    })
+    .await
+    .map_err(|e| RunError::Internal(format!("finalize task: {e}")))??;
     phases.finalize = t.elapsed().as_secs_f64();
 
     let rec = record(

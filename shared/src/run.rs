@@ -111,7 +111,7 @@ async fn run_locked(
     let mut resumed_run = None;
     {
         let before = Base::now(ctx);
-        if let Some(rec) = finish_unfinished(ctx, opts, taken_over).await? {
+        if let Some(rec) = finish_unfinished(ctx, opts, run_id, taken_over).await? {
             resumed_run = Some(rec.run_id.clone());
             let interrupted = rec.status == RunStatus::Interrupted;
             records.push(rec);
@@ -179,8 +179,16 @@ async fn run_locked(
         return Err(e);
     }
 
-    let (mut rec, error) =
-        write_and_finalize(ctx, opts, &report.manifest, Some(&report), phases, &base).await?;
+    let (mut rec, error) = write_and_finalize(
+        ctx,
+        opts,
+        &report.manifest,
+        Some(&report),
+        phases,
+        &base,
+        run_id,
+    )
+    .await?;
     if resumed_run.is_some() {
         rec.resumed_run = resumed_run;
         save_record(ctx.store.clone(), &rec).await?;

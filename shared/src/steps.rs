@@ -462,7 +462,7 @@ async fn plan_locked(
         tokio::time::sleep(RESUME_BUDGET).await;
         stop.request();
     });
-    let finished = pipeline::finish_unfinished(&ctx, &opts, taken_over).await;
+    let finished = pipeline::finish_unfinished(&ctx, &opts, run_id, taken_over).await;
     budget.abort();
     let mut started = started;
     if let Some(rec) = finished? {
@@ -746,6 +746,8 @@ pub async fn finalize_step(
     let d2 = d.clone();
     let (manifest, fold, requests, jobs, failures) = blocking(move || {
         let manifest = changeset::read_manifest(store.as_ref(), &d2.manifest_key)?;
+        // Only the lock holder writes the state (a run taken over is folded by its taker).
+        lock::may_fold(store.as_ref(), &d2.sync, &d2.run_id)?;
         let fold = pipeline::fold(store.as_ref(), &manifest)?;
         // Sum what every write-batch invocation recorded.
         let mut requests = record::Requests::default();

@@ -307,6 +307,43 @@ async fn a_plan_finishes_a_run_whose_execution_stopped_before_finalize() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_lock_was_taken_over_never_writes_the_state() {
+    let s = setup().await;
+    let a = plan_event(&s.env, &json!({"sync": "people"}))
+        .await
+        .unwrap();
+    let items = chunk_inputs(&s.root, &a);
+    write_step(&s.env, &items[0]).await.unwrap();
+    // Run a looks dead (its lock expired); run b takes over and finishes it.
+    let lock_path = s.root.join("locks/people.json");
+    let mut lock: Value =
+        serde_json::from_str(&std::fs::read_to_string(&lock_path).unwrap()).unwrap();
+    lock["expires_at"] = json!(1);
+    std::fs::write(&lock_path, lock.to_string()).unwrap();
+    let b = plan_event(&s.env, &json!({"sync": "people"}))
+        .await
+        .unwrap();
+    let state_path = s.root.join("state/people/state.zst");
+    let folded = std::fs::read(&state_path).unwrap();
+    // Run a was only slow: its last write-batch and its finalize arrive now, and must not
+    // write the state b holds the lock for.
+    let err = finalize_event(&s.env, &json!({"plan": {"run": a}}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.error_name(), ErrorName::RunLocked, "{err}");
+    assert_eq!(
+        std::fs::read(&state_path).unwrap(),
+        folded,
+        "the state is b's to write"
+    );
+    finalize_event(&s.env, &json!({"plan": {"run": b}}))
+        .await
+        .unwrap();
+    assert!(!lock_path.exists(), "b released its lock");
+    s.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crafted_state_cannot_reach_outside_its_run() {
     let s = setup().await;
     let d = plan_event(&s.env, &json!({"sync": "people"}))
