@@ -182,7 +182,15 @@ struct Dup {
     first_slot: u32,
     /// Later copies: (ordinal, line); their refusal is written once all copies are known.
     others: Vec<(u32, u64)>,
+    /// Copies past the listed ones, refused as they come (a key repeated a million times must
+    /// not cost a million entries, nor a message listing them all).
+    more: u64,
 }
+
+/// Copies of one key named in its refusal message (and kept until the plan ends).
+const LISTED_COPIES: usize = 8;
+/// Distinct keys with copies a plan keeps track of: past it the export is not one row per key.
+const MAX_DUPLICATED_KEYS: usize = 100_000;
 
 struct Planner<'a> {
     store: &'a dyn ObjectStore,
@@ -464,17 +472,50 @@ impl Planner<'_> {
         }
     }
 
-    fn note_dup(&mut self, row_pk: &str, h: u64, ordinal: u32, line: u64, first: (u32, u32)) {
-        self.dups
-            .entry(h)
-            .or_insert_with(|| Dup {
-                pk: row_pk.to_string(),
-                first_ord: first.0,
-                first_slot: first.1,
-                others: Vec::new(),
-            })
-            .others
-            .push((ordinal, line));
+    fn note_dup(
+        &mut self,
+        row_pk: &str,
+        h: u64,
+        ordinal: u32,
+        line: u64,
+        first: (u32, u32),
+    ) -> Result<(), PlanError> {
+        if self.dups.len() >= MAX_DUPLICATED_KEYS && !self.dups.contains_key(&h) {
+            return Err(PlanError::Export(ExportError::Unreadable {
+                file: self.cfg.source.location.clone(),
+                reason: format!(
+                    "more than {MAX_DUPLICATED_KEYS} primary keys appear more than once: the export is not one row per `{}` (check the unload query's joins); nothing was written",
+                    self.cfg.primary_key
+                ),
+            }));
+        }
+        let d = self.dups.entry(h).or_insert_with(|| Dup {
+            pk: row_pk.to_string(),
+            first_ord: first.0,
+            first_slot: first.1,
+            others: Vec::new(),
+            more: 0,
+        });
+        if d.others.len() < LISTED_COPIES {
+            d.others.push((ordinal, line));
+            return Ok(());
+        }
+        d.more += 1;
+        let message = format!(
+            "primary key {:?} appears more than {} times; every copy is refused: keep one row per key",
+            d.pk,
+            LISTED_COPIES + 1
+        );
+        let pk = d.pk.clone();
+        let file = self.file_of(ordinal);
+        self.refuse(InvalidRow {
+            file,
+            line,
+            pk: Some(pk),
+            reason: Reason::DuplicatePrimaryKey,
+            field: None,
+            message,
+        })
     }
 
     fn accept(
@@ -490,8 +531,7 @@ impl Planner<'_> {
         // Decide before registering so the slot is known; registering may reveal a duplicate.
         if let Some((first_ord, first_slot)) = self.register(h, state_pos, ordinal, SLOT_UNCHANGED)
         {
-            self.note_dup(&row.pk, h, ordinal, line, (first_ord, first_slot));
-            return Ok(());
+            return self.note_dup(&row.pk, h, ordinal, line, (first_ord, first_slot));
         }
         let lookup = state_pos.is_some_and(|i| {
             let e = self
@@ -606,11 +646,8 @@ impl Planner<'_> {
             // A refused row still claims its key, so another copy of it is a duplicate too.
             let pos = self.state.as_ref().and_then(|s| s.find(row.pk_hash));
             if let Some(first) = self.register(row.pk_hash, pos, ordinal, SLOT_INVALID) {
-                self.note_dup(&row.pk, row.pk_hash, ordinal, line, first);
                 // This copy is refused for its own reason as well; count it once, as a duplicate.
-                let d = self.dups.get_mut(&row.pk_hash).expect("just noted");
-                d.others.last_mut().expect("just pushed").1 = line;
-                return Ok(());
+                return self.note_dup(&row.pk, row.pk_hash, ordinal, line, first);
             }
             self.line_of_first.insert(row.pk_hash, line);
         }
@@ -697,10 +734,15 @@ impl Planner<'_> {
                     .iter()
                     .map(|(ord, line)| format!("{}:{line}", self.file_of(*ord))),
             );
+            let more = if d.more > 0 {
+                format!(" and {} more", d.more)
+            } else {
+                String::new()
+            };
             let message = format!(
-                "primary key {:?} appears {} times ({}); every copy is refused: keep one row per key",
+                "primary key {:?} appears {} times ({}{more}); every copy is refused: keep one row per key",
                 d.pk,
-                copies.len(),
+                copies.len() as u64 + d.more,
                 copies.join(", ")
             );
             if d.first_slot != SLOT_INVALID {

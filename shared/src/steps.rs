@@ -259,6 +259,9 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// The sync config stored at `config/<sync>.toml`.
+/// The largest sync config read from the bucket.
+const MAX_CONFIG_BYTES: u64 = 256 * 1024;
+
 pub async fn load_config(env: &StepEnv, sync: &str) -> Result<SyncConfig, RunError> {
     let (store, policy) = (env.store.clone(), env.endpoint.clone());
     if !crate::config::valid_sync_name(sync) {
@@ -270,12 +273,24 @@ pub async fn load_config(env: &StepEnv, sync: &str) -> Result<SyncConfig, RunErr
     let key = layout::config_key(sync);
     let sync = sync.to_string();
     blocking(move || {
-        let text = read_text(store.as_ref(), &key).map_err(|e| {
+        let read_err = |reason: String| {
             RunError::Config(crate::config::ConfigError::Read {
                 path: key.clone(),
-                reason: e.to_string(),
+                reason,
             })
-        })?;
+        };
+        // A config is a page of TOML: anything far larger is not one, and is not read whole.
+        match store.head(&key) {
+            Ok(Some(meta)) if meta.size > MAX_CONFIG_BYTES => {
+                return Err(read_err(format!(
+                    "it is {} bytes; a sync config is at most {MAX_CONFIG_BYTES}",
+                    meta.size
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(read_err(e.to_string())),
+        }
+        let text = read_text(store.as_ref(), &key).map_err(|e| read_err(e.to_string()))?;
         let cfg = SyncConfig::parse(&text, &key)?;
         cfg.check_stored_as(&sync, &key)?;
         cfg.zendesk.check_endpoint(&policy, &key)?;

@@ -416,6 +416,45 @@ fn a_duplicate_whose_first_copy_is_unchanged_names_both_lines() {
 }
 
 #[test]
+fn a_key_repeated_thousands_of_times_costs_little_and_every_copy_is_refused() {
+    let mut f = Fixture::new();
+    let mut rows = people(20);
+    for i in 0..3000 {
+        rows.push((
+            "p7".into(),
+            format!("Copy {i}"),
+            format!("c{i}@example.com"),
+            1,
+        ));
+    }
+    f.export(&rows);
+    let r = f.plan(CONFIG);
+    let c = &r.manifest.counts;
+    assert_eq!((c.create, c.invalid), (19, 3001), "p7 and its 3000 copies");
+    let m = f.manifest(&r);
+    let invalid: Vec<serde_json::Value> =
+        changeset::read_jsonl(&f.store, m.invalid_key.as_ref().unwrap()).unwrap();
+    assert_eq!(invalid.len(), 3001);
+    let longest = invalid
+        .iter()
+        .map(|v| v["message"].as_str().unwrap().len())
+        .max()
+        .unwrap();
+    assert!(
+        longest < 600,
+        "a message names a few copies, not all: {longest} bytes"
+    );
+    let first = invalid.iter().find(|v| v["line"] == 9).unwrap();
+    assert!(
+        first["message"]
+            .as_str()
+            .unwrap()
+            .contains("appears 3001 times"),
+        "{first}"
+    );
+}
+
+#[test]
 fn invalid_rows_are_written_with_reasons_and_do_not_stop_the_run() {
     let mut f = Fixture::new();
     let csv = "id,name,email,score\np1,Ann,ann@example.com,1\np2,,b@example.com,2\np3,Cid,not-an-email,3\np4,Dee,d@example.com,lots\n,Eve,e@example.com,5\np6,\"Fay\",f@example.com,6,extra\np7,Gus,g@example.com,7\n";

@@ -402,6 +402,14 @@ async fn a_config_must_name_the_sync_it_is_stored_for() {
         assert_eq!(err.error_name(), ErrorName::ConfigInvalid, "{bad}: {err}");
     }
     assert!(!s.root.join("locks/other.json").exists());
+    // A config is a page of TOML, not read whole when it is far more.
+    let huge = format!("{text}\n# {}\n", "x".repeat(300 * 1024));
+    write(&s.root.join("config/people.toml"), &huge);
+    let err = plan_event(&s.env, &json!({"sync": "people"}))
+        .await
+        .unwrap_err();
+    assert_eq!(err.error_name(), ErrorName::ConfigInvalid);
+    assert!(err.to_string().contains("at most"), "{err}");
     s.sim.shutdown().await;
 }
 
