@@ -107,6 +107,30 @@ pub fn may_fold(store: &dyn ObjectStore, sync: &str, run_id: &str) -> Result<(),
     }
 }
 
+/// A write-batch of `run_id` keeps the run's lock alive while it writes, and refuses to write
+/// when another run holds it (that run finishes this one's chunks itself).
+pub fn renew_held(
+    store: &dyn ObjectStore,
+    sync: &str,
+    run_id: &str,
+    ttl: Duration,
+) -> Result<(), LockError> {
+    may_fold(store, sync, run_id)?;
+    let key = layout::lock_key(sync);
+    let io_err = |source| LockError::Io {
+        key: key.clone(),
+        source,
+    };
+    if let Some(mut info) = read(store, &key).map_err(io_err)? {
+        if info.run_id == run_id {
+            info.expires_at = now() + ttl.as_secs().max(1) as i64;
+            let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
+            store.put(&key, &body).map_err(io_err)?;
+        }
+    }
+    Ok(())
+}
+
 /// Who holds a sync's lock, if anyone.
 pub fn holder(store: &dyn ObjectStore, sync: &str) -> io::Result<Option<LockInfo>> {
     read(store, &layout::lock_key(sync))

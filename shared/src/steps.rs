@@ -648,6 +648,16 @@ pub struct WriteOutput {
 /// journals. Its request counters land next to the chunk's results for finalize.
 pub async fn write_step(env: &StepEnv, input: &WriteInput) -> Result<WriteOutput, RunError> {
     input.confine()?;
+    if input.error.is_none() {
+        // The run's lock lives while its chunks are written; a run taken over writes nothing.
+        let (store, sync, run, ttl) = (
+            env.store.clone(),
+            input.sync.clone(),
+            input.run_id.clone(),
+            env.lock_ttl,
+        );
+        blocking(move || Ok(lock::renew_held(store.as_ref(), &sync, &run, ttl)?)).await?;
+    }
     if let Some(e) = &input.error {
         return record_chunk_failure(env, input, e).await;
     }

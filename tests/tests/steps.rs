@@ -323,6 +323,11 @@ async fn a_run_whose_lock_was_taken_over_never_writes_the_state() {
     let b = plan_event(&s.env, &json!({"sync": "people"}))
         .await
         .unwrap();
+    // A late write-batch of run a writes nothing: run b finished a's chunks itself.
+    let before = zdsync_tests::write_requests(&s.sim.counters());
+    let err = write_step(&s.env, &items[1]).await.unwrap_err();
+    assert_eq!(err.error_name(), ErrorName::RunLocked, "{err}");
+    assert_eq!(zdsync_tests::write_requests(&s.sim.counters()), before);
     let state_path = s.root.join("state/people/state.zst");
     let folded = std::fs::read(&state_path).unwrap();
     // Run a was only slow: its last write-batch and its finalize arrive now, and must not
@@ -350,7 +355,19 @@ async fn a_crafted_state_cannot_reach_outside_its_run() {
         .await
         .unwrap();
     let items = chunk_inputs(&s.root, &d);
+    // write-batch keeps the run's lock alive.
+    let lock_path = s.root.join("locks/people.json");
+    let expiry = |p: &Path| -> i64 {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        v["expires_at"].as_i64().unwrap()
+    };
+    let mut lock: Value =
+        serde_json::from_str(&std::fs::read_to_string(&lock_path).unwrap()).unwrap();
+    lock["expires_at"] = json!(expiry(&lock_path) - 1000);
+    std::fs::write(&lock_path, lock.to_string()).unwrap();
+    let shortened = expiry(&lock_path);
     write_step(&s.env, &items[0]).await.unwrap();
+    assert!(expiry(&lock_path) > shortened, "renewed by write-batch");
     finalize_event(&s.env, &json!({"plan": {"run": d.clone()}}))
         .await
         .unwrap();
