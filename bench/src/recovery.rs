@@ -138,6 +138,7 @@ async fn round(b: &RecoveryBench, n: usize) -> Round {
         pid: 999_999,
         acquired_at: "2026-01-01T00:00:00Z".into(),
         expires_at: 1_000,
+        execution: None,
     };
     store
         .put(

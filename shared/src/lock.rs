@@ -18,6 +18,9 @@ pub struct LockInfo {
     pub acquired_at: String,
     /// Unix seconds; a lock not renewed by then is stale.
     pub expires_at: i64,
+    /// The Step Functions execution that holds it, so its end can be told apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +134,30 @@ pub fn renew_held(
     Ok(())
 }
 
+/// An execution ended without finalizing (aborted, timed out, failed outside a Catch): if it
+/// still holds `sync`'s lock, the lock is made stale at once, so the next run takes it over and
+/// finishes the abandoned run instead of waiting out the TTL. `true` when it did.
+pub fn expire_for_execution(
+    store: &dyn ObjectStore,
+    sync: &str,
+    execution: &str,
+) -> Result<bool, LockError> {
+    let key = layout::lock_key(sync);
+    let io_err = |source| LockError::Io {
+        key: key.clone(),
+        source,
+    };
+    match read(store, &key).map_err(io_err)? {
+        Some(mut h) if h.execution.as_deref() == Some(execution) => {
+            h.expires_at = 0;
+            let body = serde_json::to_vec_pretty(&h).expect("lock serialises");
+            store.put(&key, &body).map_err(io_err)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
 /// Who holds a sync's lock, if anyone.
 pub fn holder(store: &dyn ObjectStore, sync: &str) -> io::Result<Option<LockInfo>> {
     read(store, &layout::lock_key(sync))
@@ -154,6 +181,7 @@ fn read(store: &dyn ObjectStore, key: &str) -> io::Result<Option<LockInfo>> {
         pid: 0,
         acquired_at: String::new(),
         expires_at: 0,
+        execution: None,
     })))
 }
 
@@ -182,6 +210,18 @@ pub async fn acquire(
     ttl: Duration,
     wait: Duration,
 ) -> Result<LockGuard, LockError> {
+    acquire_for(store, sync, run_id, ttl, wait, None).await
+}
+
+/// [`acquire`], recording the Step Functions execution that takes the lock.
+pub async fn acquire_for(
+    store: Arc<dyn ObjectStore>,
+    sync: &str,
+    run_id: &str,
+    ttl: Duration,
+    wait: Duration,
+    execution: Option<String>,
+) -> Result<LockGuard, LockError> {
     let key = layout::lock_key(sync);
     let io_err = |source| LockError::Io {
         key: key.clone(),
@@ -195,6 +235,7 @@ pub async fn acquire(
         pid: std::process::id(),
         acquired_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         expires_at: now() + ttl_secs,
+        execution,
     };
     let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
     let deadline = tokio::time::Instant::now() + wait;
@@ -350,6 +391,7 @@ mod tests {
             pid: u32::MAX - 7,
             acquired_at: String::new(),
             expires_at: now() + 3600,
+            execution: None,
         };
         assert!(info.is_stale());
         let live = LockInfo {

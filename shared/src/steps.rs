@@ -54,6 +54,9 @@ pub struct Trigger {
     /// `{"sync": "...", "max_rows": N}`: this run's row cap, in place of `max_rows_per_run`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rows: Option<u64>,
+    /// The Step Functions execution running the plan (recorded in the lock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution: Option<String>,
 }
 
 /// Read the execution input: an EventBridge S3 "Object Created" event under `exports/<sync>/`,
@@ -92,6 +95,7 @@ pub fn parse_trigger(event: &Value) -> Result<Trigger, RunError> {
             object: Some((key.to_string(), etag)),
             full_resync: false,
             max_rows: None,
+            execution: None,
         });
     }
     match event["sync"].as_str() {
@@ -100,6 +104,7 @@ pub fn parse_trigger(event: &Value) -> Result<Trigger, RunError> {
             kind: event["trigger"].as_str().unwrap_or("manual").to_string(),
             object: None,
             full_resync: event["full_resync"].as_bool().unwrap_or(false),
+            execution: None,
             max_rows: match &event["max_rows"] {
                 Value::Null => None,
                 v => Some(v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
@@ -216,6 +221,74 @@ impl WriteInput {
             ],
         )
     }
+}
+
+/// The Plan task's payload: `{"input": <execution input>, "execution": <execution ARN>}` as the
+/// definition sends it, or the execution input alone (a direct invocation).
+pub fn parse_plan_payload(payload: &Value) -> Result<Trigger, RunError> {
+    match (
+        payload.get("input"),
+        payload.get("execution").and_then(Value::as_str),
+    ) {
+        (Some(input), Some(execution)) => {
+            let mut t = parse_trigger(input)?;
+            t.execution = Some(execution.to_string());
+            Ok(t)
+        }
+        _ => parse_trigger(payload),
+    }
+}
+
+/// EventBridge's "Step Functions Execution Status Change" for an execution that ended.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExecutionEnded {
+    pub detail: ExecutionEndedDetail,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExecutionEndedDetail {
+    #[serde(rename = "executionArn")]
+    pub execution_arn: String,
+    pub status: String,
+    /// The execution's input, as JSON text.
+    #[serde(default)]
+    pub input: Option<String>,
+}
+
+/// An execution that ended without finalize (aborted, timed out, or failed outside every
+/// Catch): its lock is made stale at once, so the next execution takes it over and finishes
+/// the run, and its export's trigger marker is dropped so the same object can start a run
+/// again. An execution that did finalize left neither behind: nothing happens.
+pub async fn execution_ended_step(env: &StepEnv, event: &ExecutionEnded) -> Result<bool, RunError> {
+    let d = &event.detail;
+    if !matches!(d.status.as_str(), "ABORTED" | "TIMED_OUT" | "FAILED") {
+        return Ok(false);
+    }
+    let input: Value = d
+        .input
+        .as_deref()
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or(Value::Null);
+    let Ok(trigger) = parse_trigger(&input) else {
+        return Ok(false);
+    };
+    if !crate::config::valid_sync_name(&trigger.sync) {
+        return Ok(false);
+    }
+    let (store, sync, arn) = (
+        env.store.clone(),
+        trigger.sync.clone(),
+        d.execution_arn.clone(),
+    );
+    let expired =
+        blocking(move || Ok(lock::expire_for_execution(store.as_ref(), &sync, &arn)?)).await?;
+    if expired {
+        tracing::warn!(sync = %trigger.sync, execution = %d.execution_arn, status = %d.status, "the execution ended without finalizing: its lock is released to the next run, which finishes it");
+        if let Some((key, etag)) = &trigger.object {
+            forget_trigger(env, layout::trigger_marker_key(&trigger.sync, key, etag)).await;
+        }
+    }
+    Ok(expired)
 }
 
 /// What plan hands to the state machine: keys and counts, never rows.
@@ -421,12 +494,13 @@ async fn plan_with_lock(
     trigger: &Trigger,
     started: chrono::DateTime<chrono::Utc>,
 ) -> Result<PlanDescriptor, RunError> {
-    let guard = lock::acquire(
+    let guard = lock::acquire_for(
         env.store.clone(),
         &cfg.name,
         run_id,
         env.lock_ttl,
         Duration::ZERO,
+        trigger.execution.clone(),
     )
     .await?;
     let taken_over = guard.taken_over.clone();
@@ -605,6 +679,7 @@ pub async fn audience_diff_step(
         object: None,
         full_resync: d.full_resync,
         max_rows: d.max_rows,
+        execution: None,
     };
     let client = (env.client_for)(&cfg).await?;
     let mut out = plan_object(env, &cfg, &client, &d.run_id, &trigger, started).await?;

@@ -385,6 +385,7 @@ async fn a_live_lock_refuses_a_second_run() {
         pid: std::process::id(),
         acquired_at: "2026-01-01T00:00:00Z".into(),
         expires_at: chrono_like_now() + 3600,
+        execution: None,
     };
     let lock_path = write_file(
         e.root(),

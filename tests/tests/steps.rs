@@ -349,6 +349,52 @@ async fn a_run_whose_lock_was_taken_over_never_writes_the_state() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_execution_hands_its_lock_and_export_to_the_next_run_at_once() {
+    use zdsync::steps::{execution_ended_step, parse_plan_payload, plan_step, ExecutionEnded};
+    let s = setup().await;
+    let arn = "arn:aws:states:us-east-1:123456789012:execution:zdsync-sync:abc";
+    let event = s3_event("exports/people/part-0000.csv", "etag-a");
+    let trigger = parse_plan_payload(&json!({"input": event, "execution": arn})).unwrap();
+    let d = plan_step(&s.env, &trigger).await.unwrap();
+    write_step(&s.env, &chunk_inputs(&s.root, &d)[0])
+        .await
+        .unwrap();
+    let marker = s.root.join(d.trigger_marker.clone().unwrap());
+    assert!(marker.exists());
+    let ended = |arn: &str, status: &str| -> ExecutionEnded {
+        serde_json::from_value(json!({
+            "detail-type": "Step Functions Execution Status Change",
+            "source": "aws.states",
+            "detail": {"executionArn": arn, "status": status, "input": event.to_string()}
+        }))
+        .unwrap()
+    };
+    // Another execution's end, or a success, changes nothing.
+    assert!(
+        !execution_ended_step(&s.env, &ended("arn:other", "ABORTED"))
+            .await
+            .unwrap()
+    );
+    assert!(!execution_ended_step(&s.env, &ended(arn, "SUCCEEDED"))
+        .await
+        .unwrap());
+    // Its own abort: the lock is stale at once and the export may start a run again.
+    assert!(execution_ended_step(&s.env, &ended(arn, "ABORTED"))
+        .await
+        .unwrap());
+    assert!(!marker.exists());
+    let next = plan_event(&s.env, &event).await.unwrap();
+    assert!(!next.duplicate, "the same export object runs again");
+    assert!(
+        next.nothing_to_do,
+        "the abandoned run was finished: {next:?}"
+    );
+    assert_eq!(next.counts.unchanged, 250);
+    assert_eq!(s.sim.state("acme").unwrap().users.len(), 251);
+    s.sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crafted_state_cannot_reach_outside_its_run() {
     let s = setup().await;
     let d = plan_event(&s.env, &json!({"sync": "people"}))

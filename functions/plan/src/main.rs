@@ -10,7 +10,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let env = zdsync::aws::lambda::init()?;
     let env = &env;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
-        let trigger = zdsync::steps::parse_trigger(&event.payload)
+        let trigger = zdsync::steps::parse_plan_payload(&event.payload)
             .map_err(zdsync::aws::lambda::diagnostic)?;
         let d = zdsync::steps::plan_step(env, &trigger)
             .await
