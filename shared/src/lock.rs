@@ -88,24 +88,27 @@ impl LockInfo {
     }
 }
 
+/// The error for a lock `h` holds.
+fn held(sync: &str, h: LockInfo) -> LockError {
+    let expires = chrono::DateTime::from_timestamp(h.expires_at, 0)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default();
+    LockError::Held {
+        sync: sync.to_string(),
+        run_id: h.run_id,
+        host: h.host,
+        pid: h.pid,
+        acquired_at: h.acquired_at,
+        expires,
+    }
+}
+
 /// Whether `run_id` may write `sync`'s state: it holds the lock, or nobody does. A run whose lock
 /// another run took over must not fold: the taker finishes it (see `pipeline::finish_unfinished`).
 pub fn may_fold(store: &dyn ObjectStore, sync: &str, run_id: &str) -> Result<(), LockError> {
     let key = layout::lock_key(sync);
     match read(store, &key).map_err(|source| LockError::Io { key, source })? {
-        Some(h) if h.run_id != run_id => {
-            let expires = chrono::DateTime::from_timestamp(h.expires_at, 0)
-                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-                .unwrap_or_default();
-            Err(LockError::Held {
-                sync: sync.to_string(),
-                run_id: h.run_id,
-                host: h.host,
-                pid: h.pid,
-                acquired_at: h.acquired_at,
-                expires,
-            })
-        }
+        Some(h) if h.run_id != run_id => Err(held(sync, h)),
         _ => Ok(()),
     }
 }
@@ -264,17 +267,7 @@ pub async fn acquire_for(
             }
             Some(h) => {
                 if tokio::time::Instant::now() >= deadline {
-                    let expires = chrono::DateTime::from_timestamp(h.expires_at, 0)
-                        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-                        .unwrap_or_default();
-                    return Err(LockError::Held {
-                        sync: sync.to_string(),
-                        run_id: h.run_id,
-                        host: h.host,
-                        pid: h.pid,
-                        acquired_at: h.acquired_at,
-                        expires,
-                    });
+                    return Err(held(sync, h));
                 }
                 tokio::time::sleep(Duration::from_secs(1).min(wait)).await;
             }

@@ -43,6 +43,16 @@ fn triggers_come_from_s3_events_schedules_and_manual_starts() {
     assert!(parse_trigger(&json!({"hello": 1})).is_err());
 }
 
+/// Make the sync's lock look abandoned (its expiry long past); returns its path.
+fn expire_lock(root: &Path) -> PathBuf {
+    let lock_path = root.join("locks/people.json");
+    let mut lock: Value =
+        serde_json::from_str(&std::fs::read_to_string(&lock_path).unwrap()).unwrap();
+    lock["expires_at"] = json!(1);
+    std::fs::write(&lock_path, lock.to_string()).unwrap();
+    lock_path
+}
+
 fn write(p: &Path, s: &str) {
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
     std::fs::write(p, s).unwrap();
@@ -277,11 +287,7 @@ async fn a_plan_finishes_a_run_whose_execution_stopped_before_finalize() {
     // One chunk written, then the execution stopped: no finalize, the lock left to expire.
     let items = chunk_inputs(&s.root, &d);
     write_step(&s.env, &items[0]).await.unwrap();
-    let lock_path = s.root.join("locks/people.json");
-    let mut lock: Value =
-        serde_json::from_str(&std::fs::read_to_string(&lock_path).unwrap()).unwrap();
-    lock["expires_at"] = json!(1);
-    std::fs::write(&lock_path, lock.to_string()).unwrap();
+    let lock_path = expire_lock(&s.root);
 
     // The next execution's plan takes the stale lock over and finishes that run first, as the
     // local runner does: its rows are written and folded, so none of them is planned again.
@@ -315,11 +321,7 @@ async fn a_run_whose_lock_was_taken_over_never_writes_the_state() {
     let items = chunk_inputs(&s.root, &a);
     write_step(&s.env, &items[0]).await.unwrap();
     // Run a looks dead (its lock expired); run b takes over and finishes it.
-    let lock_path = s.root.join("locks/people.json");
-    let mut lock: Value =
-        serde_json::from_str(&std::fs::read_to_string(&lock_path).unwrap()).unwrap();
-    lock["expires_at"] = json!(1);
-    std::fs::write(&lock_path, lock.to_string()).unwrap();
+    let lock_path = expire_lock(&s.root);
     let b = plan_event(&s.env, &json!({"sync": "people"}))
         .await
         .unwrap();
