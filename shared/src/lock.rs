@@ -89,7 +89,7 @@ impl LockInfo {
 }
 
 /// The error for a lock `h` holds.
-fn held(sync: &str, h: LockInfo) -> LockError {
+fn held_error(sync: &str, h: LockInfo) -> LockError {
     let expires = chrono::DateTime::from_timestamp(h.expires_at, 0)
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_default();
@@ -108,7 +108,7 @@ fn held(sync: &str, h: LockInfo) -> LockError {
 pub fn may_fold(store: &dyn ObjectStore, sync: &str, run_id: &str) -> Result<(), LockError> {
     let key = layout::lock_key(sync);
     match read(store, &key).map_err(|source| LockError::Io { key, source })? {
-        Some(h) if h.run_id != run_id => Err(held(sync, h)),
+        Some(h) if h.run_id != run_id => Err(held_error(sync, h)),
         _ => Ok(()),
     }
 }
@@ -267,7 +267,7 @@ pub async fn acquire_for(
             }
             Some(h) => {
                 if tokio::time::Instant::now() >= deadline {
-                    return Err(held(sync, h));
+                    return Err(held_error(sync, h));
                 }
                 tokio::time::sleep(Duration::from_secs(1).min(wait)).await;
             }

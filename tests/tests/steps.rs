@@ -287,7 +287,7 @@ async fn a_plan_finishes_a_run_whose_execution_stopped_before_finalize() {
     // One chunk written, then the execution stopped: no finalize, the lock left to expire.
     let items = chunk_inputs(&s.root, &d);
     write_step(&s.env, &items[0]).await.unwrap();
-    let lock_path = expire_lock(&s.root);
+    expire_lock(&s.root);
 
     // The next execution's plan takes the stale lock over and finishes that run first, as the
     // local runner does: its rows are written and folded, so none of them is planned again.
