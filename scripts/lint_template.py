@@ -81,6 +81,40 @@ def statements(cfn, role):
             yield st
 
 
+# What each function's code does in the bucket, as (action, prefix, condition key or None):
+# a role that lacks one of these fails in AWS (moto does not enforce IAM, so only this catches it).
+NEEDS = {
+    "PlanFunction": [
+        ("s3:GetObject", "locks/", None),
+        ("s3:PutObject", "locks/", "s3:if-none-match"),
+        ("s3:PutObject", "locks/", "s3:if-match"),
+        ("s3:DeleteObject", "locks/", "s3:if-match"),
+        ("s3:PutObject", "state/", None),
+        ("s3:PutObject", "runs/", None),
+        ("s3:PutObject", "triggers/", None),
+    ],
+    "WriteBatchFunction": [
+        ("s3:GetObject", "locks/", None),
+        ("s3:PutObject", "locks/", "s3:if-match"),
+        ("s3:PutObject", "runs/", None),
+    ],
+    "AudienceDiffFunction": [("s3:PutObject", "runs/", None)],
+    "FinalizeFunction": [
+        ("s3:GetObject", "locks/", None),
+        ("s3:PutObject", "locks/", "s3:if-match"),
+        ("s3:DeleteObject", "locks/", "s3:if-match"),
+        ("s3:PutObject", "state/", None),
+        ("s3:DeleteObject", "triggers/", None),
+    ],
+}
+
+
+def required_key(st):
+    """The condition key a statement requires to be present (`Null: {key: false}`), if any."""
+    keys = [k for k, v in st.get("Condition", {}).get("Null", {}).items() if v == "false"]
+    return keys[0] if len(keys) == 1 else None
+
+
 def check_security(cfn, template):
     """What the deployment promises: no function can delete the state, every function that may
     refresh an OAuth token can save the rotated pair, the bucket keeps versions, outlives the
@@ -101,6 +135,24 @@ def check_security(cfn, template):
             for r in actions_on.get(a, []):
                 if "state/" in r or r.endswith("}/*") or r.endswith("/*\"") or r == "*":
                     errors.append(f"{fn}: {a} on {r} (the state must not be deletable)")
+        grants = []  # (action, resource, required condition key)
+        for st in statements(cfn, role):
+            if st.get("Effect") != "Allow":
+                continue
+            for a in as_list(st.get("Action", [])):
+                for r in as_list(st.get("Resource", [])):
+                    grants.append((a, resource_text(r), required_key(st)))
+        for a, r, key in grants:
+            if a in ("s3:PutObject", "s3:DeleteObject", "s3:*") and "locks/" in r and key not in (
+                "s3:if-match",
+                "s3:if-none-match",
+            ):
+                errors.append(f"{fn}: {a} on {r} without If-Match/If-None-Match (locks must fence)")
+        for name, needs in NEEDS.items():
+            if fn.startswith(name):
+                for a, prefix, key in needs:
+                    if not any(ga == a and f"/{prefix}*" in gr and gk == key for ga, gr, gk in grants):
+                        errors.append(f"{fn}: its code needs {a} on {prefix}* (condition {key})")
         uses_zendesk = "Finalize" not in fn
         if uses_zendesk and "secretsmanager:PutSecretValue" not in actions_on:
             errors.append(f"{fn}: may refresh an OAuth token but cannot save it (PutSecretValue)")

@@ -1,10 +1,12 @@
 //! One active run per sync: a lock object created only if absent, renewed while the run lives,
-//! and taken over once it expires or its process is gone.
+//! and taken over once it expires or its process is gone. Every change after creation is a
+//! compare-and-swap on the version read (S3 `If-Match`), so two contenders never both hold it:
+//! the slower one's swap fails and it reads the winner's lock.
 
 use crate::layout;
 use crate::store::ObjectStore;
 use serde::{Deserialize, Serialize};
-use std::io::{self, Read};
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -113,6 +115,48 @@ pub fn may_fold(store: &dyn ObjectStore, sync: &str, run_id: &str) -> Result<(),
     }
 }
 
+/// How many times a swap that lost to another writer is retried on a fresh read.
+const SWAP_TRIES: usize = 5;
+
+/// Apply `change` to the lock of `sync` by compare-and-swap, re-reading when another writer
+/// got in between. `change` returns `None` to leave the lock alone (it is not the caller's).
+/// Returns the lock as read on the attempt that decided.
+fn swap(
+    store: &dyn ObjectStore,
+    sync: &str,
+    mut change: impl FnMut(&LockInfo) -> Option<Swap>,
+) -> Result<Option<(LockInfo, bool)>, LockError> {
+    let key = layout::lock_key(sync);
+    let io_err = |source| LockError::Io {
+        key: key.clone(),
+        source,
+    };
+    for _ in 0..SWAP_TRIES {
+        let Some((held, tag)) = read_tagged(store, &key).map_err(io_err)? else {
+            return Ok(None);
+        };
+        let done = match change(&held) {
+            None => return Ok(Some((held, false))),
+            Some(Swap::Put(info)) => {
+                let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
+                store.put_if_match(&key, &body, &tag).map_err(io_err)?
+            }
+            Some(Swap::Remove) => store.delete_if_match(&key, &tag).map_err(io_err)?,
+        };
+        if done {
+            return Ok(Some((held, true)));
+        }
+    }
+    Err(io_err(io::Error::other(format!(
+        "the lock kept changing under {SWAP_TRIES} attempts to update it"
+    ))))
+}
+
+enum Swap {
+    Put(LockInfo),
+    Remove,
+}
+
 /// A write-batch of `run_id` keeps the run's lock alive while it writes, and refuses to write
 /// when another run holds it (that run finishes this one's chunks itself).
 pub fn renew_held(
@@ -121,20 +165,18 @@ pub fn renew_held(
     run_id: &str,
     ttl: Duration,
 ) -> Result<(), LockError> {
-    may_fold(store, sync, run_id)?;
-    let key = layout::lock_key(sync);
-    let io_err = |source| LockError::Io {
-        key: key.clone(),
-        source,
-    };
-    if let Some(mut info) = read(store, &key).map_err(io_err)? {
-        if info.run_id == run_id {
-            info.expires_at = now() + ttl.as_secs().max(1) as i64;
-            let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
-            store.put(&key, &body).map_err(io_err)?;
-        }
+    let expires_at = now() + ttl.as_secs().max(1) as i64;
+    match swap(store, sync, |h| {
+        (h.run_id == run_id).then(|| {
+            Swap::Put(LockInfo {
+                expires_at,
+                ..h.clone()
+            })
+        })
+    })? {
+        Some((h, false)) => Err(held_error(sync, h)),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// An execution ended without finalizing (aborted, timed out, failed outside a Catch): if it
@@ -145,20 +187,15 @@ pub fn expire_for_execution(
     sync: &str,
     execution: &str,
 ) -> Result<bool, LockError> {
-    let key = layout::lock_key(sync);
-    let io_err = |source| LockError::Io {
-        key: key.clone(),
-        source,
-    };
-    match read(store, &key).map_err(io_err)? {
-        Some(mut h) if h.execution.as_deref() == Some(execution) => {
-            h.expires_at = 0;
-            let body = serde_json::to_vec_pretty(&h).expect("lock serialises");
-            store.put(&key, &body).map_err(io_err)?;
-            Ok(true)
-        }
-        _ => Ok(false),
-    }
+    let swapped = swap(store, sync, |h| {
+        (h.execution.as_deref() == Some(execution)).then(|| {
+            Swap::Put(LockInfo {
+                expires_at: 0,
+                ..h.clone()
+            })
+        })
+    })?;
+    Ok(matches!(swapped, Some((_, true))))
 }
 
 /// Who holds a sync's lock, if anyone.
@@ -167,17 +204,16 @@ pub fn holder(store: &dyn ObjectStore, sync: &str) -> io::Result<Option<LockInfo
 }
 
 fn read(store: &dyn ObjectStore, key: &str) -> io::Result<Option<LockInfo>> {
-    if store.head(key)?.is_none() {
+    Ok(read_tagged(store, key)?.map(|(info, _)| info))
+}
+
+/// The lock with its version tag, for a compare-and-swap.
+fn read_tagged(store: &dyn ObjectStore, key: &str) -> io::Result<Option<(LockInfo, String)>> {
+    let Some((bytes, tag)) = store.get_tagged(key)? else {
         return Ok(None);
-    }
-    let mut text = String::new();
-    match store.open(key) {
-        Ok(mut r) => r.read_to_string(&mut text)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
     };
     // An unreadable lock is treated as stale rather than blocking the sync forever.
-    Ok(Some(serde_json::from_str(&text).unwrap_or(LockInfo {
+    let info = serde_json::from_slice(&bytes).unwrap_or(LockInfo {
         sync: String::new(),
         run_id: String::new(),
         host: String::new(),
@@ -185,22 +221,16 @@ fn read(store: &dyn ObjectStore, key: &str) -> io::Result<Option<LockInfo>> {
         acquired_at: String::new(),
         expires_at: 0,
         execution: None,
-    })))
+    });
+    Ok(Some((info, tag)))
 }
 
 /// Remove the lock of `sync` if `run_id` still holds it (a run that ends in another process
 /// than the one that took the lock, as finalize does in AWS, releases it by name).
 pub fn release(store: &dyn ObjectStore, sync: &str, run_id: &str) -> Result<(), LockError> {
-    let key = layout::lock_key(sync);
-    let io_err = |source| LockError::Io {
-        key: key.clone(),
-        source,
-    };
-    if let Some(h) = read(store, &key).map_err(io_err)? {
-        if h.run_id == run_id {
-            store.delete(&key).map_err(io_err)?;
-        }
-    }
+    swap(store, sync, |h| {
+        (h.run_id == run_id).then_some(Swap::Remove)
+    })?;
     Ok(())
 }
 
@@ -253,19 +283,28 @@ pub async fn acquire_for(
             break;
         }
         let (s, k) = (store.clone(), key.clone());
-        let held = tokio::task::spawn_blocking(move || read(s.as_ref(), &k))
+        let held = tokio::task::spawn_blocking(move || read_tagged(s.as_ref(), &k))
             .await
             .map_err(|e| io_err(io::Error::other(e.to_string())))?
             .map_err(io_err)?;
         match held {
             None => continue,
-            Some(h) if h.is_stale() => {
-                tracing::warn!(sync, stale_run = %h.run_id, holder = %h.host, pid = h.pid, "taking over a stale lock");
-                store.delete(&key).map_err(io_err)?;
-                taken_over = Some(h);
+            Some((h, tag)) if h.is_stale() => {
+                // Replace exactly the stale version read: of several contenders that saw it,
+                // one swap succeeds and the others read the winner's lock next round.
+                let (s, k, b) = (store.clone(), key.clone(), body.clone());
+                let won = tokio::task::spawn_blocking(move || s.put_if_match(&k, &b, &tag))
+                    .await
+                    .map_err(|e| io_err(io::Error::other(e.to_string())))?
+                    .map_err(io_err)?;
+                if won {
+                    tracing::warn!(sync, stale_run = %h.run_id, holder = %h.host, pid = h.pid, "took over a stale lock");
+                    taken_over = Some(h);
+                    break;
+                }
                 continue;
             }
-            Some(h) => {
+            Some((h, _)) => {
                 if tokio::time::Instant::now() >= deadline {
                     return Err(held_error(sync, h));
                 }
@@ -275,23 +314,24 @@ pub async fn acquire_for(
     }
     // Renew at a third of the TTL so a live run never looks stale.
     let renew = {
-        let (store, key, mut info) = (store.clone(), key.clone(), info.clone());
+        let (store, sync, run) = (store.clone(), info.sync.clone(), info.run_id.clone());
         tokio::spawn(async move {
             let every = Duration::from_secs((ttl_secs as u64 / 3).max(1));
             loop {
                 tokio::time::sleep(every).await;
-                info.expires_at = now() + ttl_secs;
-                let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
-                let (s, k, run) = (store.clone(), key.clone(), info.run_id.clone());
+                let (s, sync, mine) = (store.clone(), sync.clone(), run.clone());
                 // Renew only a lock that is still ours: one taken over is never written back.
-                let renewed = tokio::task::spawn_blocking(move || match read(s.as_ref(), &k) {
-                    Ok(Some(h)) if h.run_id == run => s.put(&k, &body).map(|()| true),
-                    Ok(_) => Ok(false),
-                    Err(e) => Err(e),
+                let renewed = tokio::task::spawn_blocking(move || {
+                    renew_held(
+                        s.as_ref(),
+                        &sync,
+                        &mine,
+                        Duration::from_secs(ttl_secs as u64),
+                    )
                 })
                 .await;
-                if let Ok(Ok(false)) = renewed {
-                    tracing::warn!(run = %info.run_id, "the lock was taken over: no longer renewing it");
+                if let Ok(Err(LockError::Held { run_id, .. })) = renewed {
+                    tracing::warn!(%run, taken_by = %run_id, "the lock was taken over: no longer renewing it");
                     return;
                 }
             }
@@ -373,6 +413,59 @@ mod tests {
         assert_eq!(third.taken_over.as_ref().unwrap().run_id, "r2");
         third.release().await;
         assert!(store.head("locks/s.json").unwrap().is_none());
+    }
+
+    /// Many runs find the same expired lock at once: exactly one takes it over, the others are
+    /// told who holds it; renewal and release by a loser never touch the winner's lock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn contenders_for_a_stale_lock_never_both_hold_it() {
+        for round in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path()));
+            let stale = LockInfo {
+                sync: "s".into(),
+                run_id: "crashed".into(),
+                host: "elsewhere".into(),
+                pid: 1,
+                acquired_at: String::new(),
+                expires_at: now() - 10,
+                execution: None,
+            };
+            store
+                .put("locks/s.json", &serde_json::to_vec(&stale).unwrap())
+                .unwrap();
+            let tries: Vec<_> = (0..12)
+                .map(|i| {
+                    let store = store.clone();
+                    tokio::spawn(async move { take(&store, &format!("r{round}-{i}")).await })
+                })
+                .collect();
+            let mut winners = Vec::new();
+            for t in tries {
+                match t.await.unwrap() {
+                    Ok(g) => winners.push(g),
+                    Err(LockError::Held { .. }) => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(winners.len(), 1, "round {round}: one winner");
+            let winner = winners.pop().unwrap();
+            assert_eq!(winner.taken_over.as_ref().unwrap().run_id, "crashed");
+            let held = holder(store.as_ref(), "s").unwrap().unwrap();
+            assert_eq!(held.run_id, winner.info.run_id);
+            // A loser can neither renew nor release it.
+            assert!(matches!(
+                renew_held(store.as_ref(), "s", "crashed", Duration::from_secs(60)),
+                Err(LockError::Held { .. })
+            ));
+            release(store.as_ref(), "s", "crashed").unwrap();
+            assert_eq!(
+                holder(store.as_ref(), "s").unwrap().unwrap().run_id,
+                winner.info.run_id
+            );
+            winner.release().await;
+            assert!(holder(store.as_ref(), "s").unwrap().is_none());
+        }
     }
 
     #[test]

@@ -350,6 +350,20 @@ impl ObjectStore for Scratch {
     fn delete(&self, key: &str) -> io::Result<()> {
         self.own.delete(key)
     }
+    fn get_tagged(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {
+        if self.holds(key)? {
+            self.own.get_tagged(key)
+        } else {
+            self.base.get_tagged(key)
+        }
+    }
+    // The scratch store never takes over the bucket's objects: a swap applies to its own copy.
+    fn put_if_match(&self, key: &str, bytes: &[u8], tag: &str) -> io::Result<bool> {
+        self.own.put_if_match(key, bytes, tag)
+    }
+    fn delete_if_match(&self, key: &str, tag: &str) -> io::Result<bool> {
+        self.own.delete_if_match(key, tag)
+    }
 }
 
 #[cfg(test)]

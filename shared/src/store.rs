@@ -36,6 +36,14 @@ pub trait ObjectStore: Send + Sync {
     fn put_if_absent(&self, key: &str, bytes: &[u8]) -> io::Result<bool>;
     /// Remove one object; removing a missing object is not an error.
     fn delete(&self, key: &str) -> io::Result<()>;
+    /// A small object's bytes with its version tag (S3: the ETag), or `None` when absent. The
+    /// tag is what `put_if_match` and `delete_if_match` compare against.
+    fn get_tagged(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>>;
+    /// Replace an object only while it is still the version `tag` names (S3: `If-Match`);
+    /// `false` when another writer changed or removed it first.
+    fn put_if_match(&self, key: &str, bytes: &[u8], tag: &str) -> io::Result<bool>;
+    /// Remove an object only while it is still the version `tag` names; `false` otherwise.
+    fn delete_if_match(&self, key: &str, tag: &str) -> io::Result<bool>;
 }
 
 /// A streamed object upload that becomes visible only on `commit`.
@@ -91,6 +99,15 @@ impl ObjectStore for Box<dyn ObjectStore> {
     }
     fn delete(&self, key: &str) -> io::Result<()> {
         (**self).delete(key)
+    }
+    fn get_tagged(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {
+        (**self).get_tagged(key)
+    }
+    fn put_if_match(&self, key: &str, bytes: &[u8], tag: &str) -> io::Result<bool> {
+        (**self).put_if_match(key, bytes, tag)
+    }
+    fn delete_if_match(&self, key: &str, tag: &str) -> io::Result<bool> {
+        (**self).delete_if_match(key, tag)
     }
 }
 
@@ -288,6 +305,42 @@ impl ObjectStore for LocalStore {
             Err(e) => Err(with_path(e, &path)),
         }
     }
+
+    fn get_tagged(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {
+        let path = self.path_of(key)?;
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let tag = content_tag(&bytes);
+                Ok(Some((bytes, tag)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(with_path(e, &path)),
+        }
+    }
+
+    fn put_if_match(&self, key: &str, bytes: &[u8], tag: &str) -> io::Result<bool> {
+        let path = self.path_of(key)?;
+        let _guard = DirLock::take(&path)?;
+        match self.get_tagged(key)? {
+            Some((_, current)) if current == tag => {
+                self.put(key, bytes)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn delete_if_match(&self, key: &str, tag: &str) -> io::Result<bool> {
+        let path = self.path_of(key)?;
+        let _guard = DirLock::take(&path)?;
+        match self.get_tagged(key)? {
+            Some((_, current)) if current == tag => {
+                self.delete(key)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
 }
 
 struct LocalWriter {
@@ -321,6 +374,49 @@ impl Drop for LocalWriter {
 
 fn with_path(e: io::Error, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+/// A local object's version tag: the SHA-256 of its bytes (equal bytes are the same version).
+fn content_tag(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An exclusive `flock` on an object's folder for the span of a compare-and-swap, so processes
+/// sharing a local store (a run and a `zdsync` started beside it) never both win.
+struct DirLock(Option<fs::File>);
+
+impl DirLock {
+    fn take(path: &Path) -> io::Result<Self> {
+        let Some(dir) = path.parent() else {
+            return Ok(Self(None));
+        };
+        if !dir.is_dir() {
+            return Ok(Self(None));
+        }
+        let file = fs::File::open(dir).map_err(|e| with_path(e, dir))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::io::AsRawFd;
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(with_path(io::Error::last_os_error(), dir));
+            }
+        }
+        Ok(Self(Some(file)))
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(file) = &self.0 {
+            use std::os::unix::io::AsRawFd;
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+        }
+    }
 }
 
 #[cfg(test)]
@@ -422,5 +518,45 @@ mod tests {
         store.delete("locks/a.json").unwrap();
         store.delete("locks/a.json").unwrap();
         assert!(store.put_if_absent("locks/a.json", b"three").unwrap());
+    }
+
+    #[test]
+    fn compare_and_swap_wins_only_against_the_version_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        assert!(store.get_tagged("locks/b.json").unwrap().is_none());
+        assert!(!store.put_if_match("locks/b.json", b"x", "nope").unwrap());
+        store.put("locks/b.json", b"one").unwrap();
+        let (bytes, tag) = store.get_tagged("locks/b.json").unwrap().unwrap();
+        assert_eq!(bytes, b"one");
+        assert!(store.put_if_match("locks/b.json", b"two", &tag).unwrap());
+        // The tag read before the swap is spent.
+        assert!(!store.put_if_match("locks/b.json", b"three", &tag).unwrap());
+        assert!(!store.delete_if_match("locks/b.json", &tag).unwrap());
+        let (_, tag2) = store.get_tagged("locks/b.json").unwrap().unwrap();
+        assert!(store.delete_if_match("locks/b.json", &tag2).unwrap());
+        assert!(store.head("locks/b.json").unwrap().is_none());
+    }
+
+    #[test]
+    fn concurrent_swaps_from_one_version_have_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(LocalStore::new(dir.path()));
+        store.put("locks/c.json", b"stale").unwrap();
+        let (_, tag) = store.get_tagged("locks/c.json").unwrap().unwrap();
+        let winners: usize = (0..16)
+            .map(|i| {
+                let (store, tag) = (store.clone(), tag.clone());
+                std::thread::spawn(move || {
+                    store
+                        .put_if_match("locks/c.json", format!("run {i}").as_bytes(), &tag)
+                        .unwrap()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| usize::from(h.join().unwrap()))
+            .sum();
+        assert_eq!(winners, 1);
     }
 }

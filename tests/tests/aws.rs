@@ -99,6 +99,19 @@ fn s3_store_round_trip() {
         .unwrap();
     assert_eq!(lock, "first");
 
+    // Compare-and-swap on the ETag: a tag read before another writer's swap is spent.
+    let (bytes, tag) = store.get_tagged("locks/sync").unwrap().unwrap();
+    assert_eq!(bytes, b"first");
+    assert!(store.put_if_match("locks/sync", b"renewed", &tag).unwrap());
+    assert!(!store.put_if_match("locks/sync", b"late", &tag).unwrap());
+    assert!(!store.delete_if_match("locks/sync", &tag).unwrap());
+    let (bytes, tag2) = store.get_tagged("locks/sync").unwrap().unwrap();
+    assert_eq!(bytes, b"renewed");
+    assert!(store.delete_if_match("locks/sync", &tag2).unwrap());
+    assert!(store.get_tagged("locks/sync").unwrap().is_none());
+    assert!(!store.put_if_match("locks/sync", b"gone", &tag2).unwrap());
+    assert!(store.put_if_absent("locks/sync", b"again").unwrap());
+
     // delete_prefix in batches of 1000.
     store.delete_prefix("many/").unwrap();
     assert!(store.list("many/").unwrap().is_empty());

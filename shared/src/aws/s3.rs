@@ -408,7 +408,95 @@ impl ObjectStore for S3Store {
             Err(e) => Err(sdk_err("DeleteObject", &self.bucket, key, e)),
         }
     }
+
+    fn get_tagged(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {
+        self.block_on(async {
+            let resp = match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+            {
+                Ok(resp) => resp,
+                Err(e) if status(&e) == Some(404) => return Ok(None),
+                Err(e) => return Err(sdk_err("GetObject", &self.bucket, key, e)),
+            };
+            let tag = resp.e_tag().unwrap_or_default().to_string();
+            if resp.content_length().unwrap_or(0) > MAX_TAGGED_BYTES {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "s3://{}/{key} is larger than {MAX_TAGGED_BYTES} bytes",
+                        self.bucket
+                    ),
+                ));
+            }
+            let bytes = resp
+                .body
+                .collect()
+                .await
+                .map_err(|e| {
+                    io::Error::other(format!("S3 GetObject s3://{}/{key}: {e}", self.bucket))
+                })?
+                .into_bytes()
+                .to_vec();
+            Ok(Some((bytes, tag)))
+        })
+    }
+
+    fn put_if_match(&self, key: &str, bytes: &[u8], tag: &str) -> io::Result<bool> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = self.block_on(
+                self.client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .if_match(tag)
+                    .body(ByteStream::from(bytes.to_vec()))
+                    .send(),
+            );
+            match result {
+                Ok(_) => return Ok(true),
+                // PreconditionFailed: changed since read; NoSuchKey: removed since read.
+                Err(e) if matches!(status(&e), Some(412 | 404)) => return Ok(false),
+                Err(e) if status(&e) == Some(409) && attempt < 4 => {
+                    std::thread::sleep(std::time::Duration::from_millis(50 * attempt));
+                }
+                Err(e) => return Err(sdk_err("PutObject (If-Match)", &self.bucket, key, e)),
+            }
+        }
+    }
+
+    fn delete_if_match(&self, key: &str, tag: &str) -> io::Result<bool> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = self.block_on(
+                self.client
+                    .delete_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .if_match(tag)
+                    .send(),
+            );
+            match result {
+                Ok(_) => return Ok(true),
+                Err(e) if matches!(status(&e), Some(412 | 404)) => return Ok(false),
+                Err(e) if status(&e) == Some(409) && attempt < 4 => {
+                    std::thread::sleep(std::time::Duration::from_millis(50 * attempt));
+                }
+                Err(e) => return Err(sdk_err("DeleteObject (If-Match)", &self.bucket, key, e)),
+            }
+        }
+    }
 }
+
+/// Locks and markers read with their tag are small; anything bigger is not one of ours.
+const MAX_TAGGED_BYTES: i64 = 1024 * 1024;
 
 /// Buffers to a temporary file; `commit` uploads it (multipart above [`MULTIPART_THRESHOLD`]).
 /// Dropping it uncommitted uploads nothing.
