@@ -121,7 +121,6 @@ pub fn run_record_key(sync: &str, run: &str) -> String {
     format!("runs/{sync}/{run}/run.json")
 }
 
-/// The file name of a chunk key without folder and extension (`create-000001`).
 /// Marks an export object (key + ETag) as synced, so a redelivered S3 event starts no run.
 pub fn trigger_marker_key(sync: &str, key: &str, etag: &str) -> String {
     format!(
@@ -130,6 +129,13 @@ pub fn trigger_marker_key(sync: &str, key: &str, etag: &str) -> String {
     )
 }
 
+/// Held while one execution waits for a prefix export to stop growing: the events of the other
+/// parts join that execution instead of starting their own.
+pub fn pending_trigger_key(sync: &str) -> String {
+    format!("triggers/{sync}/pending.json")
+}
+
+/// The file name of a chunk key without folder and extension (`create-000001`).
 pub fn chunk_name(chunk_key: &str) -> &str {
     let name = chunk_key.rsplit('/').next().unwrap_or(chunk_key);
     name.strip_suffix(".jsonl.zst").unwrap_or(name)

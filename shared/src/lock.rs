@@ -146,6 +146,9 @@ fn swap(
         if done {
             return Ok(Some((held, true)));
         }
+        // Another writer won this round: back off a little, unevenly, before reading again.
+        let jitter = chrono::Utc::now().timestamp_subsec_nanos() % 40;
+        std::thread::sleep(Duration::from_millis(10 + u64::from(jitter)));
     }
     Err(io_err(io::Error::other(format!(
         "the lock kept changing under {SWAP_TRIES} attempts to update it"
@@ -165,32 +168,43 @@ pub fn renew_held(
     run_id: &str,
     ttl: Duration,
 ) -> Result<(), LockError> {
-    let expires_at = now() + ttl.as_secs().max(1) as i64;
+    let ttl = ttl.as_secs().max(1) as i64;
+    let expires_at = now() + ttl;
+    // Many write-batches of one run check at once: a lock with most of its TTL left is only
+    // read, so they do not contend for the swap.
+    let fresh_until = now() + ttl * 3 / 4;
     match swap(store, sync, |h| {
-        (h.run_id == run_id).then(|| {
+        (h.run_id == run_id && h.expires_at < fresh_until).then(|| {
             Swap::Put(LockInfo {
                 expires_at,
                 ..h.clone()
             })
         })
     })? {
-        Some((h, false)) => Err(held_error(sync, h)),
+        Some((h, false)) if h.run_id != run_id => Err(held_error(sync, h)),
         _ => Ok(()),
     }
 }
 
 /// An execution ended without finalizing (aborted, timed out, failed outside a Catch): if it
-/// still holds `sync`'s lock, the lock is made stale at once, so the next run takes it over and
-/// finishes the abandoned run instead of waiting out the TTL. `true` when it did.
+/// still holds `sync`'s lock, the lock expires after `grace` (the time its write-batch
+/// invocations need to notice and stop), so the next run takes it over and finishes the
+/// abandoned run instead of waiting out the TTL. `true` when it did.
 pub fn expire_for_execution(
     store: &dyn ObjectStore,
     sync: &str,
     execution: &str,
+    grace: Duration,
 ) -> Result<bool, LockError> {
+    let expires_at = now() + grace.as_secs() as i64;
     let swapped = swap(store, sync, |h| {
         (h.execution.as_deref() == Some(execution)).then(|| {
             Swap::Put(LockInfo {
-                expires_at: 0,
+                expires_at: if grace.is_zero() {
+                    0
+                } else {
+                    h.expires_at.min(expires_at)
+                },
                 ..h.clone()
             })
         })
@@ -466,6 +480,31 @@ mod tests {
             winner.release().await;
             assert!(holder(store.as_ref(), "s").unwrap().is_none());
         }
+    }
+
+    #[tokio::test]
+    async fn an_ended_execution_leaves_its_lock_after_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path()));
+        let g = acquire_for(
+            store.clone(),
+            "s",
+            "r1",
+            Duration::from_secs(3600),
+            Duration::ZERO,
+            Some("arn:exec:1".into()),
+        )
+        .await
+        .unwrap();
+        drop(g);
+        let grace = Duration::from_secs(120);
+        assert!(!expire_for_execution(store.as_ref(), "s", "arn:exec:2", grace).unwrap());
+        assert!(expire_for_execution(store.as_ref(), "s", "arn:exec:1", grace).unwrap());
+        let h = holder(store.as_ref(), "s").unwrap().unwrap();
+        assert!((now() + 110..=now() + 120).contains(&h.expires_at));
+        assert!(!h.is_stale(), "its write-batches get the grace to stop");
+        assert!(expire_for_execution(store.as_ref(), "s", "arn:exec:1", Duration::ZERO).unwrap());
+        assert!(holder(store.as_ref(), "s").unwrap().unwrap().is_stale());
     }
 
     #[test]

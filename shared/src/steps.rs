@@ -38,6 +38,16 @@ pub struct StepEnv {
     pub write: WriteOptions,
     /// Where configs may send the credential (a deployment: the account's own Zendesk only).
     pub endpoint: crate::config::EndpointPolicy,
+    /// How often a write-batch checks that its run still holds the lock (and renews it); a
+    /// write-batch whose run was taken over stops sending at once.
+    pub lock_check: Duration,
+    /// An execution that ended without finalizing leaves its lock to the next run after this
+    /// long: its write-batch invocations may still be finishing a call (they stop within
+    /// `lock_check` plus one request timeout).
+    pub abort_grace: Duration,
+    /// An S3-triggered run of a prefix export starts once the prefix's listing has not changed
+    /// for this long (a multi-part unload lands part by part); zero plans at once.
+    pub settle: Duration,
 }
 
 /// What started an execution.
@@ -280,14 +290,38 @@ pub async fn execution_ended_step(env: &StepEnv, event: &ExecutionEnded) -> Resu
         trigger.sync.clone(),
         d.execution_arn.clone(),
     );
-    let expired =
-        blocking(move || Ok(lock::expire_for_execution(store.as_ref(), &sync, &arn)?)).await?;
+    let grace = env.abort_grace;
+    let expired = blocking(move || {
+        Ok(lock::expire_for_execution(
+            store.as_ref(),
+            &sync,
+            &arn,
+            grace,
+        )?)
+    })
+    .await?;
     if expired {
         tracing::warn!(sync = %trigger.sync, execution = %d.execution_arn, status = %d.status, "the execution ended without finalizing: its lock is released to the next run, which finishes it");
         if let Some((key, etag)) = &trigger.object {
             forget_trigger(env, layout::trigger_marker_key(&trigger.sync, key, etag)).await;
         }
     }
+    // A plan that died while waiting for its export to settle: the next part's event plans.
+    let (store, k, arn) = (
+        env.store.clone(),
+        layout::pending_trigger_key(&trigger.sync),
+        d.execution_arn.clone(),
+    );
+    let _ = blocking(move || {
+        if let Ok(Some((bytes, tag))) = store.get_tagged(&k) {
+            let held: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if held["execution"].as_str() == Some(arn.as_str()) {
+                let _ = store.delete_if_match(&k, &tag);
+            }
+        }
+        Ok(())
+    })
+    .await;
     Ok(expired)
 }
 
@@ -331,10 +365,10 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| RunError::Internal(format!("task: {e}")))?
 }
 
-/// The sync config stored at `config/<sync>.toml`.
 /// The largest sync config read from the bucket.
 const MAX_CONFIG_BYTES: u64 = 256 * 1024;
 
+/// The sync config stored at `config/<sync>.toml`.
 pub async fn load_config(env: &StepEnv, sync: &str) -> Result<SyncConfig, RunError> {
     let (store, policy) = (env.store.clone(), env.endpoint.clone());
     if !crate::config::valid_sync_name(sync) {
@@ -443,6 +477,43 @@ pub async fn plan_step(env: &StepEnv, trigger: &Trigger) -> Result<PlanDescripto
         }
         marker = Some(m);
     }
+    // A prefix export (a multi-part unload) lands part by part, each part an event: one
+    // execution waits for the prefix to settle and plans it whole; the others join it.
+    if let Some((key, etag)) = &trigger.object {
+        let location = cfg.source.location.trim_start_matches('/');
+        if key != location {
+            let claim =
+                claim_pending(env, &cfg.name, key, etag, trigger.execution.as_deref()).await;
+            match claim {
+                Ok(Claim::Mine(tag)) => {
+                    settle(env, &cfg.name, location).await;
+                    // From here on a new part starts a new execution, which plans after this
+                    // run (the lock); every part listed now is this run's.
+                    let (store, k) = (env.store.clone(), layout::pending_trigger_key(&cfg.name));
+                    let _ = blocking(move || {
+                        store.delete_if_match(&k, &tag).map_err(|source| {
+                            RunError::ChangeSet(ChangeSetError::Io { key: k, source })
+                        })
+                    })
+                    .await;
+                }
+                other => {
+                    // This part is planned by the execution already waiting (or, on an error,
+                    // by the next event's): its own marker must not hide it later.
+                    if let Some(m) = marker {
+                        forget_trigger(env, m).await;
+                    }
+                    if let Ok(Claim::Joined(by)) = &other {
+                        tracing::info!(sync = %cfg.name, %key, pending = %by, "another execution is waiting for this export to settle; this part joins it");
+                    }
+                    other?;
+                    let mut d = descriptor(String::new(), String::new());
+                    d.duplicate = true;
+                    return Ok(d);
+                }
+            }
+        }
+    }
     let result = plan_with_lock(env, &cfg, &run_id, trigger, started).await;
     match result {
         Ok(mut d) => {
@@ -457,6 +528,103 @@ pub async fn plan_step(env: &StepEnv, trigger: &Trigger) -> Result<PlanDescripto
             }
             Err(e)
         }
+    }
+}
+
+/// A pending marker older than this belongs to a plan that died while settling.
+const PENDING_STALE_SECS: i64 = 20 * 60;
+/// The longest a plan waits for a prefix export to stop growing before it plans what is there.
+const MAX_SETTLE: Duration = Duration::from_secs(300);
+
+enum Claim {
+    /// This execution settles and plans the prefix; the marker's version tag.
+    Mine(String),
+    /// Another execution is settling it (the export key that started it).
+    Joined(String),
+}
+
+/// Take the sync's pending marker, or learn that another execution holds it.
+async fn claim_pending(
+    env: &StepEnv,
+    sync: &str,
+    key: &str,
+    etag: &str,
+    execution: Option<&str>,
+) -> Result<Claim, RunError> {
+    let k = layout::pending_trigger_key(sync);
+    let body = serde_json::to_vec(&serde_json::json!({
+        "key": key, "etag": etag, "execution": execution,
+        "since": chrono::Utc::now().timestamp(),
+    }))
+    .expect("marker serialises");
+    let store = env.store.clone();
+    blocking(move || {
+        let io = |source| {
+            RunError::ChangeSet(ChangeSetError::Io {
+                key: k.clone(),
+                source,
+            })
+        };
+        for _ in 0..5 {
+            if store.put_if_absent(&k, &body).map_err(io)? {
+                if let Some((_, tag)) = store.get_tagged(&k).map_err(io)? {
+                    return Ok(Claim::Mine(tag));
+                }
+                continue;
+            }
+            let Some((bytes, tag)) = store.get_tagged(&k).map_err(io)? else {
+                continue;
+            };
+            let held: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let since = held["since"].as_i64().unwrap_or(0);
+            if chrono::Utc::now().timestamp() - since > PENDING_STALE_SECS {
+                if store.put_if_match(&k, &body, &tag).map_err(io)? {
+                    if let Some((_, tag)) = store.get_tagged(&k).map_err(io)? {
+                        return Ok(Claim::Mine(tag));
+                    }
+                }
+                continue;
+            }
+            return Ok(Claim::Joined(
+                held["key"].as_str().unwrap_or_default().to_string(),
+            ));
+        }
+        Err(io(std::io::Error::other(
+            "the pending-trigger marker kept changing; the next event retries",
+        )))
+    })
+    .await
+}
+
+/// Wait until the listing under `location` is the same twice `env.settle` apart (at most
+/// [`MAX_SETTLE`]).
+async fn settle(env: &StepEnv, sync: &str, location: &str) {
+    if env.settle.is_zero() {
+        return;
+    }
+    let list = || {
+        let (store, l) = (env.store.clone(), location.to_string());
+        async move {
+            blocking(move || Ok(store.list(&l).ok()))
+                .await
+                .ok()
+                .flatten()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + MAX_SETTLE.max(env.settle);
+    let mut last = list().await;
+    loop {
+        tokio::time::sleep(env.settle).await;
+        let now = list().await;
+        if now == last {
+            tracing::info!(%sync, %location, parts = now.as_ref().map_or(0, Vec::len), "the export has settled");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(%sync, %location, "the export is still growing after {}s; planning what is there (later parts start another run)", MAX_SETTLE.as_secs());
+            return;
+        }
+        last = now;
     }
 }
 
@@ -747,9 +915,42 @@ pub async fn write_step(env: &StepEnv, input: &WriteInput) -> Result<WriteOutput
         client: client.clone(),
         progress: progress.clone(),
     };
-    let summary = pipeline::writer(&ctx, &env.write, &manifest)
+    // While the chunk is written the run must keep its lock: an execution that was aborted and
+    // whose lock the next run took over stops sending (calls in flight finish and record).
+    let stop = crate::write::Stop::default();
+    let watcher = {
+        let (store, sync, run, ttl, every, stop) = (
+            env.store.clone(),
+            input.sync.clone(),
+            input.run_id.clone(),
+            env.lock_ttl,
+            env.lock_check.max(Duration::from_millis(100)),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let (s, y, r) = (store.clone(), sync.clone(), run.clone());
+                let held =
+                    tokio::task::spawn_blocking(move || lock::renew_held(s.as_ref(), &y, &r, ttl))
+                        .await;
+                if let Ok(Err(e @ lock::LockError::Held { .. })) = held {
+                    tracing::warn!(%sync, %run, error = %e, "the run's lock was taken over: this write-batch stops sending");
+                    stop.request();
+                    return Some(e);
+                }
+            }
+        })
+    };
+    let written = pipeline::writer(&ctx, &env.write, &manifest)
+        .with_stop(stop)
         .write_chunk(&input.chunk)
-        .await?;
+        .await;
+    watcher.abort();
+    let summary = match (written, watcher.await) {
+        (Err(crate::write::WriteError::Stopped), Ok(Some(held))) => return Err(held.into()),
+        (written, _) => written?,
+    };
     let stats = client.stats();
     let name = layout::chunk_name(&input.chunk.key).to_string();
     let key = layout::batch_stats_key(

@@ -349,6 +349,9 @@ pub fn step_env(root: &Path) -> zdsync::steps::StepEnv {
         lock_ttl: Duration::from_secs(3600),
         write: fast_write_options(),
         endpoint: zdsync::config::EndpointPolicy::default(),
+        lock_check: Duration::from_millis(200),
+        abort_grace: Duration::ZERO,
+        settle: Duration::ZERO,
     }
 }
 

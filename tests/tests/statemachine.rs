@@ -415,6 +415,8 @@ async fn the_state_machine_syncs_an_s3_export_through_the_real_lambdas() {
         // The deployment's one allowed endpoint other than the account's own Zendesk.
         .env("ZDSYNC_ZENDESK_BASE_URL", &sim_url)
         .env("ZDSYNC_LOG", "info")
+        // A prefix export settles for a second (the deployment's default is a minute).
+        .env("ZDSYNC_EXPORT_SETTLE_SECONDS", "1")
         .env("AWS_ENDPOINT_URL", &moto_url)
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")

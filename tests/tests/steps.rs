@@ -531,3 +531,112 @@ async fn an_export_that_is_one_object_starts_only_when_that_object_lands() {
     assert_eq!(d.rows_to_write, 250);
     s.sim.shutdown().await;
 }
+
+/// One part of a prefix export: rows `q<from>`..`q<to>`.
+fn write_part(root: &Path, name: &str, ids: std::ops::Range<u32>) {
+    let mut csv = String::from("ID,NAME,EMAIL,PLAN\n");
+    for i in ids {
+        csv.push_str(&format!("q{i:04},Q {i},q{i}@example.com,Pro\n"));
+    }
+    write(&root.join("exports/people").join(name), &csv);
+}
+
+/// A multi-part unload into the sync's prefix: an event per part, all at once and one while the
+/// run waits. One execution waits for the prefix to settle and plans every part; the others join
+/// it. A part that lands after that run listed the prefix starts the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_multi_part_unload_starts_one_run_that_plans_every_part() {
+    let mut s = setup().await;
+    s.env.settle = std::time::Duration::from_millis(700);
+    for p in 1..12u32 {
+        write_part(&s.root, &format!("part-{p:04}.csv"), p * 10..p * 10 + 10);
+    }
+    let env = s.env;
+    let mut events: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = _>>>> = (0..12u32)
+        .map(|p| {
+            let env = &env;
+            Box::pin(async move {
+                let e = s3_event(&format!("exports/people/part-{p:04}.csv"), &format!("e{p}"));
+                plan_event(env, &e).await.unwrap()
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = _>>>
+        })
+        .collect();
+    // A part that lands while the run waits for the prefix to settle.
+    let (env2, root2) = (&env, s.root.clone());
+    events.push(Box::pin(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        write_part(&root2, "part-0012.csv", 120..130);
+        let e = s3_event("exports/people/part-0012.csv", "e12");
+        plan_event(env2, &e).await.unwrap()
+    }));
+    let mut planned = Vec::new();
+    for d in futures::future::join_all(events).await {
+        if !d.duplicate {
+            planned.push(d);
+        } else {
+            assert!(d.nothing_to_do && d.manifest_key.is_empty());
+        }
+    }
+    assert_eq!(planned.len(), 1, "one execution plans: {planned:#?}");
+    let d = planned.pop().unwrap();
+    // 250 rows of part-0000 and 10 of each of the 12 other parts.
+    assert_eq!(d.rows_to_write, 250 + 12 * 10, "{d:?}");
+    assert!(!s.root.join("triggers/people/pending.json").exists());
+    for item in chunk_inputs(&s.root, &d) {
+        assert_eq!(write_step(&env, &item).await.unwrap().failed, 0);
+    }
+    let rec = finalize_event(&env, &json!({"plan": {"run": d}}))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.rows.created, 370);
+
+    // After the run listed the prefix, a new part starts its own run with just its rows.
+    write_part(&s.root, "part-0013.csv", 130..135);
+    let late = plan_event(&env, &s3_event("exports/people/part-0013.csv", "e13"))
+        .await
+        .unwrap();
+    assert!(!late.duplicate);
+    assert_eq!((late.rows_to_write, late.counts.unchanged), (5, 370));
+    assert_eq!(s.sim.state("acme").unwrap().users.len(), 371);
+    s.sim.shutdown().await;
+}
+
+/// An execution aborted mid-write whose lock the next run took over: its write-batch notices
+/// within `lock_check` and stops sending (the call in flight finishes and records), so the two
+/// runs never write the same rows at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_batch_whose_run_was_taken_over_stops_sending() {
+    use zdsync_sim::{FaultKind, FaultRule};
+    let mut s = setup().await;
+    s.env.write.batch_size = 10;
+    s.env.write.max_jobs_in_flight = 1;
+    s.env.lock_check = std::time::Duration::from_millis(100);
+    let d = plan_event(&s.env, &json!({"sync": "people", "trigger": "manual"}))
+        .await
+        .unwrap();
+    let items = chunk_inputs(&s.root, &d);
+    assert_eq!(items[0].chunk.rows, 100, "ten batches of ten");
+    s.sim.set_fault_rules(vec![FaultRule {
+        path: Some("/api/v2/users/create_or_update_many".into()),
+        delay_ms: 300,
+        ..FaultRule::new(FaultKind::Slow)
+    }]);
+    let lock_path = s.root.join("locks/people.json");
+    let take_over = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let mut lock: Value =
+            serde_json::from_str(&std::fs::read_to_string(&lock_path).unwrap()).unwrap();
+        lock["run_id"] = json!("20261206T000000Z-next");
+        std::fs::write(&lock_path, lock.to_string()).unwrap();
+    };
+    let (written, ()) = tokio::join!(write_step(&s.env, &items[0]), take_over);
+    let err = written.unwrap_err();
+    assert_eq!(err.error_name(), ErrorName::RunLocked, "{err}");
+    let calls = s.sim.counters().by_endpoint["users.create_or_update_many"];
+    assert!(
+        (1..=4).contains(&calls),
+        "stopped after {calls} of 10 batches"
+    );
+    s.sim.shutdown().await;
+}

@@ -113,5 +113,14 @@ pub fn step_env_from_env() -> Result<StepEnv, String> {
         endpoint: crate::config::EndpointPolicy::deployed(
             std::env::var("ZDSYNC_ZENDESK_BASE_URL").ok(),
         ),
+        lock_check: Duration::from_secs(10),
+        // One request timeout (60 s) and a lock check, with room to spare.
+        abort_grace: Duration::from_secs(120),
+        settle: Duration::from_secs(
+            std::env::var("ZDSYNC_EXPORT_SETTLE_SECONDS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(60),
+        ),
     })
 }
