@@ -120,6 +120,90 @@ fn run_exit_codes_tell_failed_runs_from_failed_rows() {
     rt.block_on(sim.shutdown());
 }
 
+/// A gzip bomb in the export (a 20 KB part that expands to 10 MB) against a 1 MiB
+/// `max_bytes_read`: the run stops in its plan with `ExportTooLarge`, exit 9, before a single
+/// write to Zendesk, and its run record says why (the part, the cap, the fix).
+#[test]
+fn a_gzip_bomb_over_max_bytes_read_fails_the_run_before_any_write() {
+    use std::io::Write;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sim = rt.block_on(Simulator::start(SimConfig::default())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cfg = setup(root, &sim.base_url(), zdsync_sim::DEFAULT_API_TOKEN);
+    let toml = std::fs::read_to_string(&cfg).unwrap().replace(
+        "location = \"exports/people/\"\n",
+        "location = \"exports/people/\"\nmax_bytes_read = \"1MiB\"\n",
+    );
+    write(&cfg, &toml);
+    let mut bomb = Vec::with_capacity(10 << 20);
+    bomb.extend_from_slice(b"ID,NAME,EMAIL\n");
+    while bomb.len() < 10_000_000 {
+        bomb.extend_from_slice(b"p9,Same Person Again,same@example.com\n");
+    }
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(&bomb).unwrap();
+    let gz = z.finish().unwrap();
+    assert!(gz.len() < 100_000, "{}", gz.len());
+    std::fs::write(root.join("exports/people/part-1.csv.gz"), &gz).unwrap();
+
+    let out = zdsync().arg("run").arg(&cfg).output().unwrap();
+    let t = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(zdsync::errors::exit::EXPORT_TOO_LARGE as i32),
+        "{t}"
+    );
+    assert_eq!(zdsync::errors::exit::EXPORT_TOO_LARGE, 9);
+    for says in [
+        "stopped reading export file `exports/people/part-1.csv.gz`",
+        "more than its cap of 1048576 bytes (1.0 MiB, `source.max_bytes_read`)",
+        "nothing was written to Zendesk",
+        "raise `source.max_bytes_read` in",
+    ] {
+        assert!(t.contains(says), "`{says}` not in: {t}");
+    }
+    // Nothing reached Zendesk: no job, no write request, no user.
+    let c = sim.counters();
+    assert_eq!(c.jobs_created, 0, "{c:?}");
+    assert_eq!(zdsync_tests::write_requests(&c), 0, "{c:?}");
+    let state = sim.state("acme").unwrap();
+    assert!(state.user_by_external_id("p1").is_none());
+    assert!(state.user_by_external_id("p9").is_none());
+    // No state and no change set: the run record is all the run left.
+    assert!(!root.join(zdsync::layout::state_key("people")).exists());
+    let runs: Vec<_> = std::fs::read_dir(root.join("runs/people"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let files: Vec<String> = std::fs::read_dir(&runs[0])
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(files, ["run.json"], "only the record: {files:?}");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(runs[0].join("run.json")).unwrap()).unwrap();
+    assert_eq!(rec["status"], "failed", "{rec:#}");
+    assert_eq!(
+        rec["error"]["name"],
+        ErrorName::ExportTooLarge.as_str(),
+        "{rec:#}"
+    );
+    let message = rec["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("exports/people/part-1.csv.gz")
+            && message.contains("`source.max_bytes_read`")
+            && message.contains(&format!("in {}", cfg.display())),
+        "{message}"
+    );
+    assert_eq!(rec["rows"]["created"], 0, "{rec:#}");
+    let out = zdsync().arg("history").arg(&cfg).output().unwrap();
+    let t = text(&out);
+    assert!(t.contains("failed: ExportTooLarge"), "{t}");
+    rt.block_on(sim.shutdown());
+}
+
 /// Ctrl-C in the middle of a run: nothing new is sent, the jobs in flight finish, the run is
 /// recorded `interrupted`, its lock released, exit 130. The next run finishes it first (the
 /// interrupted run's record then holds both parts) and records only its own work; every

@@ -110,8 +110,11 @@ pub fn plan_membership(
         // it is listed.
         let mut fresh: HashSet<u64> = HashSet::new();
         let mut record = Record::default();
+        // Every part counts against one pass's caps on rows and decompressed bytes.
+        let budget = export::ReadBudget::new(&cfg.source.read);
         for part in &parts {
-            let mut reader = export::open_reader(store, &part.key, &columns, &cfg.source.read)?;
+            let mut reader =
+                export::open_reader(store, &part.key, &columns, &cfg.source.read, &budget)?;
             let file_json = serde_json::to_vec(&part.key).expect("a string serialises");
             loop {
                 match reader.next(&mut record)? {

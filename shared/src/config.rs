@@ -3,7 +3,7 @@
 //! Every problem is reported with the key and the line it sits on, and a hint at the fix;
 //! a bad config fails the run before anything is read or written.
 
-use crate::export::{Compression, Escape, Format, ReadOptions};
+use crate::export::{self, Compression, Escape, Format, ReadOptions};
 use crate::fields::{self, FieldType, Object};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -253,6 +253,11 @@ struct RawSource {
     header: Option<toml::Spanned<bool>>,
     #[serde(default)]
     columns: Option<toml::Spanned<Vec<String>>>,
+    #[serde(default)]
+    max_rows_read: Option<toml::Spanned<i64>>,
+    /// A number of bytes, or a size text such as "64GiB".
+    #[serde(default)]
+    max_bytes_read: Option<toml::Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -487,6 +492,7 @@ impl SyncConfig {
             ));
         }
         let (header, columns) = header_and_columns(&raw.source, &line_of).map_err(&invalid)?;
+        let (max_rows_read, max_bytes_read) = read_caps(&raw.source, &line_of).map_err(&invalid)?;
         let read = ReadOptions {
             format: raw.source.format,
             compression: raw.source.compression,
@@ -500,6 +506,9 @@ impl SyncConfig {
                 .unwrap_or_else(|| vec![DEFAULT_NULL.to_string()]),
             header,
             columns,
+            max_rows_read,
+            max_bytes_read,
+            config_file: file.to_string(),
             ..ReadOptions::default()
         };
 
@@ -742,6 +751,59 @@ fn header_and_columns(
         columns.push(c.to_string());
     }
     Ok((false, columns))
+}
+
+/// `source.max_rows_read` and `source.max_bytes_read`: what one run reads from its export at
+/// most (rows, decompressed bytes), past which it stops before any write. Rows stay below
+/// `u32::MAX` (the planner numbers them in 32 bits); bytes are a number or a size text
+/// (`"64GiB"`, `"500MB"`).
+fn read_caps(source: &RawSource, line_of: &dyn Fn(usize) -> usize) -> Result<(u64, u64), String> {
+    let rows = match &source.max_rows_read {
+        None => export::DEFAULT_MAX_ROWS_READ,
+        Some(s) => {
+            let (n, line) = (*s.get_ref(), line_of(s.span().start));
+            let Some(n) = u64::try_from(n).ok().filter(|n| *n > 0) else {
+                return Err(format!(
+                    "line {line}: `source.max_rows_read` = {n} must be at least 1 (leave it out for the default of {})",
+                    export::DEFAULT_MAX_ROWS_READ
+                ));
+            };
+            if n > export::MAX_ROWS_READ_LIMIT {
+                return Err(format!(
+                    "line {line}: `source.max_rows_read` = {n} must be at most {} (a run numbers the rows it reads in 32 bits); split a larger export across syncs",
+                    export::MAX_ROWS_READ_LIMIT
+                ));
+            }
+            n
+        }
+    };
+    let bytes = match &source.max_bytes_read {
+        None => export::DEFAULT_MAX_BYTES_READ,
+        Some(s) => {
+            let line = line_of(s.span().start);
+            let parsed = match s.get_ref() {
+                toml::Value::Integer(n) => u64::try_from(*n).ok(),
+                toml::Value::String(t) => export::parse_size(t),
+                _ => None,
+            };
+            match parsed {
+                Some(0) => {
+                    return Err(format!(
+                        "line {line}: `source.max_bytes_read` = {} must be at least 1 byte (leave it out for the default of \"256GiB\")",
+                        s.get_ref()
+                    ))
+                }
+                Some(n) => n,
+                None => {
+                    return Err(format!(
+                        "line {line}: `source.max_bytes_read` = {} must be a number of bytes (e.g. 68719476736) or a size such as \"64GiB\" or \"500MB\" (units B, KB, MB, GB, TB in 1000s; KiB, MiB, GiB, TiB in 1024s)",
+                        s.get_ref()
+                    ))
+                }
+            }
+        }
+    };
+    Ok((rows, bytes))
 }
 
 /// Accepts `mycompany`; explains what to enter for `https://mycompany.zendesk.com`.
@@ -1058,6 +1120,73 @@ tags = { column = "segments", split = "comma" }
         assert_eq!(
             c.columns(),
             ["user_id", "full_name", "EMAIL", "segments", "plan"]
+        );
+    }
+
+    #[test]
+    fn read_caps_default_parse_and_refuse_with_their_line() {
+        let c = SyncConfig::parse(GOOD, "sync.toml").unwrap();
+        assert_eq!(c.source.read.max_rows_read, 500_000_000);
+        assert_eq!(c.source.read.max_bytes_read, 256 * 1024 * 1024 * 1024);
+        assert_eq!(c.source.read.config_file, "sync.toml");
+        let with = |lines: &str| {
+            GOOD.replace(
+                "escape = \"backslash\"",
+                &format!("escape = \"backslash\"\n{lines}"),
+            )
+        };
+        let read = |lines: &str| {
+            SyncConfig::parse(&with(lines), "c.toml")
+                .unwrap()
+                .source
+                .read
+        };
+        let r = read("max_rows_read = 1000\nmax_bytes_read = 1048576");
+        assert_eq!((r.max_rows_read, r.max_bytes_read), (1000, 1 << 20));
+        let r = read("max_rows_read = 4294967294\nmax_bytes_read = \"64GiB\"");
+        assert_eq!(
+            (r.max_rows_read, r.max_bytes_read),
+            (u32::MAX as u64 - 1, 64 << 30)
+        );
+        assert_eq!(
+            read("max_bytes_read = \"500MB\"").max_bytes_read,
+            500_000_000
+        );
+        assert_eq!(read("max_bytes_read = \"2 TiB\"").max_bytes_read, 2 << 40);
+
+        // The caps sit on line 11, after `escape`.
+        for (lines, says) in [
+            ("max_rows_read = 0", "`source.max_rows_read` = 0 must be at least 1"),
+            (
+                "max_rows_read = 4294967295",
+                "`source.max_rows_read` = 4294967295 must be at most 4294967294",
+            ),
+            (
+                "max_rows_read = 10000000000",
+                "`source.max_rows_read` = 10000000000 must be at most 4294967294",
+            ),
+            ("max_bytes_read = 0", "`source.max_bytes_read` = 0 must be at least 1 byte"),
+            (
+                "max_bytes_read = \"0GiB\"",
+                "`source.max_bytes_read` = \"0GiB\" must be at least 1 byte",
+            ),
+            (
+                "max_bytes_read = -5",
+                "`source.max_bytes_read` = -5 must be a number of bytes",
+            ),
+            (
+                "max_bytes_read = \"64 gigs\"",
+                "`source.max_bytes_read` = \"64 gigs\" must be a number of bytes (e.g. 68719476736) or a size such as \"64GiB\"",
+            ),
+            ("max_bytes_read = 1.5", "must be a number of bytes"),
+        ] {
+            let e = err(&with(lines));
+            assert!(e.contains("line 11: ") && e.contains(says), "{lines}: {e}");
+        }
+        let e = err(&with("max_rows_read = -1"));
+        assert!(
+            e.contains("line 11: `source.max_rows_read` = -1 must be at least 1"),
+            "{e}"
         );
     }
 

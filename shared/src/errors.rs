@@ -4,6 +4,7 @@
 
 use crate::changeset::ChangeSetError;
 use crate::config::ConfigError;
+use crate::export::ExportError;
 use crate::lock::LockError;
 use crate::plan::PlanError;
 use crate::write::WriteError;
@@ -27,6 +28,9 @@ pub mod exit {
     pub const LOCKED: u8 = 7;
     /// The run would send more rows than its cap; nothing was written.
     pub const ROW_CAP: u8 = 8;
+    /// The export is larger than the sync reads in one run (`source.max_rows_read`,
+    /// `source.max_bytes_read`); nothing was written.
+    pub const EXPORT_TOO_LARGE: u8 = 9;
     /// Stopped by Ctrl-C / SIGTERM (128 + SIGINT); the next run finishes it.
     pub const INTERRUPTED: u8 = 130;
 }
@@ -64,6 +68,7 @@ error_names![
     ZendeskUnavailable,
     ZendeskRejected,
     ExportUnreadable,
+    ExportTooLarge,
     StateUnreadable,
     StoreUnavailable,
     RunLocked,
@@ -92,6 +97,7 @@ impl ErrorName {
             | ErrorName::TaggingDisabled
             | ErrorName::ZendeskRejected
             | ErrorName::ExportUnreadable
+            | ErrorName::ExportTooLarge
             | ErrorName::StateUnreadable
             | ErrorName::RowCapExceeded
             | ErrorName::Internal => false,
@@ -103,6 +109,7 @@ impl ErrorName {
         match self {
             ErrorName::ConfigInvalid => exit::CONFIG,
             ErrorName::ExportUnreadable => exit::EXPORT,
+            ErrorName::ExportTooLarge => exit::EXPORT_TOO_LARGE,
             ErrorName::StateUnreadable => exit::STATE,
             ErrorName::AuthFailed
             | ErrorName::SubdomainNotFound
@@ -153,6 +160,9 @@ impl RunError {
         match self {
             RunError::Config(_) => ErrorName::ConfigInvalid,
             RunError::Zendesk(e) | RunError::Write(WriteError::Zendesk(e)) => e.error_name(),
+            RunError::Plan(PlanError::Export(ExportError::TooLarge { .. })) => {
+                ErrorName::ExportTooLarge
+            }
             RunError::Plan(PlanError::Export(_)) => ErrorName::ExportUnreadable,
             RunError::Plan(PlanError::State(_)) => ErrorName::StateUnreadable,
             RunError::Plan(PlanError::Write { .. }) => ErrorName::StoreUnavailable,

@@ -375,13 +375,16 @@ impl Planner<'_> {
         let mut rows: Vec<MappedRow> = (0..BATCH).map(|_| MappedRow::default()).collect();
         let mut outcome: Vec<(u32, u64, Result<(), Refusal>)> = Vec::with_capacity(BATCH);
         let mut hashes: Vec<u64> = Vec::with_capacity(BATCH);
+        // Rows are numbered in 32 bits: the budget's row cap (below `u32::MAX`) keeps the
+        // ordinal from wrapping, and it and the byte cap stop an export that would never end.
+        let budget = export::ReadBudget::new(&self.cfg.source.read);
         let mut ordinal: u32 = 0;
         let mut payload = Vec::with_capacity(1024);
         for part_idx in 0..self.parts.len() {
             self.part_start.push(ordinal + 1);
             let key = self.parts[part_idx].key.clone();
             let mut reader =
-                export::open_reader(self.store, &key, &columns, &self.cfg.source.read)?;
+                export::open_reader(self.store, &key, &columns, &self.cfg.source.read, &budget)?;
             let file_json = serde_json::to_vec(&key).expect("a string serialises");
             let mut done = false;
             while !done {
@@ -782,14 +785,21 @@ impl Planner<'_> {
     ) -> Result<(), PlanError> {
         let columns = self.mapper.columns().to_vec();
         let mut record = Record::default();
+        // A second pass, over no more than the first read.
+        let budget = export::ReadBudget::new(&self.cfg.source.read);
         for (k, part) in self.parts.iter().enumerate() {
             let start = self.part_start[k];
             let end = self.part_start.get(k + 1).copied().unwrap_or(u32::MAX);
             let Some((&last, _)) = want.range(start..end).next_back() else {
                 continue;
             };
-            let mut reader =
-                export::open_reader(self.store, &part.key, &columns, &self.cfg.source.read)?;
+            let mut reader = export::open_reader(
+                self.store,
+                &part.key,
+                &columns,
+                &self.cfg.source.read,
+                &budget,
+            )?;
             let mut ordinal = start - 1;
             while ordinal < last {
                 let line = match reader.next(&mut record)? {

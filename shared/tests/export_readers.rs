@@ -40,7 +40,13 @@ fn read(
     cols: &[&str],
     options: &ReadOptions,
 ) -> Result<Vec<Row>, ExportError> {
-    let mut reader = open_reader(store, key, &columns(cols), options)?;
+    let mut reader = open_reader(
+        store,
+        key,
+        &columns(cols),
+        options,
+        &ReadBudget::new(options),
+    )?;
     let mut record = Record::default();
     let mut rows = Vec::new();
     loop {
@@ -632,6 +638,47 @@ fn parquet_missing_column_and_unreadable_files() {
     );
 }
 
+#[test]
+fn parquet_rows_and_file_bytes_count_against_the_read_caps() {
+    let (_dir, store) = store();
+    write_parquet(&store, "p/part-0.parquet", 450);
+    write_parquet(&store, "p/part-1.parquet", 450);
+    let size = std::fs::metadata(store.root().join("p/part-0.parquet"))
+        .unwrap()
+        .len();
+    // Both parts of one pass, or the error that stopped it.
+    let pass = |options: &ReadOptions| -> Result<usize, ExportError> {
+        let budget = ReadBudget::new(options);
+        let mut rows = 0;
+        for key in ["p/part-0.parquet", "p/part-1.parquet"] {
+            let mut reader = open_reader(&store, key, &columns(&["id"]), options, &budget)?;
+            let mut record = Record::default();
+            while reader.next(&mut record)? != Next::End {
+                rows += 1;
+            }
+        }
+        Ok(rows)
+    };
+    assert_eq!(pass(&ReadOptions::default()).unwrap(), 900);
+    let cap_error = |r: Result<usize, ExportError>| match r {
+        Err(ExportError::TooLarge { file, exceeded }) => (file, exceeded),
+        other => panic!("expected the cap error, got {other:?}"),
+    };
+    let (file, exceeded) = cap_error(pass(&ReadOptions {
+        max_rows_read: 600,
+        ..ReadOptions::default()
+    }));
+    assert_eq!(file, "p/part-1.parquet");
+    assert_eq!((exceeded.cap, exceeded.read), (ReadCap::Rows, 601));
+    // A Parquet file counts its size against the byte cap before it is decoded.
+    let (file, exceeded) = cap_error(pass(&ReadOptions {
+        max_bytes_read: size + size / 2,
+        ..ReadOptions::default()
+    }));
+    assert_eq!(file, "p/part-1.parquet");
+    assert_eq!((exceeded.cap, exceeded.read), (ReadCap::Bytes, 2 * size));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Compression and format detection
 
@@ -924,6 +971,7 @@ fn many_rows_through_gzip_and_a_small_thread_pipeline() {
         "big.csv.gz",
         &columns(&["email", "id"]),
         &ReadOptions::default(),
+        &ReadBudget::new(&ReadOptions::default()),
     )
     .unwrap();
     let mut record = Record::default();
@@ -940,6 +988,7 @@ fn many_rows_through_gzip_and_a_small_thread_pipeline() {
         "big.csv.gz",
         &columns(&["id"]),
         &ReadOptions::default(),
+        &ReadBudget::new(&ReadOptions::default()),
     )
     .unwrap();
     assert_eq!(reader.next(&mut record).unwrap(), Next::Record);

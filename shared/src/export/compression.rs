@@ -3,7 +3,7 @@
 //! Decompression runs on its own thread when the machine has more than one core, so inflating
 //! and parsing overlap: gzip at ~300-500 MB/s would otherwise cap the CSV parser.
 
-use super::{ExportError, Format};
+use super::{ExportError, Format, ReadBudget};
 use crate::store::ObjectStore;
 use serde::{Deserialize, Serialize};
 use std::io::{self, Cursor, Read};
@@ -53,7 +53,7 @@ pub(crate) fn sniff_format(
         "parquet" | "pq" => return Ok(Format::Parquet),
         _ => {}
     }
-    let mut decoded = open_decoded(store, key, compression)?;
+    let mut decoded = open_decoded(store, key, compression, None)?;
     let head = read_head(&mut decoded, SNIFF_BYTES).map_err(|e| read_error(key, e))?;
     let text = head.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&head);
     let first = text.iter().find(|b| !b.is_ascii_whitespace());
@@ -64,11 +64,13 @@ pub(crate) fn sniff_format(
     })
 }
 
-/// Open a part file as a stream of decompressed bytes.
+/// Open a part file as a stream of decompressed bytes, counted against `budget` (the stream
+/// fails once the read pass is over its byte cap; a decompression thread then stops).
 pub(crate) fn open_decoded(
     store: &dyn ObjectStore,
     key: &str,
     compression: Compression,
+    budget: Option<&ReadBudget>,
 ) -> Result<Box<dyn Read + Send>, ExportError> {
     let mut raw = store.open(key).map_err(|e| open_error(key, e))?;
     let head = read_head(&mut raw, 8).map_err(|e| read_error(key, e))?;
@@ -116,25 +118,42 @@ pub(crate) fn open_decoded(
     };
     let input = Cursor::new(head).chain(raw);
     let decoder: Box<dyn Read + Send> = match actual {
-        Compression::Gzip => Box::new(ErrorContext {
-            inner: flate2::read::MultiGzDecoder::new(input),
-            what: "gzip",
-        }),
+        Compression::Gzip => counted(
+            ErrorContext {
+                inner: flate2::read::MultiGzDecoder::new(input),
+                what: "gzip",
+            },
+            budget,
+        ),
         Compression::Zstd => {
             let decoder =
                 zstd::stream::read::Decoder::new(input).map_err(|e| read_error(key, e))?;
-            Box::new(ErrorContext {
-                inner: decoder,
-                what: "zstd",
-            })
+            counted(
+                ErrorContext {
+                    inner: decoder,
+                    what: "zstd",
+                },
+                budget,
+            )
         }
-        Compression::None | Compression::Auto => return Ok(Box::new(input)),
+        Compression::None | Compression::Auto => return Ok(counted(input, budget)),
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cores > 1 {
         Ok(Box::new(ThreadedReader::spawn(decoder)))
     } else {
         Ok(decoder)
+    }
+}
+
+/// `inner`, its bytes counted against `budget` when there is one.
+fn counted<R: Read + Send + 'static>(
+    inner: R,
+    budget: Option<&ReadBudget>,
+) -> Box<dyn Read + Send> {
+    match budget {
+        Some(b) => Box::new(b.count_bytes(inner)),
+        None => Box::new(inner),
     }
 }
 

@@ -4,14 +4,20 @@
 //! Redshift UNLOAD manifest). Each part is opened as a [`RecordReader`] that yields the projected
 //! columns of one record at a time into a reused [`Record`], so reading allocates nothing per row
 //! in the steady state. A malformed record is reported as [`Next::Malformed`] and the read goes on;
-//! a file that cannot be read at all is an [`ExportError`] naming it.
+//! a file that cannot be read at all is an [`ExportError`] naming it. What one read pass takes
+//! from all the parts together is capped (rows and decompressed bytes, see [`ReadBudget`]).
 
+mod budget;
 mod compression;
 mod csv;
 mod jsonl;
 mod locate;
 mod parquet;
 
+pub use budget::{
+    parse_size, CapExceeded, ReadBudget, ReadCap, DEFAULT_MAX_BYTES_READ, DEFAULT_MAX_ROWS_READ,
+    MAX_ROWS_READ_LIMIT,
+};
 pub use compression::Compression;
 pub use locate::{resolve, resolve_export, Export};
 
@@ -121,6 +127,15 @@ pub struct ReadOptions {
     /// A record longer than this is refused as malformed (an unterminated quote would otherwise
     /// swallow the rest of the file); reading resumes on the line after its start.
     pub max_record_bytes: usize,
+    /// Rows one read pass (a run's plan) takes from all the part files together; past it the
+    /// read fails with [`ExportError::TooLarge`] (`source.max_rows_read`, below `u32::MAX`).
+    pub max_rows_read: u64,
+    /// Decompressed bytes one read pass takes from all the part files together (Parquet: the
+    /// files' sizes); past it the read fails with [`ExportError::TooLarge`]
+    /// (`source.max_bytes_read`).
+    pub max_bytes_read: u64,
+    /// The sync config these options come from, named in the fix of a cap error.
+    pub config_file: String,
 }
 
 impl Default for ReadOptions {
@@ -136,6 +151,9 @@ impl Default for ReadOptions {
             header: true,
             columns: Vec::new(),
             max_record_bytes: 4 * 1024 * 1024,
+            max_rows_read: DEFAULT_MAX_ROWS_READ,
+            max_bytes_read: DEFAULT_MAX_BYTES_READ,
+            config_file: "the sync's config".to_string(),
         }
     }
 }
@@ -157,6 +175,9 @@ pub enum ExportError {
     /// A headerless export whose column names are missing or disagree.
     #[error("export `{location}` has no header line (`header = false`): {reason}")]
     Columns { location: String, reason: String },
+    /// One read pass went over `source.max_rows_read` or `source.max_bytes_read`.
+    #[error("stopped reading export file `{file}`: {exceeded}")]
+    TooLarge { file: String, exceeded: CapExceeded },
 }
 
 /// What to tell someone whose headerless export has no column names.
@@ -226,12 +247,15 @@ pub fn resolve_source<'c>(
 }
 
 /// Open one part file for reading the given columns (CSV and Parquet: column names, matched
-/// case-insensitively; JSONL: dotted paths such as `address.city`).
+/// case-insensitively; JSONL: dotted paths such as `address.city`). Its rows and decompressed
+/// bytes count against `budget`, which every part of one read pass shares (make one with
+/// [`ReadBudget::new`] per pass, and read its parts one after another).
 pub fn open_reader(
     store: &dyn ObjectStore,
     key: &str,
     columns: &[String],
     options: &ReadOptions,
+    budget: &ReadBudget,
 ) -> Result<Box<dyn RecordReader>, ExportError> {
     let format = match options.format {
         // Only CSV files go without a header: a headerless row starting with `{` is still CSV.
@@ -240,14 +264,20 @@ pub fn open_reader(
         f => f,
     };
     match format {
-        Format::Parquet => Ok(Box::new(parquet::ParquetReader::open(store, key, columns)?)),
+        Format::Parquet => {
+            let reader = parquet::ParquetReader::open(store, key, columns, budget)?;
+            Ok(Box::new(budget.count_rows(reader, key)))
+        }
         Format::Csv => {
-            let input = compression::open_decoded(store, key, options.compression)?;
-            Ok(Box::new(csv::CsvReader::new(input, key, columns, options)?))
+            let input = compression::open_decoded(store, key, options.compression, Some(budget))?;
+            let reader = csv::CsvReader::new(input, key, columns, options)
+                .map_err(|e| budget.explain(key, e))?;
+            Ok(Box::new(budget.count_rows(reader, key)))
         }
         Format::Jsonl => {
-            let input = compression::open_decoded(store, key, options.compression)?;
-            Ok(Box::new(jsonl::JsonlReader::new(input, key, columns)))
+            let input = compression::open_decoded(store, key, options.compression, Some(budget))?;
+            let reader = jsonl::JsonlReader::new(input, key, columns);
+            Ok(Box::new(budget.count_rows(reader, key)))
         }
         Format::Auto => unreachable!("sniff_format never answers Auto"),
     }

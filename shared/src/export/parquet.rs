@@ -2,7 +2,7 @@
 //! row by row as text, with exact decimals and UTC timestamps.
 
 use super::compression::open_error;
-use super::{ExportError, Next, Record, RecordReader, Value};
+use super::{ExportError, Next, ReadBudget, Record, RecordReader, Value};
 use crate::store::{LocalObject, ObjectStore};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
@@ -45,6 +45,7 @@ impl ParquetReader {
         store: &dyn ObjectStore,
         key: &str,
         columns: &[String],
+        budget: &ReadBudget,
     ) -> Result<Self, ExportError> {
         let local = store.local_path(key).map_err(|e| open_error(key, e))?;
         let unreadable = |reason: String| ExportError::Unreadable {
@@ -52,6 +53,12 @@ impl ParquetReader {
             reason,
         };
         let file = File::open(local.path()).map_err(|e| unreadable(e.to_string()))?;
+        // The file's size counts against the byte cap (its rows against the row cap).
+        let size = file
+            .metadata()
+            .map_err(|e| unreadable(e.to_string()))?
+            .len();
+        budget.charge(key, size)?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(file)
             .map_err(|e| unreadable(format!("not a Parquet file or truncated: {e}")))?;
         let fields = builder.schema().fields().clone();
