@@ -139,6 +139,7 @@ async fn round(b: &RecoveryBench, n: usize) -> Round {
         acquired_at: "2026-01-01T00:00:00Z".into(),
         expires_at: 1_000,
         execution: None,
+        abandoned: false,
     };
     store
         .put(

@@ -168,7 +168,7 @@ impl RunError {
             RunError::Plan(PlanError::Write { .. }) => ErrorName::StoreUnavailable,
             RunError::ChangeSet(_) | RunError::Write(_) => ErrorName::StoreUnavailable,
             RunError::Lock(e) => match **e {
-                LockError::Held { .. } => ErrorName::RunLocked,
+                LockError::Held { .. } | LockError::Abandoned { .. } => ErrorName::RunLocked,
                 LockError::Io { .. } => ErrorName::StoreUnavailable,
             },
             RunError::RowCapExceeded { .. } => ErrorName::RowCapExceeded,

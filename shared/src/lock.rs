@@ -23,6 +23,10 @@ pub struct LockInfo {
     /// The Step Functions execution that holds it, so its end can be told apart.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub execution: Option<String>,
+    /// That execution ended without finalizing: the lock is never renewed again, and the run's
+    /// write-batches still running stop sending.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub abandoned: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +40,8 @@ pub enum LockError {
         acquired_at: String,
         expires: String,
     },
+    #[error("run {run_id} of sync `{sync}` belongs to an execution that ended without finalizing (aborted or timed out); the next run finishes it")]
+    Abandoned { sync: String, run_id: String },
     #[error("lock `{key}`: {source}")]
     Io { key: String, source: io::Error },
 }
@@ -174,7 +180,7 @@ pub fn renew_held(
     // read, so they do not contend for the swap.
     let fresh_until = now() + ttl * 3 / 4;
     match swap(store, sync, |h| {
-        (h.run_id == run_id && h.expires_at < fresh_until).then(|| {
+        (h.run_id == run_id && !h.abandoned && h.expires_at < fresh_until).then(|| {
             Swap::Put(LockInfo {
                 expires_at,
                 ..h.clone()
@@ -182,6 +188,10 @@ pub fn renew_held(
         })
     })? {
         Some((h, false)) if h.run_id != run_id => Err(held_error(sync, h)),
+        Some((h, false)) if h.abandoned => Err(LockError::Abandoned {
+            sync: sync.to_string(),
+            run_id: h.run_id,
+        }),
         _ => Ok(()),
     }
 }
@@ -205,6 +215,7 @@ pub fn expire_for_execution(
                 } else {
                     h.expires_at.min(expires_at)
                 },
+                abandoned: true,
                 ..h.clone()
             })
         })
@@ -235,6 +246,7 @@ fn read_tagged(store: &dyn ObjectStore, key: &str) -> io::Result<Option<(LockInf
         acquired_at: String::new(),
         expires_at: 0,
         execution: None,
+        abandoned: false,
     });
     Ok(Some((info, tag)))
 }
@@ -283,6 +295,7 @@ pub async fn acquire_for(
         acquired_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         expires_at: now() + ttl_secs,
         execution,
+        abandoned: false,
     };
     let body = serde_json::to_vec_pretty(&info).expect("lock serialises");
     let deadline = tokio::time::Instant::now() + wait;
@@ -344,9 +357,13 @@ pub async fn acquire_for(
                     )
                 })
                 .await;
-                if let Ok(Err(LockError::Held { run_id, .. })) = renewed {
-                    tracing::warn!(%run, taken_by = %run_id, "the lock was taken over: no longer renewing it");
-                    return;
+                match renewed {
+                    Ok(Err(LockError::Held { run_id, .. })) => {
+                        tracing::warn!(%run, taken_by = %run_id, "the lock was taken over: no longer renewing it");
+                        return;
+                    }
+                    Ok(Err(LockError::Abandoned { .. })) => return,
+                    _ => {}
                 }
             }
         })
@@ -444,6 +461,7 @@ mod tests {
                 acquired_at: String::new(),
                 expires_at: now() - 10,
                 execution: None,
+                abandoned: false,
             };
             store
                 .put("locks/s.json", &serde_json::to_vec(&stale).unwrap())
@@ -503,6 +521,15 @@ mod tests {
         let h = holder(store.as_ref(), "s").unwrap().unwrap();
         assert!((now() + 110..=now() + 120).contains(&h.expires_at));
         assert!(!h.is_stale(), "its write-batches get the grace to stop");
+        // They are told to stop, and cannot renew it.
+        assert!(matches!(
+            renew_held(store.as_ref(), "s", "r1", Duration::from_secs(3600)),
+            Err(LockError::Abandoned { .. })
+        ));
+        assert_eq!(
+            holder(store.as_ref(), "s").unwrap().unwrap().expires_at,
+            h.expires_at
+        );
         assert!(expire_for_execution(store.as_ref(), "s", "arn:exec:1", Duration::ZERO).unwrap());
         assert!(holder(store.as_ref(), "s").unwrap().unwrap().is_stale());
     }
@@ -517,6 +544,7 @@ mod tests {
             acquired_at: String::new(),
             expires_at: now() + 3600,
             execution: None,
+            abandoned: false,
         };
         assert!(info.is_stale());
         let live = LockInfo {

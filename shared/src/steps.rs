@@ -266,8 +266,8 @@ pub struct ExecutionEndedDetail {
 }
 
 /// An execution that ended without finalize (aborted, timed out, or failed outside every
-/// Catch): its lock is made stale at once, so the next execution takes it over and finishes
-/// the run, and its export's trigger marker is dropped so the same object can start a run
+/// Catch): its lock expires after `abort_grace`, so the next execution takes it over and
+/// finishes the run, and its export's trigger marker is dropped so the same object can start a run
 /// again. An execution that did finalize left neither behind: nothing happens.
 pub async fn execution_ended_step(env: &StepEnv, event: &ExecutionEnded) -> Result<bool, RunError> {
     let d = &event.detail;
@@ -934,8 +934,11 @@ pub async fn write_step(env: &StepEnv, input: &WriteInput) -> Result<WriteOutput
                 let held =
                     tokio::task::spawn_blocking(move || lock::renew_held(s.as_ref(), &y, &r, ttl))
                         .await;
-                if let Ok(Err(e @ lock::LockError::Held { .. })) = held {
-                    tracing::warn!(%sync, %run, error = %e, "the run's lock was taken over: this write-batch stops sending");
+                if let Ok(Err(
+                    e @ (lock::LockError::Held { .. } | lock::LockError::Abandoned { .. }),
+                )) = held
+                {
+                    tracing::warn!(%sync, %run, error = %e, "this write-batch stops sending");
                     stop.request();
                     return Some(e);
                 }

@@ -343,6 +343,9 @@ impl Writer {
                 if self.stop.requested() && journal.is_none() {
                     return Err(WriteError::Stopped);
                 }
+                // Other writers of the account (syncs, processes, Lambdas) hold job slots too:
+                // the account's slot is held until this batch's job is done.
+                let _job = self.client.job_slot(self.opts.max_jobs_in_flight).await;
                 self.jobs.active.fetch_add(1, Ordering::SeqCst);
                 let recovered = journal.is_some();
                 let r = self

@@ -386,6 +386,7 @@ async fn a_live_lock_refuses_a_second_run() {
         acquired_at: "2026-01-01T00:00:00Z".into(),
         expires_at: chrono_like_now() + 3600,
         execution: None,
+        abandoned: false,
     };
     let lock_path = write_file(
         e.root(),

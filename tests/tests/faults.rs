@@ -373,6 +373,7 @@ impl Fx {
             acquired_at: "2026-01-01T00:00:00Z".into(),
             expires_at: 1_000,
             execution: None,
+            abandoned: false,
         };
         self.store()
             .put(&self.lock_key(), &serde_json::to_vec_pretty(&info).unwrap())

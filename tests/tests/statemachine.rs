@@ -27,6 +27,7 @@ const BUCKET: &str = "zdsync-e2e";
 const REGION: &str = "us-east-1";
 const ACCOUNT_ID: &str = "123456789012";
 const SECRET: &str = "zdsync/zendesk";
+const BUDGET_TABLE: &str = "zdsync-budget";
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -140,7 +141,7 @@ impl Aws {
     }
 
     async fn json(&self, service: &str, target: &str, body: Value) -> Value {
-        let content_type = if service == "states" {
+        let content_type = if service == "states" || service == "dynamodb" {
             "application/x-amz-json-1.0"
         } else {
             "application/x-amz-json-1.1"
@@ -417,6 +418,11 @@ async fn the_state_machine_syncs_an_s3_export_through_the_real_lambdas() {
         .env("ZDSYNC_LOG", "info")
         // A prefix export settles for a second (the deployment's default is a minute).
         .env("ZDSYNC_EXPORT_SETTLE_SECONDS", "1")
+        // An aborted execution's write-batches notice within a second; its lock goes 3 s later.
+        .env("ZDSYNC_LOCK_CHECK_SECONDS", "1")
+        .env("ZDSYNC_ABORT_GRACE_SECONDS", "3")
+        // The shared Zendesk budget, as the template's BudgetTable.
+        .env("ZDSYNC_BUDGET_TABLE", BUDGET_TABLE)
         .env("AWS_ENDPOINT_URL", &moto_url)
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
@@ -458,6 +464,17 @@ async fn the_state_machine_syncs_an_s3_export_through_the_real_lambdas() {
         .await
         .unwrap();
     assert!(r.status().is_success(), "create bucket: {}", r.status());
+    aws.json(
+        "dynamodb",
+        "DynamoDB_20120810.CreateTable",
+        json!({
+            "TableName": BUDGET_TABLE,
+            "BillingMode": "PAY_PER_REQUEST",
+            "KeySchema": [{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+            "AttributeDefinitions": [{"AttributeName": "pk", "AttributeType": "S"}, {"AttributeName": "sk", "AttributeType": "S"}]
+        }),
+    )
+    .await;
     aws.json(
         "secretsmanager",
         "secretsmanager.CreateSecret",
@@ -722,6 +739,173 @@ async fn the_state_machine_syncs_an_s3_export_through_the_real_lambdas() {
             "p{i:04}: {tags:?}"
         );
     }
+
+    // 6. A tickets run aborted mid-write (a plan or execution killed): EventBridge's notice
+    // hands its lock on, and the next execution finishes the abandoned run before its own.
+    // Tickets have no upsert: a create sent twice is a duplicate ticket.
+    // One chunk of four batches, one job at a time, each answer 700 ms late: the abort comes
+    // after the first batch landed.
+    let tix = format!(
+        "name = \"tix\"\nobject = \"tickets\"\nmode = \"insert\"\nprimary_key = \"ID\"\nchunk_rows = 400\n\n[source]\nlocation = \"exports/tix/\"\n\n[zendesk]\nsubdomain = \"acme\"\nbase_url = \"{}\"\ncredentials = \"env\"\nmax_jobs_in_flight = 1\n\n[mapping]\nsubject = \"SUBJECT\"\ndescription = \"BODY\"\n",
+        sim.base_url()
+    );
+    stack.aws.put("config/tix.toml", tix.as_bytes()).await;
+    let mut csv = String::from("ID,SUBJECT,BODY\n");
+    for i in 0..400 {
+        csv.push_str(&format!("t{i:04},Order {i},Where is order {i}?\n"));
+    }
+    stack
+        .aws
+        .put("exports/tix/tickets.csv", csv.as_bytes())
+        .await;
+    let tickets_before = sim.state("acme").unwrap().tickets.len();
+    sim.set_fault_rules(vec![FaultRule {
+        path: Some("/api/v2/tickets/create_many".into()),
+        delay_ms: 700,
+        ..FaultRule::new(FaultKind::Slow)
+    }]);
+    let started = stack
+        .aws
+        .sfn(
+            "StartExecution",
+            json!({"stateMachineArn": stack.machine, "name": "e2e-aborted", "input": json!({"sync": "tix"}).to_string()}),
+        )
+        .await;
+    let aborted = started["executionArn"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while sim.state("acme").unwrap().tickets.len() == tickets_before {
+        assert!(
+            Instant::now() < deadline,
+            "no ticket written\n{}",
+            stack.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stack
+        .aws
+        .sfn("StopExecution", json!({"executionArn": aborted}))
+        .await;
+    let notice = json!({
+        "detail-type": "Step Functions Execution Status Change",
+        "source": "aws.states",
+        "detail": {"executionArn": aborted, "status": "ABORTED", "input": json!({"sync": "tix"}).to_string()}
+    });
+    let (_, status, body) = invoke(watch_port, "finalize", &notice).await;
+    assert_eq!((status, body.as_str()), (200, "{\"released\":true}"));
+    let written_when_aborted = sim.state("acme").unwrap().tickets.len() - tickets_before;
+    assert!(
+        written_when_aborted < 400,
+        "aborted after {written_when_aborted} tickets"
+    );
+    sim.clear_faults();
+    let d = stack.execute(&json!({"sync": "tix"})).await;
+    assert_eq!(d["status"], "SUCCEEDED", "{d:#}\n{}", stack.logs());
+    let out: Value = serde_json::from_str(d["output"].as_str().unwrap()).unwrap();
+    assert_eq!(out["record"]["rows"]["unchanged"], 400, "{out:#}");
+    // The abandoned run was finished first, under its own id: both parts in one record.
+    let mut finished = None;
+    for k in stack.aws.list("history/tix/").await {
+        let r: Value = serde_json::from_str(&stack.aws.get(&k).await.unwrap()).unwrap();
+        if r["run_id"] != out["record"]["run_id"] {
+            finished = Some(r);
+        }
+    }
+    let finished = finished.expect("the aborted run's record");
+    assert_eq!(finished["status"], "succeeded", "{finished:#}");
+    assert_eq!(finished["resumed"], true, "{finished:#}");
+    assert_eq!(finished["rows"]["created"], 400, "{finished:#}");
+    let zd = sim.state("acme").unwrap();
+    let mut seen = std::collections::HashMap::new();
+    for t in &zd.tickets {
+        if let Some(x) = t["external_id"].as_str().filter(|x| x.starts_with('t')) {
+            *seen.entry(x.to_string()).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(seen.len(), 400, "every ticket is in Zendesk");
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "duplicate tickets: {twice:?}");
+    eprintln!("aborted after {written_when_aborted} of 400 tickets; the next execution finished the run with 0 duplicates");
+
+    // 7. Two syncs of one account at once, each Map at concurrency 4 over chunks of eight
+    // batches: eight write-batch invocations that would open 56 jobs share the account's job
+    // slots (the simulator answers a ninth open job with 429) and its request budget through the budget table; every row lands once.
+    // The syncs ask for 7 of the simulator's 8 slots: moto's DynamoDB evaluates a condition and
+    // writes without a lock between them (DynamoDB's conditional writes are atomic), so two
+    // takers racing for the last slot can both win there; the spare slot absorbs that.
+    sim.update_jobs(|j| {
+        j.max_concurrent = 8;
+        j.working_ms = 2_000;
+    });
+    for (name, object, mapping) in [
+        (
+            "crowd_users",
+            "users",
+            "name = \"NAME\"\nemail = \"EMAIL\"\n",
+        ),
+        ("crowd_orgs", "organizations", "name = \"NAME\"\n"),
+    ] {
+        let cfg = format!(
+            "name = \"{name}\"\nobject = \"{object}\"\nmode = \"upsert\"\nprimary_key = \"ID\"\nchunk_rows = 800\n\n[source]\nlocation = \"exports/{name}/\"\n\n[zendesk]\nsubdomain = \"acme\"\nbase_url = \"{}\"\ncredentials = \"env\"\nmax_jobs_in_flight = 7\n\n[mapping]\n{mapping}",
+            sim.base_url()
+        );
+        stack
+            .aws
+            .put(&format!("config/{name}.toml"), cfg.as_bytes())
+            .await;
+        let mut csv = String::from("ID,NAME,EMAIL\n");
+        for i in 0..3_200 {
+            csv.push_str(&format!("{name}-{i},{name} {i},{name}{i}@example.com\n"));
+        }
+        stack
+            .aws
+            .put(&format!("exports/{name}/rows.csv"), csv.as_bytes())
+            .await;
+    }
+    let before = sim.counters();
+    let t7 = Instant::now();
+    let (a, b) = (
+        json!({"sync": "crowd_users"}),
+        json!({"sync": "crowd_orgs"}),
+    );
+    let (users, orgs) = tokio::join!(stack.execute(&a), stack.execute(&b));
+    let together = t7.elapsed();
+    for d in [&users, &orgs] {
+        assert_eq!(d["status"], "SUCCEEDED", "{d:#}\n{}", stack.logs());
+        let out: Value = serde_json::from_str(d["output"].as_str().unwrap()).unwrap();
+        assert_eq!(out["record"]["rows"]["created"], 3_200, "{out:#}");
+    }
+    let after = sim.counters();
+    assert_eq!(
+        after.rate_limited - before.rate_limited,
+        0,
+        "429s: account {} jobs {}",
+        after.rate_limited_account - before.rate_limited_account,
+        after.rate_limited_jobs - before.rate_limited_jobs
+    );
+    let zd = sim.state("acme").unwrap();
+    let count = |items: &[Value], prefix: &str| {
+        let keys: std::collections::HashSet<&str> = items
+            .iter()
+            .filter_map(|v| v["external_id"].as_str())
+            .filter(|x| x.starts_with(prefix))
+            .collect();
+        let all = items
+            .iter()
+            .filter(|v| {
+                v["external_id"]
+                    .as_str()
+                    .is_some_and(|x| x.starts_with(prefix))
+            })
+            .count();
+        (keys.len(), all)
+    };
+    assert_eq!(count(&zd.users, "crowd_users-"), (3_200, 3_200));
+    assert_eq!(count(&zd.organizations, "crowd_orgs-"), (3_200, 3_200));
+    eprintln!(
+        "two syncs of one account at once: 6,400 rows in {:.1} s, 0 × 429, at most {} jobs open",
+        together.as_secs_f64(),
+        after.max_concurrent_jobs
+    );
 
     eprintln!(
         "end to end: first sync of 250 rows {:.1} s; whole test {:.1} s",

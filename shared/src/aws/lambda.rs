@@ -54,6 +54,7 @@ pub fn init_tracing() {
 
 /// The step environment from the function's environment: `ZDSYNC_BUCKET` (required),
 /// `ZDSYNC_CREDENTIALS` (the Zendesk secret, used by syncs whose `credentials` is `env`),
+/// `ZDSYNC_BUDGET_TABLE` (the DynamoDB table of the shared Zendesk budget),
 /// `ZDSYNC_MAX_CONCURRENCY`, `ZDSYNC_MAX_ATTEMPTS` (per Zendesk request, default 8), and the SDK's own `AWS_REGION` / `AWS_ENDPOINT_URL`.
 pub fn step_env_from_env() -> Result<StepEnv, String> {
     let bucket = std::env::var("ZDSYNC_BUCKET").map_err(|_| {
@@ -72,6 +73,25 @@ pub fn step_env_from_env() -> Result<StepEnv, String> {
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|n| *n >= 1);
+    let default_concurrency: u32 = std::env::var("ZDSYNC_MAX_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    // One request budget per Zendesk account across every Lambda and sync of the deployment.
+    let budget: Option<Arc<dyn crate::zendesk::budget::BudgetStore>> =
+        match std::env::var("ZDSYNC_BUDGET_TABLE")
+            .ok()
+            .filter(|t| !t.is_empty())
+        {
+            Some(table) => Some(Arc::new(
+                super::dynamo::DynamoBudget::new(
+                    &table,
+                    super::AwsConfig::new(endpoint.as_deref(), Some(&region)),
+                )
+                .map_err(|e| format!("cannot set up the budget table `{table}`: {e}"))?,
+            )),
+            None => None,
+        };
     let cache: Arc<Mutex<HashMap<String, Arc<dyn CredentialStore>>>> = Arc::default();
     let client_for: ClientFactory = Arc::new(move |cfg| {
         let reference = match (&deployment_secret, cfg.zendesk.credentials.as_str()) {
@@ -81,6 +101,13 @@ pub fn step_env_from_env() -> Result<StepEnv, String> {
         let mut opts = ClientOptions::from_config(&cfg.zendesk);
         if let Some(n) = max_attempts {
             opts.max_attempts = n;
+        }
+        // Up to `default_concurrency` write-batches of a run at once: while the table fails
+        // each keeps to its share; without a table each has its share from the start.
+        opts.budget_share = default_concurrency.max(1);
+        opts.budget = budget.clone();
+        if opts.budget.is_none() {
+            opts.rpm = (opts.rpm / opts.budget_share).max(1);
         }
         let cache = cache.clone();
         Box::pin(async move {
@@ -98,10 +125,6 @@ pub fn step_env_from_env() -> Result<StepEnv, String> {
             Client::new(opts, creds).await
         })
     });
-    let default_concurrency = std::env::var("ZDSYNC_MAX_CONCURRENCY")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
     Ok(StepEnv {
         store: Arc::new(store),
         bucket,
@@ -113,14 +136,17 @@ pub fn step_env_from_env() -> Result<StepEnv, String> {
         endpoint: crate::config::EndpointPolicy::deployed(
             std::env::var("ZDSYNC_ZENDESK_BASE_URL").ok(),
         ),
-        lock_check: Duration::from_secs(10),
+        lock_check: Duration::from_secs(seconds("ZDSYNC_LOCK_CHECK_SECONDS", 10)),
         // One request timeout (60 s) and a lock check, with room to spare.
-        abort_grace: Duration::from_secs(120),
-        settle: Duration::from_secs(
-            std::env::var("ZDSYNC_EXPORT_SETTLE_SECONDS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(60),
-        ),
+        abort_grace: Duration::from_secs(seconds("ZDSYNC_ABORT_GRACE_SECONDS", 120)),
+        settle: Duration::from_secs(seconds("ZDSYNC_EXPORT_SETTLE_SECONDS", 60)),
     })
+}
+
+/// A whole number of seconds from the environment the template sets, or `default`.
+fn seconds(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

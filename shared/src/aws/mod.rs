@@ -7,6 +7,7 @@
 //! endpoint override is set (here or with `AWS_ENDPOINT_URL`), S3 uses path-style addressing, so
 //! moto and other local emulators work (docs/local-aws-testing.md §3).
 
+pub mod dynamo;
 pub mod lambda;
 pub mod s3;
 pub mod secrets;

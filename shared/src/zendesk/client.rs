@@ -34,15 +34,29 @@ pub struct ClientOptions {
     pub backoff_max: Duration,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// The account's budget shared with every other client of it (other syncs, processes,
+    /// Lambdas); `None`: this client's `rpm` and job slots are its own.
+    pub budget: Option<Arc<dyn super::budget::BudgetStore>>,
+    /// How many clients of the account may run at once: while the shared budget fails, each
+    /// keeps to `rpm ÷ budget_share`.
+    pub budget_share: u32,
 }
 
 impl ClientOptions {
-    /// From a sync config's `[zendesk]` table; `rpm` defaults to 90 % of 700.
+    /// From a sync config's `[zendesk]` table; `rpm` defaults to 90 % of 700. The budget is
+    /// shared with every `zdsync` of this machine through the machine's budget folder.
     pub fn from_config(z: &crate::config::Zendesk) -> Self {
         let mut o = Self::for_subdomain(&z.subdomain, Some(&z.endpoint()));
         if let Some(rpm) = z.rate_limit_rpm {
             o.rpm = rpm;
         }
+        o.budget = match super::budget::StoreBudget::machine() {
+            Ok(b) => Some(Arc::new(b)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no budget folder: this run's budget is not shared with other zdsync processes");
+                None
+            }
+        };
         o
     }
 
@@ -65,6 +79,8 @@ impl ClientOptions {
             backoff_max: Duration::from_secs(30),
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
+            budget: None,
+            budget_share: 2,
         }
     }
 }
@@ -434,7 +450,17 @@ impl Client {
                 attempts: 0,
                 message: format!("cannot set up the HTTP client: {}", transport_message(&e)),
             })?;
-        let limiter = Limiter::new(opts.rpm);
+        // An unlimited client (`rpm` 0, tests) has nothing to share.
+        let shared = match &opts.budget {
+            Some(store) if opts.rpm > 0 => Some(super::limiter::Shared::new(
+                store.clone(),
+                &opts.base_url,
+                opts.rpm,
+                opts.budget_share,
+            )),
+            _ => None,
+        };
+        let limiter = Limiter::with_shared(opts.rpm, shared);
         let secrets = creds.secrets();
         Ok(Client {
             inner: Arc::new(Inner {
@@ -452,6 +478,15 @@ impl Client {
 
     pub fn options(&self) -> &ClientOptions {
         &self.inner.opts
+    }
+
+    /// One of the account's `max` bulk-job slots when the budget is shared with other writers
+    /// (held until dropped); `None` when this client's job slots are its own.
+    pub async fn job_slot(&self, max: usize) -> Option<super::limiter::JobSlot> {
+        match self.inner.limiter.shared() {
+            Some(s) => Some(s.job_slot(max).await),
+            None => None,
+        }
     }
 
     pub fn base_url(&self) -> &str {

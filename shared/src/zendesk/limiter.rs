@@ -1,14 +1,16 @@
 //! The request budget every clone of a `Client` shares: a token bucket at the configured rate,
 //! a client-wide pause while a `Retry-After` runs, pacing when Zendesk reports few requests left,
-//! and a single probe request after a pause before the others go again.
+//! and a single probe request after a pause before the others go again. With a [`Shared`]
+//! budget every request also needs a token of the account's shared window (see `budget`).
 
+use super::budget::{self, BudgetStore};
 use governor::clock::{Clock, DefaultClock};
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use reqwest::header::HeaderMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -22,8 +24,11 @@ const MAX_PACE: Duration = Duration::from_secs(60);
 /// wire and reports its answer with [`Permit::finish`] (or drops the permit).
 pub struct Limiter {
     bucket: Option<Bucket>,
+    shared: Option<Arc<Shared>>,
     state: Mutex<Gate>,
     notify: Notify,
+    /// Wakes requests waiting for a pacing slot when the pacing changes (a fresh window).
+    repace: Notify,
     paused_ms: AtomicU64,
     /// Three quarters of the bucket's period: the closest two requests may follow each other.
     min_gap: Duration,
@@ -39,6 +44,9 @@ struct Gate {
     probe_in_flight: bool,
     /// Spacing derived from `X-Rate-Limit-Remaining` (zero: no pacing).
     pace: Duration,
+    /// The end of the window the pacing was computed for: Zendesk's window resets then, and
+    /// waiting requests go at full rate again without an answer to tell them so.
+    pace_until: Option<Instant>,
     next_paced: Option<Instant>,
     last_sent: Option<Instant>,
 }
@@ -88,6 +96,11 @@ impl Drop for Permit<'_> {
 impl Limiter {
     /// `rpm == 0`: no token bucket (pauses and pacing still apply).
     pub fn new(rpm: u32) -> Limiter {
+        Self::with_shared(rpm, None)
+    }
+
+    /// A limiter that also takes every request from the account's shared budget.
+    pub fn with_shared(rpm: u32, shared: Option<Shared>) -> Limiter {
         let bucket = NonZeroU32::new(rpm).map(|rpm| {
             // A tenth of a second's worth of burst (at least 2): timers wake a little late, and
             // with a burst of 1 every late wake-up is budget lost for good (about a tenth of it
@@ -99,15 +112,18 @@ impl Limiter {
         });
         Limiter {
             bucket,
+            shared: shared.map(Arc::new),
             state: Mutex::new(Gate {
                 paused_until: None,
                 recovering: false,
                 probe_in_flight: false,
                 pace: Duration::ZERO,
+                pace_until: None,
                 next_paced: None,
                 last_sent: None,
             }),
             notify: Notify::new(),
+            repace: Notify::new(),
             paused_ms: AtomicU64::new(0),
             min_gap: match NonZeroU32::new(rpm) {
                 Some(r) => Duration::from_secs(45) / r.get(),
@@ -131,7 +147,15 @@ impl Limiter {
         g.paused_until.filter(|p| *p > Instant::now())
     }
 
+    /// The account's shared budget, when there is one.
+    pub fn shared(&self) -> Option<&Arc<Shared>> {
+        self.shared.as_ref()
+    }
+
     async fn take_token(&self) {
+        if let Some(shared) = &self.shared {
+            shared.take().await;
+        }
         let Some(bucket) = &self.bucket else { return };
         loop {
             match bucket.check() {
@@ -167,21 +191,7 @@ impl Limiter {
                 continue;
             }
             self.take_token().await;
-            // Pacing slot (reserved, so concurrent tasks line up instead of bunching).
-            let slot = {
-                let mut g = self.gate();
-                if g.pace.is_zero() {
-                    None
-                } else {
-                    let now = Instant::now();
-                    let slot = g.next_paced.map_or(now, |n| n.max(now));
-                    g.next_paced = Some(slot + g.pace);
-                    (slot > now).then_some(slot)
-                }
-            };
-            if let Some(slot) = slot {
-                tokio::time::sleep_until(slot).await;
-            }
+            self.wait_paced_slot().await;
             let notified = self.notify.notified();
             {
                 let mut g = self.gate();
@@ -205,6 +215,42 @@ impl Limiter {
             }
             // Another request is probing after a pause: wait for its answer.
             notified.await;
+        }
+    }
+
+    /// Waits for a pacing slot (reserved, so concurrent tasks line up instead of bunching). A
+    /// slot is given up when the pacing ends (an answer shows a fresh window, or the paced
+    /// window's end passes): the request then goes at once.
+    async fn wait_paced_slot(&self) {
+        loop {
+            let notified = self.repace.notified();
+            let (slot, until) = {
+                let mut g = self.gate();
+                let now = Instant::now();
+                if g.pace_until.is_some_and(|u| u <= now) {
+                    g.pace = Duration::ZERO;
+                    g.pace_until = None;
+                    g.next_paced = None;
+                }
+                if g.pace.is_zero() {
+                    return;
+                }
+                let slot = g.next_paced.map_or(now, |n| n.max(now));
+                if slot <= now {
+                    g.next_paced = Some(now + g.pace);
+                    return;
+                }
+                g.next_paced = Some(slot + g.pace);
+                (slot, g.pace_until.unwrap_or(slot))
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(slot.min(until)) => {
+                    if Instant::now() >= slot {
+                        return;
+                    }
+                }
+                _ = notified => {}
+            }
         }
     }
 
@@ -243,8 +289,9 @@ impl Limiter {
             return;
         }
         let low = (limit * 0.05).max(2.0);
+        let reset = num("ratelimit-reset");
         let pace = if remaining <= low {
-            let per = match num("ratelimit-reset") {
+            let per = match reset {
                 Some(reset) => reset / (remaining + 1.0),
                 None => 60.0 / limit,
             };
@@ -253,6 +300,11 @@ impl Limiter {
             Duration::ZERO
         };
         let mut g = self.gate();
+        if !pace.is_zero() {
+            // Without `ratelimit-reset` the window is at most Zendesk's minute.
+            let secs = reset.unwrap_or(60.0).min(60.0);
+            g.pace_until = Some(Instant::now() + Duration::from_secs_f64(secs));
+        }
         if pace != g.pace {
             if !pace.is_zero() {
                 tracing::debug!(
@@ -264,10 +316,241 @@ impl Limiter {
             }
             g.pace = pace;
             if pace.is_zero() {
+                // A fresh window: requests waiting for slots booked under the pacing go now.
+                g.pace_until = None;
                 g.next_paced = None;
+                drop(g);
+                self.repace.notify_waiters();
             }
         }
     }
+}
+
+/// The account-wide part of a client's budget: requests and job slots shared with every other
+/// client of the same Zendesk account through a [`BudgetStore`].
+pub struct Shared {
+    store: Arc<dyn BudgetStore>,
+    account: String,
+    /// Requests one window holds.
+    cap: u32,
+    /// Clients assumed to run at once when the store fails: each then keeps to its share.
+    share: u32,
+    member: String,
+    /// The window of the current slice and the requests left in it.
+    lease: tokio::sync::Mutex<(u64, u32)>,
+    /// Job slots taken so far (each lease's holder name is unique).
+    jobs_taken: AtomicU64,
+    /// Job slots held locally while the store fails.
+    local_jobs: AtomicU32,
+    /// While the store fails, requests keep to `rpm ÷ share` locally until this instant.
+    failed_until: Mutex<Option<Instant>>,
+    fallback: Bucket,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("store", &self.store.describe())
+            .field("cap", &self.cap)
+            .field("share", &self.share)
+            .finish()
+    }
+}
+
+/// How long a failing budget store is left alone before it is tried again.
+const STORE_RETRY: Duration = Duration::from_secs(60);
+
+impl Shared {
+    /// `rpm` for the account `base_url`; `share`: how many clients may run at once (the
+    /// fallback divides the budget by it).
+    pub fn new(store: Arc<dyn BudgetStore>, base_url: &str, rpm: u32, share: u32) -> Shared {
+        let share = share.max(1);
+        let per = NonZeroU32::new((rpm / share).max(1)).expect("at least 1");
+        Shared {
+            store,
+            account: budget::account_key(base_url),
+            cap: budget::window_cap(rpm),
+            share,
+            member: format!(
+                "{}-{}-{:08x}",
+                super::super::lock::host_name(),
+                std::process::id(),
+                rand::random::<u32>()
+            ),
+            lease: tokio::sync::Mutex::new((0, 0)),
+            jobs_taken: AtomicU64::new(0),
+            local_jobs: AtomicU32::new(0),
+            failed_until: Mutex::new(None),
+            fallback: RateLimiter::direct(Quota::per_minute(per)),
+        }
+    }
+
+    fn failing(&self) -> bool {
+        let mut f = self.failed_until.lock().unwrap_or_else(|e| e.into_inner());
+        match *f {
+            Some(until) if until > Instant::now() => true,
+            Some(_) => {
+                *f = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn fail(&self, what: &str, e: &dyn std::fmt::Display) {
+        let mut f = self.failed_until.lock().unwrap_or_else(|e| e.into_inner());
+        if f.is_none() {
+            tracing::warn!(
+                store = %self.store.describe(),
+                error = %e,
+                share = self.share,
+                "the shared Zendesk budget failed ({what}): keeping to 1/{} of rate_limit_rpm for a minute",
+                self.share
+            );
+        }
+        *f = Some(Instant::now() + STORE_RETRY);
+    }
+
+    /// One request's token of the account's current window; waits for the next window when
+    /// this one is spent.
+    async fn take(&self) {
+        loop {
+            if self.failing() {
+                loop {
+                    match self.fallback.check() {
+                        Ok(()) => return,
+                        Err(not_until) => {
+                            let wait = not_until.wait_time_from(self.fallback.clock().now());
+                            tokio::time::sleep(wait.max(Duration::from_micros(100))).await;
+                        }
+                    }
+                }
+            }
+            let mut lease = self.lease.lock().await;
+            let now = budget::unix_ms();
+            let window = budget::window_of(now);
+            if lease.0 == window && lease.1 > 0 {
+                lease.1 -= 1;
+                return;
+            }
+            // Small slices, so a window is not held by clients that do not need it.
+            let want = (self.cap / 8).clamp(1, self.cap);
+            let (store, account, cap) = (self.store.clone(), self.account.clone(), self.cap);
+            let got = tokio::task::spawn_blocking(move || store.take(&account, window, want, cap))
+                .await
+                .map_err(io_error)
+                .and_then(|r| r);
+            match got {
+                Ok(n) if n > 0 => {
+                    *lease = (window, n - 1);
+                    return;
+                }
+                Ok(_) => {
+                    drop(lease);
+                    // The window is spent: wait for the next one (a little after its start, so
+                    // the clients that wait do not all ask at the same millisecond).
+                    let next = (window + 1) * budget::WINDOW.as_millis() as u64;
+                    let jitter = u64::from(rand::random::<u8>() % 20);
+                    let wait = next.saturating_sub(budget::unix_ms()) + jitter;
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+                Err(e) => self.fail("taking requests", &e),
+            }
+        }
+    }
+
+    /// One of the account's `max` job slots, held until the returned guard is dropped; waits
+    /// while other writers of the account hold them all. While the store fails, this client
+    /// keeps to its share (`max ÷ share`) locally.
+    pub async fn job_slot(self: &Arc<Self>, max: usize) -> JobSlot {
+        let max = max.max(1) as u32;
+        let holder = format!(
+            "{}-{}",
+            self.member,
+            self.jobs_taken.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut wait = Duration::from_millis(20);
+        loop {
+            if self.failing() {
+                let share = (max / self.share).max(1);
+                if self.local_jobs.fetch_add(1, Ordering::SeqCst) < share {
+                    return JobSlot {
+                        shared: self.clone(),
+                        holder: None,
+                    };
+                }
+                self.local_jobs.fetch_sub(1, Ordering::SeqCst);
+            } else {
+                let (store, account, h) =
+                    (self.store.clone(), self.account.clone(), holder.clone());
+                let took = tokio::task::spawn_blocking(move || {
+                    let now = budget::unix_ms();
+                    store.take_job(
+                        &account,
+                        &h,
+                        max,
+                        now + budget::JOB_LEASE.as_millis() as u64,
+                        now,
+                    )
+                })
+                .await
+                .map_err(io_error)
+                .and_then(|r| r);
+                match took {
+                    Ok(true) => {
+                        return JobSlot {
+                            shared: self.clone(),
+                            holder: Some(holder),
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.fail("taking a job slot", &e);
+                        continue;
+                    }
+                }
+            }
+            // Every slot is held: jobs finish within seconds, so look again soon.
+            let jitter = Duration::from_millis(u64::from(rand::random::<u8>() % 20));
+            tokio::time::sleep(wait + jitter).await;
+            wait = (wait * 2).min(Duration::from_millis(250));
+        }
+    }
+}
+
+/// A job slot of the account's; given back when dropped.
+pub struct JobSlot {
+    shared: Arc<Shared>,
+    /// The lease's holder in the store; `None`: a local share while the store fails.
+    holder: Option<String>,
+}
+
+impl Drop for JobSlot {
+    fn drop(&mut self) {
+        match self.holder.take() {
+            None => {
+                self.shared.local_jobs.fetch_sub(1, Ordering::SeqCst);
+            }
+            Some(holder) => {
+                let (store, account) = (self.shared.store.clone(), self.shared.account.clone());
+                let give_back = move || {
+                    if let Err(e) = store.end_job(&account, &holder) {
+                        tracing::debug!(error = %e, "a job slot was not given back: its lease runs out");
+                    }
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn_blocking(give_back);
+                    }
+                    Err(_) => give_back(),
+                }
+            }
+        }
+    }
+}
+
+fn io_error(e: tokio::task::JoinError) -> std::io::Error {
+    std::io::Error::other(e.to_string())
 }
 
 #[cfg(test)]
@@ -302,6 +585,77 @@ mod tests {
             ("x-rate-limit-remaining", "1"),
         ]));
         assert_eq!(l.gate().pace, Duration::from_millis(600));
+    }
+
+    /// Ten requests at once while one request is left in a 10-second window: paced 5 s apart
+    /// until the window resets, then the rest go at once, not at the spacing they booked.
+    #[tokio::test(start_paused = true)]
+    async fn paced_requests_go_at_once_when_the_window_resets() {
+        let l = std::sync::Arc::new(Limiter::new(0));
+        l.observe(&headers(&[
+            ("x-rate-limit", "700"),
+            ("x-rate-limit-remaining", "1"),
+            ("ratelimit-reset", "10"),
+        ]));
+        let t0 = Instant::now();
+        let sent: Vec<_> = (0..10)
+            .map(|_| {
+                let l = l.clone();
+                tokio::spawn(async move {
+                    let p = l.acquire().await;
+                    p.finish(false);
+                    t0.elapsed()
+                })
+            })
+            .collect();
+        let mut at = Vec::new();
+        for s in sent {
+            at.push(s.await.unwrap());
+        }
+        at.sort();
+        assert_eq!(at[0], Duration::ZERO);
+        assert_eq!(at[1], Duration::from_secs(5));
+        assert!(
+            at[2..].iter().all(|t| *t == Duration::from_secs(10)),
+            "{at:?}"
+        );
+    }
+
+    /// An answer that shows a refilled window ends the pacing for the requests already waiting.
+    #[tokio::test(start_paused = true)]
+    async fn a_refilled_window_wakes_paced_requests() {
+        let l = std::sync::Arc::new(Limiter::new(0));
+        l.observe(&headers(&[
+            ("x-rate-limit", "700"),
+            ("x-rate-limit-remaining", "0"),
+            ("ratelimit-reset", "50"),
+        ]));
+        let t0 = Instant::now();
+        let sent: Vec<_> = (0..5)
+            .map(|_| {
+                let l = l.clone();
+                tokio::spawn(async move {
+                    l.acquire().await.finish(false);
+                    t0.elapsed()
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        l.observe(&headers(&[
+            ("x-rate-limit", "700"),
+            ("x-rate-limit-remaining", "699"),
+            ("ratelimit-reset", "60"),
+        ]));
+        let mut at = Vec::new();
+        for s in sent {
+            at.push(s.await.unwrap());
+        }
+        at.sort();
+        assert_eq!(at[0], Duration::ZERO);
+        assert!(
+            at[1..].iter().all(|t| *t == Duration::from_secs(3)),
+            "{at:?}"
+        );
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //! typed errors, plus the job-status shapes the writer polls.
 
 pub mod auth;
+pub mod budget;
 pub mod client;
 pub mod connect;
 pub mod error;
