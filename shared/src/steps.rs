@@ -531,6 +531,19 @@ pub async fn plan_step(env: &StepEnv, trigger: &Trigger) -> Result<PlanDescripto
     }
 }
 
+/// Write-batch invocations at once that keep the account's budget busy and no more (one more
+/// only waits, billed, for a job slot or a request): enough chunks in flight to hold every job
+/// slot (a chunk of `chunk_rows` has `chunk_rows / 100` batches), one more to cover the gap
+/// while an invocation starts its next chunk, and one per 1,500 requests a minute. Capped by
+/// the deployment's `DefaultMaxConcurrency`.
+pub fn map_concurrency(cfg: &SyncConfig) -> u32 {
+    let batches_per_chunk = (cfg.chunk_rows / 100).max(1);
+    let jobs = cfg.zendesk.max_jobs_in_flight.unwrap_or(30).clamp(1, 100);
+    let by_jobs = jobs.div_ceil(batches_per_chunk) as u32 + 1;
+    let by_rate = 1 + cfg.rate_limit_rpm() / 1500;
+    by_jobs.max(by_rate)
+}
+
 /// A pending marker older than this belongs to a plan that died while settling.
 const PENDING_STALE_SECS: i64 = 20 * 60;
 /// The longest a plan waits for a prefix export to stop growing before it plans what is there.
@@ -791,10 +804,7 @@ async fn plan_object(
     let body = serde_json::to_vec(&m.chunks).expect("chunk list serialises");
     put_object(env, chunks_key.clone(), body).await?;
     let rows: u64 = m.chunks.iter().map(|c| c.rows).sum();
-    // Each write-batch keeps its own share of the budget busy; more invocations than the
-    // budget carries only queue on 429s.
-    let rpm = cfg.rate_limit_rpm();
-    let by_budget = (rpm / 150).max(1);
+    let by_budget = map_concurrency(cfg);
     Ok(PlanDescriptor {
         sync: m.sync.clone(),
         run_id: m.run_id.clone(),
@@ -1187,4 +1197,35 @@ async fn read_invalid_samples(
     })
     .await
     .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra_top: &str, zendesk: &str) -> SyncConfig {
+        let text = format!(
+            "name = \"s\"\nobject = \"users\"\nmode = \"upsert\"\nprimary_key = \"id\"\n{extra_top}\n\
+             [source]\nlocation = \"exports/s/\"\n\n[zendesk]\nsubdomain = \"acme\"\n{zendesk}\n\n[mapping]\nname = \"n\"\nemail = \"e\"\n"
+        );
+        SyncConfig::parse(&text, "s.toml").unwrap()
+    }
+
+    #[test]
+    fn the_map_runs_as_many_write_batches_as_the_budget_keeps_busy() {
+        // 1,000-row chunks are 10 batches: 3 chunks hold the 30 job slots, one more starts.
+        assert_eq!(map_concurrency(&cfg("", "")), 4);
+        // 100-row chunks: one batch each, so the job slots need many.
+        assert_eq!(map_concurrency(&cfg("chunk_rows = 100", "")), 31);
+        // Big chunks: one fills the slots; the rate adds one per 1,500 rpm.
+        assert_eq!(map_concurrency(&cfg("chunk_rows = 10000", "")), 2);
+        assert_eq!(
+            map_concurrency(&cfg("chunk_rows = 10000", "rate_limit_rpm = 6000")),
+            5
+        );
+        assert_eq!(
+            map_concurrency(&cfg("chunk_rows = 200", "max_jobs_in_flight = 7")),
+            5
+        );
+    }
 }

@@ -1378,6 +1378,10 @@ async fn poll_loop(
     let mut interval = poll_min;
     let mut last_poll = Instant::now() - poll_max;
     let mut open = true;
+    // How long jobs have been taking (moving average): the first poll for a job comes when it
+    // should be done, and polls that find nothing come again at a quarter of it, so a finished
+    // job's slot is refilled soon without polling a long queue every `poll_min`.
+    let mut expected: Option<Duration> = None;
     loop {
         if pending.is_empty() {
             if !open {
@@ -1399,7 +1403,10 @@ async fn poll_loop(
         let everyone_waits = pending.len() >= active.load(Ordering::SeqCst);
         let full = pending.len() >= threshold;
         let deadline = if everyone_waits || full || !open {
-            (last_poll + interval).max(oldest + poll_min.min(interval))
+            let first = expected
+                .map_or(poll_min, |e| e.mul_f64(0.9))
+                .clamp(poll_min.min(interval), poll_max.max(poll_min));
+            (last_poll + interval).max(oldest + first)
         } else {
             oldest + poll_max
         };
@@ -1451,9 +1458,15 @@ async fn poll_loop(
         }
         let before = pending.len();
         let mut still = Vec::with_capacity(pending.len());
+        let now = Instant::now();
         for w in pending.drain(..) {
             match statuses.get(&w.id) {
                 Some(j) if j.is_terminal() => {
+                    let took = now - w.since;
+                    expected = Some(match expected {
+                        Some(e) => e.mul_f64(0.8) + took.mul_f64(0.2),
+                        None => took,
+                    });
                     let _ = w.done.send(Ok(j.clone()));
                 }
                 Some(_) => still.push(w),
@@ -1471,8 +1484,9 @@ async fn poll_loop(
         }
         let finished = before - still.len();
         pending = still;
+        let most = expected.map_or(poll_max, |e| (e / 4).clamp(poll_min, poll_max));
         interval = if finished == 0 {
-            (interval * 2).min(poll_max)
+            (interval * 2).min(most)
         } else {
             poll_min
         };

@@ -826,9 +826,9 @@ async fn the_state_machine_syncs_an_s3_export_through_the_real_lambdas() {
     assert!(twice.is_empty(), "duplicate tickets: {twice:?}");
     eprintln!("aborted after {written_when_aborted} of 400 tickets; the next execution finished the run with 0 duplicates");
 
-    // 7. Two syncs of one account at once, each Map at concurrency 4 over chunks of eight
-    // batches: eight write-batch invocations that would open 56 jobs share the account's job
-    // slots (the simulator answers a ninth open job with 429) and its request budget through the budget table; every row lands once.
+    // 7. Two syncs of one account at once, each Map at concurrency 4 (chunks of two batches,
+    // 7 job slots): eight write-batch invocations that would open 16 jobs share the account's
+    // job slots (the simulator answers a ninth open job with 429) and its request budget through the budget table; every row lands once.
     // The syncs ask for 7 of the simulator's 8 slots: moto's DynamoDB evaluates a condition and
     // writes without a lock between them (DynamoDB's conditional writes are atomic), so two
     // takers racing for the last slot can both win there; the spare slot absorbs that.
@@ -845,7 +845,7 @@ async fn the_state_machine_syncs_an_s3_export_through_the_real_lambdas() {
         ("crowd_orgs", "organizations", "name = \"NAME\"\n"),
     ] {
         let cfg = format!(
-            "name = \"{name}\"\nobject = \"{object}\"\nmode = \"upsert\"\nprimary_key = \"ID\"\nchunk_rows = 800\n\n[source]\nlocation = \"exports/{name}/\"\n\n[zendesk]\nsubdomain = \"acme\"\nbase_url = \"{}\"\ncredentials = \"env\"\nmax_jobs_in_flight = 7\n\n[mapping]\n{mapping}",
+            "name = \"{name}\"\nobject = \"{object}\"\nmode = \"upsert\"\nprimary_key = \"ID\"\nchunk_rows = 200\n\n[source]\nlocation = \"exports/{name}/\"\n\n[zendesk]\nsubdomain = \"acme\"\nbase_url = \"{}\"\ncredentials = \"env\"\nmax_jobs_in_flight = 7\n\n[mapping]\n{mapping}",
             sim.base_url()
         );
         stack
