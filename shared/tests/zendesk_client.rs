@@ -452,6 +452,61 @@ async fn account_window_limit_is_respected() {
     sim.shutdown().await;
 }
 
+/// Pacing that recovers: the end of a window run low is spent slowly, and the requests still
+/// waiting go at full rate once the window resets, not at the spacing they booked while few
+/// requests were left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_requests_go_at_full_rate_in_the_fresh_window() {
+    let sim = start().await;
+    sim.update_rate_limit(|r| {
+        r.rpm = 200;
+        r.window_ms = 4_000;
+    });
+    // No token bucket: only the pacing on the rate headers spaces the requests.
+    let c = client(&sim, api_token(DEFAULT_API_TOKEN)).await;
+    let t0 = Instant::now();
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (c, done) = (c.clone(), done.clone());
+            tokio::spawn(async move {
+                for _ in 0..75 {
+                    c.get("/api/v2/users/me.json").await.unwrap();
+                    done.lock().unwrap().push(t0.elapsed());
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut at = done.lock().unwrap().clone();
+    at.sort();
+    assert_eq!(at.len(), 300);
+    let log: Vec<String> = sim
+        .request_log()
+        .iter()
+        .map(|e| format!("{} {} {}", e.seq, e.at, e.status))
+        .collect();
+    assert_eq!(
+        sim.counters().rate_limited,
+        0,
+        "paced, never refused: {log:#?}"
+    );
+    // The first window took 200 (its end paced); the next 100 went in a burst once it reset.
+    let fresh = at[200] - at[199];
+    let burst = at[299] - at[200];
+    assert!(
+        fresh >= Duration::from_millis(500),
+        "the 201st waited for the window: {fresh:?}"
+    );
+    assert!(
+        burst < Duration::from_millis(1_500),
+        "100 requests of the fresh window took {burst:?}: {at:?}"
+    );
+    sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn unavailable_and_server_errors_are_retried() {
     let sim = start().await;
