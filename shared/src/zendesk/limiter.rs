@@ -32,6 +32,9 @@ pub struct Limiter {
     paused_ms: AtomicU64,
     /// Three quarters of the bucket's period: the closest two requests may follow each other.
     min_gap: Duration,
+    /// The configured requests per minute, and whether the account's lower limit was reported.
+    rpm: u32,
+    over_limit_told: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -129,6 +132,8 @@ impl Limiter {
                 Some(r) => Duration::from_secs(45) / r.get(),
                 None => Duration::ZERO,
             },
+            rpm,
+            over_limit_told: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -289,6 +294,17 @@ impl Limiter {
         };
         if limit <= 0.0 {
             return;
+        }
+        if self.rpm > 0
+            && f64::from(self.rpm) > limit
+            && !self.over_limit_told.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                account_limit = limit,
+                rate_limit_rpm = self.rpm,
+                "the account allows {limit} requests a minute, fewer than this sync's rate_limit_rpm ({}): lower it to about 90 % of {limit}; until then the pacing on the remaining requests holds the run back",
+                self.rpm
+            );
         }
         let low = (limit * 0.05).max(2.0);
         let reset = num("ratelimit-reset");
