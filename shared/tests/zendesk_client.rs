@@ -507,6 +507,59 @@ async fn paced_requests_go_at_full_rate_in_the_fresh_window() {
     sim.shutdown().await;
 }
 
+/// Two clients of one account (two syncs, or two processes: they share only the budget
+/// folder) together keep to one `rate_limit_rpm`: any 7 seconds span at most two 6-second
+/// windows of a tenth of it each. Alone, each would send its full rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_one_account_share_its_budget() {
+    use zdsync::store::LocalStore;
+    use zdsync::zendesk::budget::{window_cap, StoreBudget};
+    let sim = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Arc::new(StoreBudget::new(
+        Arc::new(LocalStore::new(dir.path())),
+        "",
+        "test folder",
+    ));
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut o = opts(&sim.base_url());
+        o.rpm = 300;
+        o.budget = Some(budget.clone());
+        clients.push(
+            Client::new(o, MemStore::new(api_token(DEFAULT_API_TOKEN)))
+                .await
+                .unwrap(),
+        );
+    }
+    let until = Instant::now() + Duration::from_secs(7);
+    let sent = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let tasks: Vec<_> = clients
+        .iter()
+        .flat_map(|c| (0..4).map(move |_| c.clone()))
+        .map(|c| {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                while Instant::now() < until {
+                    c.get("/api/v2/users/me.json").await.unwrap();
+                    if Instant::now() <= until {
+                        sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    let cap = window_cap(300);
+    // Alone each client sends 5 a second: over 70 in 7 s together. Shared: two windows at most.
+    assert!(sent <= 2 * cap, "{sent} requests, window cap {cap}");
+    assert!(sent >= cap / 2, "{sent} requests: the budget was used");
+    sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn unavailable_and_server_errors_are_retried() {
     let sim = start().await;
