@@ -324,3 +324,37 @@ fn ctrl_c_records_an_interrupted_run_that_the_next_run_finishes() {
     assert_eq!(keys.len(), n);
     rt.block_on(sim.shutdown());
 }
+
+/// A Zendesk that cannot be reached (nothing listens at the configured address) fails the run
+/// in about a second, naming the address it tried and the settings to check, before any write.
+#[test]
+fn an_unreachable_zendesk_fails_fast_and_says_where() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: bind one, then close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let cfg = setup(dir.path(), &base, "whatever");
+    let started = std::time::Instant::now();
+    let out = zdsync().arg("run").arg(&cfg).output().unwrap();
+    let took = started.elapsed();
+    let t = text(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(ErrorName::ZendeskUnavailable.exit_code() as i32),
+        "{t}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "took {took:?}: {t}"
+    );
+    assert!(
+        t.contains(&format!("127.0.0.1:{port}")),
+        "names the address: {t}"
+    );
+    assert!(t.contains("base_url"), "names the setting: {t}");
+    assert!(!dir.path().join("state").exists(), "nothing folded");
+}

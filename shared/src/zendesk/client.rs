@@ -225,6 +225,9 @@ struct Stats {
     transport_errors: AtomicU64,
     retries: AtomicU64,
     token_refreshes: AtomicU64,
+    /// Answers of any status received: before the first, a connection that cannot even be
+    /// opened (refused, no such host) is a wrong address, not a blip, and fails fast.
+    answers: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -1287,12 +1290,23 @@ impl Client {
                 message,
             });
         }
-        if attempt >= max {
+        // A connection that never opened while this client has had no answer at all: the
+        // address is wrong or the host is down. One quick second try, then say where.
+        let never_answered = !reached && self.inner.stats.answers.load(Ordering::Relaxed) == 0;
+        if attempt >= max || (never_answered && attempt >= 2) {
             return Err(ZendeskError::Transport {
-                path: req.path.clone(),
+                path: if req.path.starts_with("http") {
+                    req.path.clone()
+                } else {
+                    format!("{}{}", self.inner.opts.base_url, req.path)
+                },
                 attempts: attempt,
                 message,
             });
+        }
+        if never_answered {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            return Ok(());
         }
         tracing::warn!(
             method = %req.method, path = %req.path, attempt,
@@ -1365,6 +1379,7 @@ impl Client {
                     continue;
                 }
             };
+            bump(&stats.answers);
             let status = resp.status().as_u16();
             let told_to_wait = retry_after(resp.headers());
             // Zendesk documents that a 429, or a 503 with `Retry-After`, did nothing. A 503

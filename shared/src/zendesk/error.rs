@@ -46,8 +46,8 @@ pub enum ZendeskError {
         attempts: u32,
         message: String,
     },
-    /// Connection errors and timeouts outlasted the retry budget.
-    #[error("cannot reach Zendesk ({path}) after {attempts} attempts: {message}")]
+    /// Connection errors and timeouts outlasted the retry budget. `path` is the whole URL tried.
+    #[error("cannot reach Zendesk at {path} after {attempts} attempts: {message}; check `subdomain` and `base_url` in the config, and the network or proxy between here and that host")]
     Transport {
         path: String,
         attempts: u32,
