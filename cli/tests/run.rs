@@ -358,3 +358,26 @@ fn an_unreachable_zendesk_fails_fast_and_says_where() {
     assert!(t.contains("base_url"), "names the setting: {t}");
     assert!(!dir.path().join("state").exists(), "nothing folded");
 }
+
+/// An export that is not where the config says: the error names the folder it looked in and the
+/// flag that sets it.
+#[test]
+fn a_missing_export_names_the_folder_it_looked_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(dir.path(), "http://127.0.0.1:9", "whatever");
+    std::fs::remove_dir_all(dir.path().join("exports")).unwrap();
+    let out = zdsync()
+        .arg("plan")
+        .arg(&cfg)
+        .arg("--offline")
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{t}");
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    assert!(
+        t.contains(&root.display().to_string()),
+        "names the folder: {t}"
+    );
+    assert!(t.contains("--store"), "names the flag: {t}");
+}

@@ -350,6 +350,9 @@ impl ObjectStore for Scratch {
     fn delete(&self, key: &str) -> io::Result<()> {
         self.own.delete(key)
     }
+    fn describe(&self) -> String {
+        self.base.describe()
+    }
     fn get_tagged(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {
         if self.holds(key)? {
             self.own.get_tagged(key)

@@ -36,6 +36,10 @@ pub trait ObjectStore: Send + Sync {
     fn put_if_absent(&self, key: &str, bytes: &[u8]) -> io::Result<bool>;
     /// Remove one object; removing a missing object is not an error.
     fn delete(&self, key: &str) -> io::Result<()>;
+    /// Where keys resolve, for messages (`the folder /data/zdsync`, `s3://bucket`).
+    fn describe(&self) -> String {
+        "the store".into()
+    }
     /// A small object's bytes with its version tag (S3: the ETag), or `None` when absent. The
     /// tag is what `put_if_match` and `delete_if_match` compare against.
     fn get_tagged(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>>;
@@ -99,6 +103,9 @@ impl ObjectStore for Box<dyn ObjectStore> {
     }
     fn delete(&self, key: &str) -> io::Result<()> {
         (**self).delete(key)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
     }
     fn get_tagged(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {
         (**self).get_tagged(key)
@@ -304,6 +311,11 @@ impl ObjectStore for LocalStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(with_path(e, &path)),
         }
+    }
+
+    fn describe(&self) -> String {
+        let root = std::fs::canonicalize(&self.root).unwrap_or_else(|_| self.root.clone());
+        format!("the folder {} (`--store DIR` sets it)", root.display())
     }
 
     fn get_tagged(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {

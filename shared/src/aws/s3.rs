@@ -409,6 +409,10 @@ impl ObjectStore for S3Store {
         }
     }
 
+    fn describe(&self) -> String {
+        format!("s3://{}", self.bucket)
+    }
+
     fn get_tagged(&self, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {
         self.block_on(async {
             let resp = match self

@@ -100,7 +100,7 @@ pub fn resolve_export(store: &dyn ObjectStore, location: &str) -> Result<Export,
         };
         return Err(ExportError::NotFound {
             location: location.to_string(),
-            hint: hint.to_string(),
+            hint: format!("{hint}; looked in {}", store.describe()),
         });
     }
     Ok(Export::parts(listed))
