@@ -59,6 +59,8 @@ pub struct ConnectArgs {
     /// input, or a prompt (implied by `--grant client-credentials`).
     #[arg(long)]
     pub client_secret: bool,
+    /// How to obtain the OAuth token: sign in with a browser, or a confidential client's own
+    /// grant without one.
     #[arg(long, value_enum, default_value = "authorization-code")]
     pub grant: Grant,
     /// Space-separated OAuth scopes (default: `read users:write organizations:write

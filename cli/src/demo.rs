@@ -15,6 +15,8 @@ use zdsync_sim::{SimConfig, Simulator};
 const USERS: usize = 2_000;
 const ORGS: usize = 200;
 const PLANS: [&str; 3] = ["Free", "Pro", "Enterprise"];
+/// The syncs the demo writes, in the order it runs them.
+const SYNCS: [&str; 3] = ["demo_orgs", "demo_users", "demo_key_accounts"];
 
 pub struct DemoArgs {
     pub dir: Option<PathBuf>,
@@ -220,6 +222,47 @@ fn write(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::write(path, text)
 }
 
+/// Remove what an earlier demo left in `dir`: its syncs' state, runs, history and lock, and
+/// nothing else (the configs and exports are written again). The demo's simulator starts empty,
+/// so a run planned from an earlier demo's state would skip every row it thinks Zendesk has.
+/// Returns whether there was anything to remove.
+pub fn clear_previous(dir: &Path) -> std::io::Result<bool> {
+    use zdsync::layout;
+    let mut cleared = false;
+    for sync in SYNCS {
+        let state = layout::state_key(sync);
+        let folders = [
+            Path::new(&state).parent().map(Path::to_path_buf),
+            Some(PathBuf::from(layout::runs_prefix(sync))),
+            Some(PathBuf::from(layout::history_prefix(sync))),
+        ];
+        for folder in folders.into_iter().flatten() {
+            match std::fs::remove_dir_all(dir.join(folder)) {
+                Ok(()) => cleared = true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        match std::fs::remove_file(dir.join(layout::lock_key(sync))) {
+            Ok(()) => cleared = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(cleared)
+}
+
+/// The demo's credentials file, owner-only as `zdsync connect` writes them.
+fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
+    write(path, text)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
 pub fn demo(args: DemoArgs) -> ExitCode {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -260,13 +303,26 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
             }
         }
     };
+    let cleared = match clear_previous(&dir) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "error: cannot remove an earlier demo's state and runs from {} ({e}); use a new folder (--dir)",
+                dir.display()
+            );
+            return ExitCode::from(run_cmd::exit::STATE);
+        }
+    };
     println!("zdsync demo");
     println!("  Zendesk simulator  {} (account acme)", sim.base_url());
     println!("  bucket folder      {}", dir.display());
+    if cleared {
+        println!("                     (an earlier demo's state, runs and history removed)");
+    }
     println!();
 
     let setup = || -> std::io::Result<()> {
-        write(
+        write_secret(
             &dir.join("config/credentials.json"),
             &format!(
                 "{{\"email\": \"admin@acme.test\", \"api_token\": \"{}\"}}\n",
@@ -328,7 +384,6 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
         full_resync: false,
         max_rows: None,
     };
-    let syncs = ["demo_orgs", "demo_users", "demo_key_accounts"];
     let mut worst = run_cmd::exit::OK;
     for round in 1..=2 {
         if round == 2 {
@@ -366,7 +421,7 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
                 key_accounts(orgs, 1).len()
             );
         }
-        for sync in syncs {
+        for sync in SYNCS {
             let path = dir.join(format!("config/{sync}.toml"));
             let cfg = match SyncConfig::load(&path) {
                 Ok(c) => c,

@@ -18,6 +18,11 @@ use zdsync::store::{LocalStore, ObjectStore};
 
 #[derive(Parser)]
 #[command(name = "zdsync", version, about = "Reverse ETL into Zendesk Support: users, organizations and tickets from warehouse exports", long_about = None)]
+#[command(
+    after_help = "Logs go to stderr. ZDSYNC_LOG sets their level or filter (default `warn`; \
+                  `ZDSYNC_LOG=debug` shows every request, never credentials); they are coloured \
+                  only on a terminal and when NO_COLOR is unset."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,7 +72,10 @@ enum Command {
     /// 3 export, 4 state, 5 Zendesk/store failure mid-run, 6 credentials/subdomain/scope,
     /// 7 another run holds the lock, 8 more rows to send than the row cap (nothing written).
     Run {
+        /// The sync config (TOML; see the README for every key).
         config: PathBuf,
+        /// The folder playing the bucket: export locations, state/ and runs/ are relative to it.
+        /// Default: the config's folder (its parent when the config sits in a `config/` folder).
         #[arg(long, env = "ZDSYNC_STORE")]
         store: Option<PathBuf>,
         /// Print the run records as JSON.
@@ -96,27 +104,42 @@ enum Command {
     /// Read the custom fields of the sync's object from Zendesk, check the mapping against them
     /// and print them (options, types, which column feeds each field).
     Schema {
+        /// The sync config (TOML): its object, mapping and Zendesk account.
         config: PathBuf,
+        /// Print the field definitions as JSON instead of the table.
         #[arg(long)]
         json: bool,
     },
     /// Past runs of a sync, newest first.
     History {
+        /// The sync config (TOML) whose runs to list.
         config: PathBuf,
+        /// The folder playing the bucket (its history/ is read). Default: the config's folder
+        /// (its parent when the config sits in a `config/` folder).
         #[arg(long, env = "ZDSYNC_STORE")]
         store: Option<PathBuf>,
+        /// Show at most this many runs.
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        /// Print the run records as JSON instead of the table.
         #[arg(long)]
         json: bool,
     },
-    /// Start the built-in Zendesk simulator, write an example export and configs, sync users
-    /// and organizations, change a few rows, sync again, and print both run reports.
+    /// The whole pipeline on the built-in Zendesk simulator: sync example users, organizations
+    /// and an audience, change a few rows, preview and sync again; prints every run report.
+    ///
+    /// Writes an example export (2,000 users, 5 of them invalid on purpose; 200 organizations;
+    /// key accounts to tag `key_account`) and sync configs into a folder, then runs two rounds
+    /// of three syncs over HTTP. It prints each run's report (counts, requests, timings,
+    /// refused rows with their reasons), in round 2 whether the preview (`zdsync plan`) said
+    /// what the run did, and finally what the simulator holds: users and organizations, valid
+    /// rows missing, renamed users, tags set wrongly. A folder used before is first cleared of
+    /// the demo's own earlier state, runs and history.
     Demo {
         /// Folder for the demo's bucket (default: a new folder under the temp dir).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Users in the example export (organizations: a tenth of it).
+        /// Users in the example export (default 2000; organizations: a tenth of it).
         #[arg(long)]
         rows: Option<usize>,
         /// Use a simulator that is already running (`zdsync sim`) instead of starting one, so
@@ -126,6 +149,7 @@ enum Command {
     },
     /// Run the Zendesk simulator until Ctrl-C (same knobs as the `zdsync-sim` binary).
     Sim {
+        /// Address and port to listen on.
         #[arg(long, default_value = "127.0.0.1:8089")]
         bind: std::net::SocketAddr,
         /// Account-wide requests per minute (0 = off).
@@ -140,10 +164,25 @@ enum Command {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ZDSYNC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Colour codes only on a terminal (never in a log file or a pipe), and never with NO_COLOR.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Rust ignores SIGPIPE, so printing into a closed pipe (`zdsync history x.toml | head -1`)
+/// would panic; with the default action the process ends quietly, as other Unix tools do.
+/// Sockets are unaffected (the standard library sends with MSG_NOSIGNAL).
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any thread starts; resets one signal's action.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -180,6 +219,7 @@ fn load(config: &Path) -> Result<SyncConfig, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
