@@ -31,7 +31,7 @@ pub struct LockInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("sync `{sync}` is already running (run {run_id} on {host}, pid {pid}, since {acquired_at}); wait for it to finish or, if it crashed, for its lock to expire at {expires}")]
+    #[error("sync `{sync}` is already running: run {run_id} on {host} (pid {pid}) since {acquired_at}. Wait for it to finish (`zdsync run --wait SECONDS` waits that long); if that process is gone, the next run takes the lock over (at once on {host}, elsewhere after {expires}) and finishes that run first")]
     Held {
         sync: String,
         run_id: String,
