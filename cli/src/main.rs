@@ -5,6 +5,7 @@ mod connect_cmd;
 mod demo;
 mod run_cmd;
 mod schema_cmd;
+mod show_cmd;
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -124,6 +125,41 @@ enum Command {
         /// Print the run records as JSON instead of the table.
         #[arg(long)]
         json: bool,
+    },
+    /// One run of a sync (default: the newest): status, trigger, times, row counts, phases,
+    /// requests, its error, the run it finished or that finished it, a mapping change, and
+    /// the paths of its files.
+    Show {
+        /// The sync config (TOML) whose run to show.
+        config: PathBuf,
+        /// The run id (`zdsync history` lists them; a prefix naming one run is enough).
+        run: Option<String>,
+        /// The folder playing the bucket. Default: the config's folder (its parent when the
+        /// config sits in a `config/` folder).
+        #[arg(long, env = "ZDSYNC_STORE")]
+        store: Option<PathBuf>,
+        /// Print the run record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every row of a run (default: the newest) that failed in Zendesk or was refused before
+    /// sending: kind, key, source file and line, field, reason, message and Zendesk's error.
+    /// The list to fix in the warehouse.
+    Failed {
+        /// The sync config (TOML) whose run to read.
+        config: PathBuf,
+        /// The run id (`zdsync history` lists them; a prefix naming one run is enough).
+        run: Option<String>,
+        /// The folder playing the bucket. Default: the config's folder (its parent when the
+        /// config sits in a `config/` folder).
+        #[arg(long, env = "ZDSYNC_STORE")]
+        store: Option<PathBuf>,
+        /// CSV with a header line, or one JSON object a line.
+        #[arg(long, value_enum, default_value = "csv")]
+        format: show_cmd::Format,
+        /// Write the rows to this file instead of stdout.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
     },
     /// The whole pipeline on the built-in Zendesk simulator: sync example users, organizations
     /// and an audience, change a few rows, preview and sync again; prints every run report.
@@ -267,7 +303,7 @@ fn main() -> ExitCode {
                 max_rows,
             };
             let outcome = runtime().block_on(run_cmd::run_sync(cfg, &config, &root, &args));
-            run_cmd::report(&outcome, json);
+            run_cmd::report_at(&outcome, json, Some(&root));
             ExitCode::from(run_cmd::outcome_code(&outcome))
         }
         Command::History {
@@ -281,6 +317,33 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             run_cmd::history(&store_root(&config, store), &cfg, limit, json)
+        }
+        Command::Show {
+            config,
+            run,
+            store,
+            json,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let root = store_root(&config, store);
+            show_cmd::show(&config, &root, &cfg, run.as_deref(), json)
+        }
+        Command::Failed {
+            config,
+            run,
+            store,
+            format,
+            output,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let root = store_root(&config, store);
+            show_cmd::failed(&root, &cfg, run.as_deref(), format, output.as_deref())
         }
         Command::Schema { config, json } => {
             let cfg = match load(&config) {

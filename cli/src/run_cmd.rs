@@ -168,8 +168,22 @@ pub fn num(n: u64) -> String {
     out
 }
 
-/// The end-of-run summary table.
-pub fn render_record(r: &RunRecord) -> String {
+/// Where a run's object `key` is: the real path under the store folder `root` (symlinks and
+/// `..` resolved, as far as the path exists), else the key itself (relative to the store).
+pub fn object_path(root: Option<&Path>, key: &str) -> String {
+    let Some(root) = root else {
+        return key.to_string();
+    };
+    let path = root.join(key);
+    let real = std::fs::canonicalize(&path)
+        .or_else(|_| std::fs::canonicalize(root).map(|r| r.join(key)))
+        .or_else(|_| std::path::absolute(&path))
+        .unwrap_or(path);
+    real.display().to_string()
+}
+
+/// The end-of-run summary table; `root` is the store folder its file paths are shown under.
+pub fn render_record(r: &RunRecord, root: Option<&Path>) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let status = match r.status {
@@ -208,15 +222,16 @@ pub fn render_record(r: &RunRecord) -> String {
         let _ = writeln!(s, "  {k:<12}{:>12}  {note}", num(v));
     };
     line(&mut s, "rows read", rows.read, "");
-    line(
-        &mut s,
-        "invalid",
-        rows.invalid,
-        "refused before sending (runs/<sync>/<run>/invalid.jsonl)",
-    );
+    let invalid_note = if rows.invalid > 0 {
+        let key = zdsync::layout::invalid_key(&r.sync, &r.run_id);
+        format!("refused before sending ({})", object_path(root, &key))
+    } else {
+        "refused before sending".to_string()
+    };
+    line(&mut s, "invalid", rows.invalid, &invalid_note);
     line(&mut s, "created", rows.created, "");
     line(&mut s, "updated", rows.updated, "");
-    if rows.tagged + rows.untagged > 0 || r.mode.audience_only() {
+    if r.is_audience() {
         line(
             &mut s,
             "tagged",
@@ -310,7 +325,13 @@ pub fn render_record(r: &RunRecord) -> String {
     s
 }
 
+/// Print a run's records (refused rows' files as keys under the store).
 pub fn report(outcome: &RunOutcome, json: bool) {
+    report_at(outcome, json, None)
+}
+
+/// Print a run's records, their files as real paths under the store folder `root`.
+pub fn report_at(outcome: &RunOutcome, json: bool, root: Option<&Path>) {
     if json {
         println!(
             "{}",
@@ -318,7 +339,7 @@ pub fn report(outcome: &RunOutcome, json: bool) {
         );
     } else {
         for r in &outcome.records {
-            println!("{}", render_record(r));
+            println!("{}", render_record(r, root));
         }
     }
     if let Some(e) = &outcome.error {
@@ -329,6 +350,9 @@ pub fn report(outcome: &RunOutcome, json: bool) {
         }
     }
 }
+
+/// One count of a run record, as a `zdsync history` column shows it.
+type Count = fn(&RunRecord) -> u64;
 
 pub fn history(root: &Path, cfg: &SyncConfig, limit: usize, json: bool) -> ExitCode {
     let store = LocalStore::new(root);
@@ -350,22 +374,31 @@ pub fn history(root: &Path, cfg: &SyncConfig, limit: usize, json: bool) -> ExitC
         println!("no runs of sync `{}` yet in {}", cfg.name, root.display());
         return ExitCode::SUCCESS;
     }
-    println!(
-        "{:<22} {:<20} {:<9} {:<24} {:>9} {:>7} {:>8} {:>8} {:>9} {:>7} {:>8} {:>5} {:>8}",
-        "run",
-        "started",
-        "trigger",
-        "status",
-        "read",
-        "invalid",
-        "created",
-        "updated",
-        "unchanged",
-        "failed",
-        "requests",
-        "429s",
-        "seconds"
+    // An audience sync counts tags (audience upsert: records written, and tagged too).
+    let audience = cfg.is_audience() || runs.iter().any(|r| r.is_audience());
+    let writes =
+        !cfg.mode.audience_only() || runs.iter().any(|r| r.rows.created + r.rows.updated > 0);
+    let mut columns: Vec<(&str, Count)> =
+        vec![("read", |r| r.rows.read), ("invalid", |r| r.rows.invalid)];
+    if writes {
+        columns.push(("created", |r| r.rows.created));
+        columns.push(("updated", |r| r.rows.updated));
+    }
+    if audience {
+        columns.push(("tagged", |r| r.rows.tagged));
+        columns.push(("untagged", |r| r.rows.untagged));
+    }
+    columns.push(("unchanged", |r| r.rows.unchanged));
+    columns.push(("failed", |r| r.rows.failed));
+    columns.push(("requests", |r| r.requests.sent));
+    let mut head = format!(
+        "{:<22} {:<23} {:<9} {:<24}",
+        "run", "started", "trigger", "status"
     );
+    for (name, _) in &columns {
+        head.push_str(&format!(" {name:>9}"));
+    }
+    println!("{head} {:>5} {:>8}", "429s", "seconds");
     for r in &runs {
         let status = match r.status {
             RunStatus::Succeeded => "succeeded".to_string(),
@@ -376,22 +409,19 @@ pub fn history(root: &Path, cfg: &SyncConfig, limit: usize, json: bool) -> ExitC
             ),
             RunStatus::Interrupted => "interrupted".to_string(),
         };
-        println!(
-            "{:<22} {:<20} {:<9} {:<24} {:>9} {:>7} {:>8} {:>8} {:>9} {:>7} {:>8} {:>5} {:>8.1}",
+        // Milliseconds: runs of one second tell apart (history is ordered by them).
+        let started = r.started_at.trim_end_matches('Z');
+        let mut line = format!(
+            "{:<22} {:<23} {:<9} {:<24}",
             r.run_id,
-            r.started_at.get(..19).unwrap_or(&r.started_at),
+            started.get(..23).unwrap_or(started),
             r.trigger,
-            status,
-            num(r.rows.read),
-            num(r.rows.invalid),
-            num(r.rows.created),
-            num(r.rows.updated),
-            num(r.rows.unchanged),
-            num(r.rows.failed),
-            num(r.requests.sent),
-            r.requests.rate_limited,
-            r.seconds
+            status
         );
+        for (_, value) in &columns {
+            line.push_str(&format!(" {:>9}", num(value(r))));
+        }
+        println!("{line} {:>5} {:>8.1}", r.requests.rate_limited, r.seconds);
     }
     ExitCode::SUCCESS
 }
