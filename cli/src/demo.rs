@@ -443,7 +443,7 @@ async fn demo_async(args: DemoArgs) -> ExitCode {
                 None
             };
             let outcome = run_cmd::run_sync(cfg, &path, &dir, &args).await;
-            run_cmd::report(&outcome, false);
+            run_cmd::report_at(&outcome, false, Some(&dir));
             if let (Some(p), Some(rec)) = (&preview, outcome.records.last()) {
                 let key = zdsync::layout::manifest_key(sync, &rec.run_id);
                 let store = zdsync::store::LocalStore::new(&dir);

@@ -90,6 +90,20 @@ pub async fn run_sync(
         && !args.json
         && std::io::stderr().is_terminal()
         && std::env::var_os("CI").is_none();
+    if !args.wait.is_zero() {
+        if let Ok(Some(h)) = zdsync::lock::holder(ctx.store.as_ref(), &ctx.config.name) {
+            if !h.is_stale() {
+                eprintln!(
+                    "zdsync: sync `{}` is running (run {} on {}, pid {}); waiting up to {} s for it to finish",
+                    ctx.config.name,
+                    h.run_id,
+                    h.host,
+                    h.pid,
+                    args.wait.as_secs()
+                );
+            }
+        }
+    }
     let bar = show.then(|| spawn_progress(progress.clone()));
     let outcome = zdsync::run::run(&ctx, &opts).await;
     signals.abort();
@@ -132,24 +146,45 @@ async fn on_signals(stop: zdsync::write::Stop, grace: Duration) {
 
 /// A progress bar on stderr with rows/s and ETA, fed from the writer's counters.
 fn spawn_progress(p: Arc<Progress>) -> (ProgressBar, tokio::task::JoinHandle<()>) {
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} writing [{bar:30}] {pos}/{len} rows · {per_sec} · ETA {eta} · {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    // A bar of length 0 draws full: a spinner until the plan knows how many rows go out.
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template("{spinner} {msg}").expect("valid template"));
+    bar.set_message("planning…");
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let writing = ProgressStyle::with_template(
+        "{spinner} [{bar:16}] {human_pos}/{human_len} rows · {rate} · ETA {eta} · {msg}",
+    )
+    .expect("valid template")
+    .with_key(
+        "rate",
+        |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let r = s.per_sec();
+            let _ = if r < 10.0 {
+                write!(w, "{r:.1}/s")
+            } else {
+                write!(w, "{r:.0}/s")
+            };
+        },
+    )
+    .progress_chars("=> ");
     let b = bar.clone();
     let task = tokio::spawn(async move {
+        let mut writing_shown = false;
         loop {
-            b.set_length(p.rows_total.load(Ordering::Relaxed));
-            b.set_position(p.rows_done.load(Ordering::Relaxed));
-            b.set_message(format!(
-                "{} failed · {} jobs",
-                p.failed.load(Ordering::Relaxed),
-                p.jobs.load(Ordering::Relaxed)
-            ));
+            let total = p.rows_total.load(Ordering::Relaxed);
+            if total > 0 {
+                if !writing_shown {
+                    b.set_style(writing.clone());
+                    writing_shown = true;
+                }
+                b.set_length(total);
+                b.set_position(p.rows_done.load(Ordering::Relaxed));
+                b.set_message(format!(
+                    "{} failed · {} jobs",
+                    p.failed.load(Ordering::Relaxed),
+                    p.jobs.load(Ordering::Relaxed)
+                ));
+            }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
@@ -294,14 +329,18 @@ pub fn render_record(r: &RunRecord, root: Option<&Path>) -> String {
         rows.created + rows.updated + rows.failed
     };
     let rate = if p.write > 0.0 {
-        format!(" · {:.0} rows/s", written as f64 / p.write)
+        format!(
+            " · {} rows/s writing",
+            num((written as f64 / p.write).round() as u64)
+        )
     } else {
         String::new()
     };
+    let _ = writeln!(s, "  time        {:>10.2} s{rate}", r.seconds);
     let _ = writeln!(
         s,
-        "  time        {:>10.2} s  preflight {:.2} · schema {:.2} · plan {:.2} · write {:.2}{rate} · finalize {:.2}",
-        r.seconds, p.preflight, p.schema, p.plan, p.write, p.finalize
+        "  phases (s)  preflight {:.1} · schema {:.1} · plan {:.1} · write {:.1} · finalize {:.1}",
+        p.preflight, p.schema, p.plan, p.write, p.finalize
     );
     for x in r.invalid_samples.iter().take(6) {
         let key =
@@ -323,11 +362,6 @@ pub fn render_record(r: &RunRecord, root: Option<&Path>) -> String {
         let _ = writeln!(s, "  error    {}: {}", e.name, e.message);
     }
     s
-}
-
-/// Print a run's records (refused rows' files as keys under the store).
-pub fn report(outcome: &RunOutcome, json: bool) {
-    report_at(outcome, json, None)
 }
 
 /// Print a run's records, their files as real paths under the store folder `root`.
