@@ -3,6 +3,7 @@
 
 mod connect_cmd;
 mod demo;
+mod init_cmd;
 mod run_cmd;
 mod schema_cmd;
 mod show_cmd;
@@ -102,6 +103,11 @@ enum Command {
     /// (owner-only) or a Secrets Manager secret. `--check` reports what a stored credential can
     /// do. Exit code 0 = connected, 2 config, 6 credentials/subdomain/scope refused.
     Connect(connect_cmd::ConnectArgs),
+    /// Write a starting sync config from an export (a file or a folder of parts) and the
+    /// account's fields: columns matched to standard and custom fields, a guessed primary key
+    /// and the unmatched columns, marked for review. Exit code 0, 2 config, 3 export,
+    /// 5 Zendesk, 6 credentials/subdomain/scope.
+    Init(init_cmd::InitArgs),
     /// Read the custom fields of the sync's object from Zendesk, check the mapping against them
     /// and print them (options, types, which column feeds each field).
     Schema {
@@ -353,6 +359,7 @@ fn main() -> ExitCode {
             runtime().block_on(schema(cfg, &config, json))
         }
         Command::Connect(args) => runtime().block_on(connect_cmd::connect(args)),
+        Command::Init(args) => runtime().block_on(init_cmd::init(args)),
         Command::Demo { dir, rows, sim } => demo::demo(demo::DemoArgs { dir, rows, sim }),
         Command::Sim {
             bind,
