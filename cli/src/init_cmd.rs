@@ -97,10 +97,15 @@ fn sanitize_name(s: &str) -> String {
 
 /// The export's column names: CSV and Parquet name them when asked for a column they lack;
 /// JSON Lines: the keys of the first record.
-fn columns_of(store: &LocalStore, root: &Path, key: &str) -> Result<Vec<String>, String> {
+fn columns_of(
+    store: &LocalStore,
+    root: &Path,
+    key: &str,
+    opts: &ReadOptions,
+) -> Result<Vec<String>, String> {
     let probe = vec!["\u{1}zdsync-init-probe".to_string()];
-    let budget = ReadBudget::new(&ReadOptions::default());
-    match open_reader(store, key, &probe, &ReadOptions::default(), &budget) {
+    let budget = ReadBudget::new(opts);
+    match open_reader(store, key, &probe, opts, &budget) {
         Err(ExportError::MissingColumn { available, .. }) => Ok(available
             .split(',')
             .map(str::to_string)
@@ -124,10 +129,10 @@ fn sample(
     store: &LocalStore,
     key: &str,
     columns: &[String],
+    opts: &ReadOptions,
 ) -> Result<Vec<Vec<Option<String>>>, String> {
-    let opts = ReadOptions::default();
-    let budget = ReadBudget::new(&opts);
-    let mut reader = open_reader(store, key, columns, &opts, &budget).map_err(|e| e.to_string())?;
+    let budget = ReadBudget::new(opts);
+    let mut reader = open_reader(store, key, columns, opts, &budget).map_err(|e| e.to_string())?;
     let mut rec = Record::default();
     let mut rows = Vec::new();
     while rows.len() < SAMPLE_ROWS {
@@ -305,12 +310,27 @@ pub async fn init(args: InitArgs) -> ExitCode {
         Err(e) => return fail(e, exit::EXPORT),
     };
     let first = parts[0].key.clone();
-    let columns = match columns_of(&store, &root, &first) {
+    let mut opts = ReadOptions::default();
+    let mut columns = columns_of(&store, &root, &first, &opts);
+    // One column holding `|`, a tab or `;`: a delimited file that is not comma-separated.
+    let other = match &columns {
+        Ok(c) if c.len() == 1 => [b'|', b'\t', b';']
+            .into_iter()
+            .find(|d| c[0].contains(char::from(*d))),
+        _ => None,
+    };
+    let mut source = format!("location = {}\n", q(&location));
+    if let Some(d) = other {
+        opts.delimiter = d;
+        columns = columns_of(&store, &root, &first, &opts);
+        source.push_str(&format!("delimiter = {}\n", q(&char::from(d).to_string())));
+    }
+    let columns = match columns {
         Ok(c) if !c.is_empty() => c,
         Ok(_) => return fail(format!("`{first}` names no columns"), exit::EXPORT),
         Err(e) => return fail(e, exit::EXPORT),
     };
-    let rows = match sample(&store, &first, &columns) {
+    let rows = match sample(&store, &first, &columns, &opts) {
         Ok(r) => r,
         Err(e) => return fail(e, exit::EXPORT),
     };
@@ -330,7 +350,7 @@ pub async fn init(args: InitArgs) -> ExitCode {
         );
         None
     } else {
-        let text = base_config(&name, object, "update", "id", &location, &args, "");
+        let text = base_config(&name, object, "update", "id", &source, &args, "");
         let cfg = match SyncConfig::parse(&text, &output.display().to_string()) {
             Ok(c) => c,
             Err(e) => return fail(e, exit::CONFIG),
@@ -465,7 +485,7 @@ pub async fn init(args: InitArgs) -> ExitCode {
         mapping.push_str("\n# Columns no field matched (map them by hand, or leave them out):\n");
         mapping.push_str(&unmatched);
     }
-    let body = base_config(&name, object, mode, &pk, &location, &args, &mapping);
+    let body = base_config(&name, object, mode, &pk, &source, &args, &mapping);
     let text = format!("{header}{pk_note}\n{body}");
     let file = output.display().to_string();
     let cfg = match SyncConfig::parse(&text, &file) {
@@ -502,7 +522,7 @@ fn base_config(
     object: Object,
     mode: &str,
     pk: &str,
-    location: &str,
+    source: &str,
     args: &InitArgs,
     mapping: &str,
 ) -> String {
@@ -512,13 +532,12 @@ fn base_config(
         .map(|u| format!("base_url = {}\n", q(u)))
         .unwrap_or_default();
     format!(
-        "name = {}\nobject = {}\nmode = {}\nprimary_key = {}\n\n[source]\nlocation = {}\n\n\
+        "name = {}\nobject = {}\nmode = {}\nprimary_key = {}\n\n[source]\n{source}\n\
          [zendesk]\nsubdomain = {}\ncredentials = {}\n{base_url}\n[mapping]\n{mapping}",
         q(name),
         q(object.as_str()),
         q(mode),
         q(pk),
-        q(location),
         q(&args.subdomain),
         q(&args.credentials),
     )

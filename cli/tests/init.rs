@@ -200,3 +200,38 @@ fn init_offline_on_the_shipped_example_plans() {
     let body = std::fs::read_to_string(root.join("crm_users.toml")).unwrap();
     assert!(body.contains("name = \"crm\""), "{body}");
 }
+
+#[test]
+fn init_reads_a_pipe_delimited_file_and_names_its_delimiter() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(
+        root,
+        "unload/orgs.csv",
+        "ORG_KEY|Organization Name|DOMAINS|NOTES\nk1|Acme|acme.test|a\nk2|Initech|initech.test|\n",
+    );
+    let o = zdsync()
+        .current_dir(root)
+        .args(["init", "unload/orgs.csv", "--object", "organizations"])
+        .args(["--subdomain", "acme", "--offline", "-o", "orgs.toml"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let body = std::fs::read_to_string(root.join("orgs.toml")).unwrap();
+    let cfg = SyncConfig::parse(&body, "orgs.toml").unwrap();
+    assert_eq!(cfg.primary_key, "ORG_KEY", "{body}");
+    assert_eq!(cfg.source.location, "unload/orgs.csv", "{body}");
+    assert!(body.contains("delimiter = \"|\""), "{body}");
+    assert!(
+        body.contains("name = \"Organization Name\"")
+            && body.contains("domain_names = \"DOMAINS\"")
+            && body.contains("notes = \"NOTES\""),
+        "{body}"
+    );
+    let plan = zdsync()
+        .current_dir(root)
+        .args(["plan", "orgs.toml", "--offline"])
+        .output()
+        .unwrap();
+    assert!(plan.status.success(), "{}\n{body}", text(&plan));
+}
