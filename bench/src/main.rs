@@ -7,6 +7,7 @@
 //! plan runs in a child process pinned to `--cores` CPUs so its peak RSS is its own.
 
 mod audience;
+mod budget;
 mod recovery;
 mod sync;
 mod timestamps;
@@ -100,6 +101,21 @@ enum Cmd {
         #[arg(long, default_value = "bench-data")]
         dir: PathBuf,
     },
+    /// The account budget shared by every writer of one Zendesk account: rows/min against the
+    /// bound, 429s and polls for one sync, three syncs at once, and four write-batch steps.
+    Budget {
+        /// `one`, `three`, `steps` or `all`.
+        #[arg(long, default_value = "all")]
+        scenario: String,
+        /// Runs of each scenario (the best is printed); default 2, 1 with `--quick`.
+        #[arg(long)]
+        repeat: Option<usize>,
+        /// About 15 s per run instead of about 60 s (a smoke test).
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "bench-data")]
+        dir: PathBuf,
+    },
     /// The date-time parser on Snowflake's default TIMESTAMP_TZ text, against chrono parsing
     /// the same texts with a fixed format.
     Timestamps {
@@ -190,6 +206,17 @@ fn main() {
             rpm,
             job_ms,
             rounds,
+            dir,
+        }),
+        Cmd::Budget {
+            scenario,
+            repeat,
+            quick,
+            dir,
+        } => budget::bench_budget(budget::BudgetBench {
+            scenario,
+            quick,
+            repeat: repeat.unwrap_or(if quick { 1 } else { 2 }),
             dir,
         }),
         Cmd::GunzipOnce { file, cores } => gunzip_once(&file, cores),
