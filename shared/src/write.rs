@@ -1366,6 +1366,23 @@ impl JobTracker {
     }
 }
 
+/// The moving average of an account's job times in this process: set it with `Some`, read it.
+fn job_time(account: &str, set: Option<Duration>) -> Option<Duration> {
+    static TIMES: std::sync::OnceLock<std::sync::Mutex<HashMap<String, Duration>>> =
+        std::sync::OnceLock::new();
+    let mut m = TIMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    match set {
+        Some(t) => {
+            m.insert(account.to_string(), t);
+            Some(t)
+        }
+        None => m.get(account).copied(),
+    }
+}
+
 async fn poll_loop(
     client: Client,
     mut rx: mpsc::UnboundedReceiver<Waiter>,
@@ -1378,10 +1395,12 @@ async fn poll_loop(
     let mut interval = poll_min;
     let mut last_poll = Instant::now() - poll_max;
     let mut open = true;
-    // How long jobs have been taking (moving average): the first poll for a job comes when it
-    // should be done, and polls that find nothing come again at a quarter of it, so a finished
-    // job's slot is refilled soon without polling a long queue every `poll_min`.
-    let mut expected: Option<Duration> = None;
+    // How long jobs have been taking (moving average, remembered per account for the writers
+    // that come after this one): the first poll for a job comes when it should be done, and
+    // polls that find nothing come again at half of it, so a finished job's slot is refilled
+    // soon without polling a long queue every `poll_min`.
+    let account = client.base_url().to_string();
+    let mut expected: Option<Duration> = job_time(&account, None);
     loop {
         if pending.is_empty() {
             if !open {
@@ -1467,6 +1486,7 @@ async fn poll_loop(
                         Some(e) => e.mul_f64(0.8) + took.mul_f64(0.2),
                         None => took,
                     });
+                    job_time(&account, expected);
                     let _ = w.done.send(Ok(j.clone()));
                 }
                 Some(_) => still.push(w),
@@ -1484,7 +1504,7 @@ async fn poll_loop(
         }
         let finished = before - still.len();
         pending = still;
-        let most = expected.map_or(poll_max, |e| (e / 4).clamp(poll_min, poll_max));
+        let most = expected.map_or(poll_max, |e| (e / 2).clamp(poll_min, poll_max));
         interval = if finished == 0 {
             (interval * 2).min(most)
         } else {

@@ -465,13 +465,20 @@ impl Shared {
                 lease.1 -= 1;
                 return;
             }
+            // The window's requests are released evenly over it, so clients that all wait at a
+            // window's start do not spend it in a burst: any sixty seconds then hold about
+            // `rate_limit_rpm`, wherever Zendesk's own minute starts.
+            let win_ms = budget::WINDOW.as_millis() as u64;
+            let into = now - window * win_ms;
+            let released = ((u64::from(self.cap) * into / win_ms) as u32 + 1).min(self.cap);
             // Small slices, so a window is not held by clients that do not need it.
-            let want = (self.cap / 8).clamp(1, self.cap);
-            let (store, account, cap) = (self.store.clone(), self.account.clone(), self.cap);
-            let got = tokio::task::spawn_blocking(move || store.take(&account, window, want, cap))
-                .await
-                .map_err(io_error)
-                .and_then(|r| r);
+            let want = (self.cap / 8).clamp(1, released);
+            let (store, account) = (self.store.clone(), self.account.clone());
+            let got =
+                tokio::task::spawn_blocking(move || store.take(&account, window, want, released))
+                    .await
+                    .map_err(io_error)
+                    .and_then(|r| r);
             match got {
                 Ok(n) if n > 0 => {
                     *lease = (window, n - 1);
@@ -479,11 +486,15 @@ impl Shared {
                 }
                 Ok(_) => {
                     drop(lease);
-                    // The window is spent: wait for the next one (a little after its start, so
-                    // the clients that wait do not all ask at the same millisecond).
-                    let next = (window + 1) * budget::WINDOW.as_millis() as u64;
                     let jitter = u64::from(rand::random::<u8>() % 20);
-                    let wait = next.saturating_sub(budget::unix_ms()) + jitter;
+                    let wait = if released < self.cap {
+                        // What is released so far is taken: the next request comes free soon.
+                        win_ms / u64::from(self.cap) + jitter
+                    } else {
+                        // The window is spent: wait for the next one (a little after its start,
+                        // so the clients that wait do not all ask at the same millisecond).
+                        ((window + 1) * win_ms).saturating_sub(budget::unix_ms()) + jitter
+                    };
                     tokio::time::sleep(Duration::from_millis(wait)).await;
                 }
                 Err(e) => self.fail("taking requests", &e),
