@@ -21,7 +21,7 @@ pub struct DynamoBudget {
     client: Client,
     table: String,
     handle: tokio::runtime::Handle,
-    _rt: Arc<tokio::runtime::Runtime>,
+    _rt: Arc<super::OwnedRuntime>,
 }
 
 impl std::fmt::Debug for DynamoBudget {
@@ -58,24 +58,12 @@ impl DynamoBudget {
                 "the budget table name is empty",
             ));
         }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("zdsync-dynamodb")
-            .enable_all()
-            .build()?;
-        let handle = rt.handle().clone();
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        handle.spawn(async move {
-            let _ = tx.send(config.load().await);
-        });
-        let shared = rx
-            .recv()
-            .map_err(|_| io::Error::other("loading the AWS configuration failed"))?;
+        let (rt, handle, shared) = super::own_runtime(&config, "zdsync-dynamodb", 1)?;
         Ok(DynamoBudget {
             client: Client::new(&shared),
             table: table.to_string(),
             handle,
-            _rt: Arc::new(rt),
+            _rt: rt,
         })
     }
 

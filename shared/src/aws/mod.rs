@@ -67,3 +67,43 @@ impl AwsConfig {
         loader.load().await
     }
 }
+
+/// A runtime an adapter owns, shut down in the background when the last clone goes: dropping a
+/// runtime inside an async context would panic.
+pub(crate) struct OwnedRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnedRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A runtime of `workers` threads for a blocking adapter, and the SDK configuration loaded on
+/// it (awaited through a channel, so this also works when called from inside an async context).
+pub(crate) fn own_runtime(
+    config: &AwsConfig,
+    name: &str,
+    workers: usize,
+) -> std::io::Result<(
+    std::sync::Arc<OwnedRuntime>,
+    tokio::runtime::Handle,
+    SdkConfig,
+)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name(name)
+        .enable_all()
+        .build()?;
+    let handle = rt.handle().clone();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let config = config.clone();
+    handle.spawn(async move {
+        let _ = tx.send(config.load().await);
+    });
+    let shared = rx
+        .recv()
+        .map_err(|_| std::io::Error::other("loading the AWS configuration failed"))?;
+    Ok((std::sync::Arc::new(OwnedRuntime(Some(rt))), handle, shared))
+}

@@ -13,7 +13,7 @@ use aws_sdk_s3::Client;
 use std::fmt;
 use std::io::{self, Read, Seek, Write};
 use std::sync::Arc;
-use tokio::runtime::{Handle, Runtime};
+use tokio::runtime::Handle;
 
 /// Objects above this size are uploaded by `create` writers in parts.
 pub const MULTIPART_THRESHOLD: u64 = 16 * 1024 * 1024;
@@ -25,23 +25,13 @@ const PART_CONCURRENCY: usize = 4;
 const READ_AHEAD_CHUNKS: usize = 8;
 
 /// Owns the runtime; shut down without blocking when the last store, reader or writer goes.
-struct OwnedRuntime(Option<Runtime>);
-
-impl Drop for OwnedRuntime {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
 /// An [`ObjectStore`] over one S3 bucket (keys are object keys, no extra prefix).
 #[derive(Clone)]
 pub struct S3Store {
     bucket: String,
     client: Client,
     handle: Handle,
-    _rt: Arc<OwnedRuntime>,
+    _rt: Arc<super::OwnedRuntime>,
 }
 
 impl fmt::Debug for S3Store {
@@ -67,21 +57,7 @@ impl S3Store {
                 "S3 bucket name is empty",
             ));
         }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("zdsync-s3")
-            .enable_all()
-            .build()?;
-        let handle = rt.handle().clone();
-        // Loaded on the store's runtime and awaited through a channel, so `new` also works when
-        // called from inside an async context.
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        handle.spawn(async move {
-            let _ = tx.send(config.load().await);
-        });
-        let shared = rx
-            .recv()
-            .map_err(|_| io::Error::other("loading the AWS configuration failed"))?;
+        let (rt, handle, shared) = super::own_runtime(&config, "zdsync-s3", 2)?;
         let mut s3 = aws_sdk_s3::config::Builder::from(&shared);
         if shared.endpoint_url().is_some() {
             s3 = s3.force_path_style(true);
@@ -90,7 +66,7 @@ impl S3Store {
             bucket: bucket.to_string(),
             client: Client::from_conf(s3.build()),
             handle,
-            _rt: Arc::new(OwnedRuntime(Some(rt))),
+            _rt: rt,
         })
     }
 
@@ -176,7 +152,7 @@ struct S3Reader {
     read: u64,
     expected: Option<u64>,
     done: bool,
-    _rt: Arc<OwnedRuntime>,
+    _rt: Arc<super::OwnedRuntime>,
 }
 
 impl Read for S3Reader {
