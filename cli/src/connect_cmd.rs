@@ -325,8 +325,21 @@ pub async fn connect(args: ConnectArgs) -> ExitCode {
         store.describe()
     );
     print_report(&t, &report, &store.describe());
-    if let Some(r) = &t.config_reference {
-        println!("\nPoint the sync config at them: in [zendesk], set credentials = \"{r}\"");
+    // A `file:` path given here is relative to the current folder, while a config reads its
+    // own relative `file:` paths from the config's folder: name the file absolutely.
+    let reference = match t.store_ref.strip_prefix("file:") {
+        Some(path) => {
+            let full = t.base_dir.join(path.trim());
+            let full = std::fs::canonicalize(&full).unwrap_or(full);
+            format!("file:{}", full.display())
+        }
+        None => t.store_ref.clone(),
+    };
+    if t.config_reference.is_some() || t.object.is_none() {
+        println!(
+            "\nPoint the sync config at them: in [zendesk], set credentials = \"{reference}\" \
+             (a relative `file:` path in a config is read from the config's folder)"
+        );
     }
     if creds.method() == AuthMethod::ApiToken {
         eprintln!("{}", api_token_warning(&t));

@@ -309,6 +309,34 @@ async fn api_token_from_stdin_is_verified_then_stored_with_the_retirement_warnin
     #[cfg(unix)]
     assert_eq!(mode(&file), 0o600);
 
+    // A relative `--store` path is taken from the current folder; the line to put in a config
+    // names the file whole (a config reads relative `file:` paths from its own folder).
+    let mut child = zdsync(
+        &sim,
+        &[
+            "--api-token",
+            "--email",
+            ADMIN_EMAIL,
+            "--store",
+            "file:rel/creds.json",
+        ],
+    )
+    .current_dir(dir.path())
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{DEFAULT_API_TOKEN}").unwrap();
+    let out = finish(child, Duration::from_secs(30));
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    let stored = std::fs::canonicalize(dir.path().join("rel/creds.json")).unwrap();
+    assert!(
+        o.contains(&format!("credentials = \"file:{}\"", stored.display())),
+        "{o}"
+    );
+
     // A wrong subdomain: exit 6 with the subdomain message.
     let out = Command::new(env!("CARGO_BIN_EXE_zdsync"))
         .args(["connect", "--subdomain", "acmee", "--base-url"])
