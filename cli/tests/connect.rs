@@ -258,7 +258,22 @@ async fn oauth_missing_scope_is_reported_by_check() {
 }
 
 fn api_token_connect(sim: &SimHandle, store: &str, email: &str, token: &str) -> Output {
-    let mut child = zdsync(sim, &["--api-token", "--email", email, "--store", store])
+    api_token_connect_in(sim, None, store, email, token)
+}
+
+/// [`api_token_connect`] from the working folder `cwd`.
+fn api_token_connect_in(
+    sim: &SimHandle,
+    cwd: Option<&std::path::Path>,
+    store: &str,
+    email: &str,
+    token: &str,
+) -> Output {
+    let mut cmd = zdsync(sim, &["--api-token", "--email", email, "--store", store]);
+    if let Some(d) = cwd {
+        cmd.current_dir(d);
+    }
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -311,24 +326,13 @@ async fn api_token_from_stdin_is_verified_then_stored_with_the_retirement_warnin
 
     // A relative `--store` path is taken from the current folder; the line to put in a config
     // names the file whole (a config reads relative `file:` paths from its own folder).
-    let mut child = zdsync(
+    let out = api_token_connect_in(
         &sim,
-        &[
-            "--api-token",
-            "--email",
-            ADMIN_EMAIL,
-            "--store",
-            "file:rel/creds.json",
-        ],
-    )
-    .current_dir(dir.path())
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    writeln!(child.stdin.take().unwrap(), "{DEFAULT_API_TOKEN}").unwrap();
-    let out = finish(child, Duration::from_secs(30));
+        Some(dir.path()),
+        "file:rel/creds.json",
+        ADMIN_EMAIL,
+        DEFAULT_API_TOKEN,
+    );
     let (o, e) = text(&out);
     assert!(out.status.success(), "{o}\n{e}");
     let stored = std::fs::canonicalize(dir.path().join("rel/creds.json")).unwrap();

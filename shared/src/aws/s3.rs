@@ -97,6 +97,34 @@ impl S3Store {
         self.handle.block_on(f)
     }
 
+    /// A conditional request: `true` when it applied, `false` when its condition failed (a
+    /// status in `lost`). A 409 (ConditionalRequestConflict: a concurrent conditional write) is
+    /// retried, as S3 asks.
+    fn conditional<T, E, Fut>(
+        &self,
+        op: &str,
+        key: &str,
+        lost: &[u16],
+        send: impl Fn() -> Fut,
+    ) -> io::Result<bool>
+    where
+        Fut: std::future::Future<Output = Result<T, SdkError<E, HttpResponse>>>,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.block_on(send()) {
+                Ok(_) => return Ok(true),
+                Err(e) if status(&e).is_some_and(|s| lost.contains(&s)) => return Ok(false),
+                Err(e) if status(&e) == Some(409) && attempt < 4 => {
+                    std::thread::sleep(std::time::Duration::from_millis(50 * attempt));
+                }
+                Err(e) => return Err(sdk_err(op, &self.bucket, key, e)),
+            }
+        }
+    }
+
     fn get_object_reader(&self, key: &str) -> io::Result<S3Reader> {
         let resp = self
             .block_on(
@@ -346,29 +374,16 @@ impl ObjectStore for S3Store {
     }
 
     fn put_if_absent(&self, key: &str, bytes: &[u8]) -> io::Result<bool> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let result = self.block_on(
-                self.client
-                    .put_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .if_none_match("*")
-                    .body(ByteStream::from(bytes.to_vec()))
-                    .send(),
-            );
-            match result {
-                Ok(_) => return Ok(true),
-                // PreconditionFailed: the key exists.
-                Err(e) if status(&e) == Some(412) => return Ok(false),
-                // ConditionalRequestConflict: a concurrent conditional write; S3 asks to retry.
-                Err(e) if status(&e) == Some(409) && attempt < 4 => {
-                    std::thread::sleep(std::time::Duration::from_millis(50 * attempt));
-                }
-                Err(e) => return Err(sdk_err("PutObject (If-None-Match)", &self.bucket, key, e)),
-            }
-        }
+        // PreconditionFailed: the key exists.
+        self.conditional("PutObject (If-None-Match)", key, &[412], || {
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .if_none_match("*")
+                .body(ByteStream::from(bytes.to_vec()))
+                .send()
+        })
     }
 
     fn delete(&self, key: &str) -> io::Result<()> {
@@ -427,51 +442,27 @@ impl ObjectStore for S3Store {
     }
 
     fn put_if_match(&self, key: &str, bytes: &[u8], tag: &str) -> io::Result<bool> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let result = self.block_on(
-                self.client
-                    .put_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .if_match(tag)
-                    .body(ByteStream::from(bytes.to_vec()))
-                    .send(),
-            );
-            match result {
-                Ok(_) => return Ok(true),
-                // PreconditionFailed: changed since read; NoSuchKey: removed since read.
-                Err(e) if matches!(status(&e), Some(412 | 404)) => return Ok(false),
-                Err(e) if status(&e) == Some(409) && attempt < 4 => {
-                    std::thread::sleep(std::time::Duration::from_millis(50 * attempt));
-                }
-                Err(e) => return Err(sdk_err("PutObject (If-Match)", &self.bucket, key, e)),
-            }
-        }
+        // PreconditionFailed: changed since read; NoSuchKey: removed since read.
+        self.conditional("PutObject (If-Match)", key, &[412, 404], || {
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .if_match(tag)
+                .body(ByteStream::from(bytes.to_vec()))
+                .send()
+        })
     }
 
     fn delete_if_match(&self, key: &str, tag: &str) -> io::Result<bool> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let result = self.block_on(
-                self.client
-                    .delete_object()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .if_match(tag)
-                    .send(),
-            );
-            match result {
-                Ok(_) => return Ok(true),
-                Err(e) if matches!(status(&e), Some(412 | 404)) => return Ok(false),
-                Err(e) if status(&e) == Some(409) && attempt < 4 => {
-                    std::thread::sleep(std::time::Duration::from_millis(50 * attempt));
-                }
-                Err(e) => return Err(sdk_err("DeleteObject (If-Match)", &self.bucket, key, e)),
-            }
-        }
+        self.conditional("DeleteObject (If-Match)", key, &[412, 404], || {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .if_match(tag)
+                .send()
+        })
     }
 }
 
