@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use zdsync::changeset::ChunkInfo;
+use zdsync::config::DEFAULT_CHUNK_ROWS;
 use zdsync::record::RunRecord;
 use zdsync::steps::{self, FinalizeState, PlannedRun, StepEnv, WriteInput};
 use zdsync::store::LocalStore;
@@ -56,6 +57,8 @@ struct Case {
     rpm: u32,
     job_ms: u64,
     rows: u64,
+    /// The sync's `chunk_rows` (rows per write-batch invocation in `steps`).
+    chunk_rows: usize,
 }
 
 impl Case {
@@ -162,13 +165,19 @@ fn cases(scenario: &str, quick: bool) -> Vec<Case> {
             rpm,
             job_ms,
             rows: 0,
+            chunk_rows: DEFAULT_CHUNK_ROWS,
         };
         ((c.bound() * secs / 60.0 / 1000.0).round() as u64 * 1000).max(1000)
     };
     let mut out = Vec::new();
     let all = scenario == "all";
-    if all || scenario == "one" {
-        for rpm in [700, 6000] {
+    if all || scenario == "one" || scenario == "one700" {
+        let rpms: &[u32] = if scenario == "one700" {
+            &[700]
+        } else {
+            &[700, 6000]
+        };
+        for &rpm in rpms {
             for job_ms in [0, 500] {
                 out.push(Case {
                     label: "one users".into(),
@@ -176,6 +185,7 @@ fn cases(scenario: &str, quick: bool) -> Vec<Case> {
                     rpm,
                     job_ms,
                     rows: rows_for(rpm, job_ms),
+                    chunk_rows: DEFAULT_CHUNK_ROWS,
                 });
             }
         }
@@ -187,16 +197,22 @@ fn cases(scenario: &str, quick: bool) -> Vec<Case> {
             rpm: 700,
             job_ms: SHARED_JOB_MS,
             rows: rows_for(700, SHARED_JOB_MS),
+            chunk_rows: DEFAULT_CHUNK_ROWS,
         });
     }
     if all || scenario == "steps" {
-        out.push(Case {
-            label: format!("steps ×{INVOCATIONS}"),
-            kind: Kind::Steps,
-            rpm: 700,
-            job_ms: SHARED_JOB_MS,
-            rows: rows_for(700, SHARED_JOB_MS),
-        });
+        // Every invocation polls its chunk's last jobs before it returns: at least one poll
+        // per chunk, so the chunk size sets a floor on polls per 100 rows.
+        for chunk_rows in [DEFAULT_CHUNK_ROWS, 5000] {
+            out.push(Case {
+                label: format!("steps×{INVOCATIONS} c{chunk_rows}"),
+                kind: Kind::Steps,
+                rpm: 700,
+                job_ms: SHARED_JOB_MS,
+                rows: rows_for(700, SHARED_JOB_MS),
+                chunk_rows,
+            });
+        }
     }
     out
 }
@@ -209,7 +225,7 @@ pub fn bench_budget(b: BudgetBench) {
     let cases = cases(&b.scenario, b.quick);
     if cases.is_empty() {
         eprintln!(
-            "unknown scenario {:?}: one, three, steps or all",
+            "unknown scenario {:?}: one, one700, three, steps or all",
             b.scenario
         );
         std::process::exit(2);
@@ -230,7 +246,7 @@ pub fn bench_budget(b: BudgetBench) {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "{:<12} {:>5} {:>9} {:>7} {:>7} {:>8} {:>8} {:>6} {:>13} {:>15} {:>7} {:>5} {:>9} {:>7} {:>5} {:>5} {:>5} {:>5} {:>5}",
+        "{:<15} {:>5} {:>9} {:>7} {:>7} {:>8} {:>8} {:>6} {:>13} {:>15} {:>7} {:>5} {:>9} {:>7} {:>5} {:>5} {:>5} {:>5} {:>5}",
         "scenario",
         "R",
         "job ms",
@@ -274,7 +290,7 @@ pub fn bench_budget(b: BudgetBench) {
             .expect("at least one run");
         let s = &best.sim;
         println!(
-            "{:<12} {:>5} {:>9} {:>7} {:>7.1} {:>8.0} {:>8.0} {:>6.3} {:>13} {:>15} {:>7} {:>5} {:>9.2} {:>7.2} {:>5.2} {:>5} {:>5} {:>5} {:>5.2}",
+            "{:<15} {:>5} {:>9} {:>7} {:>7.1} {:>8.0} {:>8.0} {:>6.3} {:>13} {:>15} {:>7} {:>5} {:>9.2} {:>7.2} {:>5.2} {:>5} {:>5} {:>5} {:>5.2}",
             case.label,
             case.rpm,
             format!("{}+{}", case.job_ms, case.job_ms),
@@ -352,6 +368,16 @@ async fn run_case(case: &Case, dir: &Path) -> Measured {
                     &base,
                     case.rpm,
                     0,
+                );
+                let cfg = dir.join("config/b_steps.toml");
+                let text = std::fs::read_to_string(&cfg).expect("config");
+                write(
+                    &cfg,
+                    &text.replacen(
+                        "\n\n[source]",
+                        &format!("\nchunk_rows = {}\n\n[source]", case.chunk_rows),
+                        1,
+                    ),
                 );
                 step_runs(dir, "b_steps").await
             }

@@ -104,7 +104,7 @@ enum Cmd {
     /// The account budget shared by every writer of one Zendesk account: rows/min against the
     /// bound, 429s and polls for one sync, three syncs at once, and four write-batch steps.
     Budget {
-        /// `one`, `three`, `steps` or `all`.
+        /// `one` (R 700 and 6,000), `one700`, `three`, `steps` or `all`.
         #[arg(long, default_value = "all")]
         scenario: String,
         /// Runs of each scenario (the best is printed); default 2, 1 with `--quick`.
@@ -162,6 +162,16 @@ tags = { column = "segments", split = "comma" }
 "#;
 
 fn main() {
+    // Warnings (a failing shared budget, a lower account limit) reach stderr; `ZDSYNC_LOG`
+    // sets another level.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ZDSYNC_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     match Cli::parse().command {
         Cmd::Plan { rows, cores, dir } => bench_plan(rows, cores, &dir),
         Cmd::PlanOnce { dir, run, cores } => plan_once(&dir, &run, cores),

@@ -82,13 +82,19 @@ pub(crate) async fn start_sim(dir: &Path, rpm: u32, job_ms: u64) -> zdsync_sim::
     sc.jobs.working_ms = job_ms;
     sc.request_log_limit = 1000;
     let sim = Simulator::start(sc).await.expect("simulator");
+    let creds = dir.join("credentials.json");
     write(
-        &dir.join("credentials.json"),
+        &creds,
         &format!(
             "{{\"email\":\"admin@acme.test\",\"api_token\":\"{}\"}}",
             zdsync_sim::DEFAULT_API_TOKEN
         ),
     );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600))
+            .expect("credentials owner-only");
+    }
     sim
 }
 

@@ -50,8 +50,28 @@ pub async fn client_for(cfg: &SyncConfig, config_path: &Path) -> Result<Client, 
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    if let Some(path) = missing_credentials_file(&cfg.zendesk.credentials, dir) {
+        return Err(ZendeskError::Credentials {
+            message: format!(
+                "credentials file `{}` (the config's `credentials = \"{}\"`, relative to the config's folder) does not exist: run `zdsync connect --config {}` to sign in and store them there (add `--api-token` for an admin's API token)",
+                path.display(),
+                cfg.zendesk.credentials.trim(),
+                config_path.display()
+            ),
+        });
+    }
     let creds = credential_store(&cfg.zendesk.credentials, dir)?;
     Client::new(ClientOptions::from_config(&cfg.zendesk), creds).await
+}
+
+/// The absolute path of a `file:` credentials reference when no file is there.
+fn missing_credentials_file(reference: &str, dir: &Path) -> Option<std::path::PathBuf> {
+    let path = Path::new(reference.trim().strip_prefix("file:")?.trim());
+    if path.as_os_str().is_empty() {
+        return None;
+    }
+    let full = std::path::absolute(dir.join(path)).ok()?;
+    (!full.exists()).then_some(full)
 }
 
 /// Run a sync once and report; the caller has a runtime.

@@ -77,6 +77,21 @@ fn run_exit_codes_tell_failed_runs_from_failed_rows() {
     assert!(!t.contains("not-the-token"), "the token leaked: {t}");
     assert_eq!(sim.counters().jobs_created, 0);
 
+    // No credentials file yet: exit 6, naming the file it looked for and the exact command
+    // that stores credentials there.
+    let fresh = tempfile::tempdir().unwrap();
+    let cfg_fresh = setup(fresh.path(), &base, "x");
+    std::fs::remove_file(fresh.path().join("creds.json")).unwrap();
+    let out = zdsync().arg("run").arg(&cfg_fresh).output().unwrap();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(6), "{t}");
+    let wanted = fresh.path().join("creds.json");
+    assert!(
+        t.contains(&wanted.display().to_string())
+            && t.contains(&format!("zdsync connect --config {}", cfg_fresh.display())),
+        "{t}"
+    );
+
     // A run whose rows all went through except a refused one: exit 1, "completed with failures".
     let cfg = setup(dir.path(), &base, zdsync_sim::DEFAULT_API_TOKEN);
     let out = zdsync().arg("run").arg(&cfg).output().unwrap();

@@ -33,7 +33,8 @@ pub struct RunOptions {
     /// A fixed run id (default: UTC time + random suffix, so ids sort by start).
     pub run_id: Option<String>,
     pub write: WriteOptions,
-    /// Chunks written at once (their batches share the job slots).
+    /// Chunks written at once, at least (their batches share the job slots); more when the
+    /// writer keeps more batches in progress than these chunks hold.
     pub chunk_concurrency: usize,
     pub lock_ttl: Duration,
     /// How long a run waits for another run of the same sync before giving up.
@@ -505,9 +506,22 @@ pub async fn write_all(
     let writer = writer(ctx, &opts.write, manifest).with_stop(opts.stop.clone());
     let mut summaries = Vec::new();
     let mut error = None;
+    // Enough chunks at once to keep the writer's batches busy: a chunk ends only once its
+    // last job is polled, so too few chunks leave the budget idle while their tails finish.
+    let per_chunk = manifest
+        .chunks
+        .iter()
+        .map(|c| c.rows as usize)
+        .max()
+        .unwrap_or(1)
+        .div_ceil(opts.write.batch_size.clamp(1, 100))
+        .max(1);
+    let chunks_at_once = opts
+        .chunk_concurrency
+        .max(writer.batch_capacity().div_ceil(per_chunk) + 1);
     let mut chunks = stream::iter(manifest.chunks.iter())
         .map(|c| writer.write_chunk(c))
-        .buffer_unordered(opts.chunk_concurrency.max(1));
+        .buffer_unordered(chunks_at_once.max(1));
     while let Some(r) = chunks.next().await {
         match r {
             Ok(s) => summaries.push(s),

@@ -35,10 +35,11 @@ pub struct WriteOptions {
     /// running jobs per account (finished jobs not yet polled do not count there); every batch
     /// in progress holds one. Jobs are polled once four fifths of them wait.
     pub max_jobs_in_flight: usize,
-    /// First wait before polling jobs when every batch in progress waits on one; doubles while
-    /// polls find nothing finished.
+    /// Shortest spacing of job polls (they are also spaced at three request periods at
+    /// least); doubles while polls find nothing finished.
     pub poll_min: Duration,
-    /// Longest a job goes unpolled.
+    /// Longest a finished job's rows wait to be confirmed while the account has job slots to
+    /// spare and this writer has other batches to send.
     pub poll_max: Duration,
     /// First wait between checks of the account's unfinished jobs after a create whose answer
     /// was lost (doubles up to 10 s).
@@ -53,8 +54,8 @@ impl Default for WriteOptions {
         WriteOptions {
             batch_size: 100,
             max_jobs_in_flight: 30,
-            poll_min: Duration::from_millis(100),
-            poll_max: Duration::from_secs(2),
+            poll_min: Duration::from_millis(20),
+            poll_max: Duration::from_secs(20),
             lookup_delay: Duration::from_secs(1),
             unknown_wait: Duration::from_secs(120),
         }
@@ -225,7 +226,7 @@ impl Writer {
         .map_or(0, |t| t - 900);
         Writer {
             lookup_since,
-            slots: Arc::new(Semaphore::new(opts.max_jobs_in_flight.max(1))),
+            slots: Arc::new(Semaphore::new(batches_in_progress(&client, &opts))),
             client,
             store,
             sync: manifest.sync.clone(),
@@ -240,6 +241,11 @@ impl Writer {
             progress,
             stop: Stop::default(),
         }
+    }
+
+    /// Batches this writer keeps in progress at most.
+    pub fn batch_capacity(&self) -> usize {
+        batches_in_progress(&self.client, &self.opts)
     }
 
     /// Stop sending new batches once `stop` is requested.
@@ -343,9 +349,6 @@ impl Writer {
                 if self.stop.requested() && journal.is_none() {
                     return Err(WriteError::Stopped);
                 }
-                // Other writers of the account (syncs, processes, Lambdas) hold job slots too:
-                // the account's slot is held until this batch's job is done.
-                let _job = self.client.job_slot(self.opts.max_jobs_in_flight).await;
                 self.jobs.active.fetch_add(1, Ordering::SeqCst);
                 let recovered = journal.is_some();
                 let r = self
@@ -376,6 +379,45 @@ impl Writer {
             return Err(WriteError::Stopped);
         }
         Ok(summary)
+    }
+
+    /// One of the account's job slots, when the client shares a budget (held until dropped).
+    async fn job_slot(&self) -> Option<crate::zendesk::limiter::JobSlot> {
+        self.client.job_slot(self.opts.max_jobs_in_flight).await
+    }
+
+    /// The right to send a job's request, and the account's job slot for the job. Other writers
+    /// of the account (syncs, processes, Lambdas) hold slots too; the slot is taken once the
+    /// request may go, so it is not held idle while the request waits for the rate. A probe
+    /// after a 429 waits for its slot without its turn: no other request goes while it is
+    /// held, and only polls (which need a turn; they go before waiting writes) free slots.
+    async fn slot_and_token(
+        &self,
+    ) -> Result<
+        (
+            Option<crate::zendesk::limiter::JobSlot>,
+            crate::zendesk::Reserved<'_>,
+        ),
+        WriteError,
+    > {
+        let reserve = || async {
+            tokio::select! {
+                r = self.client.reserve() => Ok(r),
+                _ = self.stop.wait() => Err(WriteError::Stopped),
+            }
+        };
+        let reserved = reserve().await?;
+        let Some(budget) = self.client.budget() else {
+            return Ok((None, reserved));
+        };
+        let max = self.opts.max_jobs_in_flight;
+        if reserved.is_probe() {
+            drop(reserved);
+            let slot = budget.job_slot(max).await;
+            return Ok((Some(slot), reserve().await?));
+        }
+        let slot = budget.job_slot(max).await;
+        Ok((Some(slot), reserved))
     }
 
     async fn write_batch(
@@ -651,10 +693,7 @@ impl Writer {
             // The journal names the rows only once the call has its rate-limit token and goes
             // on the wire next: a batch still waiting for its turn when the process dies is
             // not looked up on resume, just sent.
-            let reserved = tokio::select! {
-                r = self.client.reserve() => r,
-                _ = self.stop.wait() => return Err(WriteError::Stopped),
-            };
+            let (slot, reserved) = self.slot_and_token().await?;
             if creates {
                 let ids = todo.iter().map(|&k| rows[k].index).collect();
                 self.journal(journal_key, &path, None, ids).await?;
@@ -666,6 +705,9 @@ impl Writer {
             let lost = match answer {
                 Ok(v) => {
                     let job = parse_job(&path, v)?;
+                    if let Some(slot) = &slot {
+                        slot.started(&job.id);
+                    }
                     self.known_jobs
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -1060,6 +1102,11 @@ impl Writer {
         let all: Vec<usize> = (0..rows.len()).collect();
         tracing::info!(journal = journal_key, job = ?journal.job, "resuming a batch a previous attempt left in flight");
         if let Some(id) = &journal.job {
+            // The job may still be queued or running: it holds one of the account's slots.
+            let slot = self.job_slot().await;
+            if let Some(slot) = &slot {
+                slot.started(id);
+            }
             match self.jobs.wait(id.clone()).await {
                 Ok(job) => {
                     self.apply_job(rows, &all, &job, true, out).await?;
@@ -1319,6 +1366,18 @@ fn map_results<'a>(
     mapped
 }
 
+/// Batches one writer keeps in progress. Without a shared budget that is the job cap itself;
+/// with one, the account's job slots are the cap, and a batch whose job is finished but not yet
+/// polled no longer holds one, so more may wait to be polled together (100 rows each).
+fn batches_in_progress(client: &Client, opts: &WriteOptions) -> usize {
+    let cap = opts.max_jobs_in_flight.max(1);
+    if client.budget().is_some() {
+        cap * 4
+    } else {
+        cap
+    }
+}
+
 /// Polls every job of a run with `job_statuses/show_many` (up to 100 ids a call), so polling
 /// costs a small share of the request budget however many batches are in flight.
 struct JobTracker {
@@ -1330,6 +1389,8 @@ struct JobTracker {
 struct Waiter {
     id: String,
     since: Instant,
+    /// The last poll that saw the job still queued or working.
+    running_at: Option<Instant>,
     done: oneshot::Sender<Result<JobStatus, ZendeskError>>,
 }
 
@@ -1337,14 +1398,14 @@ impl JobTracker {
     fn start(client: Client, opts: &WriteOptions) -> JobTracker {
         let (tx, rx) = mpsc::unbounded_channel();
         let active = Arc::new(AtomicUsize::new(0));
-        let cap = opts.max_jobs_in_flight.max(1);
+        let batches = batches_in_progress(&client, opts);
         tokio::spawn(poll_loop(
             client,
             rx,
             active.clone(),
             opts.poll_min,
             opts.poll_max,
-            (cap - cap / 5).max(1),
+            (batches - batches / 5).max(1),
         ));
         JobTracker { tx, active }
     }
@@ -1359,6 +1420,7 @@ impl JobTracker {
             .send(Waiter {
                 id,
                 since: Instant::now(),
+                running_at: None,
                 done,
             })
             .map_err(|_| lost())?;
@@ -1383,6 +1445,18 @@ fn job_time(account: &str, set: Option<Duration>) -> Option<Duration> {
     }
 }
 
+/// When to poll, and what. A poll costs one request of the account's budget and is worth it
+/// when it lets work go on:
+/// - this writer has nothing else to send: poll when its newest job should be done (the
+///   typical job time, learnt per account), then at the poll spacing;
+/// - most of this writer's batches wait on jobs: poll when the oldest should be done;
+/// - the account's job slots are (nearly) all held: once enough of the account's open jobs
+///   should be done, one writer (claimed in the store) polls them, other writers' too (their
+///   leases name their jobs), and frees the slots of finished ones;
+/// - otherwise a batch's rows wait at most `poll_max` to be confirmed.
+///
+/// Every poll also carries the account's other open jobs that should be done (up to 100 ids a
+/// call), so slots are freed by whichever writer polls first.
 async fn poll_loop(
     client: Client,
     mut rx: mpsc::UnboundedReceiver<Waiter>,
@@ -1391,47 +1465,101 @@ async fn poll_loop(
     poll_max: Duration,
     threshold: usize,
 ) {
+    let shared = client.budget();
+    // Polls spaced at three request periods at least: they take at most a third of the
+    // budget even when every poll finds little.
+    let spacing = match client.rpm() {
+        0 => poll_min,
+        rpm => (Duration::from_secs(180) / rpm).max(poll_min),
+    };
     let mut pending: Vec<Waiter> = Vec::new();
-    let mut interval = poll_min;
+    let mut interval = spacing;
     let mut last_poll = Instant::now() - poll_max;
     let mut open = true;
-    // How long jobs have been taking (moving average, remembered per account for the writers
-    // that come after this one): the first poll for a job comes when it should be done, and
-    // polls that find nothing come again at half of it, so a finished job's slot is refilled
-    // soon without polling a long queue every `poll_min`.
+    // How long jobs take (a moving average of what polls show, see `learn` below), remembered
+    // per account for later writers.
     let account = client.base_url().to_string();
     let mut expected: Option<Duration> = job_time(&account, None);
+    // Other writers' open jobs, read from the shared budget while the account's slots run short.
+    let mut others: Vec<crate::zendesk::budget::OpenJob> = Vec::new();
+    let mut others_read = Instant::now() - poll_max;
     loop {
-        if pending.is_empty() {
-            if !open {
-                return;
-            }
-            match rx.recv().await {
-                Some(w) => pending.push(w),
-                None => return,
+        let starved = shared.as_ref().is_some_and(|s| s.starved());
+        if pending.is_empty() && !open {
+            return;
+        }
+        if pending.is_empty() && !starved {
+            let starving = async {
+                match &shared {
+                    Some(s) => s.starving().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                w = rx.recv() => match w {
+                    Some(w) => pending.push(w),
+                    None => open = false,
+                },
+                _ = starving => {}
             }
             continue;
         }
         pending.retain(|w| !w.done.is_closed());
-        if pending.is_empty() {
-            continue;
-        }
-        let oldest = pending.iter().map(|w| w.since).min().expect("not empty");
-        // Poll once most slots wait on a job, while the rest keep the request budget busy;
-        // or at once when every batch in progress waits.
-        let everyone_waits = pending.len() >= active.load(Ordering::SeqCst);
-        let full = pending.len() >= threshold;
-        let deadline = if everyone_waits || full || !open {
-            let first = expected
-                .map_or(poll_min, |e| e.mul_f64(0.9))
-                .clamp(poll_min.min(interval), poll_max.max(poll_min));
-            (last_poll + interval).max(oldest + first)
+        let now = Instant::now();
+        let typical = expected.unwrap_or(spacing);
+        // Until this, no job of this writer is expected done.
+        let own_due = pending.iter().map(|w| w.since + typical).min();
+        let others_due: Vec<Instant> = if starved {
+            if now >= others_read + spacing {
+                if let Some(s) = &shared {
+                    others = s
+                        .open_jobs()
+                        .await
+                        .into_iter()
+                        .filter(|j| !s.holds(&j.holder))
+                        .collect();
+                }
+                others_read = Instant::now();
+            }
+            let now_ms = crate::zendesk::budget::unix_ms();
+            others
+                .iter()
+                .map(|j| {
+                    let due = j.since_ms + typical.as_millis() as u64;
+                    now + Duration::from_millis(due.saturating_sub(now_ms))
+                })
+                .collect()
         } else {
-            oldest + poll_max
+            Vec::new()
         };
-        // Wake at least every `poll_min` to look again: batches finishing elsewhere change
-        // whether every batch in progress now waits on a job.
-        let wake = deadline.min(Instant::now() + poll_min);
+        let everyone_waits = !pending.is_empty() && pending.len() >= active.load(Ordering::SeqCst);
+        let full = pending.len() >= threshold;
+        let own = everyone_waits || full || (!open && !pending.is_empty());
+        let deadline = if own && !full && !starved {
+            // Nothing else to send here and slots to spare: one poll when the newest job
+            // should be done finds them all (the spacing then takes over for stragglers).
+            let newest = pending.iter().map(|w| w.since + typical).max();
+            newest.map(|d| d.max(last_poll + interval))
+        } else if own {
+            own_due.map(|d| d.max(last_poll + interval))
+        } else if starved {
+            // When enough of the account's open jobs should be done to be worth a request.
+            let mut due: Vec<Instant> = pending
+                .iter()
+                .map(|w| w.since + typical)
+                .chain(others_due.iter().copied())
+                .collect();
+            due.sort();
+            let k = shared.as_ref().map_or(1, |s| s.worth_freeing());
+            due.get(k.min(due.len()).saturating_sub(1))
+                .copied()
+                .map(|d| d.max(last_poll + interval))
+        } else {
+            own_due.map(|d| d.max(last_poll + poll_max))
+        };
+        // Wake at least every spacing to look again: batches finishing elsewhere, and the
+        // account's slots, change what is worth a poll.
+        let wake = deadline.map_or(now + spacing, |d| d.min(now + spacing));
         if open {
             tokio::select! {
                 w = rx.recv() => {
@@ -1446,18 +1574,48 @@ async fn poll_loop(
         } else {
             tokio::time::sleep_until(wake.into()).await;
         }
+        let Some(deadline) = deadline else { continue };
         if Instant::now() < deadline {
             continue;
         }
+        // A poll only for the account's full slots: one writer polls for all of them.
+        let for_slots = starved
+            && !own
+            && Instant::now() < own_due.map_or(now, |d| d.max(last_poll + poll_max));
+        if for_slots {
+            if let Some(s) = &shared {
+                if !s.claim_poll(spacing).await {
+                    last_poll = Instant::now();
+                    continue;
+                }
+            }
+        }
         last_poll = Instant::now();
-        let ids: Vec<String> = {
+        let mut ids: Vec<String> = Vec::new();
+        {
             let mut seen = std::collections::HashSet::new();
-            pending
+            for w in &pending {
+                if seen.insert(w.id.clone()) {
+                    ids.push(w.id.clone());
+                }
+            }
+            // Other writers' jobs that should be done ride along (they may be anyone's).
+            let now_ms = crate::zendesk::budget::unix_ms();
+            let mut due: Vec<&crate::zendesk::budget::OpenJob> = others
                 .iter()
-                .filter(|w| seen.insert(w.id.clone()))
-                .map(|w| w.id.clone())
-                .collect()
-        };
+                .filter(|j| j.since_ms + typical.as_millis() as u64 <= now_ms)
+                .collect();
+            due.sort_by_key(|j| j.since_ms);
+            let room = ids.len().div_ceil(100) * 100;
+            for j in due {
+                if ids.len() >= room.max(100) {
+                    break;
+                }
+                if seen.insert(j.job.clone()) {
+                    ids.push(j.job.clone());
+                }
+            }
+        }
         let mut statuses: HashMap<String, JobStatus> = HashMap::new();
         let mut failure = None;
         for part in ids.chunks(100) {
@@ -1475,21 +1633,61 @@ async fn poll_loop(
             }
             continue;
         }
+        // Other writers' jobs seen finished (or no longer kept) give their slots back.
+        let freed: Vec<String> = others
+            .iter()
+            .filter(|j| ids.contains(&j.job))
+            .filter(|j| statuses.get(&j.job).is_none_or(JobStatus::is_terminal))
+            .map(|j| j.holder.clone())
+            .collect();
+        let freed_any = !freed.is_empty();
+        if freed_any {
+            others.retain(|j| !freed.contains(&j.holder));
+            if let Some(s) = &shared {
+                s.end_jobs(freed).await;
+            }
+        }
         let before = pending.len();
         let mut still = Vec::with_capacity(pending.len());
         let now = Instant::now();
-        for w in pending.drain(..) {
+        // The job time is learnt only from what polls show: a job seen running and then done
+        // took about the midpoint; one done at its first poll took at most this long (polls
+        // may come long after a job is done); one still running took longer than this.
+        let mut learn = |sample: Duration, lower: bool, upper: bool| {
+            // A bound only moves an estimate towards it; an upper bound (a job polled late)
+            // never sets the first one, or late polls would teach that jobs are slow.
+            let e = match expected {
+                Some(e) => e,
+                None if upper => return,
+                None => sample,
+            };
+            if (lower && sample <= e) || (upper && sample >= e) {
+                return;
+            }
+            expected = Some(e.mul_f64(0.8) + sample.mul_f64(0.2));
+        };
+        for mut w in pending.drain(..) {
             match statuses.get(&w.id) {
                 Some(j) if j.is_terminal() => {
-                    let took = now - w.since;
-                    expected = Some(match expected {
-                        Some(e) => e.mul_f64(0.8) + took.mul_f64(0.2),
-                        None => took,
-                    });
-                    job_time(&account, expected);
+                    match w.running_at {
+                        // Seen running shortly before: the midpoint is a fair sample.
+                        Some(seen) if now - seen <= spacing * 2 => {
+                            learn((seen - w.since) + (now - seen) / 2, false, false)
+                        }
+                        // Seen running long before: only both bounds are known.
+                        Some(seen) => {
+                            learn(seen - w.since, true, false);
+                            learn(now - w.since, false, true);
+                        }
+                        None => learn(now - w.since, false, true),
+                    }
                     let _ = w.done.send(Ok(j.clone()));
                 }
-                Some(_) => still.push(w),
+                Some(_) => {
+                    learn(now - w.since, true, false);
+                    w.running_at = Some(now);
+                    still.push(w);
+                }
                 // Not listed: Zendesk no longer keeps the job.
                 None => {
                     let _ = w.done.send(Err(ZendeskError::Api {
@@ -1502,13 +1700,29 @@ async fn poll_loop(
                 }
             }
         }
+        if expected.is_some() {
+            job_time(&account, expected);
+        }
         let finished = before - still.len();
+        tracing::trace!(
+            ids = ids.len(),
+            finished,
+            freed = freed_any,
+            waiting = still.len(),
+            starved,
+            own,
+            typical_ms = typical.as_millis() as u64,
+            "polled jobs"
+        );
         pending = still;
-        let most = expected.map_or(poll_max, |e| (e / 2).clamp(poll_min, poll_max));
-        interval = if finished == 0 {
+        let most = expected.map_or(poll_max, |e| (e / 2).clamp(spacing, poll_max.max(spacing)));
+        interval = if finished == 0 && !freed_any {
+            // Slots are the bound while they are all held: look again soon, since requests
+            // are to spare then.
+            let most = if starved { spacing } else { most };
             (interval * 2).min(most)
         } else {
-            poll_min
+            spacing
         };
     }
 }

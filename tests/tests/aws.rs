@@ -326,14 +326,31 @@ fn dynamodb_budget_windows_and_job_slots() {
     let moto = Moto::start();
     let b = DynamoBudget::new("zdsync-budget", moto.config()).unwrap();
     b.create_table().unwrap();
-    assert_eq!(b.take("acct", 100, 30, 70).unwrap(), 30);
-    assert_eq!(b.take("acct", 100, 30, 70).unwrap(), 30);
-    assert_eq!(b.take("acct", 100, 30, 70).unwrap(), 10, "what is left");
-    assert_eq!(b.take("acct", 100, 30, 70).unwrap(), 0);
-    assert_eq!(b.take("other", 100, 30, 70).unwrap(), 30);
-    assert_eq!(b.take("acct", 101, 30, 70).unwrap(), 30, "a fresh window");
+    assert_eq!(b.take("acct", 100, 30, 70, 0).unwrap(), 30);
+    assert_eq!(b.take("acct", 100, 30, 70, 0).unwrap(), 30);
+    assert_eq!(b.take("acct", 100, 30, 70, 0).unwrap(), 10, "what is left");
+    assert_eq!(b.take("acct", 100, 30, 70, 0).unwrap(), 0);
+    assert_eq!(b.take("other", 100, 30, 70, 0).unwrap(), 30);
     assert_eq!(
-        b.take("acct", 100, 30, 70).unwrap(),
+        b.take("acct", 101, 30, 70, 0).unwrap(),
+        30,
+        "a fresh window"
+    );
+    // Unspent requests below the floor are forfeit: 60 released, at most 10 of them unspent.
+    assert_eq!(b.take("acct", 101, 30, 60, 50).unwrap(), 10);
+    assert_eq!(b.take("acct", 101, 30, 60, 50).unwrap(), 0);
+    assert_eq!(
+        b.take("acct", 102, 30, 70, 20).unwrap(),
+        30,
+        "a fresh window past its floor"
+    );
+    assert_eq!(
+        b.take("acct", 102, 30, 70, 60).unwrap(),
+        10,
+        "20 + 30 taken, floor 60"
+    );
+    assert_eq!(
+        b.take("acct", 100, 30, 70, 0).unwrap(),
         0,
         "a window already over"
     );
@@ -342,15 +359,57 @@ fn dynamodb_budget_windows_and_job_slots() {
     // without a lock between them (DynamoDB's conditional writes are atomic), so a race can
     // pass the cap there. The local store's test races 8 takers (zendesk::budget tests).
     // Job slots: at most `max` held, given back, or free again once a lease ran out.
-    assert!(b.take_job("acct", "j1", 2, 20_000, 10_000).unwrap());
-    assert!(b.take_job("acct", "j2", 2, 20_000, 10_000).unwrap());
-    assert!(!b.take_job("acct", "j3", 2, 20_000, 10_000).unwrap());
-    assert!(b.take_job("other", "j3", 2, 20_000, 10_000).unwrap());
-    b.end_job("acct", "j1").unwrap();
-    assert!(b.take_job("acct", "j3", 2, 40_000, 11_000).unwrap());
+    assert_eq!(
+        b.take_job("acct", "j1", 2, 20_000, 10_000).unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        b.take_job("acct", "j2", 2, 20_000, 10_000).unwrap(),
+        Some(2)
+    );
+    assert!(b
+        .take_job("acct", "j3", 2, 20_000, 10_000)
+        .unwrap()
+        .is_none());
+    assert!(b
+        .take_job("other", "j3", 2, 20_000, 10_000)
+        .unwrap()
+        .is_some());
+    // A lease names its job once submitted; any writer sees it and may free it.
+    assert!(b.open_jobs("acct", 10_000).unwrap().is_empty());
+    b.job_started("acct", "j1", "job-1").unwrap();
+    b.job_started("acct", "not-held", "job-x").unwrap();
+    let open = b.open_jobs("acct", 10_000).unwrap();
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(
+        (open[0].holder.as_str(), open[0].job.as_str()),
+        ("j1", "job-1")
+    );
+    b.end_jobs("acct", &["j1".into(), "never-held".into()])
+        .unwrap();
+    assert!(b.open_jobs("acct", 10_000).unwrap().is_empty());
+    assert!(b
+        .take_job("acct", "j3", 2, 40_000, 11_000)
+        .unwrap()
+        .is_some());
     assert!(
-        b.take_job("acct", "j4", 2, 40_000, 25_000).unwrap(),
+        b.take_job("acct", "j4", 2, 40_000, 25_000)
+            .unwrap()
+            .is_some(),
         "j2 ran out"
     );
-    assert!(!b.take_job("acct", "j5", 2, 40_000, 25_000).unwrap());
+    assert!(b
+        .take_job("acct", "j5", 2, 40_000, 25_000)
+        .unwrap()
+        .is_none());
+    b.job_started("acct", "j4", "job-4").unwrap();
+    assert_eq!(b.open_jobs("acct", 25_000).unwrap().len(), 1);
+    assert!(b.open_jobs("acct", 40_000).unwrap().is_empty(), "ran out");
+    assert!(b.claim_poll("acct", 50_000, 300).unwrap());
+    assert!(
+        !b.claim_poll("acct", 50_200, 300).unwrap(),
+        "claimed 200 ms ago"
+    );
+    assert!(b.claim_poll("acct", 50_300, 300).unwrap());
+    assert!(b.claim_poll("fresh", 50_300, 300).unwrap(), "no item yet");
 }

@@ -5,11 +5,13 @@
 //! - `sk = "window"`: the current window `w` and the requests `u` taken from it, changed only by
 //!   conditional updates (the window's count never passes its cap);
 //! - `sk = "jobs"`: the map `held` of job slot holders to their lease end (unix ms), taken
-//!   with a condition on the map's size, so the account's open jobs never pass the cap.
+//!   with a condition on the map's size, so the account's open jobs never pass the cap; and the
+//!   map `ids` of holders to the Zendesk job they submitted, so any writer can poll them; and
+//!   `kp`, when a writer last claimed the poll of those jobs (unix ms).
 //!
 //! Both carry `ttl` so DynamoDB removes an account's items a day after their last use.
 
-use crate::zendesk::budget::BudgetStore;
+use crate::zendesk::budget::{BudgetStore, OpenJob, JOB_LEASE};
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
 use std::io;
@@ -135,11 +137,36 @@ fn conditional<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(e: &E) -> bool 
 }
 
 impl BudgetStore for DynamoBudget {
-    fn take(&self, account: &str, window: u64, want: u32, cap: u32) -> io::Result<u32> {
+    fn take(&self, account: &str, window: u64, want: u32, cap: u32, floor: u32) -> io::Result<u32> {
+        let floor = floor.min(cap);
         let mut want = want.min(cap);
         for _ in 0..6 {
             if want == 0 {
                 return Ok(0);
+            }
+            // Requests below the floor nobody took are forfeit: the count starts there.
+            if floor > 0 {
+                let want_here = want.min(cap - floor);
+                let raised = self.handle.block_on(
+                    self.client
+                        .update_item()
+                        .table_name(&self.table)
+                        .key("pk", s(account))
+                        .key("sk", s("window"))
+                        .update_expression("SET u = :u, #ttl = :ttl")
+                        .condition_expression("w = :w AND u < :floor")
+                        .expression_attribute_names("#ttl", "ttl")
+                        .expression_attribute_values(":u", n((floor + want_here).into()))
+                        .expression_attribute_values(":w", n(window))
+                        .expression_attribute_values(":floor", n(floor.into()))
+                        .expression_attribute_values(":ttl", ttl())
+                        .send(),
+                );
+                match raised {
+                    Ok(_) => return Ok(want_here),
+                    Err(e) if e.as_service_error().is_some_and(conditional) => {}
+                    Err(e) => return Err(err("UpdateItem", &self.table, e)),
+                }
             }
             // The current window has room for `want`.
             let more = self.handle.block_on(
@@ -172,13 +199,13 @@ impl BudgetStore for DynamoBudget {
                     .update_expression("SET w = :w, u = :n, #ttl = :ttl")
                     .condition_expression("attribute_not_exists(w) OR w < :w")
                     .expression_attribute_names("#ttl", "ttl")
-                    .expression_attribute_values(":n", n(want.into()))
+                    .expression_attribute_values(":n", n((floor + want.min(cap - floor)).into()))
                     .expression_attribute_values(":w", n(window))
                     .expression_attribute_values(":ttl", ttl())
                     .send(),
             );
             match start {
-                Ok(_) => return Ok(want),
+                Ok(_) => return Ok(want.min(cap - floor)),
                 Err(e) if e.as_service_error().is_some_and(conditional) => {}
                 Err(e) => return Err(err("UpdateItem", &self.table, e)),
             }
@@ -198,7 +225,7 @@ impl BudgetStore for DynamoBudget {
         max: u32,
         until_ms: u64,
         now_ms: u64,
-    ) -> io::Result<bool> {
+    ) -> io::Result<Option<u32>> {
         for _ in 0..4 {
             // A free slot: the holders' map has fewer than `max` entries.
             let took = self.handle.block_on(
@@ -214,10 +241,18 @@ impl BudgetStore for DynamoBudget {
                     .expression_attribute_values(":until", n(until_ms))
                     .expression_attribute_values(":max", n(max.into()))
                     .expression_attribute_values(":ttl", ttl())
+                    .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
                     .send(),
             );
             match took {
-                Ok(_) => return Ok(true),
+                Ok(out) => {
+                    let held = out
+                        .attributes()
+                        .and_then(|a| a.get("held"))
+                        .and_then(|v| v.as_m().ok())
+                        .map_or(1, |m| m.len() as u32);
+                    return Ok(Some(held));
+                }
                 Err(e) if e.as_service_error().is_some_and(conditional) => {}
                 Err(e) => return Err(err("UpdateItem", &self.table, e)),
             }
@@ -245,24 +280,25 @@ impl BudgetStore for DynamoBudget {
                         .table_name(&self.table)
                         .key("pk", s(account))
                         .key("sk", s("jobs"))
-                        .update_expression("SET held = :m, #ttl = :ttl")
+                        .update_expression("SET held = :m, ids = :e, #ttl = :ttl")
                         .condition_expression("attribute_not_exists(held)")
                         .expression_attribute_names("#ttl", "ttl")
                         .expression_attribute_values(
                             ":m",
                             AttributeValue::M([(holder.to_string(), n(until_ms))].into()),
                         )
+                        .expression_attribute_values(":e", AttributeValue::M(Default::default()))
                         .expression_attribute_values(":ttl", ttl())
                         .send(),
                 );
                 match first {
-                    Ok(_) => return Ok(true),
+                    Ok(_) => return Ok(Some(1)),
                     Err(e) if e.as_service_error().is_some_and(conditional) => continue,
                     Err(e) => return Err(err("UpdateItem", &self.table, e)),
                 }
             };
             // Leases of writers that died: remove them, then try again.
-            let expired: Vec<&String> = held
+            let expired: Vec<String> = held
                 .iter()
                 .filter(|(_, v)| {
                     v.as_n()
@@ -270,47 +306,127 @@ impl BudgetStore for DynamoBudget {
                         .and_then(|x| x.parse::<u64>().ok())
                         .is_none_or(|until| until <= now_ms)
                 })
-                .map(|(k, _)| k)
+                .map(|(k, _)| k.clone())
                 .take(25)
                 .collect();
             if expired.is_empty() {
-                return Ok(false);
+                return Ok(None);
             }
-            let mut req = self
-                .client
+            self.end_jobs(account, &expired)?;
+        }
+        Ok(None)
+    }
+
+    fn job_started(&self, account: &str, holder: &str, job: &str) -> io::Result<()> {
+        let set = self.handle.block_on(
+            self.client
                 .update_item()
                 .table_name(&self.table)
                 .key("pk", s(account))
-                .key("sk", s("jobs"));
-            let mut paths = Vec::new();
-            for (i, k) in expired.iter().enumerate() {
-                req = req.expression_attribute_names(format!("#e{i}"), k.as_str());
-                paths.push(format!("held.#e{i}"));
-            }
-            self.handle
-                .block_on(
-                    req.update_expression(format!("REMOVE {}", paths.join(", ")))
-                        .send(),
-                )
-                .map_err(|e| err("UpdateItem", &self.table, e))?;
+                .key("sk", s("jobs"))
+                .update_expression("SET ids.#k = :j")
+                .condition_expression("attribute_exists(held.#k) AND attribute_exists(ids)")
+                .expression_attribute_names("#k", holder)
+                .expression_attribute_values(":j", s(job))
+                .send(),
+        );
+        match set {
+            // The lease is gone (run out, or freed by a writer that saw the job finish).
+            Err(e) if e.as_service_error().is_some_and(conditional) => Ok(()),
+            other => other
+                .map(|_| ())
+                .map_err(|e| err("UpdateItem", &self.table, e)),
         }
-        Ok(false)
     }
 
-    fn end_job(&self, account: &str, holder: &str) -> io::Result<()> {
-        self.handle
+    fn open_jobs(&self, account: &str, now_ms: u64) -> io::Result<Vec<OpenJob>> {
+        let got = self
+            .handle
             .block_on(
                 self.client
-                    .update_item()
+                    .get_item()
                     .table_name(&self.table)
                     .key("pk", s(account))
                     .key("sk", s("jobs"))
-                    .update_expression("REMOVE held.#k")
-                    .expression_attribute_names("#k", holder)
                     .send(),
             )
-            .map(|_| ())
-            .map_err(|e| err("UpdateItem", &self.table, e))
+            .map_err(|e| err("GetItem", &self.table, e))?;
+        let Some(item) = got.item() else {
+            return Ok(Vec::new());
+        };
+        let map = |k: &str| item.get(k).and_then(|v| v.as_m().ok());
+        let (Some(held), Some(ids)) = (map("held"), map("ids")) else {
+            return Ok(Vec::new());
+        };
+        let lease = JOB_LEASE.as_millis() as u64;
+        Ok(ids
+            .iter()
+            .filter_map(|(holder, job)| {
+                let until = held.get(holder)?.as_n().ok()?.parse::<u64>().ok()?;
+                let job = job.as_s().ok()?.clone();
+                (until > now_ms).then(|| OpenJob {
+                    holder: holder.clone(),
+                    job,
+                    since_ms: until.saturating_sub(lease),
+                })
+            })
+            .collect())
+    }
+
+    fn end_jobs(&self, account: &str, holders: &[String]) -> io::Result<()> {
+        for part in holders.chunks(50) {
+            let remove = |with_ids: bool| {
+                let mut req = self
+                    .client
+                    .update_item()
+                    .table_name(&self.table)
+                    .key("pk", s(account))
+                    .key("sk", s("jobs"));
+                let mut paths = Vec::new();
+                for (i, h) in part.iter().enumerate() {
+                    req = req.expression_attribute_names(format!("#h{i}"), h.as_str());
+                    paths.push(format!("held.#h{i}"));
+                    if with_ids {
+                        paths.push(format!("ids.#h{i}"));
+                    }
+                }
+                req = req.update_expression(format!("REMOVE {}", paths.join(", ")));
+                if with_ids {
+                    req = req.condition_expression("attribute_exists(ids)");
+                }
+                // Ok(false): the condition failed.
+                match self.handle.block_on(req.send()) {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.as_service_error().is_some_and(conditional) => Ok(false),
+                    Err(e) => Err(err("UpdateItem", &self.table, e)),
+                }
+            };
+            // An item written before jobs were recorded has no `ids` map.
+            if !remove(true)? {
+                remove(false)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn claim_poll(&self, account: &str, now_ms: u64, every_ms: u64) -> io::Result<bool> {
+        let claimed = self.handle.block_on(
+            self.client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", s(account))
+                .key("sk", s("jobs"))
+                .update_expression("SET kp = :now")
+                .condition_expression("attribute_not_exists(kp) OR kp <= :before")
+                .expression_attribute_values(":now", n(now_ms))
+                .expression_attribute_values(":before", n(now_ms.saturating_sub(every_ms)))
+                .send(),
+        );
+        match claimed {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(conditional) => Ok(false),
+            Err(e) => Err(err("UpdateItem", &self.table, e)),
+        }
     }
 
     fn describe(&self) -> String {

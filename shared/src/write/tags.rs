@@ -317,11 +317,15 @@ impl Writer {
         let plural = self.object.as_str();
         let path = format!("/api/v2/{plural}/update_many.json");
         let body = serde_json::to_vec(&json!({ plural: items })).expect("items serialise");
+        let slot = self.job_slot().await;
         let v = self
             .client
             .send(Method::PUT, &path, body, Idempotency::Safe)
             .await?;
         let job = parse_job(&path, v)?;
+        if let Some(slot) = &slot {
+            slot.started(&job.id);
+        }
         self.known_jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -24,13 +24,25 @@ pub const WINDOW: Duration = Duration::from_secs(6);
 /// longer to finish may then share its slot).
 pub const JOB_LEASE: Duration = Duration::from_secs(300);
 
+/// A job slot lease with the Zendesk job its batch submitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenJob {
+    pub holder: String,
+    pub job: String,
+    /// When the lease was taken (unix ms), about when the job was submitted.
+    pub since_ms: u64,
+}
+
 /// Where an account's shared budget lives between processes.
 pub trait BudgetStore: Send + Sync + std::fmt::Debug {
     /// Take up to `want` requests of window `window` (unix ms ÷ [`WINDOW`]) for `account`, of
     /// which at most `cap` may be taken in all; how many were granted (0: the window is spent).
-    fn take(&self, account: &str, window: u64, want: u32, cap: u32) -> io::Result<u32>;
+    /// Requests below `floor` that nobody took are forfeit (counted as taken first), so a
+    /// window's requests cannot pile up while no one asks and then go out in a burst.
+    fn take(&self, account: &str, window: u64, want: u32, cap: u32, floor: u32) -> io::Result<u32>;
     /// Take one of the account's `max` job slots for `holder` until `until_ms` (unix ms);
-    /// leases that ran out by `now_ms` are free. `false`: all slots are held.
+    /// leases that ran out by `now_ms` are free. The slots held once this one is taken, or
+    /// `None`: all slots are held.
     fn take_job(
         &self,
         account: &str,
@@ -38,9 +50,18 @@ pub trait BudgetStore: Send + Sync + std::fmt::Debug {
         max: u32,
         until_ms: u64,
         now_ms: u64,
-    ) -> io::Result<bool>;
-    /// Give `holder`'s job slot back.
-    fn end_job(&self, account: &str, holder: &str) -> io::Result<()>;
+    ) -> io::Result<Option<u32>>;
+    /// Record the Zendesk job a lease's batch submitted, so any writer of the account can poll
+    /// it and free the slot once the job is done (a finished job no longer counts in Zendesk's
+    /// cap, whether or not its own writer has read its results yet).
+    fn job_started(&self, account: &str, holder: &str, job: &str) -> io::Result<()>;
+    /// The account's leases that carry a job and have not run out by `now_ms`.
+    fn open_jobs(&self, account: &str, now_ms: u64) -> io::Result<Vec<OpenJob>>;
+    /// Give the slots of `holders` back (a holder already gone is no error).
+    fn end_jobs(&self, account: &str, holders: &[String]) -> io::Result<()>;
+    /// Claim the poll of the account's open jobs at `now_ms`, unless another writer claimed
+    /// one after `now_ms - every_ms`: when every slot is held, one writer polls for all.
+    fn claim_poll(&self, account: &str, now_ms: u64, every_ms: u64) -> io::Result<bool>;
     /// What the store is, for logs (`file:…`, `dynamodb:…`).
     fn describe(&self) -> String;
 }
@@ -90,9 +111,21 @@ impl std::fmt::Debug for StoreBudget {
 struct Account {
     window: u64,
     used: u32,
-    /// Job slot holder → lease end (unix ms).
+    /// Job slot holder → its lease.
     #[serde(default)]
-    jobs: BTreeMap<String, u64>,
+    jobs: BTreeMap<String, Lease>,
+    /// When a writer last claimed the poll of the open jobs (unix ms).
+    #[serde(default)]
+    polled: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Lease {
+    /// Lease end (unix ms).
+    until: u64,
+    /// The Zendesk job the holder submitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    job: Option<String>,
 }
 
 /// Swaps that lost to another writer are retried this often before the store counts as failing.
@@ -141,6 +174,10 @@ impl StoreBudget {
     /// Apply `change` to the account's record by compare-and-swap; returns what `change` said.
     fn update<T>(&self, account: &str, mut change: impl FnMut(&mut Account) -> T) -> io::Result<T> {
         let key = self.key(account);
+        // The writers of one process take turns: swaps then lose only to other processes, so
+        // a busy process never runs out of tries (which would leave a job slot leased).
+        static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
         for _ in 0..TRIES {
             let current = self.store.get_tagged(&key)?;
             let mut acct = match &current {
@@ -172,7 +209,7 @@ impl StoreBudget {
 }
 
 impl BudgetStore for StoreBudget {
-    fn take(&self, account: &str, window: u64, want: u32, cap: u32) -> io::Result<u32> {
+    fn take(&self, account: &str, window: u64, want: u32, cap: u32, floor: u32) -> io::Result<u32> {
         self.update(account, |a| {
             if a.window != window {
                 if a.window > window {
@@ -182,6 +219,7 @@ impl BudgetStore for StoreBudget {
                 a.window = window;
                 a.used = 0;
             }
+            a.used = a.used.max(floor.min(cap));
             let granted = want.min(cap.saturating_sub(a.used));
             a.used += granted;
             granted
@@ -195,20 +233,64 @@ impl BudgetStore for StoreBudget {
         max: u32,
         until_ms: u64,
         now_ms: u64,
-    ) -> io::Result<bool> {
+    ) -> io::Result<Option<u32>> {
         self.update(account, |a| {
-            a.jobs.retain(|_, until| *until > now_ms);
+            a.jobs.retain(|_, l| l.until > now_ms);
             if a.jobs.len() >= max as usize {
-                return false;
+                return None;
             }
-            a.jobs.insert(holder.to_string(), until_ms);
-            true
+            a.jobs.insert(
+                holder.to_string(),
+                Lease {
+                    until: until_ms,
+                    job: None,
+                },
+            );
+            Some(a.jobs.len() as u32)
         })
     }
 
-    fn end_job(&self, account: &str, holder: &str) -> io::Result<()> {
+    fn job_started(&self, account: &str, holder: &str, job: &str) -> io::Result<()> {
         self.update(account, |a| {
-            a.jobs.remove(holder);
+            if let Some(l) = a.jobs.get_mut(holder) {
+                l.job = Some(job.to_string());
+            }
+        })
+    }
+
+    fn open_jobs(&self, account: &str, now_ms: u64) -> io::Result<Vec<OpenJob>> {
+        let Some((bytes, _)) = self.store.get_tagged(&self.key(account))? else {
+            return Ok(Vec::new());
+        };
+        let a: Account = serde_json::from_slice(&bytes).unwrap_or_default();
+        Ok(a.jobs
+            .into_iter()
+            .filter(|(_, l)| l.until > now_ms)
+            .filter_map(|(holder, l)| {
+                Some(OpenJob {
+                    holder,
+                    job: l.job?,
+                    since_ms: l.until.saturating_sub(JOB_LEASE.as_millis() as u64),
+                })
+            })
+            .collect())
+    }
+
+    fn end_jobs(&self, account: &str, holders: &[String]) -> io::Result<()> {
+        self.update(account, |a| {
+            for h in holders {
+                a.jobs.remove(h);
+            }
+        })
+    }
+
+    fn claim_poll(&self, account: &str, now_ms: u64, every_ms: u64) -> io::Result<bool> {
+        self.update(account, |a| {
+            if a.polled + every_ms > now_ms {
+                return false;
+            }
+            a.polled = now_ms;
+            true
         })
     }
 
@@ -230,14 +312,17 @@ mod tests {
     fn a_window_grants_its_cap_once_then_the_next_window_starts_fresh() {
         let dir = tempfile::tempdir().unwrap();
         let b = budget(dir.path());
-        assert_eq!(b.take("a", 10, 40, 70).unwrap(), 40);
-        assert_eq!(b.take("a", 10, 40, 70).unwrap(), 30);
-        assert_eq!(b.take("a", 10, 40, 70).unwrap(), 0);
+        assert_eq!(b.take("a", 10, 40, 70, 0).unwrap(), 40);
+        assert_eq!(b.take("a", 10, 40, 70, 0).unwrap(), 30);
+        assert_eq!(b.take("a", 10, 40, 70, 0).unwrap(), 0);
         // Another account has its own budget.
-        assert_eq!(b.take("b", 10, 40, 70).unwrap(), 40);
-        assert_eq!(b.take("a", 11, 40, 70).unwrap(), 40);
+        assert_eq!(b.take("b", 10, 40, 70, 0).unwrap(), 40);
+        assert_eq!(b.take("a", 11, 40, 70, 0).unwrap(), 40);
         // A client whose clock lags gets nothing from a window already over.
-        assert_eq!(b.take("a", 10, 40, 70).unwrap(), 0);
+        assert_eq!(b.take("a", 10, 40, 70, 0).unwrap(), 0); // Requests below the floor nobody took are forfeit: 60 released, at most 10 unspent.
+        assert_eq!(b.take("c", 10, 5, 70, 0).unwrap(), 5);
+        assert_eq!(b.take("c", 10, 40, 60, 50).unwrap(), 10);
+        assert_eq!(b.take("c", 10, 40, 60, 50).unwrap(), 0);
     }
 
     /// Processes on one machine share the file: many threads taking at once never get more
@@ -252,7 +337,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let mut got = 0;
                     loop {
-                        match b.take("acct", 5, 3, 100).unwrap() {
+                        match b.take("acct", 5, 3, 100, 0).unwrap() {
                             0 => return got,
                             n => got += n,
                         }
@@ -270,21 +355,49 @@ mod tests {
     fn job_slots_are_leases_that_end_or_run_out() {
         let dir = tempfile::tempdir().unwrap();
         let b = budget(dir.path());
-        assert!(b.take_job("a", "j1", 2, 2_000, 1_000).unwrap());
-        assert!(b.take_job("a", "j2", 2, 2_000, 1_000).unwrap());
+        assert!(b.take_job("a", "j1", 2, 2_000, 1_000).unwrap().is_some());
+        assert!(b.take_job("a", "j2", 2, 2_000, 1_000).unwrap().is_some());
         assert!(
-            !b.take_job("a", "j3", 2, 2_000, 1_000).unwrap(),
+            b.take_job("a", "j3", 2, 2_000, 1_000).unwrap().is_none(),
             "both held"
         );
         assert!(
-            b.take_job("b", "j3", 2, 2_000, 1_000).unwrap(),
+            b.take_job("b", "j3", 2, 2_000, 1_000).unwrap().is_some(),
             "another account"
         );
-        b.end_job("a", "j1").unwrap();
-        assert!(b.take_job("a", "j3", 2, 5_000, 1_100).unwrap());
+        // A lease shows its job once the batch has submitted it.
+        assert!(b.open_jobs("a", 1_000).unwrap().is_empty());
+        b.job_started("a", "j1", "job-1").unwrap();
+        b.job_started("a", "gone", "job-x").unwrap();
+        let open = b.open_jobs("a", 1_000).unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!(
+            (open[0].holder.as_str(), open[0].job.as_str()),
+            ("j1", "job-1")
+        );
+        // Another writer that saw job-1 finished frees its slot; ending it twice is no error.
+        b.end_jobs("a", &["j1".into()]).unwrap();
+        b.end_jobs("a", &["j1".into(), "never".into()]).unwrap();
+        assert!(b.take_job("a", "j3", 2, 5_000, 1_100).unwrap().is_some());
         // j2's lease ran out (a writer that died): its slot is free.
-        assert!(b.take_job("a", "j4", 2, 5_000, 2_500).unwrap());
-        assert!(!b.take_job("a", "j5", 2, 5_000, 2_500).unwrap());
+        assert!(b.take_job("a", "j4", 2, 5_000, 2_500).unwrap().is_some());
+        assert!(b.take_job("a", "j5", 2, 5_000, 2_500).unwrap().is_none());
+        b.job_started("a", "j4", "job-4").unwrap();
+        let open = b.open_jobs("a", 2_500).unwrap();
+        assert_eq!(open.len(), 1, "{open:?}");
+        assert_eq!(
+            open[0].since_ms,
+            5_000u64.saturating_sub(JOB_LEASE.as_millis() as u64)
+        );
+        assert!(
+            b.open_jobs("a", 5_000).unwrap().is_empty(),
+            "its lease ran out"
+        );
+        // One poll of the open jobs per interval, whoever claims it.
+        assert!(b.claim_poll("a", 10_000, 300).unwrap());
+        assert!(!b.claim_poll("a", 10_200, 300).unwrap());
+        assert!(b.claim_poll("b", 10_200, 300).unwrap(), "another account");
+        assert!(b.claim_poll("a", 10_300, 300).unwrap());
     }
 
     #[test]

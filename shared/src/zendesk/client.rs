@@ -260,6 +260,13 @@ struct Req<'a> {
 #[must_use]
 pub struct Reserved<'a>(Permit<'a>);
 
+impl Reserved<'_> {
+    /// The reserved request is the single probe after a 429/503.
+    pub fn is_probe(&self) -> bool {
+        self.0.is_probe()
+    }
+}
+
 /// A complete answer: status, headers, the whole body.
 struct Answer {
     status: u16,
@@ -496,6 +503,16 @@ impl Client {
         &self.inner.opts.base_url
     }
 
+    /// The account's shared budget, when this client takes part in one.
+    pub fn budget(&self) -> Option<Arc<super::limiter::Shared>> {
+        self.inner.limiter.shared().cloned()
+    }
+
+    /// The configured requests per minute (0: no limit of zdsync's own).
+    pub fn rpm(&self) -> u32 {
+        self.inner.opts.rpm
+    }
+
     /// API token or OAuth.
     pub fn auth_method(&self) -> AuthMethod {
         self.creds().method()
@@ -723,7 +740,18 @@ impl Client {
         for chunk in ids.chunks(100) {
             let list: Vec<String> = chunk.iter().map(|i| encode_query_value(i)).collect();
             let path = format!("/api/v2/job_statuses/show_many.json?ids={}", list.join(","));
-            let mut v = self.get(&path).await?;
+            // Polls go before the writes waiting for their turn: they free the job slots those
+            // writes wait for.
+            let first = self.inner.limiter.acquire_urgent().await;
+            let mut v = self
+                .send_with(
+                    Some(first),
+                    Method::GET,
+                    &path,
+                    Vec::new(),
+                    Idempotency::Safe,
+                )
+                .await?;
             let statuses = v.get_mut("job_statuses").map(Value::take);
             let parsed: Vec<JobStatus> = match statuses {
                 Some(s @ Value::Array(_)) => {

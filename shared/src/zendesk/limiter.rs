@@ -35,6 +35,10 @@ pub struct Limiter {
     /// The configured requests per minute, and whether the account's lower limit was reported.
     rpm: u32,
     over_limit_told: std::sync::atomic::AtomicBool,
+    /// Requests that go before the others (job polls: they free the job slots the others
+    /// wait for), and the wake-up of the others once none is waiting.
+    urgent: AtomicU32,
+    urgent_done: Notify,
 }
 
 #[derive(Debug)]
@@ -72,6 +76,12 @@ pub struct Permit<'a> {
 }
 
 impl Permit<'_> {
+    /// This request is the single probe after a 429/503: no other request goes until it is
+    /// answered.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
     /// Report the answer's status: a 429/503 keeps the client in recovery, anything else ends it.
     pub fn finish(mut self, throttled: bool) {
         if self.probe {
@@ -134,6 +144,8 @@ impl Limiter {
             },
             rpm,
             over_limit_told: std::sync::atomic::AtomicBool::new(false),
+            urgent: AtomicU32::new(0),
+            urgent_done: Notify::new(),
         }
     }
 
@@ -157,7 +169,26 @@ impl Limiter {
         self.shared.as_ref()
     }
 
-    async fn take_token(&self) {
+    /// Lets urgent requests go first: an ordinary request waits while one is waiting.
+    async fn after_urgent(&self, urgent: bool) {
+        if urgent {
+            return;
+        }
+        loop {
+            let done = self.urgent_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.urgent.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            done.await;
+        }
+    }
+
+    async fn take_token(&self, urgent: bool) {
+        // Only new requests wait for an urgent one: one that holds a share of the window
+        // already goes on, or that share would idle while the urgent one waits for its own.
+        self.after_urgent(urgent).await;
         if let Some(shared) = &self.shared {
             shared.take().await;
         }
@@ -188,6 +219,21 @@ impl Limiter {
     /// slot reached and, while recovering from a 429/503, no other probe in flight. The pause is
     /// checked again after every wait, right before returning.
     pub async fn acquire(&self) -> Permit<'_> {
+        self.acquire_as(false).await
+    }
+
+    /// [`Limiter::acquire`] ahead of every ordinary request waiting for its turn (job polls,
+    /// which free the job slots the writes wait for).
+    pub async fn acquire_urgent(&self) -> Permit<'_> {
+        self.urgent.fetch_add(1, Ordering::SeqCst);
+        let permit = self.acquire_as(true).await;
+        if self.urgent.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.urgent_done.notify_waiters();
+        }
+        permit
+    }
+
+    async fn acquire_as(&self, urgent: bool) -> Permit<'_> {
         loop {
             // A running pause: sleep it out before spending a token.
             let until = self.paused_until();
@@ -195,7 +241,7 @@ impl Limiter {
                 tokio::time::sleep_until(until).await;
                 continue;
             }
-            self.take_token().await;
+            self.take_token(urgent).await;
             self.wait_paced_slot().await;
             let notified = self.notify.notified();
             {
@@ -374,6 +420,18 @@ pub struct Shared {
     jobs_taken: AtomicU64,
     /// Job slots held locally while the store fails.
     local_jobs: AtomicU32,
+    /// One task of this client at a time asks the store for a job slot; the others queue here,
+    /// so a full account costs one store call per wait, not one per waiting batch.
+    slot_turn: tokio::sync::Mutex<()>,
+    /// Wakes the task waiting for a job slot when this client gives one back.
+    freed: Notify,
+    /// Every job slot of the account was held at the last try; `starving` tells the job
+    /// pollers, which then look at every open job of the account.
+    starved: std::sync::atomic::AtomicBool,
+    starving: Notify,
+    /// The account's slots held, and their number, at this client's last take.
+    held_seen: AtomicU32,
+    slots_seen: AtomicU32,
     /// While the store fails, requests keep to `rpm ÷ share` locally until this instant.
     failed_until: Mutex<Option<Instant>>,
     fallback: Bucket,
@@ -412,6 +470,12 @@ impl Shared {
             lease: tokio::sync::Mutex::new((0, 0)),
             jobs_taken: AtomicU64::new(0),
             local_jobs: AtomicU32::new(0),
+            slot_turn: tokio::sync::Mutex::new(()),
+            freed: Notify::new(),
+            starved: std::sync::atomic::AtomicBool::new(false),
+            starving: Notify::new(),
+            held_seen: AtomicU32::new(0),
+            slots_seen: AtomicU32::new(0),
             failed_until: Mutex::new(None),
             fallback: RateLimiter::direct(Quota::per_minute(per)),
         }
@@ -471,14 +535,20 @@ impl Shared {
             let win_ms = budget::WINDOW.as_millis() as u64;
             let into = now - window * win_ms;
             let released = ((u64::from(self.cap) * into / win_ms) as u32 + 1).min(self.cap);
-            // Small slices, so a window is not held by clients that do not need it.
-            let want = (self.cap / 8).clamp(1, released);
+            // Small slices, so a window is not held by clients that do not need it; what was
+            // released more than a slice ago and not taken is forfeit, so requests nobody
+            // asked for (between runs, or while jobs were the bound) do not go out in a burst
+            // that would crowd Zendesk's own minute.
+            let slice = (self.cap / 8).max(1);
+            let want = slice.min(released);
+            let floor = released.saturating_sub(slice);
             let (store, account) = (self.store.clone(), self.account.clone());
-            let got =
-                tokio::task::spawn_blocking(move || store.take(&account, window, want, released))
-                    .await
-                    .map_err(io_error)
-                    .and_then(|r| r);
+            let got = tokio::task::spawn_blocking(move || {
+                store.take(&account, window, want, released, floor)
+            })
+            .await
+            .map_err(io_error)
+            .and_then(|r| r);
             match got {
                 Ok(n) if n > 0 => {
                     *lease = (window, n - 1);
@@ -512,8 +582,12 @@ impl Shared {
             self.member,
             self.jobs_taken.fetch_add(1, Ordering::Relaxed)
         );
-        let mut wait = Duration::from_millis(20);
+        let _turn = self.slot_turn.lock().await;
+        let mut wait = Duration::from_millis(10);
         loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
             if self.failing() {
                 let share = (max / self.share).max(1);
                 if self.local_jobs.fetch_add(1, Ordering::SeqCst) < share {
@@ -540,24 +614,130 @@ impl Shared {
                 .map_err(io_error)
                 .and_then(|r| r);
                 match took {
-                    Ok(true) => {
+                    Ok(Some(held)) => {
+                        self.note_held(held, max);
                         return JobSlot {
                             shared: self.clone(),
                             holder: Some(holder),
-                        }
+                        };
                     }
-                    Ok(false) => {}
+                    Ok(None) => self.note_held(max, max),
                     Err(e) => {
                         self.fail("taking a job slot", &e);
                         continue;
                     }
                 }
             }
-            // Every slot is held: jobs finish within seconds, so look again soon.
-            let jitter = Duration::from_millis(u64::from(rand::random::<u8>() % 20));
-            tokio::time::sleep(wait + jitter).await;
-            wait = (wait * 2).min(Duration::from_millis(250));
+            // Every slot is held: a slot this client gives back wakes this task at once; one
+            // given back by another process is seen within 50 ms (one task per client asks).
+            let jitter = Duration::from_millis(u64::from(rand::random::<u8>() % 10));
+            tokio::select! {
+                _ = tokio::time::sleep(wait + jitter) => {}
+                _ = freed => {}
+            }
+            wait = (wait * 2).min(Duration::from_millis(40));
         }
+    }
+
+    /// The account's slots held at this client's last take: from nine tenths of them on the
+    /// job pollers look at every open job of the account, so finished jobs give their slots
+    /// back about when the writers run out (a poll then frees many of them at once).
+    fn note_held(&self, held: u32, max: u32) {
+        self.held_seen.store(held, Ordering::SeqCst);
+        self.slots_seen.store(max, Ordering::SeqCst);
+        let short = held >= max - max / 10;
+        if short {
+            if !self.starved.swap(true, Ordering::SeqCst) {
+                self.starving.notify_waiters();
+            }
+        } else {
+            self.starved.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Slots a poll should free to be worth a request while the account is short of them:
+    /// one when every slot is held, else half of them.
+    pub fn worth_freeing(&self) -> usize {
+        let (held, max) = (
+            self.held_seen.load(Ordering::SeqCst),
+            self.slots_seen.load(Ordering::SeqCst),
+        );
+        if held >= max {
+            1
+        } else {
+            (max as usize / 2).max(1)
+        }
+    }
+
+    /// At this client's last take, the account's job slots were all or nearly all held.
+    pub fn starved(&self) -> bool {
+        self.starved.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once this client finds every job slot of the account held.
+    pub async fn starving(&self) {
+        let n = self.starving.notified();
+        tokio::pin!(n);
+        n.as_mut().enable();
+        if !self.starved() {
+            n.await;
+        }
+    }
+
+    /// Whether a lease is this client's own.
+    pub fn holds(&self, holder: &str) -> bool {
+        holder
+            .strip_prefix(self.member.as_str())
+            .is_some_and(|rest| rest.starts_with('-'))
+    }
+
+    /// The account's open jobs (those whose batch has submitted them); nothing when the store
+    /// cannot tell.
+    pub async fn open_jobs(&self) -> Vec<budget::OpenJob> {
+        let (store, account) = (self.store.clone(), self.account.clone());
+        if self.failing() {
+            return Vec::new();
+        }
+        match tokio::task::spawn_blocking(move || store.open_jobs(&account, budget::unix_ms()))
+            .await
+            .map_err(io_error)
+            .and_then(|r| r)
+        {
+            Ok(open) => open,
+            Err(e) => {
+                tracing::debug!(error = %e, "the account's open jobs could not be read");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Claims the poll of the account's open jobs for this client, unless another writer
+    /// polled them within `every`. While the store fails, every client polls its own.
+    pub async fn claim_poll(&self, every: Duration) -> bool {
+        let (store, account) = (self.store.clone(), self.account.clone());
+        let every = every.as_millis() as u64;
+        tokio::task::spawn_blocking(move || store.claim_poll(&account, budget::unix_ms(), every))
+            .await
+            .map_err(io_error)
+            .and_then(|r| r)
+            .unwrap_or(true)
+    }
+
+    /// Frees the slots of jobs seen finished (other writers' jobs too: Zendesk counts only
+    /// queued and running jobs, whether or not their results were read).
+    pub async fn end_jobs(&self, holders: Vec<String>) {
+        if holders.is_empty() {
+            return;
+        }
+        let (store, account) = (self.store.clone(), self.account.clone());
+        let ended = tokio::task::spawn_blocking(move || store.end_jobs(&account, &holders))
+            .await
+            .map_err(io_error)
+            .and_then(|r| r);
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "finished jobs' slots were not given back: their leases run out");
+        }
+        self.freed.notify_waiters();
     }
 }
 
@@ -568,18 +748,47 @@ pub struct JobSlot {
     holder: Option<String>,
 }
 
+impl JobSlot {
+    /// Names the job this slot's batch submitted, so other writers of the account can poll it
+    /// and free the slot once it is done. Done in the background: a lease already given back
+    /// is left as it is.
+    pub fn started(&self, job: &str) {
+        let Some(holder) = self.holder.clone() else {
+            return;
+        };
+        let (store, account, job) = (
+            self.shared.store.clone(),
+            self.shared.account.clone(),
+            job.to_string(),
+        );
+        let note = move || {
+            if let Err(e) = store.job_started(&account, &holder, &job) {
+                tracing::debug!(error = %e, "a job was not named on its slot: only its writer polls it");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(note);
+            }
+            Err(_) => note(),
+        }
+    }
+}
+
 impl Drop for JobSlot {
     fn drop(&mut self) {
         match self.holder.take() {
             None => {
                 self.shared.local_jobs.fetch_sub(1, Ordering::SeqCst);
+                self.shared.freed.notify_waiters();
             }
             Some(holder) => {
-                let (store, account) = (self.shared.store.clone(), self.shared.account.clone());
+                let shared = self.shared.clone();
                 let give_back = move || {
-                    if let Err(e) = store.end_job(&account, &holder) {
+                    if let Err(e) = shared.store.end_jobs(&shared.account, &[holder]) {
                         tracing::debug!(error = %e, "a job slot was not given back: its lease runs out");
                     }
+                    shared.freed.notify_waiters();
                 };
                 match tokio::runtime::Handle::try_current() {
                     Ok(rt) => {
