@@ -31,9 +31,10 @@ mod tags;
 pub struct WriteOptions {
     /// Rows per bulk call (Zendesk's maximum is 100).
     pub batch_size: usize,
-    /// Bulk jobs submitted and not yet known to be finished. Zendesk allows about 30 queued or
-    /// running jobs per account (finished jobs not yet polled do not count there); every batch
-    /// in progress holds one. Jobs are polled once four fifths of them wait.
+    /// The account's job slots: jobs submitted and not yet seen finished by any writer of the
+    /// account. Zendesk allows about 30 queued or running jobs per account (finished jobs not
+    /// yet polled do not count there). Without a shared budget every batch in progress holds
+    /// one; with one, a writer keeps up to four times as many batches in progress.
     pub max_jobs_in_flight: usize,
     /// Shortest spacing of job polls (they are also spaced at three request periods at
     /// least); doubles while polls find nothing finished.
