@@ -1505,6 +1505,11 @@ async fn poll_loop(
             }
             continue;
         }
+        // Every job submitted so far counts: one received at a time, a poll could go out for a
+        // few jobs while many more wait in the channel.
+        while let Ok(w) = rx.try_recv() {
+            pending.push(w);
+        }
         pending.retain(|w| !w.done.is_closed());
         let now = Instant::now();
         let typical = expected.unwrap_or(spacing);
@@ -1592,6 +1597,9 @@ async fn poll_loop(
             }
         }
         last_poll = Instant::now();
+        while let Ok(w) = rx.try_recv() {
+            pending.push(w);
+        }
         let mut ids: Vec<String> = Vec::new();
         {
             let mut seen = std::collections::HashSet::new();
