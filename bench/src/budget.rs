@@ -100,6 +100,22 @@ struct Measured {
 }
 
 impl Measured {
+    /// What the writers reported; the rest is filled in from the samples after the run.
+    fn writing(rows: u64, failed: u64, span: (f64, f64)) -> Measured {
+        Measured {
+            rows,
+            failed,
+            secs: span.1 - span.0,
+            span,
+            used: 0.0,
+            granted: None,
+            slots: None,
+            max60: None,
+            sim: Counters::default(),
+            load: 0.0,
+        }
+    }
+
     fn per_min(&self) -> f64 {
         self.rows as f64 / (self.secs / 60.0)
     }
@@ -528,21 +544,14 @@ async fn cli_runs(dir: &Path, syncs: &[&str]) -> Measured {
     let spans: Vec<(f64, f64)> = records.iter().map(write_span).collect();
     let start = spans.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
     let end = spans.iter().map(|s| s.1).fold(f64::NEG_INFINITY, f64::max);
-    Measured {
-        rows: records
+    Measured::writing(
+        records
             .iter()
             .map(|r| r.rows.created + r.rows.updated)
             .sum(),
-        failed: records.iter().map(|r| r.rows.failed).sum(),
-        secs: end - start,
-        span: (start, end),
-        used: 0.0,
-        granted: None,
-        slots: None,
-        max60: None,
-        sim: Counters::default(),
-        load: 0.0,
-    }
+        records.iter().map(|r| r.rows.failed).sum(),
+        (start, end),
+    )
 }
 
 /// A run's write phase as unix seconds (start, end): it follows preflight, schema and plan.
@@ -601,16 +610,8 @@ async fn step_runs(dir: &Path, sync: &str) -> Measured {
         "finalize counts what the write-batch invocations confirmed"
     );
     Measured {
-        rows,
-        failed,
         secs,
-        span: (start, end),
-        used: 0.0,
-        granted: None,
-        slots: None,
-        max60: None,
-        sim: Counters::default(),
-        load: 0.0,
+        ..Measured::writing(rows, failed, (start, end))
     }
 }
 

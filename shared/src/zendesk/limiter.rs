@@ -766,12 +766,7 @@ impl JobSlot {
                 tracing::debug!(error = %e, "a job was not named on its slot: only its writer polls it");
             }
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn_blocking(note);
-            }
-            Err(_) => note(),
-        }
+        in_background(note);
     }
 }
 
@@ -790,14 +785,19 @@ impl Drop for JobSlot {
                     }
                     shared.freed.notify_waiters();
                 };
-                match tokio::runtime::Handle::try_current() {
-                    Ok(rt) => {
-                        rt.spawn_blocking(give_back);
-                    }
-                    Err(_) => give_back(),
-                }
+                in_background(give_back);
             }
         }
+    }
+}
+
+/// A store call nobody waits for: on the runtime's blocking pool, or here outside a runtime.
+fn in_background(f: impl FnOnce() + Send + 'static) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn_blocking(f);
+        }
+        Err(_) => f(),
     }
 }
 
