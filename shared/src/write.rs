@@ -417,7 +417,13 @@ impl Writer {
             let slot = budget.job_slot(max).await;
             return Ok((Some(slot), reserve().await?));
         }
+        let t = Instant::now();
         let slot = budget.job_slot(max).await;
+        tracing::trace!(
+            waited_ms = t.elapsed().as_millis() as u64,
+            held = budget.held(),
+            "job slot taken"
+        );
         Ok((Some(slot), reserved))
     }
 
@@ -1668,7 +1674,11 @@ async fn poll_loop(
             let e = match expected {
                 Some(e) => e,
                 None if upper => return,
-                None => sample,
+                None => {
+                    // A job still running (or a midpoint) sets the first estimate.
+                    expected = Some(sample);
+                    return;
+                }
             };
             if (lower && sample <= e) || (upper && sample >= e) {
                 return;
@@ -1719,6 +1729,8 @@ async fn poll_loop(
             freed = freed_any,
             waiting = still.len(),
             starved,
+            held = shared.as_ref().map(|s| s.held()),
+            k = shared.as_ref().map(|s| s.worth_freeing()),
             own,
             typical_ms = typical.as_millis() as u64,
             "polled jobs"

@@ -35,10 +35,29 @@ pub struct Limiter {
     /// The configured requests per minute, and whether the account's lower limit was reported.
     rpm: u32,
     over_limit_told: std::sync::atomic::AtomicBool,
-    /// Requests that go before the others (job polls: they free the job slots the others
-    /// wait for), and the wake-up of the others once none is waiting.
-    urgent: AtomicU32,
-    urgent_done: Notify,
+    /// Requests waiting for a token, urgent ones (job polls: they free the job slots the
+    /// others wait for) first. One waiter at a time leads: it takes the tokens and hands each
+    /// to the head of the queue, so a poll gets the next token however many writes wait.
+    queue: Mutex<Waiting>,
+    leader: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    urgent: std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>,
+    normal: std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Waiting {
+    /// Gives a token to the first waiter still waiting; false when none is.
+    fn hand_out(&mut self) -> bool {
+        while let Some(tx) = self.urgent.pop_front().or_else(|| self.normal.pop_front()) {
+            if tx.send(()).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
 }
 
 #[derive(Debug)]
@@ -144,8 +163,8 @@ impl Limiter {
             },
             rpm,
             over_limit_told: std::sync::atomic::AtomicBool::new(false),
-            urgent: AtomicU32::new(0),
-            urgent_done: Notify::new(),
+            queue: Mutex::new(Waiting::default()),
+            leader: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -169,26 +188,38 @@ impl Limiter {
         self.shared.as_ref()
     }
 
-    /// Lets urgent requests go first: an ordinary request waits while one is waiting.
-    async fn after_urgent(&self, urgent: bool) {
-        if urgent {
-            return;
-        }
-        loop {
-            let done = self.urgent_done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            if self.urgent.load(Ordering::SeqCst) == 0 {
-                return;
+    /// Waits for this request's token: queued, urgent ones first, and handed out by whichever
+    /// waiter leads (a cancelled leader hands the lead on when its lock is dropped).
+    async fn take_token(&self, urgent: bool) {
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if urgent {
+                q.urgent.push_back(tx);
+            } else {
+                q.normal.push_back(tx);
             }
-            done.await;
+        }
+        tokio::select! {
+            biased;
+            _ = &mut rx => {}
+            _lead = self.leader.lock() => loop {
+                if rx.try_recv().is_ok() {
+                    return;
+                }
+                self.next_token().await;
+                let given = self
+                    .queue
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .hand_out();
+                debug_assert!(given, "the leader itself waits");
+            },
         }
     }
 
-    async fn take_token(&self, urgent: bool) {
-        // Only new requests wait for an urgent one: one that holds a share of the window
-        // already goes on, or that share would idle while the urgent one waits for its own.
-        self.after_urgent(urgent).await;
+    /// The next token of the client's rate (and of the account's shared window).
+    async fn next_token(&self) {
         if let Some(shared) = &self.shared {
             shared.take().await;
         }
@@ -225,12 +256,7 @@ impl Limiter {
     /// [`Limiter::acquire`] ahead of every ordinary request waiting for its turn (job polls,
     /// which free the job slots the writes wait for).
     pub async fn acquire_urgent(&self) -> Permit<'_> {
-        self.urgent.fetch_add(1, Ordering::SeqCst);
-        let permit = self.acquire_as(true).await;
-        if self.urgent.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.urgent_done.notify_waiters();
-        }
-        permit
+        self.acquire_as(true).await
     }
 
     async fn acquire_as(&self, urgent: bool) -> Permit<'_> {
@@ -432,6 +458,8 @@ pub struct Shared {
     /// The account's slots held, and their number, at this client's last take.
     held_seen: AtomicU32,
     slots_seen: AtomicU32,
+    /// Slots this client is giving back in the background: the store may count them still.
+    returning: AtomicU32,
     /// While the store fails, requests keep to `rpm ÷ share` locally until this instant.
     failed_until: Mutex<Option<Instant>>,
     fallback: Bucket,
@@ -476,6 +504,7 @@ impl Shared {
             starving: Notify::new(),
             held_seen: AtomicU32::new(0),
             slots_seen: AtomicU32::new(0),
+            returning: AtomicU32::new(0),
             failed_until: Mutex::new(None),
             fallback: RateLimiter::direct(Quota::per_minute(per)),
         }
@@ -643,6 +672,7 @@ impl Shared {
     /// job pollers look at every open job of the account, so finished jobs give their slots
     /// back about when the writers run out (a poll then frees many of them at once).
     fn note_held(&self, held: u32, max: u32) {
+        let held = held.saturating_sub(self.returning.load(Ordering::SeqCst));
         self.held_seen.store(held, Ordering::SeqCst);
         self.slots_seen.store(max, Ordering::SeqCst);
         let short = held >= max - max / 10;
@@ -655,18 +685,41 @@ impl Shared {
         }
     }
 
+    /// This client gave `n` slots back (its own, or other writers' finished jobs): the account
+    /// holds that many fewer than at the last take, so a poll right after one that freed many
+    /// does not go out for the few jobs left.
+    fn given_back(&self, n: u32) {
+        let held = self
+            .held_seen
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| {
+                Some(h.saturating_sub(n))
+            })
+            .map_or(0, |h| h.saturating_sub(n));
+        let max = self.slots_seen.load(Ordering::SeqCst);
+        if held < max - max / 10 {
+            self.starved.store(false, Ordering::SeqCst);
+        }
+    }
+
     /// Slots a poll should free to be worth a request while the account is short of them:
-    /// one when every slot is held, else half of them.
+    /// one once at most one slot is left (the poll gets the next request, so writes wait for
+    /// it about one request period and no request is lost), else nearly all of them (a poll
+    /// then frees as many as it can).
     pub fn worth_freeing(&self) -> usize {
         let (held, max) = (
             self.held_seen.load(Ordering::SeqCst),
             self.slots_seen.load(Ordering::SeqCst),
         );
-        if held >= max {
+        if held + 1 >= max {
             1
         } else {
-            (max as usize / 2).max(1)
+            (max - max / 10).max(1) as usize
         }
+    }
+
+    /// The account's job slots held as this client last saw them.
+    pub fn held(&self) -> u32 {
+        self.held_seen.load(Ordering::SeqCst)
     }
 
     /// At this client's last take, the account's job slots were all or nearly all held.
@@ -729,11 +782,15 @@ impl Shared {
         if holders.is_empty() {
             return;
         }
+        let n = holders.len() as u32;
+        self.given_back(n);
+        self.returning.fetch_add(n, Ordering::SeqCst);
         let (store, account) = (self.store.clone(), self.account.clone());
         let ended = tokio::task::spawn_blocking(move || store.end_jobs(&account, &holders))
             .await
             .map_err(io_error)
             .and_then(|r| r);
+        self.returning.fetch_sub(n, Ordering::SeqCst);
         if let Err(e) = ended {
             tracing::debug!(error = %e, "finished jobs' slots were not given back: their leases run out");
         }
@@ -772,6 +829,7 @@ impl JobSlot {
 
 impl Drop for JobSlot {
     fn drop(&mut self) {
+        self.shared.given_back(1);
         match self.holder.take() {
             None => {
                 self.shared.local_jobs.fetch_sub(1, Ordering::SeqCst);
@@ -779,10 +837,12 @@ impl Drop for JobSlot {
             }
             Some(holder) => {
                 let shared = self.shared.clone();
+                shared.returning.fetch_add(1, Ordering::SeqCst);
                 let give_back = move || {
                     if let Err(e) = shared.store.end_jobs(&shared.account, &[holder]) {
                         tracing::debug!(error = %e, "a job slot was not given back: its lease runs out");
                     }
+                    shared.returning.fetch_sub(1, Ordering::SeqCst);
                     shared.freed.notify_waiters();
                 };
                 in_background(give_back);
@@ -816,6 +876,44 @@ mod tests {
             h.insert(*k, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    #[tokio::test]
+    async fn an_urgent_request_gets_the_next_token_however_many_wait() {
+        // 6,000 rpm: a token every 10 ms; 30 ordinary requests queue for about 300 ms.
+        let limiter = Arc::new(Limiter::new(6000));
+        let served = Arc::new(AtomicU32::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..30 {
+            let (l, n) = (limiter.clone(), served.clone());
+            tasks.push(tokio::spawn(async move {
+                let _p = l.acquire().await;
+                n.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let before = served.load(Ordering::SeqCst);
+        assert!(
+            before < 25,
+            "the ordinary requests are still queued ({before} served)"
+        );
+        let permit = limiter.acquire_urgent().await;
+        let after = served.load(Ordering::SeqCst);
+        drop(permit);
+        // At most the token being taken when it queued went to an ordinary request.
+        assert!(
+            after <= before + 1,
+            "the urgent request waited for {} ordinary ones",
+            after - before
+        );
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            served.load(Ordering::SeqCst),
+            30,
+            "every queued request got a token"
+        );
     }
 
     #[tokio::test]
