@@ -154,7 +154,7 @@ def check_security(cfn, template):
                     if not any(ga == a and f"/{prefix}*" in gr and gk == key for ga, gr, gk in grants):
                         errors.append(f"{fn}: its code needs {a} on {prefix}* (condition {key})")
         uses_zendesk = "Finalize" not in fn
-        budget = {"dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query"}
+        budget = {"dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:BatchGetItem", "dynamodb:BatchWriteItem"}
         if uses_zendesk and not budget <= set(actions_on):
             errors.append(f"{fn}: calls Zendesk but cannot use the shared budget table ({sorted(budget - set(actions_on))})")
         for a in actions_on:

@@ -1481,7 +1481,9 @@ async fn poll_loop(
     };
     let mut pending: Vec<Waiter> = Vec::new();
     let mut interval = spacing;
-    let mut last_poll = Instant::now() - poll_max;
+    // A new writer's first poll waits like any other (`poll_max` unless it has nothing else
+    // to send), so short-lived writers (a write-batch invocation) do not each poll early.
+    let mut last_poll = Instant::now();
     let mut open = true;
     // How long jobs take (a moving average of what polls show, see `learn` below), remembered
     // per account for later writers.
@@ -1490,6 +1492,8 @@ async fn poll_loop(
     // Other writers' open jobs, read from the shared budget while the account's slots run short.
     let mut others: Vec<crate::zendesk::budget::OpenJob> = Vec::new();
     let mut others_read = Instant::now() - poll_max;
+    // When this writer last looked for statuses other writers kept for its jobs.
+    let mut last_check = Instant::now();
     loop {
         let starved = shared.as_ref().is_some_and(|s| s.starved());
         if pending.is_empty() && !open {
@@ -1518,6 +1522,10 @@ async fn poll_loop(
         }
         pending.retain(|w| !w.done.is_closed());
         let now = Instant::now();
+        // The writers of one process share what they learnt.
+        if let Some(e) = job_time(&account, None) {
+            expected = Some(e);
+        }
         let typical = expected.unwrap_or(spacing);
         // Until this, no job of this writer is expected done.
         let own_due = pending.iter().map(|w| w.since + typical).min();
@@ -1569,9 +1577,21 @@ async fn poll_loop(
         } else {
             own_due.map(|d| d.max(last_poll + poll_max))
         };
+        // Other writers of the account poll this writer's jobs too and keep their statuses in
+        // the shared store: a look there costs no request, so it comes sooner than a poll.
+        let check_at = match (&shared, own_due) {
+            (Some(_), Some(due)) => {
+                let at = due.max(last_check + spacing * 4);
+                Some(deadline.map_or(at, |d| d.min(at)))
+            }
+            _ => None,
+        };
         // Wake at least every spacing to look again: batches finishing elsewhere, and the
         // account's slots, change what is worth a poll.
-        let wake = deadline.map_or(now + spacing, |d| d.min(now + spacing));
+        let wake = deadline
+            .into_iter()
+            .chain(check_at)
+            .fold(now + spacing, Instant::min);
         if open {
             tokio::select! {
                 w = rx.recv() => {
@@ -1586,21 +1606,63 @@ async fn poll_loop(
         } else {
             tokio::time::sleep_until(wake.into()).await;
         }
+        if let (Some(s), Some(at)) = (&shared, check_at) {
+            if Instant::now() >= at {
+                last_check = Instant::now();
+                while let Ok(w) = rx.try_recv() {
+                    pending.push(w);
+                }
+                let ids: Vec<String> = pending.iter().map(|w| w.id.clone()).collect();
+                let kept: HashMap<String, JobStatus> = s
+                    .take_done(ids)
+                    .await
+                    .into_iter()
+                    .filter_map(|(id, st)| Some((id, serde_json::from_str(&st).ok()?)))
+                    .collect();
+                if !kept.is_empty() {
+                    let now = Instant::now();
+                    let mut still = Vec::with_capacity(pending.len());
+                    for w in pending.drain(..) {
+                        match kept.get(&w.id) {
+                            Some(j) if j.id == w.id && j.is_terminal() => {
+                                let _ = w.done.send(Ok(j.clone()));
+                            }
+                            _ => still.push(w),
+                        }
+                    }
+                    tracing::trace!(
+                        kept = kept.len(),
+                        waiting = still.len(),
+                        at_ms = (now - last_poll).as_millis() as u64,
+                        "job statuses kept by another writer"
+                    );
+                    pending = still;
+                    continue;
+                }
+            }
+        }
         let Some(deadline) = deadline else { continue };
         if Instant::now() < deadline {
             continue;
         }
-        // A poll only for the account's full slots: one writer polls for all of them.
-        let for_slots = starved
-            && !own
-            && Instant::now() < own_due.map_or(now, |d| d.max(last_poll + poll_max));
-        if for_slots {
-            if let Some(s) = &shared {
-                if !s.claim_poll(spacing).await {
-                    last_poll = Instant::now();
-                    continue;
-                }
+        // One writer of the account polls at a time, for everyone's jobs that should be done:
+        // a writer that finds the poll claimed looks for its statuses in the store instead.
+        if let Some(s) = &shared {
+            // At most one poll per half a job time for the whole account: each finds about
+            // half a job time's worth of finished jobs.
+            let every = spacing.max(typical / 2).mul_f64(0.9);
+            if !s.claim_poll(every).await {
+                last_poll = Instant::now();
+                last_check = last_poll - spacing * 3;
+                continue;
             }
+            others = s
+                .open_jobs()
+                .await
+                .into_iter()
+                .filter(|j| !s.holds(&j.holder))
+                .collect();
+            others_read = Instant::now();
         }
         last_poll = Instant::now();
         while let Ok(w) = rx.try_recv() {
@@ -1648,6 +1710,17 @@ async fn poll_loop(
             }
             continue;
         }
+        let other_ages: Vec<(Duration, bool)> = {
+            let now_ms = crate::zendesk::budget::unix_ms();
+            others
+                .iter()
+                .filter(|j| ids.contains(&j.job))
+                .filter_map(|j| {
+                    let age = Duration::from_millis(now_ms.saturating_sub(j.since_ms));
+                    Some((age, statuses.get(&j.job)?.is_terminal()))
+                })
+                .collect()
+        };
         // Other writers' jobs seen finished (or no longer kept) give their slots back.
         let freed: Vec<String> = others
             .iter()
@@ -1657,10 +1730,20 @@ async fn poll_loop(
             .collect();
         let freed_any = !freed.is_empty();
         if freed_any {
-            others.retain(|j| !freed.contains(&j.holder));
             if let Some(s) = &shared {
-                s.end_jobs(freed).await;
+                // Their writers find the statuses in the store and need not poll them.
+                let done: Vec<(String, String)> = others
+                    .iter()
+                    .filter(|j| freed.contains(&j.holder))
+                    .filter_map(|j| {
+                        let st = statuses.get(&j.job)?;
+                        Some((j.job.clone(), serde_json::to_string(st).ok()?))
+                    })
+                    .collect();
+                s.put_done(done).await;
+                s.end_jobs(freed.clone()).await;
             }
+            others.retain(|j| !freed.contains(&j.holder));
         }
         let before = pending.len();
         let mut still = Vec::with_capacity(pending.len());
@@ -1683,8 +1766,14 @@ async fn poll_loop(
             if (lower && sample <= e) || (upper && sample >= e) {
                 return;
             }
-            expected = Some(e.mul_f64(0.8) + sample.mul_f64(0.2));
+            // A bound is certain, so the estimate moves well towards it; a midpoint is noisier.
+            let weight = if lower || upper { 0.5 } else { 0.2 };
+            expected = Some(e.mul_f64(1.0 - weight) + sample.mul_f64(weight));
         };
+        // Other writers' jobs in this poll teach as much as this writer's own.
+        for (age, done) in other_ages {
+            learn(age, !done, done);
+        }
         for mut w in pending.drain(..) {
             match statuses.get(&w.id) {
                 Some(j) if j.is_terminal() => {

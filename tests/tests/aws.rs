@@ -412,4 +412,40 @@ fn dynamodb_budget_windows_and_job_slots() {
     );
     assert!(b.claim_poll("acct", 50_300, 300).unwrap());
     assert!(b.claim_poll("fresh", 50_300, 300).unwrap(), "no item yet");
+    // Finished jobs' statuses kept for their writers (30 of them: more than one batch write).
+    let done: Vec<(String, String)> = (0..30)
+        .map(|i| {
+            (
+                format!("job{i}"),
+                format!(r#"{{"id":"job{i}","status":"completed"}}"#),
+            )
+        })
+        .chain([("../bad".to_string(), "{}".to_string())])
+        .collect();
+    b.put_done("acct", &done).unwrap();
+    let want: Vec<String> = ["job0", "job29", "job99", "../bad"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut got = b.take_done("acct", &want).unwrap();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "job0".to_string(),
+                r#"{"id":"job0","status":"completed"}"#.to_string()
+            ),
+            (
+                "job29".to_string(),
+                r#"{"id":"job29","status":"completed"}"#.to_string()
+            ),
+        ]
+    );
+    assert!(
+        b.take_done("other", &want).unwrap().is_empty(),
+        "another account"
+    );
+    // The account's budget items are untouched by the kept statuses.
+    assert!(b.claim_poll("acct", 60_000, 300).unwrap());
 }

@@ -9,9 +9,14 @@
 //!   map `ids` of holders to the Zendesk job they submitted, so any writer can poll them; and
 //!   `kp`, when a writer last claimed the poll of those jobs (unix ms).
 //!
-//! Both carry `ttl` so DynamoDB removes an account's items a day after their last use.
+//! - `sk = "done#<job>"`: a finished job's status `st` (JSON, as Zendesk answered it) kept by
+//!   the writer that polled it for the writer that submitted it; `ttl` an hour on.
+//!
+//! The account's items carry `ttl` so DynamoDB removes them a day after their last use.
 
-use crate::zendesk::budget::{BudgetStore, OpenJob, JOB_LEASE};
+use crate::zendesk::budget::{
+    keepable_job_id, BudgetStore, OpenJob, DONE_KEPT, DONE_MAX_BYTES, JOB_LEASE,
+};
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
 use std::io;
@@ -427,6 +432,82 @@ impl BudgetStore for DynamoBudget {
             Err(e) if e.as_service_error().is_some_and(conditional) => Ok(false),
             Err(e) => Err(err("UpdateItem", &self.table, e)),
         }
+    }
+
+    fn put_done(&self, account: &str, done: &[(String, String)]) -> io::Result<()> {
+        use aws_sdk_dynamodb::types::{PutRequest, WriteRequest};
+        let until = n(crate::zendesk::budget::unix_ms() / 1000 + DONE_KEPT.as_secs());
+        let puts: Vec<WriteRequest> = done
+            .iter()
+            .filter(|(job, status)| keepable_job_id(job) && status.len() <= DONE_MAX_BYTES)
+            .map(|(job, status)| {
+                let item = PutRequest::builder()
+                    .item("pk", s(account))
+                    .item("sk", s(&format!("done#{job}")))
+                    .item("st", s(status))
+                    .item("ttl", until.clone())
+                    .build()
+                    .map_err(|e| err("BatchWriteItem", &self.table, e))?;
+                Ok(WriteRequest::builder().put_request(item).build())
+            })
+            .collect::<io::Result<_>>()?;
+        for part in puts.chunks(25) {
+            // Items DynamoDB leaves unprocessed are not retried: their writers poll themselves.
+            self.handle
+                .block_on(
+                    self.client
+                        .batch_write_item()
+                        .request_items(&self.table, part.to_vec())
+                        .send(),
+                )
+                .map_err(|e| err("BatchWriteItem", &self.table, e))?;
+        }
+        Ok(())
+    }
+
+    fn take_done(&self, account: &str, jobs: &[String]) -> io::Result<Vec<(String, String)>> {
+        use aws_sdk_dynamodb::types::KeysAndAttributes;
+        let keys: Vec<_> = jobs
+            .iter()
+            .filter(|j| keepable_job_id(j))
+            .map(|j| {
+                std::collections::HashMap::from([
+                    ("pk".to_string(), s(account)),
+                    ("sk".to_string(), s(&format!("done#{j}"))),
+                ])
+            })
+            .collect();
+        let mut out = Vec::new();
+        for part in keys.chunks(100) {
+            let wanted = KeysAndAttributes::builder()
+                .set_keys(Some(part.to_vec()))
+                .projection_expression("sk, st")
+                .build()
+                .map_err(|e| err("BatchGetItem", &self.table, e))?;
+            let got = self
+                .handle
+                .block_on(
+                    self.client
+                        .batch_get_item()
+                        .request_items(&self.table, wanted)
+                        .send(),
+                )
+                .map_err(|e| err("BatchGetItem", &self.table, e))?;
+            // Kept items expire by TTL: another writer cannot mistake them for its own jobs.
+            for item in got
+                .responses()
+                .and_then(|r| r.get(&self.table))
+                .into_iter()
+                .flatten()
+            {
+                let sk = item.get("sk").and_then(|v| v.as_s().ok());
+                let st = item.get("st").and_then(|v| v.as_s().ok());
+                if let (Some(job), Some(st)) = (sk.and_then(|k| k.strip_prefix("done#")), st) {
+                    out.push((job.to_string(), st.clone()));
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn describe(&self) -> String {

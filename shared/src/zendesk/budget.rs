@@ -9,7 +9,10 @@
 //! A client that dies holds nothing: its slice ends with its window. Job slots are leases in
 //! the same store: a batch takes one before it submits its job and gives it back when the job
 //! is done, so the account never has more than `max_jobs_in_flight` jobs open from zdsync; a
-//! lease left by a crashed writer runs out after [`JOB_LEASE`].
+//! lease left by a crashed writer runs out after [`JOB_LEASE`]. Whichever writer polls also
+//! polls the other writers' jobs that should be done, and keeps the finished ones' statuses in
+//! the store for their writers ([`BudgetStore::put_done`]), so each job is polled about once
+//! however many writers share the account.
 
 use crate::store::ObjectStore;
 use serde::{Deserialize, Serialize};
@@ -62,8 +65,28 @@ pub trait BudgetStore: Send + Sync + std::fmt::Debug {
     /// Claim the poll of the account's open jobs at `now_ms`, unless another writer claimed
     /// one after `now_ms - every_ms`: when every slot is held, one writer polls for all.
     fn claim_poll(&self, account: &str, now_ms: u64, every_ms: u64) -> io::Result<bool>;
+    /// Keep finished jobs' statuses (`(job, status as JSON)`, as Zendesk answered them) for the
+    /// writers that submitted them, for [`DONE_KEPT`].
+    fn put_done(&self, account: &str, done: &[(String, String)]) -> io::Result<()>;
+    /// Hand over the statuses kept for these of the writer's jobs (no longer kept after).
+    fn take_done(&self, account: &str, jobs: &[String]) -> io::Result<Vec<(String, String)>>;
     /// What the store is, for logs (`file:…`, `dynamodb:…`).
     fn describe(&self) -> String;
+}
+
+/// How long a finished job's status is kept for its writer.
+pub const DONE_KEPT: Duration = Duration::from_secs(3600);
+/// A status larger than this is not kept: its writer polls the job itself.
+pub const DONE_MAX_BYTES: usize = 256 * 1024;
+
+/// Whether a job id (Zendesk's answer, so untrusted) can name a kept status: a short token of
+/// letters, digits, `-` and `_`, so it stays a single name inside the account's folder.
+pub fn keepable_job_id(job: &str) -> bool {
+    !job.is_empty()
+        && job.len() <= 128
+        && job
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Milliseconds since the Unix epoch.
@@ -168,6 +191,15 @@ impl StoreBudget {
             format!("{account}.json")
         } else {
             format!("{}/{account}.json", self.prefix)
+        }
+    }
+
+    /// Where the account's kept job statuses live (one object per job).
+    fn done_prefix(&self, account: &str) -> String {
+        if self.prefix.is_empty() {
+            format!("{account}.done/")
+        } else {
+            format!("{}/{account}.done/", self.prefix)
         }
     }
 
@@ -294,6 +326,40 @@ impl BudgetStore for StoreBudget {
         })
     }
 
+    fn put_done(&self, account: &str, done: &[(String, String)]) -> io::Result<()> {
+        let prefix = self.done_prefix(account);
+        // Statuses no writer took (it polled the job itself first, or died) would pile up:
+        // past a bound they are all dropped, and their writers poll Zendesk instead.
+        if self.store.list(&prefix)?.len() > 4096 {
+            self.store.delete_prefix(&prefix)?;
+        }
+        for (job, status) in done {
+            if keepable_job_id(job) && status.len() <= DONE_MAX_BYTES {
+                self.store
+                    .put(&format!("{prefix}{job}.json"), status.as_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn take_done(&self, account: &str, jobs: &[String]) -> io::Result<Vec<(String, String)>> {
+        let prefix = self.done_prefix(account);
+        let mut out = Vec::new();
+        for job in jobs.iter().filter(|j| keepable_job_id(j)) {
+            let key = format!("{prefix}{job}.json");
+            let Some((bytes, tag)) = self.store.get_tagged(&key)? else {
+                continue;
+            };
+            // Only what this writer removes is its own to use (a stale copy is not read twice).
+            if self.store.delete_if_match(&key, &tag)? {
+                if let Ok(status) = String::from_utf8(bytes) {
+                    out.push((job.clone(), status));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn describe(&self) -> String {
         self.what.clone()
     }
@@ -398,6 +464,38 @@ mod tests {
         assert!(!b.claim_poll("a", 10_200, 300).unwrap());
         assert!(b.claim_poll("b", 10_200, 300).unwrap(), "another account");
         assert!(b.claim_poll("a", 10_300, 300).unwrap());
+    }
+
+    #[test]
+    fn finished_jobs_statuses_are_kept_for_their_writer_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = budget(dir.path());
+        let status = r#"{"id":"abc123","status":"completed","results":[]}"#.to_string();
+        b.put_done(
+            "a",
+            &[
+                ("abc123".into(), status.clone()),
+                // A job id that would leave the account's folder, and one too large to keep.
+                ("../x".into(), status.clone()),
+                ("big".into(), "x".repeat(DONE_MAX_BYTES + 1)),
+            ],
+        )
+        .unwrap();
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(
+            b.take_done("b", &ids(&["abc123"])).unwrap().is_empty(),
+            "another account"
+        );
+        assert_eq!(
+            b.take_done("a", &ids(&["abc123", "../x", "big", "nope"]))
+                .unwrap(),
+            vec![("abc123".to_string(), status)]
+        );
+        assert!(
+            b.take_done("a", &ids(&["abc123"])).unwrap().is_empty(),
+            "handed over once"
+        );
+        assert!(!dir.path().join("x.json").exists());
     }
 
     #[test]

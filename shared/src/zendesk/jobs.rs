@@ -1,8 +1,8 @@
 //! Job statuses as Zendesk returns them (`{"job_status": {...}}`, `{"job_statuses": [...]}`).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobStatus {
     pub id: String,
     #[serde(default)]
@@ -27,7 +27,7 @@ impl JobStatus {
 }
 
 /// One item of a job's results. Zendesk's shapes differ per endpoint, so every field is optional.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobResult {
     #[serde(default)]
     pub index: Option<u64>,

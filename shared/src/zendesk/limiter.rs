@@ -798,6 +798,42 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Keeps the statuses of other writers' jobs this client saw finished, for those writers.
+    pub async fn put_done(&self, done: Vec<(String, String)>) {
+        if done.is_empty() || self.failing() {
+            return;
+        }
+        let (store, account) = (self.store.clone(), self.account.clone());
+        let kept = tokio::task::spawn_blocking(move || store.put_done(&account, &done))
+            .await
+            .map_err(io_error)
+            .and_then(|r| r);
+        if let Err(e) = kept {
+            tracing::debug!(error = %e, "finished jobs' statuses were not kept: their writers poll them");
+        }
+    }
+
+    /// The statuses other writers kept for these of this client's jobs.
+    pub async fn take_done(&self, jobs: Vec<String>) -> Vec<(String, String)> {
+        if jobs.is_empty() || self.failing() {
+            return Vec::new();
+        }
+        let (store, account) = (self.store.clone(), self.account.clone());
+        match tokio::task::spawn_blocking(move || store.take_done(&account, &jobs))
+            .await
+            .map_err(io_error)
+            .and_then(|r| r)
+        {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::debug!(error = %e, "kept job statuses could not be read: polling Zendesk");
+                Vec::new()
+            }
+        }
+    }
+}
+
 /// A job slot of the account's; given back when dropped.
 pub struct JobSlot {
     shared: Arc<Shared>,
