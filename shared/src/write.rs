@@ -1648,9 +1648,15 @@ async fn poll_loop(
         // One writer of the account polls at a time, for everyone's jobs that should be done:
         // a writer that finds the poll claimed looks for its statuses in the store instead.
         if let Some(s) = &shared {
-            // At most one poll per half a job time for the whole account: each finds about
-            // half a job time's worth of finished jobs.
-            let every = spacing.max(typical / 2).mul_f64(0.9);
+            // While slots are short, polls free them and may come every spacing. Otherwise at
+            // most one poll per job time for the whole account: each finds about a job time's
+            // worth of finished jobs, and writers waiting on theirs find them in the store.
+            let every = if starved {
+                spacing
+            } else {
+                spacing.max(typical.mul_f64(1.5))
+            };
+            let every = every.mul_f64(0.9);
             if !s.claim_poll(every).await {
                 last_poll = Instant::now();
                 last_check = last_poll - spacing * 3;

@@ -177,7 +177,16 @@ impl StoreBudget {
                 base.join("zdsync").join("budget")
             }
         };
+        let existed = dir.exists();
         std::fs::create_dir_all(&dir)?;
+        // Kept job statuses name records of the syncs: a folder made here is the user's own.
+        #[cfg(unix)]
+        if !existed {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        #[cfg(not(unix))]
+        let _ = existed;
         let what = format!("file:{}", dir.display());
         Ok(Self::new(
             Arc::new(crate::store::LocalStore::new(dir)),
