@@ -424,7 +424,7 @@ async fn run_case(case: &Case, dir: &Path) -> Measured {
         (requests_at(&samples, end) - requests_at(&samples, start)) / ((end - start) / 60.0) / rpm;
     // Whole windows inside the span: what was taken from each (its last sample) ÷ its cap.
     let win = zdsync::zendesk::budget::WINDOW.as_secs_f64();
-    let cap = f64::from(zdsync::zendesk::budget::window_cap(case.rpm));
+    let cap = f64::from(zdsync::zendesk::budget::per_minute(case.rpm)) / 10.0;
     let (first, end_w) = ((start / win).ceil() as u64, (end / win).floor() as u64);
     let taken: Vec<f64> = (first..end_w)
         .filter_map(|w| {

@@ -1532,12 +1532,7 @@ async fn poll_loop(
         let others_due: Vec<Instant> = if starved {
             if now >= others_read + spacing {
                 if let Some(s) = &shared {
-                    others = s
-                        .open_jobs()
-                        .await
-                        .into_iter()
-                        .filter(|j| !s.holds(&j.holder))
-                        .collect();
+                    others = s.others_jobs().await;
                 }
                 others_read = Instant::now();
             }
@@ -1648,10 +1643,11 @@ async fn poll_loop(
         // One writer of the account polls at a time, for everyone's jobs that should be done:
         // a writer that finds the poll claimed looks for its statuses in the store instead.
         if let Some(s) = &shared {
-            // While slots are short, polls free them and may come every spacing. Otherwise at
-            // most one poll per job time for the whole account: each finds about a job time's
-            // worth of finished jobs, and writers waiting on theirs find them in the store.
-            let every = if starved {
+            // While slots are short, or no other writer has jobs open, a poll may come every
+            // spacing. Otherwise at most one poll per 1.5 job times for the whole account: each
+            // finds that many job times' worth of finished jobs, and writers waiting on theirs
+            // find them in the store.
+            let every = if starved || others.is_empty() {
                 spacing
             } else {
                 spacing.max(typical.mul_f64(1.5))
@@ -1662,12 +1658,7 @@ async fn poll_loop(
                 last_check = last_poll - spacing * 3;
                 continue;
             }
-            others = s
-                .open_jobs()
-                .await
-                .into_iter()
-                .filter(|j| !s.holds(&j.holder))
-                .collect();
+            others = s.others_jobs().await;
             others_read = Instant::now();
         }
         last_poll = Instant::now();

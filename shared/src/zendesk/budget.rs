@@ -102,10 +102,27 @@ pub fn window_of(ms: u64) -> u64 {
     ms / WINDOW.as_millis() as u64
 }
 
-/// Requests one window holds for a per-minute budget.
-pub fn window_cap(rpm: u32) -> u32 {
-    let per_minute = (60_000 / WINDOW.as_millis()) as u32;
-    (rpm / per_minute).max(1)
+/// Windows in a minute.
+const WINDOWS_PER_MINUTE: u32 = (60_000 / WINDOW.as_millis()) as u32;
+
+/// Requests a writer takes from a window at once: a sixteenth of the window, at least one.
+pub fn slice(rpm: u32) -> u32 {
+    (rpm / WINDOWS_PER_MINUTE / 16).max(1)
+}
+
+/// Requests the windows of any minute hold together: `rpm` less one slice and one request.
+/// Requests released just before a minute starts (a slice at most, and the request that opens
+/// a window) may go out inside it, so Zendesk's minute, wherever it starts, counts no more than
+/// `rate_limit_rpm`.
+pub fn per_minute(rpm: u32) -> u32 {
+    rpm.saturating_sub(slice(rpm) + 1).max(1)
+}
+
+/// Requests window `window` holds: the minute's share spread evenly over its windows (some
+/// hold one more than others; any ten in a row hold [`per_minute`] together).
+pub fn window_cap(rpm: u32, window: u64) -> u32 {
+    let (total, n) = (u64::from(per_minute(rpm)), u64::from(WINDOWS_PER_MINUTE));
+    ((window + 1) * total / n - window * total / n) as u32
 }
 
 /// The name an account's budget is kept under: its base URL (the subdomain's host, or the
@@ -509,9 +526,17 @@ mod tests {
 
     #[test]
     fn window_caps_and_account_keys() {
-        assert_eq!(window_cap(700), 70);
-        assert_eq!(window_cap(6000), 600);
-        assert_eq!(window_cap(5), 1);
+        // Any ten windows in a row hold the minute's share: the plan's limit less one slice
+        // and one request, so requests released just before a minute starts cannot push it over.
+        for (rpm, share) in [(700, 695), (6000, 5962), (200, 198), (5, 3)] {
+            assert_eq!(per_minute(rpm), share, "{rpm} rpm");
+            for start in [0u64, 3, 1_000_001] {
+                let sum: u32 = (start..start + 10).map(|w| window_cap(rpm, w)).sum();
+                assert_eq!(sum, share, "{rpm} rpm from window {start}");
+            }
+        }
+        assert!((0..10).all(|w| matches!(window_cap(700, w), 69 | 70)));
+        assert_eq!(slice(700), 4);
         assert_eq!(
             account_key("https://acme.zendesk.com/"),
             account_key("https://ACME.zendesk.com")

@@ -435,8 +435,8 @@ impl Limiter {
 pub struct Shared {
     store: Arc<dyn BudgetStore>,
     account: String,
-    /// Requests one window holds.
-    cap: u32,
+    /// The account's `rate_limit_rpm` (each window holds its share of it).
+    rpm: u32,
     /// Clients assumed to run at once when the store fails: each then keeps to its share.
     share: u32,
     member: String,
@@ -469,7 +469,7 @@ impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
             .field("store", &self.store.describe())
-            .field("cap", &self.cap)
+            .field("rpm", &self.rpm)
             .field("share", &self.share)
             .finish()
     }
@@ -487,7 +487,7 @@ impl Shared {
         Shared {
             store,
             account: budget::account_key(base_url),
-            cap: budget::window_cap(rpm),
+            rpm,
             share,
             member: format!(
                 "{}-{}-{:08x}",
@@ -563,12 +563,13 @@ impl Shared {
             // `rate_limit_rpm`, wherever Zendesk's own minute starts.
             let win_ms = budget::WINDOW.as_millis() as u64;
             let into = now - window * win_ms;
-            let released = ((u64::from(self.cap) * into / win_ms) as u32 + 1).min(self.cap);
+            let cap = budget::window_cap(self.rpm, window);
+            let released = ((u64::from(cap) * into / win_ms) as u32 + 1).min(cap);
             // Small slices, so a window is not held by clients that do not need it; what was
             // released more than a slice ago and not taken is forfeit, so requests nobody
             // asked for (between runs, or while jobs were the bound) do not go out in a burst
             // that would crowd Zendesk's own minute.
-            let slice = (self.cap / 8).max(1);
+            let slice = budget::slice(self.rpm);
             let want = slice.min(released);
             let floor = released.saturating_sub(slice);
             let (store, account) = (self.store.clone(), self.account.clone());
@@ -586,9 +587,9 @@ impl Shared {
                 Ok(_) => {
                     drop(lease);
                     let jitter = u64::from(rand::random::<u8>() % 20);
-                    let wait = if released < self.cap {
+                    let wait = if released < cap {
                         // What is released so far is taken: the next request comes free soon.
-                        win_ms / u64::from(self.cap) + jitter
+                        win_ms / u64::from(cap.max(1)) + jitter
                     } else {
                         // The window is spent: wait for the next one (a little after its start,
                         // so the clients that wait do not all ask at the same millisecond).
@@ -762,6 +763,13 @@ impl Shared {
                 Vec::new()
             }
         }
+    }
+
+    /// The account's open jobs that other writers submitted.
+    pub async fn others_jobs(&self) -> Vec<budget::OpenJob> {
+        let mut open = self.open_jobs().await;
+        open.retain(|j| !self.holds(&j.holder));
+        open
     }
 
     /// Claims the poll of the account's open jobs for this client, unless another writer
