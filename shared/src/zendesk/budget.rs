@@ -3,9 +3,9 @@
 //!
 //! Zendesk counts requests per account per minute, and about 30 queued bulk jobs per account.
 //! The shared part of the request budget is a fixed window of [`WINDOW`] (a tenth of a minute)
-//! holding at most a tenth of `rate_limit_rpm`, kept in a [`BudgetStore`] every client takes
-//! small slices from. Short windows keep any sixty seconds within 1.1 × `rate_limit_rpm` even
-//! when clients bunch at a window's start (the default `rate_limit_rpm` is 90 % of the plan's).
+//! holding a tenth of [`per_minute`] (`rate_limit_rpm` less one slice and one request), kept in
+//! a [`BudgetStore`] every client takes small slices from as the window releases them. Any
+//! sixty seconds then hold at most `rate_limit_rpm`, wherever Zendesk's minute starts.
 //! A client that dies holds nothing: its slice ends with its window. Job slots are leases in
 //! the same store: a batch takes one before it submits its job and gives it back when the job
 //! is done, so the account never has more than `max_jobs_in_flight` jobs open from zdsync; a
