@@ -745,17 +745,28 @@ impl Shared {
             .is_some_and(|rest| rest.starts_with('-'))
     }
 
-    /// The account's open jobs (those whose batch has submitted them); nothing when the store
-    /// cannot tell.
-    pub async fn open_jobs(&self) -> Vec<budget::OpenJob> {
+    /// Runs `call` with the store and the account's key on the blocking pool: store calls
+    /// block (a file lock, an SDK call driven on the store's own runtime).
+    async fn on_store<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&dyn BudgetStore, &str) -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
         let (store, account) = (self.store.clone(), self.account.clone());
-        if self.failing() {
-            return Vec::new();
-        }
-        match tokio::task::spawn_blocking(move || store.open_jobs(&account, budget::unix_ms()))
+        tokio::task::spawn_blocking(move || call(store.as_ref(), &account))
             .await
             .map_err(io_error)
             .and_then(|r| r)
+    }
+
+    /// The account's open jobs (those whose batch has submitted them); nothing when the store
+    /// cannot tell.
+    pub async fn open_jobs(&self) -> Vec<budget::OpenJob> {
+        if self.failing() {
+            return Vec::new();
+        }
+        match self
+            .on_store(|store, account| store.open_jobs(account, budget::unix_ms()))
+            .await
         {
             Ok(open) => open,
             Err(e) => {
@@ -775,12 +786,9 @@ impl Shared {
     /// Claims the poll of the account's open jobs for this client, unless another writer
     /// polled them within `every`. While the store fails, every client polls its own.
     pub async fn claim_poll(&self, every: Duration) -> bool {
-        let (store, account) = (self.store.clone(), self.account.clone());
         let every = every.as_millis() as u64;
-        tokio::task::spawn_blocking(move || store.claim_poll(&account, budget::unix_ms(), every))
+        self.on_store(move |store, account| store.claim_poll(account, budget::unix_ms(), every))
             .await
-            .map_err(io_error)
-            .and_then(|r| r)
             .unwrap_or(true)
     }
 
@@ -793,30 +801,24 @@ impl Shared {
         let n = holders.len() as u32;
         self.given_back(n);
         self.returning.fetch_add(n, Ordering::SeqCst);
-        let (store, account) = (self.store.clone(), self.account.clone());
-        let ended = tokio::task::spawn_blocking(move || store.end_jobs(&account, &holders))
-            .await
-            .map_err(io_error)
-            .and_then(|r| r);
+        let ended = self
+            .on_store(move |store, account| store.end_jobs(account, &holders))
+            .await;
         self.returning.fetch_sub(n, Ordering::SeqCst);
         if let Err(e) = ended {
             tracing::debug!(error = %e, "finished jobs' slots were not given back: their leases run out");
         }
         self.freed.notify_waiters();
     }
-}
 
-impl Shared {
     /// Keeps the statuses of other writers' jobs this client saw finished, for those writers.
     pub async fn put_done(&self, done: Vec<(String, String)>) {
         if done.is_empty() || self.failing() {
             return;
         }
-        let (store, account) = (self.store.clone(), self.account.clone());
-        let kept = tokio::task::spawn_blocking(move || store.put_done(&account, &done))
-            .await
-            .map_err(io_error)
-            .and_then(|r| r);
+        let kept = self
+            .on_store(move |store, account| store.put_done(account, &done))
+            .await;
         if let Err(e) = kept {
             tracing::debug!(error = %e, "finished jobs' statuses were not kept: their writers poll them");
         }
@@ -827,11 +829,9 @@ impl Shared {
         if jobs.is_empty() || self.failing() {
             return Vec::new();
         }
-        let (store, account) = (self.store.clone(), self.account.clone());
-        match tokio::task::spawn_blocking(move || store.take_done(&account, &jobs))
+        match self
+            .on_store(move |store, account| store.take_done(account, &jobs))
             .await
-            .map_err(io_error)
-            .and_then(|r| r)
         {
             Ok(done) => done,
             Err(e) => {
