@@ -8,7 +8,7 @@
 //! - `one`: one users sync (create_or_update_many) at R 700 and 6,000, jobs 0 and 500+500 ms;
 //! - `three`: a users, an organizations and a second users sync of one account at once, each
 //!   through the CLI's pipeline in its own task;
-//! - `steps`: one users sync through the Lambda steps (plan, write-batch per chunk four at a
+//! - `steps`: one users sync through the Lambda steps (plan, write-batch per chunk as many at a
 //!   time like the Distributed Map, each invocation with its own client, finalize).
 //!
 //! Each line is the run with the best ratio of `--repeat`.
@@ -38,8 +38,8 @@ pub struct BudgetBench {
 const SLOTS: f64 = 30.0;
 /// Milliseconds a job stays queued, and again working, in the shared scenarios.
 const SHARED_JOB_MS: u64 = 500;
-/// write-batch invocations at once in `steps` (the Distributed Map's MaxConcurrency).
-const INVOCATIONS: usize = 4;
+/// The template's `DefaultMaxConcurrency`: the plan step sizes the Map's concurrency within it.
+const DEFAULT_MAX_CONCURRENCY: u32 = 8;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
@@ -47,7 +47,8 @@ enum Kind {
     One,
     /// Three syncs of one account at once, each through the CLI pipeline.
     Three,
-    /// One sync through the Lambda steps, chunks written `INVOCATIONS` at a time.
+    /// One sync through the Lambda steps, chunks written as many at a time as the plan sizes
+    /// the Map's concurrency.
     Steps,
 }
 
@@ -95,6 +96,8 @@ struct Measured {
     slots: Option<f64>,
     /// Most requests the simulator saw in any 60 s of the run ÷ R (runs of 60 s or more).
     max60: Option<f64>,
+    /// write-batch invocations at once (`steps`: the Map's concurrency the plan chose).
+    invocations: Option<u32>,
     sim: Counters,
     load: f64,
 }
@@ -111,6 +114,7 @@ impl Measured {
             granted: None,
             slots: None,
             max60: None,
+            invocations: None,
             sim: Counters::default(),
             load: 0.0,
         }
@@ -221,7 +225,7 @@ fn cases(scenario: &str, quick: bool) -> Vec<Case> {
         // per chunk, so the chunk size sets a floor on polls per 100 rows.
         for chunk_rows in [DEFAULT_CHUNK_ROWS, 5000] {
             out.push(Case {
-                label: format!("steps×{INVOCATIONS} c{chunk_rows}"),
+                label: format!("steps c{chunk_rows}"),
                 kind: Kind::Steps,
                 rpm: 700,
                 job_ms: SHARED_JOB_MS,
@@ -307,7 +311,10 @@ pub fn bench_budget(b: BudgetBench) {
         let s = &best.sim;
         println!(
             "{:<15} {:>5} {:>9} {:>7} {:>7.1} {:>8.0} {:>8.0} {:>6.3} {:>13} {:>15} {:>7} {:>5} {:>9.2} {:>7.2} {:>5.2} {:>5} {:>5} {:>5} {:>5.2}",
-            case.label,
+            match best.invocations {
+                Some(n) => case.label.replacen("steps", &format!("steps×{n}"), 1),
+                None => case.label.clone(),
+            },
             case.rpm,
             format!("{}+{}", case.job_ms, case.job_ms),
             best.rows,
@@ -565,14 +572,16 @@ fn write_span(r: &RunRecord) -> (f64, f64) {
 }
 
 /// The Lambda steps on `dir` as the bucket: plan, every chunk by its own write-batch
-/// invocation (its own client, as a Lambda builds one), `INVOCATIONS` at a time, finalize.
+/// invocation (its own client, as a Lambda builds one), as many at a time as the plan's
+/// `max_concurrency` (the Map's), finalize.
 async fn step_runs(dir: &Path, sync: &str) -> Measured {
     let env = step_env(dir);
     let trigger = steps::parse_trigger(&serde_json::json!({"sync": sync})).expect("trigger");
     let d = steps::plan_step(&env, &trigger).await.expect("plan step");
     let text = std::fs::read_to_string(dir.join(&d.chunks_key)).expect("chunk list");
     let chunks: Vec<ChunkInfo> = serde_json::from_str(&text).expect("chunk list parses");
-    let gate = Arc::new(tokio::sync::Semaphore::new(INVOCATIONS));
+    let gate = Arc::new(tokio::sync::Semaphore::new(d.max_concurrency as usize));
+    let invocations = d.max_concurrency;
     let (t, start) = (Instant::now(), unix_secs());
     let mut set = tokio::task::JoinSet::new();
     for chunk in chunks {
@@ -611,6 +620,7 @@ async fn step_runs(dir: &Path, sync: &str) -> Measured {
     );
     Measured {
         secs,
+        invocations: Some(invocations),
         ..Measured::writing(rows, failed, (start, end))
     }
 }
@@ -631,7 +641,7 @@ fn step_env(root: &Path) -> StepEnv {
         store: Arc::new(LocalStore::new(root)),
         bucket: "zdsync-bench".into(),
         client_for,
-        default_concurrency: INVOCATIONS as u32,
+        default_concurrency: DEFAULT_MAX_CONCURRENCY,
         lock_ttl: Duration::from_secs(3600),
         write: WriteOptions::default(),
         endpoint: zdsync::config::EndpointPolicy::default(),

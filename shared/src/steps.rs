@@ -532,17 +532,31 @@ pub async fn plan_step(env: &StepEnv, trigger: &Trigger) -> Result<PlanDescripto
 }
 
 /// Write-batch invocations at once that keep the account's budget busy and no more (one more
-/// only waits, billed, for a job slot or a request): enough chunks in flight to hold every job
-/// slot (a chunk of `chunk_rows` has `chunk_rows / 100` batches), one more to cover the gap
-/// while an invocation starts its next chunk, and one per 1,500 requests a minute. Capped by
-/// the deployment's `DefaultMaxConcurrency`.
+/// only waits, billed, for a job slot or a request), the most of:
+/// - enough chunks in flight to hold every job slot (a chunk of `chunk_rows` has
+///   `chunk_rows / 100` batches), and one more to cover the gap while an invocation starts;
+/// - one sending, one starting, and as many as the budget sends chunks while one waits out its
+///   chunk's last jobs: an invocation ends only once Zendesk has finished them and a poll has
+///   seen it ([`CHUNK_TAIL`]), and it sends nothing meanwhile;
+/// - one per 1,500 requests a minute.
+///
+/// Capped by the deployment's `DefaultMaxConcurrency`.
 pub fn map_concurrency(cfg: &SyncConfig) -> u32 {
-    let batches_per_chunk = (cfg.chunk_rows / 100).max(1);
+    let batches_per_chunk = (cfg.chunk_rows / 100).max(1) as f64;
     let jobs = cfg.zendesk.max_jobs_in_flight.unwrap_or(30).clamp(1, 100);
-    let by_jobs = jobs.div_ceil(batches_per_chunk) as u32 + 1;
+    let by_jobs = (jobs as f64 / batches_per_chunk).ceil() as u32 + 1;
+    // Batches a second the account takes: its rate, or its job slots if jobs take a second.
+    let per_s = (f64::from(cfg.rate_limit_rpm()) / 60.0).min(jobs as f64);
+    // Each one sending takes a job slot: more than the slots would only wait.
+    let by_tail = (2 + (per_s * CHUNK_TAIL.as_secs_f64() / batches_per_chunk).ceil() as u32)
+        .min(jobs as u32 + 1);
     let by_rate = 1 + cfg.rate_limit_rpm() / 1500;
-    by_jobs.max(by_rate)
+    by_jobs.max(by_tail).max(by_rate)
 }
+
+/// How long a write-batch invocation waits after its chunk's last batch is sent: Zendesk's
+/// job time (a second or more) and the account's next poll (about 1.5 job times later).
+pub const CHUNK_TAIL: Duration = Duration::from_secs(3);
 
 /// A pending marker older than this belongs to a plan that died while settling.
 const PENDING_STALE_SECS: i64 = 20 * 60;
@@ -1213,19 +1227,24 @@ mod tests {
 
     #[test]
     fn the_map_runs_as_many_write_batches_as_the_budget_keeps_busy() {
-        // 1,000-row chunks are 10 batches: 3 chunks hold the 30 job slots, one more starts.
-        assert_eq!(map_concurrency(&cfg("", "")), 4);
+        // 1,000-row chunks are 10 batches: 3 chunks hold the 30 job slots, one more starts;
+        // but at 630 rpm (10.5 batches a second) 3.15 chunks go out while one waits out its
+        // last jobs, with one sending and one starting.
+        assert_eq!(map_concurrency(&cfg("", "")), 6);
+        assert_eq!(map_concurrency(&cfg("", "rate_limit_rpm = 200")), 4);
         // 100-row chunks: one batch each, so the job slots need many.
         assert_eq!(map_concurrency(&cfg("chunk_rows = 100", "")), 31);
-        // Big chunks: one fills the slots; the rate adds one per 1,500 rpm.
-        assert_eq!(map_concurrency(&cfg("chunk_rows = 10000", "")), 2);
+        // Big chunks: one fills the slots, one sends while another waits out its last jobs;
+        // the rate adds one per 1,500 rpm.
+        assert_eq!(map_concurrency(&cfg("chunk_rows = 10000", "")), 3);
         assert_eq!(
             map_concurrency(&cfg("chunk_rows = 10000", "rate_limit_rpm = 6000")),
             5
         );
+        // Few slots: no more invocations than slots, one more to start.
         assert_eq!(
             map_concurrency(&cfg("chunk_rows = 200", "max_jobs_in_flight = 7")),
-            5
+            8
         );
     }
 }

@@ -1640,6 +1640,7 @@ async fn poll_loop(
         if Instant::now() < deadline {
             continue;
         }
+        let mut claim_ms = 0;
         // One writer of the account polls at a time, for everyone's jobs that should be done:
         // a writer that finds the poll claimed looks for its statuses in the store instead.
         if let Some(s) = &shared {
@@ -1647,12 +1648,21 @@ async fn poll_loop(
             // spacing. Otherwise at most one poll per 1.5 job times for the whole account: each
             // finds that many job times' worth of finished jobs, and writers waiting on theirs
             // find them in the store.
-            let every = if starved || others.is_empty() {
+            // A writer that has not looked lately (a new write-batch invocation) learns first
+            // whether others have jobs open, or it would claim polls at the short spacing.
+            if others_read.elapsed() >= spacing {
+                others = s.others_jobs().await;
+                others_read = Instant::now();
+            }
+            let every = if others.is_empty() {
                 spacing
+            } else if starved {
+                spacing.max(typical / 2)
             } else {
                 spacing.max(typical.mul_f64(1.5))
             };
             let every = every.mul_f64(0.9);
+            claim_ms = every.as_millis() as u64;
             if !s.claim_poll(every).await {
                 last_poll = Instant::now();
                 last_check = last_poll - spacing * 3;
@@ -1816,6 +1826,8 @@ async fn poll_loop(
             k = shared.as_ref().map(|s| s.worth_freeing()),
             own,
             typical_ms = typical.as_millis() as u64,
+            claim_ms,
+            others = others.len(),
             "polled jobs"
         );
         pending = still;

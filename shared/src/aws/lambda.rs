@@ -76,7 +76,7 @@ pub fn step_env_from_env() -> Result<StepEnv, String> {
     let default_concurrency: u32 = std::env::var("ZDSYNC_MAX_CONCURRENCY")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4);
+        .unwrap_or(8);
     // One request budget per Zendesk account across every Lambda and sync of the deployment.
     let budget: Option<Arc<dyn crate::zendesk::budget::BudgetStore>> =
         match std::env::var("ZDSYNC_BUDGET_TABLE")

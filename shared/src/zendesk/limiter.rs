@@ -218,10 +218,19 @@ impl Limiter {
         }
     }
 
+    /// Requests of this client waiting for a token (the leader's own included).
+    fn waiting(&self) -> u32 {
+        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let live = |d: &std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>| {
+            d.iter().filter(|tx| !tx.is_closed()).count()
+        };
+        (live(&q.urgent) + live(&q.normal)).max(1) as u32
+    }
+
     /// The next token of the client's rate (and of the account's shared window).
     async fn next_token(&self) {
         if let Some(shared) = &self.shared {
-            shared.take().await;
+            shared.take(|| self.waiting()).await;
         }
         let Some(bucket) = &self.bucket else { return };
         loop {
@@ -537,8 +546,10 @@ impl Shared {
     }
 
     /// One request's token of the account's current window; waits for the next window when
-    /// this one is spent.
-    async fn take(&self) {
+    /// this one is spent. `waiting`: this client's requests waiting for a token, so it takes
+    /// no more than it spends now (a request left in its slice when the window ends, or when
+    /// its writer falls idle, is lost to every writer of the account).
+    async fn take(&self, waiting: impl Fn() -> u32) {
         loop {
             if self.failing() {
                 loop {
@@ -570,7 +581,7 @@ impl Shared {
             // asked for (between runs, or while jobs were the bound) do not go out in a burst
             // that would crowd Zendesk's own minute.
             let slice = budget::slice(self.rpm);
-            let want = slice.min(released);
+            let want = slice.min(released).min(waiting());
             let floor = released.saturating_sub(slice);
             let (store, account) = (self.store.clone(), self.account.clone());
             let got = tokio::task::spawn_blocking(move || {
