@@ -5,7 +5,8 @@
 //! fresh `ZDSYNC_BUDGET_DIR`; every sync sets `rate_limit_rpm` = R, so any overshoot shows as a
 //! 429. The bound is B = min(R × 100, slots × 100 × 60 ÷ job_seconds) rows/min, job_seconds the
 //! time a job takes in the simulator (queued + working). Scenarios:
-//! - `one`: one users sync (create_or_update_many) at R 700 and 6,000, jobs 0 and 500+500 ms;
+//! - `one`: one users sync (create_or_update_many) at R 700 and 6,000, jobs 0, 250+250 and
+//!   500+500 ms;
 //! - `three`: a users, an organizations and a second users sync of one account at once, each
 //!   through the CLI's pipeline in its own task;
 //! - `steps`: one users sync through the Lambda steps (plan, write-batch per chunk as many at a
@@ -198,7 +199,8 @@ fn cases(scenario: &str, quick: bool) -> Vec<Case> {
             &[700, 6000]
         };
         for &rpm in rpms {
-            for job_ms in [0, 500] {
+            // Jobs of 0 ms, of 500 ms (250 queued + 250 working) and of 1 s.
+            for job_ms in [0, 250, 500] {
                 out.push(Case {
                     label: "one users".into(),
                     kind: Kind::One,
