@@ -192,11 +192,11 @@ fn cases(scenario: &str, quick: bool) -> Vec<Case> {
     };
     let mut out = Vec::new();
     let all = scenario == "all";
-    if all || scenario == "one" || scenario == "one700" {
-        let rpms: &[u32] = if scenario == "one700" {
-            &[700]
-        } else {
-            &[700, 6000]
+    if all || scenario == "one" || scenario == "one700" || scenario == "one6000" {
+        let rpms: &[u32] = match scenario {
+            "one700" => &[700],
+            "one6000" => &[6000],
+            _ => &[700, 6000],
         };
         for &rpm in rpms {
             // Jobs of 0 ms, of 500 ms (250 queued + 250 working) and of 1 s.
@@ -247,7 +247,7 @@ pub fn bench_budget(b: BudgetBench) {
     let cases = cases(&b.scenario, b.quick);
     if cases.is_empty() {
         eprintln!(
-            "unknown scenario {:?}: one, one700, three, steps or all",
+            "unknown scenario {:?}: one, one700, one6000, three, steps or all",
             b.scenario
         );
         std::process::exit(2);

@@ -104,7 +104,7 @@ enum Cmd {
     /// The account budget shared by every writer of one Zendesk account: rows/min against the
     /// bound, 429s and polls for one sync, three syncs at once, and four write-batch steps.
     Budget {
-        /// `one` (R 700 and 6,000), `one700`, `three`, `steps` or `all`.
+        /// `one` (R 700 and 6,000), `one700`, `one6000`, `three`, `steps` or `all`.
         #[arg(long, default_value = "all")]
         scenario: String,
         /// Runs of each scenario (the best is printed); default 2, 1 with `--quick`.
