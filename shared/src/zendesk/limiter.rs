@@ -469,6 +469,9 @@ pub struct Shared {
     slots_seen: AtomicU32,
     /// Slots this client is giving back in the background: the store may count them still.
     returning: AtomicU32,
+    /// Slots dropped and not yet given back: one store call gives back all of them, so a poll
+    /// that finishes many jobs costs one change of the account's record, not one per job.
+    to_return: Mutex<Vec<String>>,
     /// While the store fails, requests keep to `rpm ÷ share` locally until this instant.
     failed_until: Mutex<Option<Instant>>,
     fallback: Bucket,
@@ -514,6 +517,7 @@ impl Shared {
             held_seen: AtomicU32::new(0),
             slots_seen: AtomicU32::new(0),
             returning: AtomicU32::new(0),
+            to_return: Mutex::new(Vec::new()),
             failed_until: Mutex::new(None),
             fallback: RateLimiter::direct(Quota::per_minute(per)),
         }
@@ -893,11 +897,28 @@ impl Drop for JobSlot {
             Some(holder) => {
                 let shared = self.shared.clone();
                 shared.returning.fetch_add(1, Ordering::SeqCst);
-                let give_back = move || {
-                    if let Err(e) = shared.store.end_jobs(&shared.account, &[holder]) {
-                        tracing::debug!(error = %e, "a job slot was not given back: its lease runs out");
+                let first = {
+                    let mut q = shared.to_return.lock().unwrap_or_else(|e| e.into_inner());
+                    q.push(holder);
+                    q.len() == 1
+                };
+                if !first {
+                    // A give-back already queued takes this one along.
+                    return;
+                }
+                let give_back = move || loop {
+                    let holders = std::mem::take(
+                        &mut *shared.to_return.lock().unwrap_or_else(|e| e.into_inner()),
+                    );
+                    if holders.is_empty() {
+                        return;
                     }
-                    shared.returning.fetch_sub(1, Ordering::SeqCst);
+                    if let Err(e) = shared.store.end_jobs(&shared.account, &holders) {
+                        tracing::debug!(error = %e, "job slots were not given back: their leases run out");
+                    }
+                    shared
+                        .returning
+                        .fetch_sub(holders.len() as u32, Ordering::SeqCst);
                     shared.freed.notify_waiters();
                 };
                 in_background(give_back);
