@@ -542,14 +542,14 @@ pub async fn plan_step(env: &StepEnv, trigger: &Trigger) -> Result<PlanDescripto
 ///
 /// Capped by the deployment's `DefaultMaxConcurrency`.
 pub fn map_concurrency(cfg: &SyncConfig) -> u32 {
-    let batches_per_chunk = (cfg.chunk_rows / 100).max(1) as f64;
+    let batches_per_chunk = (cfg.chunk_rows / 100).max(1);
     let jobs = cfg.zendesk.max_jobs_in_flight.unwrap_or(30).clamp(1, 100);
-    let by_jobs = (jobs as f64 / batches_per_chunk).ceil() as u32 + 1;
+    let by_jobs = jobs.div_ceil(batches_per_chunk) as u32 + 1;
     // Batches a second the account takes: its rate, or its job slots if jobs take a second.
     let per_s = (f64::from(cfg.rate_limit_rpm()) / 60.0).min(jobs as f64);
+    let in_tail = per_s * CHUNK_TAIL.as_secs_f64() / batches_per_chunk as f64;
     // Each one sending takes a job slot: more than the slots would only wait.
-    let by_tail = (2 + (per_s * CHUNK_TAIL.as_secs_f64() / batches_per_chunk).ceil() as u32)
-        .min(jobs as u32 + 1);
+    let by_tail = (2 + in_tail.ceil() as u32).min(jobs as u32 + 1);
     let by_rate = 1 + cfg.rate_limit_rpm() / 1500;
     by_jobs.max(by_tail).max(by_rate)
 }

@@ -1745,7 +1745,7 @@ async fn poll_loop(
                     })
                     .collect();
                 s.put_done(done).await;
-                s.end_jobs(freed.clone()).await;
+                s.end_jobs(freed.clone());
             }
             others.retain(|j| !freed.contains(&j.holder));
         }

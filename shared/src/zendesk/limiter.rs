@@ -469,8 +469,7 @@ pub struct Shared {
     slots_seen: AtomicU32,
     /// Slots this client is giving back in the background: the store may count them still.
     returning: AtomicU32,
-    /// Slots dropped and not yet given back: one store call gives back all of them, so a poll
-    /// that finishes many jobs costs one change of the account's record, not one per job.
+    /// Slots freed and not yet given back to the store (see [`Shared::end_jobs`]).
     to_return: Mutex<Vec<String>>,
     /// While the store fails, requests keep to `rpm ÷ share` locally until this instant.
     failed_until: Mutex<Option<Instant>>,
@@ -808,22 +807,40 @@ impl Shared {
     }
 
     /// Frees the slots of jobs seen finished (other writers' jobs too: Zendesk counts only
-    /// queued and running jobs, whether or not their results were read).
-    pub async fn end_jobs(&self, holders: Vec<String>) {
+    /// queued and running jobs, whether or not their results were read), in the background.
+    /// Slots freed while a give-back is queued go with it: a poll that finishes many jobs
+    /// costs one change of the account's record, not one per job.
+    pub fn end_jobs(self: &Arc<Self>, holders: Vec<String>) {
         if holders.is_empty() {
             return;
         }
         let n = holders.len() as u32;
         self.given_back(n);
         self.returning.fetch_add(n, Ordering::SeqCst);
-        let ended = self
-            .on_store(move |store, account| store.end_jobs(account, &holders))
-            .await;
-        self.returning.fetch_sub(n, Ordering::SeqCst);
-        if let Err(e) = ended {
-            tracing::debug!(error = %e, "finished jobs' slots were not given back: their leases run out");
+        let queued = {
+            let mut q = self.to_return.lock().unwrap_or_else(|e| e.into_inner());
+            let queued = !q.is_empty();
+            q.extend(holders);
+            queued
+        };
+        if queued {
+            return;
         }
-        self.freed.notify_waiters();
+        let shared = self.clone();
+        in_background(move || loop {
+            let holders =
+                std::mem::take(&mut *shared.to_return.lock().unwrap_or_else(|e| e.into_inner()));
+            if holders.is_empty() {
+                return;
+            }
+            if let Err(e) = shared.store.end_jobs(&shared.account, &holders) {
+                tracing::debug!(error = %e, "job slots were not given back: their leases run out");
+            }
+            shared
+                .returning
+                .fetch_sub(holders.len() as u32, Ordering::SeqCst);
+            shared.freed.notify_waiters();
+        });
     }
 
     /// Keeps the statuses of other writers' jobs this client saw finished, for those writers.
@@ -888,41 +905,13 @@ impl JobSlot {
 
 impl Drop for JobSlot {
     fn drop(&mut self) {
-        self.shared.given_back(1);
         match self.holder.take() {
             None => {
+                self.shared.given_back(1);
                 self.shared.local_jobs.fetch_sub(1, Ordering::SeqCst);
                 self.shared.freed.notify_waiters();
             }
-            Some(holder) => {
-                let shared = self.shared.clone();
-                shared.returning.fetch_add(1, Ordering::SeqCst);
-                let first = {
-                    let mut q = shared.to_return.lock().unwrap_or_else(|e| e.into_inner());
-                    q.push(holder);
-                    q.len() == 1
-                };
-                if !first {
-                    // A give-back already queued takes this one along.
-                    return;
-                }
-                let give_back = move || loop {
-                    let holders = std::mem::take(
-                        &mut *shared.to_return.lock().unwrap_or_else(|e| e.into_inner()),
-                    );
-                    if holders.is_empty() {
-                        return;
-                    }
-                    if let Err(e) = shared.store.end_jobs(&shared.account, &holders) {
-                        tracing::debug!(error = %e, "job slots were not given back: their leases run out");
-                    }
-                    shared
-                        .returning
-                        .fetch_sub(holders.len() as u32, Ordering::SeqCst);
-                    shared.freed.notify_waiters();
-                };
-                in_background(give_back);
-            }
+            Some(holder) => self.shared.end_jobs(vec![holder]),
         }
     }
 }
