@@ -244,10 +244,18 @@ fn opt(v: Option<f64>) -> String {
 }
 
 pub fn bench_budget(b: BudgetBench) {
-    let cases = cases(&b.scenario, b.quick);
+    // `one6000:250` runs only that scenario's cases with 250 ms job phases.
+    let (scenario, job_ms) = match b.scenario.split_once(':') {
+        Some((s, ms)) => (s, ms.parse::<u64>().ok()),
+        None => (b.scenario.as_str(), None),
+    };
+    let cases: Vec<Case> = cases(scenario, b.quick)
+        .into_iter()
+        .filter(|c| job_ms.is_none_or(|ms| c.job_ms == ms))
+        .collect();
     if cases.is_empty() {
         eprintln!(
-            "unknown scenario {:?}: one, one700, one6000, three, steps or all",
+            "unknown scenario {:?}: one, one700, one6000, three, steps or all (one…:MS for one job time)",
             b.scenario
         );
         std::process::exit(2);

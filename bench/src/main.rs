@@ -102,9 +102,10 @@ enum Cmd {
         dir: PathBuf,
     },
     /// The account budget shared by every writer of one Zendesk account: rows/min against the
-    /// bound, 429s and polls for one sync, three syncs at once, and four write-batch steps.
+    /// bound, 429s and polls for one sync, three syncs at once, and the write-batch steps.
     Budget {
-        /// `one` (R 700 and 6,000), `one700`, `one6000`, `three`, `steps` or `all`.
+        /// `one` (R 700 and 6,000), `one700`, `one6000`, `three`, `steps` or `all`; `one6000:250`
+        /// keeps only the cases whose jobs queue and work 250 ms each.
         #[arg(long, default_value = "all")]
         scenario: String,
         /// Runs of each scenario (the best is printed); default 2, 1 with `--quick`.

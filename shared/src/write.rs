@@ -1435,7 +1435,40 @@ impl JobTracker {
     }
 }
 
-/// The moving average of an account's job times in this process: set it with `Some`, read it.
+/// The job time learnt from one job a poll showed, as an interval: a job seen running took longer
+/// than its age when that poll went out (`lower`); one seen done took at most its age now
+/// (`upper`). The estimate moves only when a job falls outside it, so it settles just above a
+/// steady job time (a poll a little late costs those ms; one too early finds the jobs running and
+/// costs a poll `spacing`), and among most jobs' intervals when job times vary.
+fn learn_job_time(
+    expected: Option<Duration>,
+    lower: Option<Duration>,
+    upper: Option<Duration>,
+    spacing: Duration,
+) -> Option<Duration> {
+    let e = match (expected, lower) {
+        (Some(e), _) => e,
+        // A job first seen done teaches nothing first, or late polls would teach that jobs are
+        // slow; one seen running sets the first estimate.
+        (None, None) => return None,
+        (None, Some(lo)) => return Some(upper.map_or(lo, |hi| lo + hi.saturating_sub(lo) / 2)),
+    };
+    match (lower, upper) {
+        (Some(lo), hi) if lo >= e => {
+            // Longer than thought: halfway to a little past the bound (half the interval, at
+            // most a third of a spacing).
+            let past = hi.map_or(spacing / 3, |hi| {
+                (hi.saturating_sub(lo) / 2).min(spacing / 3)
+            });
+            Some(e / 2 + (lo + past) / 2)
+        }
+        (_, Some(hi)) if hi < e => Some(e / 2 + hi / 2),
+        _ => Some(e),
+    }
+}
+
+/// An account's job time as this process learnt it (see `learn` in `poll_loop`): set it with
+/// `Some`, read it.
 fn job_time(account: &str, set: Option<Duration>) -> Option<Duration> {
     static TIMES: std::sync::OnceLock<std::sync::Mutex<HashMap<String, Duration>>> =
         std::sync::OnceLock::new();
@@ -1485,7 +1518,7 @@ async fn poll_loop(
     // to send), so short-lived writers (a write-batch invocation) do not each poll early.
     let mut last_poll = Instant::now();
     let mut open = true;
-    // How long jobs take (a moving average of what polls show, see `learn` below), remembered
+    // How long jobs take (learnt from what polls show, see `learn` below), remembered
     // per account for later writers.
     let account = client.base_url().to_string();
     let mut expected: Option<Duration> = job_time(&account, None);
@@ -1697,6 +1730,8 @@ async fn poll_loop(
                 }
             }
         }
+        // A job seen running was running at least until this.
+        let sent = Instant::now();
         let mut statuses: HashMap<String, JobStatus> = HashMap::new();
         let mut failure = None;
         for part in ids.chunks(100) {
@@ -1752,52 +1787,28 @@ async fn poll_loop(
         let before = pending.len();
         let mut still = Vec::with_capacity(pending.len());
         let now = Instant::now();
-        // The job time is learnt only from what polls show: a job seen running and then done
-        // took about the midpoint; one done at its first poll took at most this long (polls
-        // may come long after a job is done); one still running took longer than this.
-        let mut learn = |sample: Duration, lower: bool, upper: bool| {
-            // A bound only moves an estimate towards it; an upper bound (a job polled late)
-            // never sets the first one, or late polls would teach that jobs are slow.
-            let e = match expected {
-                Some(e) => e,
-                None if upper => return,
-                None => {
-                    // A job still running (or a midpoint) sets the first estimate.
-                    expected = Some(sample);
-                    return;
-                }
-            };
-            if (lower && sample <= e) || (upper && sample >= e) {
-                return;
-            }
-            // A bound is certain, so the estimate moves well towards it; a midpoint is noisier.
-            let weight = if lower || upper { 0.5 } else { 0.2 };
-            expected = Some(e.mul_f64(1.0 - weight) + sample.mul_f64(weight));
+        let mut learn = |lower: Option<Duration>, upper: Option<Duration>| {
+            expected = learn_job_time(expected, lower, upper, spacing);
         };
         // Other writers' jobs in this poll teach as much as this writer's own.
         for (age, done) in other_ages {
-            learn(age, !done, done);
+            if done {
+                learn(None, Some(age));
+            } else {
+                learn(Some(age.saturating_sub(now - sent)), None);
+            }
         }
         for mut w in pending.drain(..) {
             match statuses.get(&w.id) {
                 Some(j) if j.is_terminal() => {
-                    match w.running_at {
-                        // Seen running shortly before: the midpoint is a fair sample.
-                        Some(seen) if now - seen <= spacing * 2 => {
-                            learn((seen - w.since) + (now - seen) / 2, false, false)
-                        }
-                        // Seen running long before: only both bounds are known.
-                        Some(seen) => {
-                            learn(seen - w.since, true, false);
-                            learn(now - w.since, false, true);
-                        }
-                        None => learn(now - w.since, false, true),
-                    }
+                    learn(w.running_at.map(|seen| seen - w.since), Some(now - w.since));
                     let _ = w.done.send(Ok(j.clone()));
                 }
                 Some(_) => {
-                    learn(now - w.since, true, false);
-                    w.running_at = Some(now);
+                    // Running when the poll went out, or after: its age then is the bound.
+                    let seen = sent.max(w.since);
+                    learn(Some(seen - w.since), None);
+                    w.running_at = Some(seen);
                     still.push(w);
                 }
                 // Not listed: Zendesk no longer keeps the job.
@@ -1846,6 +1857,65 @@ async fn poll_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Jobs of `time(n)` ms, each polled at its expected due time and by other polls every
+    /// 30 ms (at a phase of their own): the estimate after `jobs` of them.
+    fn learnt(start: u64, jobs: u64, time: impl Fn(u64) -> u64) -> u64 {
+        let ms = Duration::from_millis;
+        let mut e = Some(ms(start));
+        for n in 0..jobs {
+            let d = time(n);
+            let due = e.unwrap().as_millis() as u64;
+            let phase = (n * 7919) % 30;
+            let mut ages: Vec<u64> = (0..100).map(|k| phase + 30 * k).collect();
+            ages.push(due);
+            ages.sort();
+            let lower = ages.iter().rev().find(|&&a| a < d).map(|&a| ms(a));
+            let upper = ages.iter().find(|&&a| a >= d).map(|&a| ms(a));
+            if let Some(lo) = lower {
+                e = learn_job_time(e, Some(lo), None, ms(30));
+            }
+            e = learn_job_time(e, lower, upper, ms(30));
+        }
+        e.unwrap().as_millis() as u64
+    }
+
+    #[test]
+    fn the_job_time_settles_just_above_a_steady_one_from_either_side() {
+        for start in [100, 300, 502, 900, 3000] {
+            let e = learnt(start, 300, |_| 502);
+            assert!((502..=512).contains(&e), "from {start} ms: {e} ms");
+        }
+    }
+
+    #[test]
+    fn the_job_time_stays_among_varying_ones() {
+        let e = learnt(500, 500, |n| 400 + (n * 37) % 200);
+        assert!((400..600).contains(&e), "{e} ms");
+    }
+
+    #[test]
+    fn a_job_inside_the_estimate_leaves_it_and_a_late_poll_sets_nothing() {
+        let ms = Duration::from_millis;
+        let e = Some(ms(500));
+        assert_eq!(learn_job_time(e, Some(ms(480)), Some(ms(530)), ms(30)), e);
+        assert_eq!(learn_job_time(e, None, Some(ms(900)), ms(30)), e);
+        assert_eq!(learn_job_time(None, None, Some(ms(900)), ms(30)), None);
+        assert_eq!(
+            learn_job_time(None, Some(ms(400)), None, ms(30)),
+            Some(ms(400))
+        );
+        // Seen running at 520 and done at 530: halfway to 525.
+        assert_eq!(
+            learn_job_time(e, Some(ms(520)), Some(ms(530)), ms(30)),
+            Some(ms(512) + Duration::from_micros(500))
+        );
+        // Done by 400: halfway down.
+        assert_eq!(
+            learn_job_time(e, None, Some(ms(400)), ms(30)),
+            Some(ms(450))
+        );
+    }
 
     fn row(i: u32, pk: &str) -> ChunkRow {
         ChunkRow {
