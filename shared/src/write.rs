@@ -1456,11 +1456,13 @@ fn learn_job_time(
     match (lower, upper) {
         (Some(lo), hi) if lo >= e => {
             // Longer than thought: halfway to a little past the bound (half the interval, at
-            // most a third of a spacing).
+            // most a third of a spacing), and by half at most: one job stuck in Zendesk's queue
+            // does not teach that every job is slow (polls seldom come before the estimate, so
+            // an estimate too high is slow to come down).
             let past = hi.map_or(spacing / 3, |hi| {
                 (hi.saturating_sub(lo) / 2).min(spacing / 3)
             });
-            Some(e / 2 + (lo + past) / 2)
+            Some((e / 2 + (lo + past) / 2).min(e.mul_f64(1.5)))
         }
         (_, Some(hi)) if hi < e => Some(e / 2 + hi / 2),
         _ => Some(e),
@@ -1914,6 +1916,12 @@ mod tests {
         assert_eq!(
             learn_job_time(e, None, Some(ms(400)), ms(30)),
             Some(ms(450))
+        );
+        // One job still running after a minute: half as long again, not thirty seconds.
+        let e = Some(ms(2_000));
+        assert_eq!(
+            learn_job_time(e, Some(ms(60_000)), None, ms(30)),
+            Some(ms(3_000))
         );
     }
 
