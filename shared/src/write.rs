@@ -1679,13 +1679,14 @@ async fn poll_loop(
         // One writer of the account polls at a time, for everyone's jobs that should be done:
         // a writer that finds the poll claimed looks for its statuses in the store instead.
         if let Some(s) = &shared {
-            // While slots are short, or no other writer has jobs open, a poll may come every
-            // spacing. Otherwise at most one poll per 1.5 job times for the whole account: each
-            // finds that many job times' worth of finished jobs, and writers waiting on theirs
-            // find them in the store.
+            // While no other writer has jobs open, a poll may come every spacing; while slots
+            // are short, one per half a job time for the whole account; otherwise one per 1.5
+            // job times: each finds that many job times' worth of finished jobs, and writers
+            // waiting on theirs find them in the store.
             // A writer that has not looked lately (a new write-batch invocation) learns first
             // whether others have jobs open, or it would claim polls at the short spacing.
-            if others_read.elapsed() >= spacing {
+            let stale = others_read.elapsed() >= spacing;
+            if stale {
                 others = s.others_jobs().await;
                 others_read = Instant::now();
             }
@@ -1703,8 +1704,11 @@ async fn poll_loop(
                 last_check = last_poll - spacing * 3;
                 continue;
             }
-            others = s.others_jobs().await;
-            others_read = Instant::now();
+            // The poll carries every open job of the account: read them, unless just read.
+            if !stale {
+                others = s.others_jobs().await;
+                others_read = Instant::now();
+            }
         }
         last_poll = Instant::now();
         while let Ok(w) = rx.try_recv() {
